@@ -1,0 +1,1 @@
+//! The Manager and the Workers: their turns, tools and tasks.

@@ -1,0 +1,287 @@
+//! Configuration: a TOML file with `CREW_…` environment overrides.
+//!
+//! Environment variables override file values with `__` between levels, e.g.
+//! `CREW_HOMESERVER__URL=http://hs:8008`. Relative paths are resolved against the directory of the
+//! config file, so a data directory can be moved as a whole. The appservice tokens live in the
+//! registration file (the same file the homeserver reads), never in this file; both can be
+//! overridden by `CREW_AS_TOKEN` / `CREW_HS_TOKEN` or `CREW_AS_TOKEN_FILE` / `CREW_HS_TOKEN_FILE`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use ruma::{OwnedServerName, OwnedUserId};
+use serde::{Deserialize, Serialize};
+
+use crate::registration::Registration;
+use crate::secret::Secret;
+
+/// Errors loading or checking the configuration; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("registration file {path}: {message}")]
+    Registration { path: String, message: String },
+    #[error("config is not valid: {0}")]
+    Invalid(String),
+}
+
+/// Everything `crew serve` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where sled, the file store and the admin token live. Relative to the config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The people the agents obey (Matrix user ids). They may invite agents, wake them and run
+    /// the commands that change things.
+    #[serde(default)]
+    pub admins: Vec<OwnedUserId>,
+    pub homeserver: HomeserverConfig,
+    #[serde(default)]
+    pub appservice: AppserviceConfig,
+    #[serde(default)]
+    pub invites: InvitePolicy,
+    #[serde(default)]
+    pub admin_api: AdminApiConfig,
+    #[serde(default)]
+    pub dispatch: crate::dispatch::DispatchConfig,
+    #[serde(default)]
+    pub gateway: crate::gateway::GatewayConfig,
+    #[serde(default)]
+    pub storage: crate::storage::StorageConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeserverConfig {
+    /// Client-server API base URL, e.g. `http://127.0.0.1:8008`.
+    pub url: url::Url,
+    /// The server name in user ids (`@crew:example.org` → `example.org`).
+    pub server_name: OwnedServerName,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppserviceConfig {
+    /// The registration file shared with the homeserver; tokens are read from it.
+    pub registration: PathBuf,
+    /// Address the homeserver-facing API listens on.
+    pub bind: SocketAddr,
+    /// Localpart of every Worker starts with this prefix (the registered namespace).
+    pub user_prefix: String,
+    /// Display name of the Manager (the registration's `sender_localpart` user).
+    pub manager_display_name: String,
+    /// How often to ping the homeserver so that it resends held-back transactions. Tuwunel never
+    /// retries on a timer, so without this a failed transaction waits for the next event.
+    pub ping_interval_secs: u64,
+    /// Largest transaction body accepted, in bytes (the spec sets no limit; Synapse sends 100
+    /// events, each up to 64 KiB).
+    pub max_transaction_bytes: usize,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        Self {
+            registration: PathBuf::from("registration.yaml"),
+            bind: "127.0.0.1:9000".parse().expect("valid literal address"),
+            user_prefix: "crew_".into(),
+            manager_display_name: "Crew Manager".into(),
+            ping_interval_secs: 60,
+            max_transaction_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Who may invite our users into rooms. Admins always may.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvitePolicy {
+    /// Further users whose invites are accepted.
+    pub allow_users: Vec<OwnedUserId>,
+    /// Servers whose users' invites are accepted (e.g. your own `example.org`).
+    pub allow_servers: Vec<OwnedServerName>,
+}
+
+/// The local endpoint that CLI commands use while `crew serve` holds the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminApiConfig {
+    /// Loopback address; the token in `<data_dir>/admin.token` authenticates callers.
+    pub bind: SocketAddr,
+}
+
+impl Default for AdminApiConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9002".parse().expect("valid literal address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info,matrix_crew=debug`. `RUST_LOG` wins when set.
+    pub filter: String,
+    /// Also write logs (JSON lines) to this file, relative to the data dir.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            file: None,
+        }
+    }
+}
+
+/// `CREW_…` variables that are not config keys (secrets and the config path itself).
+const NOT_CONFIG_KEYS: &[&str] = &[
+    "as_token",
+    "hs_token",
+    "as_token_file",
+    "hs_token_file",
+    "config",
+    "data_dir_init",
+];
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".")
+}
+
+/// A loaded config together with the registration it points to.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub registration: Registration,
+    /// Path of the config file, for messages.
+    pub path: PathBuf,
+}
+
+impl Config {
+    /// Reads `path`, applies `CREW_…` overrides from the process environment, resolves relative
+    /// paths and loads the registration file.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given as pairs so tests need not touch the
+    /// process environment.
+    pub fn load_with_env(
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("CREW_"))
+            .collect();
+        let env = |name: &str| {
+            vars.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: format!("{} (create one with `crew init`)", path.display()),
+            source,
+        })?;
+        let mut figment = Figment::new().merge(Toml::string(&text));
+        for (name, value) in &vars {
+            let key = name["CREW_".len()..].to_ascii_lowercase().replace("__", ".");
+            if NOT_CONFIG_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            let parsed = value
+                .parse::<figment::value::Value>()
+                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            figment = figment.merge(Serialized::default(&key, parsed));
+        }
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        let base = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.data_dir = resolve(&base, &config.data_dir);
+        config.appservice.registration = resolve(&base, &config.appservice.registration);
+        config.check()?;
+
+        let mut registration = Registration::read(&config.appservice.registration)?;
+        if let Some(token) = secret_from_env(&env, "CREW_AS_TOKEN")? {
+            registration.as_token = token;
+        }
+        if let Some(token) = secret_from_env(&env, "CREW_HS_TOKEN")? {
+            registration.hs_token = token;
+        }
+        Ok(Loaded {
+            config,
+            registration,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Validates what serde cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.appservice.user_prefix.is_empty()
+            || !self
+                .appservice
+                .user_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/".contains(c))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "appservice.user_prefix `{}` must be non-empty lowercase letters, digits or ._=-/",
+                self.appservice.user_prefix
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where sled keeps its files.
+    pub fn database_dir(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+
+    /// Where the admin API token lives.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+/// Reads `NAME` or, failing that, the file named by `NAME_FILE`.
+pub fn secret_from_env(
+    env: &impl Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(value) = env(name).filter(|v| !v.is_empty()) {
+        return Ok(Some(Secret::new(value)));
+    }
+    let file_var = format!("{name}_FILE");
+    if let Some(file) = env(&file_var).filter(|v| !v.is_empty()) {
+        let value = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+            path: format!("{file} (from {file_var})"),
+            source,
+        })?;
+        return Ok(Some(Secret::new(value.trim())));
+    }
+    Ok(None)
+}

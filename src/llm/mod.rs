@@ -1,0 +1,1 @@
+//! An OpenAI-compatible chat-completions client that always goes through the gateway.

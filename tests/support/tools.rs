@@ -1,0 +1,84 @@
+//! Test tools installed once per machine, under a lock, into a cache directory.
+//!
+//! Test binaries run in parallel (and `.ci/run` may pre-install), so every install takes an
+//! exclusive file lock and re-checks before doing the work. The cache lives in
+//! `$CREW_TEST_TOOLS` or `~/.cache/matrix-crew-test`, outside the clone, so a second run of CI
+//! reuses it.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The directory where test tools are installed.
+pub fn cache_dir() -> PathBuf {
+    let dir = std::env::var_os("CREW_TEST_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+            PathBuf::from(home).join(".cache/matrix-crew-test")
+        });
+    std::fs::create_dir_all(&dir).expect("create the test tools cache directory");
+    dir
+}
+
+/// Runs `install` once: if `marker` exists nothing happens; otherwise `install` runs under an
+/// exclusive lock named `name` and, when it succeeds, `marker` is created.
+pub fn install_once(name: &str, marker: &Path, install: impl FnOnce() -> Result<(), String>) {
+    if marker.exists() {
+        return;
+    }
+    let lock_path = cache_dir().join(format!("{name}.lock"));
+    let lock = File::create(&lock_path).expect("create the install lock file");
+    lock.lock().expect("take the install lock");
+    if !marker.exists() {
+        if let Err(message) = install() {
+            panic!("installing {name} for the tests failed: {message}");
+        }
+        std::fs::write(marker, b"ok").expect("write the install marker");
+    }
+    lock.unlock().expect("release the install lock");
+}
+
+/// Runs a command, turning failure into a message that names the command and its output.
+pub fn run(command: &mut Command) -> Result<(), String> {
+    let output = command
+        .output()
+        .map_err(|error| format!("cannot run {command:?}: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed with {}:\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// A free TCP port on loopback (bound then released; the caller binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("find a free loopback port")
+}
+
+/// Waits for `condition` to hold, polling, until `deadline` passes; panics with `what` if not.
+pub async fn wait_for<F, Fut, T>(what: &str, deadline: std::time::Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        if std::time::Instant::now() > until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
