@@ -113,6 +113,19 @@ pub struct InvitePolicy {
     pub allow_servers: Vec<OwnedServerName>,
 }
 
+impl InvitePolicy {
+    /// Whether `user` may invite our agents (and so spend the admins' budget): the admins, the
+    /// listed users, and users of the listed servers.
+    pub fn allows(&self, user: &ruma::UserId, admins: &[OwnedUserId]) -> bool {
+        admins.iter().any(|admin| admin == user)
+            || self.allow_users.iter().any(|allowed| allowed == user)
+            || self
+                .allow_servers
+                .iter()
+                .any(|server| server == user.server_name())
+    }
+}
+
 /// The local endpoint that CLI commands use while `crew serve` holds the database.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

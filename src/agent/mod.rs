@@ -1,1 +1,3 @@
 //! The Manager and the Workers: their turns, tools and tasks.
+
+pub mod manager;
