@@ -67,3 +67,276 @@ async fn a_strangers_invite_is_declined_with_a_reason() {
     let reason = member["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("admins"), "decline says why: {member}");
 }
+
+#[path = "support/tuwunel_replay.rs"]
+mod tuwunel_replay;
+
+use serde_json::Value;
+use synapse::TestUser;
+
+/// An admin and a group room the Manager has joined.
+async fn room_with_manager(env: &CrewEnv) -> (TestUser, String) {
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("work", &[&manager]).await;
+    tools::wait_for("the Manager to join", WAIT, || async {
+        let member = admin.membership(&room, &manager).await?;
+        (member["membership"] == "join").then_some(())
+    })
+    .await;
+    (admin, room)
+}
+
+/// A message event as a homeserver would push it, mentioning the Manager.
+fn mention_event(room: &str, sender: &str, manager: &str, id: &str) -> Value {
+    json!({
+        "type": "m.room.message",
+        "event_id": format!("$replayed-{id}"),
+        "room_id": room,
+        "sender": sender,
+        "origin_server_ts": 1_700_000_000_000u64,
+        "content": {
+            "msgtype": "m.text",
+            "body": format!("{manager} please look at {id}"),
+            "m.mentions": { "user_ids": [manager] },
+        },
+    })
+}
+
+async fn put_transaction(env: &CrewEnv, txn: &str, events: &[Value]) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .put(format!("{}/_matrix/app/v1/transactions/{txn}", env.appservice_url()))
+        .bearer_auth(env.hs_token())
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends a sentinel mention and waits for its acknowledgement: the pump handles events in
+/// order, so every event sent before it has been handled too. Returns the Manager's messages.
+async fn settle(env: &CrewEnv, admin: &TestUser, room: &str) -> Vec<Value> {
+    let manager = env.manager_id();
+    let sentinel = mention_event(room, &admin.user_id, &manager, &format!("sentinel-{}", rand_id()));
+    let sentinel_id = sentinel["event_id"].as_str().unwrap().to_owned();
+    let (status, _) = put_transaction(env, &format!("sentinel-{}", rand_id()), &[sentinel]).await;
+    assert_eq!(status, 200);
+    tools::wait_for("the sentinel's acknowledgement", WAIT, || async {
+        let acks = admin.messages_from(room, &manager).await;
+        acks.iter()
+            .any(|ack| ack["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == sentinel_id.as_str())
+            .then_some(acks)
+    })
+    .await
+}
+
+fn replied_to(acks: &[Value]) -> Vec<String> {
+    acks.iter()
+        .filter_map(|ack| ack["content"]["m.relates_to"]["m.in_reply_to"]["event_id"].as_str())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn rand_id() -> String {
+    use rand::Rng;
+    format!("{:012x}", rand::thread_rng().r#gen::<u64>() >> 16)
+}
+
+#[tokio::test]
+async fn init_writes_a_valid_registration_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = |force: bool| {
+        let mut command = std::process::Command::new(crew::crew_binary());
+        command
+            .args(["init", "--homeserver", "http://127.0.0.1:8008", "--server-name", "example.org"])
+            .args(["--admin", "@me:example.org", "--data-dir"])
+            .arg(&data);
+        if force {
+            command.arg("--force");
+        }
+        command.output().unwrap()
+    };
+    assert!(init(false).status.success());
+    let read = || -> serde_yaml::Value {
+        serde_yaml::from_str(&std::fs::read_to_string(data.join("registration.yaml")).unwrap()).unwrap()
+    };
+    let registration = read();
+    let as_token = registration["as_token"].as_str().unwrap().to_owned();
+    let hs_token = registration["hs_token"].as_str().unwrap();
+    assert!(as_token.len() >= 43 && hs_token.len() >= 43, "32 random bytes each");
+    assert_ne!(as_token, hs_token);
+    assert_eq!(registration["rate_limited"], serde_yaml::Value::Bool(false));
+    assert_eq!(registration["sender_localpart"].as_str(), Some("crew"));
+    let namespace = &registration["namespaces"]["users"][0];
+    assert_eq!(namespace["exclusive"], serde_yaml::Value::Bool(true));
+    assert_eq!(namespace["regex"].as_str(), Some(r"^@crew_[a-z0-9._=/-]+:example\.org$"));
+    assert!(std::fs::read_to_string(data.join("config.toml")).unwrap().contains("@me:example.org"));
+
+    let again = init(false);
+    assert!(!again.status.success());
+    let message = String::from_utf8_lossy(&again.stderr);
+    assert!(message.contains("--force"), "refusal names the fix: {message}");
+    assert_eq!(read()["as_token"].as_str().unwrap(), as_token, "nothing was overwritten");
+
+    assert!(init(true).status.success());
+    assert_ne!(read()["as_token"].as_str().unwrap(), as_token, "--force makes fresh tokens");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_appservice_api_answers_with_matrix_errors() {
+    let env = CrewEnv::start().await;
+    let http = reqwest::Client::new();
+    let base = env.appservice_url();
+    let token = env.hs_token();
+    let txn = |n: &str| format!("{base}/_matrix/app/v1/transactions/{n}");
+    let call = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        (status, body["errcode"].as_str().unwrap_or("").to_owned(), body)
+    };
+    let empty = json!({ "events": [] });
+
+    let (status, code, _) = call(http.put(txn("a")).json(&empty)).await;
+    assert_eq!((status, code.as_str()), (401, "M_UNAUTHORIZED"));
+    let (status, code, _) = call(http.put(txn("b")).bearer_auth("wrong").json(&empty)).await;
+    assert_eq!((status, code.as_str()), (403, "M_FORBIDDEN"));
+    let (status, code, _) = call(http.put(format!("{}?access_token=wrong", txn("c"))).json(&empty)).await;
+    assert_eq!((status, code.as_str()), (403, "M_FORBIDDEN"));
+    // Both presented: both must match.
+    let (status, code, _) = call(
+        http.put(format!("{}?access_token=wrong", txn("d")))
+            .bearer_auth(&token)
+            .json(&empty),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (403, "M_FORBIDDEN"));
+    let (status, _, body) = call(
+        http.put(format!("{}?access_token={token}", txn("e")))
+            .bearer_auth(&token)
+            .json(&empty),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({})));
+    let (status, _, body) = call(http.put(format!("{}?access_token={token}", txn("f"))).json(&empty)).await;
+    assert_eq!((status, body), (200, json!({})), "legacy query parameter alone");
+
+    let (status, code, _) = call(http.get(format!("{base}/_matrix/app/v1/nope")).bearer_auth(&token)).await;
+    assert_eq!((status, code.as_str()), (404, "M_UNRECOGNIZED"));
+    let (status, _, _) = call(http.get(txn("g")).bearer_auth(&token)).await;
+    assert_eq!(status, 405);
+    let (status, code, _) = call(
+        http.get(format!("{base}/_matrix/app/v1/users/%40nobody%3Acrew.test")).bearer_auth(&token),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (404, "M_NOT_FOUND"));
+    let (status, _, body) = call(http.post(format!("{base}/_matrix/app/v1/ping")).bearer_auth(&token).json(&json!({}))).await;
+    assert_eq!((status, body), (200, json!({})));
+
+    // Bodies up to at least 32 MiB are accepted.
+    let big = "x".repeat(60 * 1024);
+    let events: Vec<Value> = (0..560)
+        .map(|i| json!({"type": "m.room.message", "event_id": format!("$big{i}"), "room_id": "!nowhere:crew.test",
+                        "sender": "@someone:crew.test", "content": {"msgtype": "m.text", "body": big}}))
+        .collect();
+    let body = serde_json::to_vec(&json!({ "events": events })).unwrap();
+    assert!(body.len() > 32 * 1024 * 1024);
+    let (status, _, _) = call(http.put(txn("big")).bearer_auth(&token).body(body)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_and_concurrent_transactions_are_processed_once() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let first = mention_event(&room, &admin.user_id, &manager, "one");
+    let second = mention_event(&room, &admin.user_id, &manager, "two");
+    // The same transaction twice, one after the other…
+    for _ in 0..2 {
+        assert_eq!(put_transaction(&env, "txn-1", &[first.clone()]).await.0, 200);
+    }
+    // …and five copies of another at the same moment.
+    let copies = (0..5).map(|_| put_transaction(&env, "txn-2", std::slice::from_ref(&second)));
+    for (status, _) in futures::future::join_all(copies).await {
+        assert_eq!(status, 200);
+    }
+    // The same event again under a new transaction id is still a duplicate.
+    assert_eq!(put_transaction(&env, "txn-3", &[first.clone()]).await.0, 200);
+
+    let acks = settle(&env, &admin, &room).await;
+    let replied = replied_to(&acks);
+    for id in ["$replayed-one", "$replayed-two"] {
+        assert_eq!(replied.iter().filter(|r| *r == id).count(), 1, "{id} answered once: {replied:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_event_does_not_stop_the_others() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let events = vec![
+        mention_event(&room, &admin.user_id, &manager, "before"),
+        json!(42),
+        json!({"type": "m.room.message", "content": {"body": "no event id"}}),
+        json!({"type": "m.room.message", "event_id": "$bad-content", "room_id": room, "sender": admin.user_id, "content": "not an object"}),
+        json!({"type": "m.room.message", "event_id": "$bad-sender", "room_id": room, "sender": "not a user id", "content": {}}),
+        mention_event(&room, &admin.user_id, &manager, "after"),
+    ];
+    let (status, body) = put_transaction(&env, "mixed", &events).await;
+    assert_eq!((status, body), (200, json!({})));
+    let replied = replied_to(&settle(&env, &admin, &room).await);
+    assert!(replied.contains(&"$replayed-before".to_owned()), "{replied:?}");
+    assert!(replied.contains(&"$replayed-after".to_owned()), "{replied:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_after_the_answer_loses_nothing_and_answers_once() {
+    let mut env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let events: Vec<Value> = (0..20)
+        .map(|i| mention_event(&room, &admin.user_id, &manager, &format!("k{i}")))
+        .collect();
+    let (status, _) = put_transaction(&env, "before-the-crash", &events).await;
+    assert_eq!(status, 200);
+    env.kill_crew();
+    env.start_crew().await;
+    let replied = replied_to(&settle(&env, &admin, &room).await);
+    for i in 0..20 {
+        let id = format!("$replayed-k{i}");
+        assert_eq!(replied.iter().filter(|r| **r == id).count(), 1, "{id} answered exactly once: {replied:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
+    let mut env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let replay = tuwunel_replay::TuwunelReplay::start(&env.synapse.url, &env.appservice_url(), &env.hs_token()).await;
+    env.kill_crew();
+    // crew now talks to the homeserver through the Tuwunel-style relay.
+    env.homeserver_url = replay.url.clone();
+    replay.push(vec![mention_event(&room, &admin.user_id, &manager, "while-down")]).await;
+    assert_eq!(replay.backlog_len(), 1, "delivery failed while crew was down and is held, not retried");
+    env.start_crew().await;
+    // Nothing but crew's own ping can release the backlog now.
+    let acks = tools::wait_for("the held-back event's acknowledgement", WAIT, || async {
+        let acks = admin.messages_from(&room, &manager).await;
+        replied_to(&acks).contains(&"$replayed-while-down".to_owned()).then_some(acks)
+    })
+    .await;
+    assert_eq!(replay.backlog_len(), 0);
+    let deliveries = replay.deliveries();
+    assert!(deliveries.iter().any(|(_, status)| *status == Some(200)), "{deliveries:?}");
+    // Tuwunel resends the same transaction id on a later ping; it must not be answered twice.
+    replay.push(vec![mention_event(&room, &admin.user_id, &manager, "while-down")]).await;
+    let replied = replied_to(&settle(&env, &admin, &room).await);
+    assert_eq!(replied.iter().filter(|r| *r == "$replayed-while-down").count(), 1);
+    drop(acks);
+}

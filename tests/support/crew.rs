@@ -24,6 +24,8 @@ pub struct CrewEnv {
     pub data_dir: PathBuf,
     pub appservice_port: u16,
     pub admin_port: u16,
+    /// The homeserver URL crew is told to use (Synapse, or a relay in front of it).
+    pub homeserver_url: String,
 }
 
 impl CrewEnv {
@@ -57,7 +59,9 @@ impl CrewEnv {
             data_dir,
             appservice_port,
             admin_port,
+            homeserver_url: String::new(),
         };
+        env.homeserver_url = env.synapse.url.clone();
         env.start_crew().await;
         env
     }
@@ -86,7 +90,7 @@ impl CrewEnv {
     /// Starts (or restarts) `crew serve` and waits until it says it is ready.
     pub async fn start_crew(&mut self) {
         let run = self.crew.as_ref().map_or(0, |crew| crew.run + 1);
-        let crew = CrewProcess::start(&self.config_path(), &self.synapse.url, &self.data_dir, run);
+        let crew = CrewProcess::start(&self.config_path(), &self.homeserver_url, &self.data_dir, run);
         crew.wait_for_log("crew is ready", Duration::from_secs(60)).await;
         self.crew = Some(crew);
     }
