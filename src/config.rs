@@ -69,6 +69,13 @@ pub struct HomeserverConfig {
     pub url: url::Url,
     /// The server name in user ids (`@crew:example.org` → `example.org`).
     pub server_name: OwnedServerName,
+    /// How long `crew serve` waits at start-up for a homeserver that does not answer yet.
+    #[serde(default = "default_startup_wait_secs")]
+    pub startup_wait_secs: u64,
+}
+
+fn default_startup_wait_secs() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

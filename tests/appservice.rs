@@ -340,3 +340,77 @@ async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
     assert_eq!(replied.iter().filter(|r| *r == "$replayed-while-down").count(), 1);
     drop(acks);
 }
+
+/// Runs `crew serve` with extra environment and returns (exit success, everything it logged),
+/// or panics if it does not exit within the deadline.
+async fn serve_until_exit(env: &CrewEnv, extra: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new(crew::crew_binary());
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(env.config_path())
+        .env("CREW_HOMESERVER__URL", &env.synapse.url)
+        .env("CREW_HOMESERVER__STARTUP_WAIT_SECS", "1")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .expect("crew serve exits on a failed start-up check")
+        .unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_says_what_is_wrong() {
+    let mut env = CrewEnv::start().await;
+    env.kill_crew();
+
+    let closed = format!("http://127.0.0.1:{}", tools::free_port());
+    let (ok, log) = serve_until_exit(&env, &[("CREW_HOMESERVER__URL", &closed)]).await;
+    assert!(!ok);
+    assert!(log.contains("no Matrix homeserver answers at") && log.contains("homeserver.url"), "{log}");
+
+    let wrong = "w".repeat(43);
+    let (ok, log) = serve_until_exit(&env, &[("CREW_AS_TOKEN", &wrong)]).await;
+    assert!(!ok);
+    assert!(log.contains("does not accept crew's as_token") && log.contains("docs/homeservers.md"), "{log}");
+    assert!(!log.contains(&wrong), "the rejected token is not printed");
+
+    // The homeserver cannot reach crew: crew listens somewhere else than the registration says.
+    let elsewhere = format!("127.0.0.1:{}", tools::free_port());
+    let log_path = env.data_dir.join("unreachable.log");
+    let mut crew = tokio::process::Command::new(crew::crew_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(env.config_path())
+        .env("CREW_HOMESERVER__URL", &env.synapse.url)
+        .env("CREW_APPSERVICE__BIND", &elsewhere)
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tools::wait_for("the ping failure to be explained", WAIT, || async {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        log.contains("cannot reach crew at").then_some(())
+    })
+    .await;
+    crew.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_never_reach_the_logs() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    settle(&env, &admin, &room).await;
+    let registration = env.registration();
+    let logs = env.all_logs();
+    assert!(logs.contains("crew is ready"));
+    for key in ["as_token", "hs_token"] {
+        let token = registration[key].as_str().unwrap();
+        assert!(!logs.contains(token), "{key} leaked into the logs");
+    }
+}

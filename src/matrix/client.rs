@@ -65,9 +65,16 @@ impl MatrixClient {
 
     /// `GET /_matrix/client/versions`: is there a Matrix homeserver at this URL?
     pub async fn versions(&self) -> Result<Vec<String>, MatrixError> {
-        let answer = self
-            .call_once(Method::GET, "/_matrix/client/versions", None, None, &[])
-            .await?;
+        // Unauthenticated: some homeservers reject a wrong token even here, and this check is
+        // about the URL, not the token.
+        let path = "/_matrix/client/versions";
+        let response = self
+            .http
+            .get(self.url(path, None, &[]))
+            .send()
+            .await
+            .map_err(|error| self.unreachable(error))?;
+        let answer = Self::answer(Method::GET, path, response).await?;
         Ok(answer
             .get("versions")
             .and_then(Value::as_array)

@@ -153,6 +153,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
 
     tasks.spawn(startup::ping_periodically(crew.clone(), shutdown.clone()));
     tasks.spawn(startup::greet_admins(crew.clone()));
+    tasks.spawn(startup::refresh_rooms(crew.clone()));
     tasks.spawn(pump::run(crew.clone(), shutdown.clone()));
 
     shutdown.cancelled().await;

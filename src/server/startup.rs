@@ -13,8 +13,6 @@ use tokio_util::sync::CancellationToken;
 use super::Crew;
 use crate::matrix::{CreateRoom, MatrixError};
 
-/// How long start-up waits for a homeserver that is still starting.
-const HOMESERVER_WAIT: Duration = Duration::from_secs(30);
 /// How long start-up waits for the homeserver's ping to arrive back at crew.
 const PING_ECHO_WAIT: Duration = Duration::from_secs(10);
 
@@ -40,7 +38,8 @@ pub(super) async fn check_homeserver(
     mut ping_seen: watch::Receiver<Option<String>>,
 ) -> Result<(), StartupError> {
     let url = crew.config.homeserver.url.to_string();
-    let deadline = tokio::time::Instant::now() + HOMESERVER_WAIT;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(crew.config.homeserver.startup_wait_secs);
     let mut wait = Duration::from_millis(250);
     loop {
         match crew.client.versions().await {
@@ -230,4 +229,27 @@ pub(super) async fn greet_admins(crew: Arc<Crew>) {
     if let Err(error) = crew.store.flush().await {
         tracing::error!(%error, "cannot flush after greeting");
     }
+}
+
+/// Refetches the state of every room the Manager is in: while crew was down, members may have
+/// come and gone, and the homeserver does not replay that.
+pub(super) async fn refresh_rooms(crew: Arc<Crew>) {
+    let rooms = match crew.client.joined_rooms(&crew.manager).await {
+        Ok(rooms) => rooms,
+        Err(error) => {
+            super::log_matrix_error("cannot list the Manager's rooms", &error);
+            return;
+        }
+    };
+    for room in rooms {
+        match crew.client.room_state(&crew.manager, &room).await {
+            Ok(state) => {
+                if let Err(error) = crew.rooms.replace_from_state(&room, &state) {
+                    tracing::error!(%error, "cannot store room state");
+                }
+            }
+            Err(error) => super::log_matrix_error("cannot fetch room state", &error),
+        }
+    }
+    tracing::debug!("room state refreshed");
 }
