@@ -30,7 +30,9 @@ pub struct InitOptions {
 /// Why `crew init` refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("{path} already exists; pass --force to replace it (this changes the tokens: register the new file with your homeserver)")]
+    #[error(
+        "{path} already exists; pass --force to replace it (this changes the tokens: register the new file with your homeserver)"
+    )]
     Exists { path: String },
     #[error("cannot write {path}: {source}")]
     Write {

@@ -8,7 +8,11 @@ use matrix_crew::config::Config;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "crew", version, about = "A team of AI agents in any Matrix room")]
+#[command(
+    name = "crew",
+    version,
+    about = "A team of AI agents in any Matrix room"
+)]
 struct Cli {
     /// The config file (written by `crew init`).
     #[arg(
@@ -31,6 +35,24 @@ enum Command {
     Serve,
     /// Asks the running server whether it is up.
     Status,
+    /// Lists or creates Workers (through the running server).
+    Workers {
+        #[command(subcommand)]
+        command: WorkersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersCommand {
+    /// Lists every Worker and its state.
+    List,
+    /// Creates a Worker (or shows the existing one of that name).
+    Add {
+        name: String,
+        /// What the Worker is for, e.g. "frontend development".
+        #[arg(long, default_value = "")]
+        role: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -78,14 +100,60 @@ fn main() -> anyhow::Result<()> {
             Command::Init(args) => init(args),
             Command::Serve => serve(&cli.config).await,
             Command::Status => {
-                let loaded = Config::load(&cli.config)?;
-                let admin = matrix_crew::admin::AdminClient::from_config(&loaded.config)?;
-                let status: serde_json::Value = admin.get("/status").await?;
+                let status: serde_json::Value = admin(&cli.config)?.get("/status").await?;
                 println!("{status}");
                 Ok(())
             }
+            Command::Workers { command } => workers(&admin(&cli.config)?, command).await,
         }
     })
+}
+
+fn admin(config: &std::path::Path) -> anyhow::Result<matrix_crew::admin::AdminClient> {
+    let loaded = Config::load(config).with_context(|| format!("loading {}", config.display()))?;
+    Ok(matrix_crew::admin::AdminClient::from_config(
+        &loaded.config,
+    )?)
+}
+
+async fn workers(
+    admin: &matrix_crew::admin::AdminClient,
+    command: WorkersCommand,
+) -> anyhow::Result<()> {
+    use matrix_crew::agent::registry::Worker;
+    use matrix_crew::agent::team::Created;
+    match command {
+        WorkersCommand::List => {
+            let workers: Vec<Worker> = admin.get("/workers").await?;
+            if workers.is_empty() {
+                println!("no workers yet");
+            }
+            for worker in workers {
+                println!(
+                    "{:<16} {:<32} {:?}  {}",
+                    worker.name, worker.user_id, worker.state, worker.role
+                );
+            }
+        }
+        WorkersCommand::Add { name, role } => {
+            let created: Created = admin
+                .post(
+                    "/workers",
+                    &serde_json::json!({ "name": name, "role": role }),
+                )
+                .await?;
+            let verb = if created.created {
+                "created"
+            } else {
+                "exists:"
+            };
+            println!(
+                "{verb} {} ({})",
+                created.worker.name, created.worker.user_id
+            );
+        }
+    }
+    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -117,8 +185,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(config: &std::path::Path) -> anyhow::Result<()> {
-    let loaded = Config::load(config)
-        .with_context(|| format!("loading {}", config.display()))?;
+    let loaded = Config::load(config).with_context(|| format!("loading {}", config.display()))?;
     init_logging(&loaded.config)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

@@ -81,7 +81,10 @@ impl RoomRecord {
             }
             "m.room.encryption" => !std::mem::replace(&mut self.encrypted, true),
             "m.room.name" => {
-                let name = content.get("name").and_then(Value::as_str).map(str::to_owned);
+                let name = content
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 std::mem::replace(&mut self.name, name.clone()) != name
             }
             "m.room.power_levels" => {
@@ -124,7 +127,11 @@ impl Rooms {
     }
 
     /// Replaces a room's record with one built from its full state.
-    pub fn replace_from_state(&self, room: &RoomId, state: &[Value]) -> Result<RoomRecord, StoreError> {
+    pub fn replace_from_state(
+        &self,
+        room: &RoomId,
+        state: &[Value],
+    ) -> Result<RoomRecord, StoreError> {
         let mut record = RoomRecord::default();
         for event in state {
             record.apply(event);

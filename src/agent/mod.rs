@@ -1,3 +1,5 @@
 //! The Manager and the Workers: their turns, tools and tasks.
 
 pub mod manager;
+pub mod registry;
+pub mod team;

@@ -250,7 +250,12 @@ mod tests {
         let outcome = inbox
             .ingest(
                 "t",
-                &[json!(42), json!({"event_id": 7}), json!({"event_id": "$x"}), message("$ok")],
+                &[
+                    json!(42),
+                    json!({"event_id": 7}),
+                    json!({"event_id": "$x"}),
+                    message("$ok"),
+                ],
             )
             .unwrap();
         assert_eq!(outcome.malformed, 3);

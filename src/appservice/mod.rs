@@ -63,7 +63,11 @@ struct TokenQuery {
 
 /// Bearer header or the legacy `access_token` query parameter; when both are present both must
 /// match (Tuwunel sends both).
-fn authenticate(state: &AppserviceState, headers: &HeaderMap, query: &TokenQuery) -> Result<(), ApiError> {
+fn authenticate(
+    state: &AppserviceState,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+) -> Result<(), ApiError> {
     let header = match headers.get(axum::http::header::AUTHORIZATION) {
         Some(value) => {
             let text = value.to_str().map_err(|_| ApiError::Forbidden)?;
@@ -71,7 +75,10 @@ fn authenticate(state: &AppserviceState, headers: &HeaderMap, query: &TokenQuery
         }
         None => None,
     };
-    let presented: Vec<&str> = header.into_iter().chain(query.access_token.as_deref()).collect();
+    let presented: Vec<&str> = header
+        .into_iter()
+        .chain(query.access_token.as_deref())
+        .collect();
     if presented.is_empty() {
         return Err(ApiError::MissingToken);
     }
@@ -79,7 +86,11 @@ fn authenticate(state: &AppserviceState, headers: &HeaderMap, query: &TokenQuery
     let all_match = presented
         .iter()
         .fold(true, |ok, token| state.hs_token.matches(token) & ok);
-    if all_match { Ok(()) } else { Err(ApiError::Forbidden) }
+    if all_match {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +143,9 @@ async fn query_alias(
 ) -> Result<Response, ApiError> {
     authenticate(&state, &headers, &query)?;
     let _ = alias;
-    Err(ApiError::NotFound("crew does not provide room aliases".into()))
+    Err(ApiError::NotFound(
+        "crew does not provide room aliases".into(),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

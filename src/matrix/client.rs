@@ -105,7 +105,13 @@ impl MatrixClient {
             "inhibit_login": true,
         });
         match self
-            .call(Method::POST, "/_matrix/client/v3/register", None, Some(body), &[])
+            .call(
+                Method::POST,
+                "/_matrix/client/v3/register",
+                None,
+                Some(body),
+                &[],
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -115,14 +121,26 @@ impl MatrixClient {
     }
 
     pub async fn set_display_name(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
-        let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(user.as_str()));
-        self.call(Method::PUT, &path, Some(user), Some(json!({ "displayname": name })), &[])
-            .await
-            .map(drop)
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            enc(user.as_str())
+        );
+        self.call(
+            Method::PUT,
+            &path,
+            Some(user),
+            Some(json!({ "displayname": name })),
+            &[],
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn display_name(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
-        let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(user.as_str()));
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            enc(user.as_str())
+        );
         match self.call(Method::GET, &path, Some(user), None, &[]).await {
             Ok(answer) => Ok(answer
                 .get("displayname")
@@ -134,10 +152,19 @@ impl MatrixClient {
     }
 
     pub async fn set_avatar_url(&self, user: &UserId, mxc: &str) -> Result<(), MatrixError> {
-        let path = format!("/_matrix/client/v3/profile/{}/avatar_url", enc(user.as_str()));
-        self.call(Method::PUT, &path, Some(user), Some(json!({ "avatar_url": mxc })), &[])
-            .await
-            .map(drop)
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/avatar_url",
+            enc(user.as_str())
+        );
+        self.call(
+            Method::PUT,
+            &path,
+            Some(user),
+            Some(json!({ "avatar_url": mxc })),
+            &[],
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn join(&self, user: &UserId, room: &RoomId) -> Result<(), MatrixError> {
@@ -171,9 +198,15 @@ impl MatrixClient {
         invitee: &UserId,
     ) -> Result<(), MatrixError> {
         let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(room.as_str()));
-        self.call(Method::POST, &path, Some(user), Some(json!({ "user_id": invitee })), &[])
-            .await
-            .map(drop)
+        self.call(
+            Method::POST,
+            &path,
+            Some(user),
+            Some(json!({ "user_id": invitee })),
+            &[],
+        )
+        .await
+        .map(drop)
     }
 
     /// Creates a room as `user`. Rooms crew creates are never encrypted: agents cannot read
@@ -200,7 +233,9 @@ impl MatrixClient {
             users.entry(user.to_owned()).or_insert(100);
             body["power_level_content_override"] = json!({ "users": users });
         }
-        let answer = self.call(Method::POST, path, Some(user), Some(body), &[]).await?;
+        let answer = self
+            .call(Method::POST, path, Some(user), Some(body), &[])
+            .await?;
         answer
             .get("room_id")
             .and_then(Value::as_str)
@@ -237,7 +272,9 @@ impl MatrixClient {
             enc(event_type),
             txn_id
         );
-        let answer = self.call(Method::PUT, &path, Some(user), Some(content), &[]).await?;
+        let answer = self
+            .call(Method::PUT, &path, Some(user), Some(content), &[])
+            .await?;
         answer
             .get("event_id")
             .and_then(Value::as_str)
@@ -272,7 +309,10 @@ impl MatrixClient {
         user: &UserId,
         room: &RoomId,
     ) -> Result<BTreeMap<OwnedUserId, RoomMember>, MatrixError> {
-        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room.as_str()));
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/joined_members",
+            enc(room.as_str())
+        );
         let answer = self.call(Method::GET, &path, Some(user), None, &[]).await?;
         let joined = answer
             .get("joined")
@@ -282,7 +322,11 @@ impl MatrixClient {
     }
 
     /// The full current state of a room (membership, encryption, power levels, name…).
-    pub async fn room_state(&self, user: &UserId, room: &RoomId) -> Result<Vec<Value>, MatrixError> {
+    pub async fn room_state(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+    ) -> Result<Vec<Value>, MatrixError> {
         let path = format!("/_matrix/client/v3/rooms/{}/state", enc(room.as_str()));
         let answer = self.call(Method::GET, &path, Some(user), None, &[]).await?;
         serde_json::from_value(answer).map_err(|error| bad(&path, &error.to_string()))
@@ -354,7 +398,10 @@ impl MatrixClient {
                 &[],
             )
             .await?;
-        Ok(answer.get("duration_ms").and_then(Value::as_u64).unwrap_or(0))
+        Ok(answer
+            .get("duration_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(0))
     }
 
     /// A request with retries on 429 (honouring `retry_after_ms`) and on network errors.
@@ -405,7 +452,10 @@ impl MatrixClient {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.map_err(|error| self.unreachable(error))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|error| self.unreachable(error))?;
         Self::answer(method, path, response).await
     }
 
@@ -415,10 +465,13 @@ impl MatrixClient {
         response: reqwest::Response,
     ) -> Result<Value, MatrixError> {
         let status = response.status();
-        let text = response.text().await.map_err(|error| MatrixError::BadResponse {
-            path: path.to_owned(),
-            message: error.to_string(),
-        })?;
+        let text = response
+            .text()
+            .await
+            .map_err(|error| MatrixError::BadResponse {
+                path: path.to_owned(),
+                message: error.to_string(),
+            })?;
         let value: Value = if text.is_empty() {
             json!({})
         } else {
@@ -453,7 +506,11 @@ impl MatrixClient {
     fn url(&self, path: &str, user: Option<&UserId>, query: &[(&str, &str)]) -> url::Url {
         let mut url = self.base.clone();
         // `path` is already percent-encoded where it carries ids.
-        url.set_path(&format!("{}{}", self.base.path().trim_end_matches('/'), path));
+        url.set_path(&format!(
+            "{}{}",
+            self.base.path().trim_end_matches('/'),
+            path
+        ));
         {
             let mut pairs = url.query_pairs_mut();
             if let Some(user) = user {

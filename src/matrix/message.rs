@@ -183,11 +183,17 @@ mod tests {
             .to_content();
         assert_eq!(content["m.relates_to"]["rel_type"], "m.thread");
         assert_eq!(content["m.relates_to"]["event_id"], "$root");
-        assert_eq!(content["m.relates_to"]["m.in_reply_to"]["event_id"], "$reply");
+        assert_eq!(
+            content["m.relates_to"]["m.in_reply_to"]["event_id"],
+            "$reply"
+        );
     }
 
     #[test]
     fn raw_html_is_escaped() {
-        assert_eq!(render_markdown("<script>x</script>"), "&lt;script&gt;x&lt;/script&gt;");
+        assert_eq!(
+            render_markdown("<script>x</script>"),
+            "&lt;script&gt;x&lt;/script&gt;"
+        );
     }
 }

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use ruma::{OwnedUserId, UserId};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::registry::Registry;
+use crate::agent::team::Team;
 use crate::appservice::inbox::Inbox;
 use crate::appservice::{self, AppserviceState};
 use crate::config::{Config, Loaded};
@@ -56,6 +58,7 @@ pub struct Crew {
     pub rooms: Rooms,
     /// The Manager: the registration's `sender_localpart` user.
     pub manager: OwnedUserId,
+    pub team: Arc<Team>,
 }
 
 impl Crew {
@@ -88,8 +91,18 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         "@{}:{}",
         registration.sender_localpart, config.homeserver.server_name
     ))
-    .map_err(|error| StartupError::Config(format!("sender_localpart makes an invalid user id: {error}")))?;
+    .map_err(|error| {
+        StartupError::Config(format!(
+            "sender_localpart makes an invalid user id: {error}"
+        ))
+    })?;
     let client = MatrixClient::new(config.homeserver.url.clone(), registration.as_token.clone());
+    let registry = Registry::open(
+        &store,
+        &config.appservice.user_prefix,
+        config.homeserver.server_name.as_str(),
+    )?;
+    let team = Arc::new(Team::new(registry, client.clone()));
 
     let (pings, ping_seen) = tokio::sync::watch::channel(None);
     let state = Arc::new(AppserviceState {
@@ -101,12 +114,13 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     });
     let appservice_listener = bind("appservice API", config.appservice.bind).await?;
     let admin_listener = bind("admin API", config.admin_api.bind).await?;
-    let admin_token = crate::admin::load_or_create_token(&config.admin_token_path()).map_err(
-        |source| ServeError::DataDir {
-            path: config.admin_token_path().display().to_string(),
-            source,
-        },
-    )?;
+    let admin_token =
+        crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
+            ServeError::DataDir {
+                path: config.admin_token_path().display().to_string(),
+                source,
+            }
+        })?;
 
     let crew = Arc::new(Crew {
         config,
@@ -116,6 +130,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         inbox,
         rooms,
         manager,
+        team: team.clone(),
     });
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -129,11 +144,18 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             tracing::error!(%error, "appservice listener stopped");
         }
     });
-    let admin_routes = axum::Router::new().route(
-        "/status",
-        axum::routing::get(|| async { axum::Json(serde_json::json!({ "running": true })) }),
-    );
-    tasks.spawn(crate::admin::serve(admin_listener, admin_token, admin_routes, shutdown.clone()));
+    let admin_routes = axum::Router::new()
+        .route(
+            "/status",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({ "running": true })) }),
+        )
+        .nest("/workers", crate::agent::team::admin_router(team));
+    tasks.spawn(crate::admin::serve(
+        admin_listener,
+        admin_token,
+        admin_routes,
+        shutdown.clone(),
+    ));
 
     let checked = tokio::select! {
         checked = startup::check_homeserver(&crew, ping_seen) => checked,

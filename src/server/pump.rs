@@ -94,17 +94,25 @@ async fn handle_membership(crew: &Crew, room: &OwnedRoomId, sender: &UserId, eve
         .unwrap_or("");
     match membership {
         "invite" => {
-            if crew.config.invites.allows(sender, &crew.config.admins) {
-                if target != crew.manager {
-                    // Workers are registered when created; an invite for an unknown name in our
-                    // namespace is declined below by the homeserver's user query, but make sure.
-                    if let Err(error) = crew.client.register(target.localpart()).await {
-                        super::log_matrix_error("cannot register invited agent", &error);
-                        return;
-                    }
+            let known = target == crew.manager
+                || matches!(crew.team.registry.by_user(&target), Ok(Some(_)));
+            if !known {
+                let reason = format!(
+                    "{target} is not an agent of this crew; ask the Manager to create it first"
+                );
+                if let Err(error) = crew.client.leave(&target, room, Some(&reason)).await {
+                    super::log_matrix_error(
+                        "cannot decline an invite for an unknown agent",
+                        &error,
+                    );
                 }
+                return;
+            }
+            if crew.config.invites.allows(sender, &crew.config.admins) {
                 match crew.client.join(&target, room).await {
-                    Ok(()) => tracing::info!(%room, agent = %target, inviter = %sender, "joined on invite"),
+                    Ok(()) => {
+                        tracing::info!(%room, agent = %target, inviter = %sender, "joined on invite")
+                    }
                     Err(error) => super::log_matrix_error("cannot join on invite", &error),
                 }
             } else {
@@ -112,7 +120,9 @@ async fn handle_membership(crew: &Crew, room: &OwnedRoomId, sender: &UserId, eve
                     "{target} only accepts invites from the people its admins allow; ask one of them to invite it"
                 );
                 match crew.client.leave(&target, room, Some(&reason)).await {
-                    Ok(()) => tracing::info!(%room, agent = %target, inviter = %sender, "declined an invite from someone not allowed"),
+                    Ok(()) => {
+                        tracing::info!(%room, agent = %target, inviter = %sender, "declined an invite from someone not allowed")
+                    }
                     Err(error) => super::log_matrix_error("cannot decline an invite", &error),
                 }
             }
@@ -125,7 +135,9 @@ async fn handle_membership(crew: &Crew, room: &OwnedRoomId, sender: &UserId, eve
                         tracing::error!(%error, "cannot store room state");
                     }
                 }
-                Err(error) => super::log_matrix_error("cannot fetch room state after joining", &error),
+                Err(error) => {
+                    super::log_matrix_error("cannot fetch room state after joining", &error)
+                }
             }
         }
         _ => {}

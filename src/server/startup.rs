@@ -38,8 +38,8 @@ pub(super) async fn check_homeserver(
     mut ping_seen: watch::Receiver<Option<String>>,
 ) -> Result<(), StartupError> {
     let url = crew.config.homeserver.url.to_string();
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(crew.config.homeserver.startup_wait_secs);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(crew.config.homeserver.startup_wait_secs);
     let mut wait = Duration::from_millis(250);
     loop {
         match crew.client.versions().await {
@@ -111,7 +111,11 @@ pub(super) async fn check_homeserver(
             })
             .await
             .unwrap_or(false);
-            tracing::info!(duration_ms, echoed, "homeserver reached crew (appservice ping)");
+            tracing::info!(
+                duration_ms,
+                echoed,
+                "homeserver reached crew (appservice ping)"
+            );
         }
         Err(error) => tracing::warn!("{}", explain_ping_failure(crew, &error)),
     }

@@ -41,7 +41,13 @@ impl CrewEnv {
         let appservice_port = tools::free_port();
         let admin_port = tools::free_port();
         let output = Command::new(crew_binary())
-            .args(["init", "--homeserver", "http://127.0.0.1:1", "--server-name", "crew.test"])
+            .args([
+                "init",
+                "--homeserver",
+                "http://127.0.0.1:1",
+                "--server-name",
+                "crew.test",
+            ])
             .args(["--admin", &format!("@{ADMIN}:crew.test")])
             .arg("--data-dir")
             .arg(&data_dir)
@@ -51,7 +57,11 @@ impl CrewEnv {
             .unwrap();
         assert!(output.status.success(), "crew init: {output:?}");
         edit_config(&data_dir.join("config.toml"));
-        let synapse = Synapse::start(&root.path().join("synapse"), &[data_dir.join("registration.yaml")]).await;
+        let synapse = Synapse::start(
+            &root.path().join("synapse"),
+            &[data_dir.join("registration.yaml")],
+        )
+        .await;
         let mut env = CrewEnv {
             root,
             synapse,
@@ -71,8 +81,10 @@ impl CrewEnv {
     }
 
     pub fn registration(&self) -> serde_yaml::Value {
-        serde_yaml::from_str(&std::fs::read_to_string(self.data_dir.join("registration.yaml")).unwrap())
-            .unwrap()
+        serde_yaml::from_str(
+            &std::fs::read_to_string(self.data_dir.join("registration.yaml")).unwrap(),
+        )
+        .unwrap()
     }
 
     pub fn hs_token(&self) -> String {
@@ -90,8 +102,14 @@ impl CrewEnv {
     /// Starts (or restarts) `crew serve` and waits until it says it is ready.
     pub async fn start_crew(&mut self) {
         let run = self.crew.as_ref().map_or(0, |crew| crew.run + 1);
-        let crew = CrewProcess::start(&self.config_path(), &self.homeserver_url, &self.data_dir, run);
-        crew.wait_for_log("crew is ready", Duration::from_secs(60)).await;
+        let crew = CrewProcess::start(
+            &self.config_path(),
+            &self.homeserver_url,
+            &self.data_dir,
+            run,
+        );
+        crew.wait_for_log("crew is ready", Duration::from_secs(60))
+            .await;
         self.crew = Some(crew);
     }
 
@@ -156,7 +174,10 @@ impl CrewProcess {
                 return;
             }
             if std::time::Instant::now() > until {
-                panic!("crew did not log {needle:?} within {deadline:?}:\n{}", tail(&self.log));
+                panic!(
+                    "crew did not log {needle:?} within {deadline:?}:\n{}",
+                    tail(&self.log)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -26,10 +26,11 @@ pub fn python() -> PathBuf {
                 format!("{e}\nInstall Python 3 with the venv module (Debian: python3-venv).")
             })?;
         }
-        tools::run(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", SYNAPSE_REQUIREMENT]),
-        )
+        tools::run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            SYNAPSE_REQUIREMENT,
+        ]))
         .map_err(|e| format!("{e}\npip must reach PyPI to install Synapse."))
     });
     python
@@ -84,7 +85,10 @@ impl Synapse {
                 );
             }
             if std::time::Instant::now() > deadline {
-                panic!("synapse did not start within 60 s:\n{}", tail(&dir.join("synapse.log")));
+                panic!(
+                    "synapse did not start within 60 s:\n{}",
+                    tail(&dir.join("synapse.log"))
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -140,7 +144,12 @@ pub struct TestUser {
 }
 
 impl TestUser {
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self
             .http
             .request(method, format!("{}{}", self.url, path))
@@ -151,7 +160,10 @@ impl TestUser {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(json!({ "raw": text })))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(json!({ "raw": text })),
+        )
     }
 
     async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -196,7 +208,10 @@ impl TestUser {
         let answer = self
             .ok(
                 reqwest::Method::PUT,
-                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room)),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+                    enc(room)
+                ),
                 Some(content),
             )
             .await;
@@ -227,7 +242,10 @@ impl TestUser {
         let answer = self
             .ok(
                 reqwest::Method::GET,
-                &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room)),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
+                    enc(room)
+                ),
                 None,
             )
             .await;
@@ -251,7 +269,11 @@ impl TestUser {
         let (status, value) = self
             .request(
                 reqwest::Method::GET,
-                &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(room), enc(user)),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+                    enc(room),
+                    enc(user)
+                ),
                 None,
             )
             .await;
@@ -261,7 +283,11 @@ impl TestUser {
     /// Rooms this user is invited to (from an initial sync).
     pub async fn invites(&self) -> Vec<String> {
         let answer = self
-            .ok(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None)
+            .ok(
+                reqwest::Method::GET,
+                "/_matrix/client/v3/sync?timeout=0",
+                None,
+            )
             .await;
         answer["rooms"]["invite"]
             .as_object()

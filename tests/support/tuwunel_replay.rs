@@ -45,7 +45,9 @@ impl TuwunelReplay {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = axum::Router::new().fallback(relay).with_state(inner.clone());
+        let app = axum::Router::new()
+            .fallback(relay)
+            .with_state(inner.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         TuwunelReplay { inner, url }
     }
@@ -127,11 +129,16 @@ async fn relay(
     match request.send().await {
         Ok(response) => {
             let status = response.status();
-            let content_type = response.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .cloned();
             let bytes = response.bytes().await.unwrap_or_default();
             let mut answer = (status, bytes).into_response();
             if let Some(content_type) = content_type {
-                answer.headers_mut().insert(axum::http::header::CONTENT_TYPE, content_type);
+                answer
+                    .headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, content_type);
             }
             answer
         }
