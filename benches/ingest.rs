@@ -155,12 +155,13 @@ async fn main() {
     // The flush alone: write one transaction's events, then time the group-commit flush.
     let mut flushes = Vec::new();
     for n in 0..200 {
-        let events: Vec<serde_json::Value> =
-            serde_json::from_slice::<serde_json::Value>(&transaction(3_000_000 + n)).expect("json")
-                ["events"]
-                .as_array()
-                .expect("events")
-                .clone();
+        #[derive(serde::Deserialize)]
+        struct Body {
+            events: Vec<Box<serde_json::value::RawValue>>,
+        }
+        let events = serde_json::from_slice::<Body>(&transaction(3_000_000 + n))
+            .expect("json")
+            .events;
         inbox
             .ingest(&format!("flush-{n}"), &events)
             .expect("ingest");

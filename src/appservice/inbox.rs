@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
@@ -46,6 +47,22 @@ pub struct IngestOutcome {
     pub duplicate_events: usize,
     /// Events that were not objects with a string `event_id`; logged and skipped.
     pub malformed: usize,
+}
+
+/// The two fields ingest needs, read without building the whole event.
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// How an entry is written: the event's raw JSON, as received, not re-encoded.
+#[derive(Serialize)]
+struct StoredEntry<'a> {
+    event: &'a RawValue,
+    received_ms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,9 +105,13 @@ impl Inbox {
     pub fn ingest(
         &self,
         txn_id: &str,
-        events: &[serde_json::Value],
+        events: &[Box<RawValue>],
     ) -> Result<IngestOutcome, StoreError> {
-        let digest = transaction_digest(events);
+        let heads: Vec<Option<EventHead<'_>>> = events
+            .iter()
+            .map(|raw| serde_json::from_str::<EventHead<'_>>(raw.get()).ok())
+            .collect();
+        let digest = transaction_digest(events, &heads);
         let now = now_ms();
         let _guard = self
             .ingest_lock
@@ -107,34 +128,44 @@ impl Inbox {
                 "transaction id reused with different events (homeserver reset?); processing it"
             );
         }
-        for event in events {
-            let Some(event_id) = event.get("event_id").and_then(|id| id.as_str()) else {
+        let seen_value = self.seen.encode(&SeenEvent { received_ms: now })?;
+        let mut seen_batch = sled::Batch::default();
+        let mut entry_batch = sled::Batch::default();
+        let mut seen_here = std::collections::HashSet::new();
+        for (raw, head) in events.iter().zip(&heads) {
+            let Some(head) = head.as_ref().filter(|head| head.kind.is_some()) else {
+                tracing::warn!(
+                    txn_id,
+                    "skipping an event that is not an object with a string event_id and type"
+                );
+                outcome.malformed += 1;
+                continue;
+            };
+            let Some(event_id) = head.event_id.as_deref() else {
                 tracing::warn!(txn_id, "skipping an event without a string event_id");
                 outcome.malformed += 1;
                 continue;
             };
-            if !event.is_object() || event.get("type").and_then(|t| t.as_str()).is_none() {
-                tracing::warn!(txn_id, event_id, "skipping an event without a type");
-                outcome.malformed += 1;
-                continue;
-            }
-            if !self
-                .seen
-                .insert_new(&event_id.to_owned(), &SeenEvent { received_ms: now })?
-            {
+            // The ingest lock makes check-then-insert safe: nobody else writes these trees.
+            if !seen_here.insert(event_id) || self.seen.raw().contains_key(event_id.as_bytes())? {
                 outcome.duplicate_events += 1;
                 continue;
             }
+            seen_batch.insert(event_id.as_bytes(), seen_value.as_slice());
             let seq = self.store.next_id()?;
-            self.entries.insert(
-                &seq,
-                &InboxEntry {
-                    event: event.clone(),
-                    received_ms: now,
-                },
-            )?;
+            let entry = StoredEntry {
+                event: raw,
+                received_ms: now,
+            };
+            let encoded = serde_json::to_vec(&entry).map_err(|source| StoreError::Encode {
+                tree: self.entries.name().to_owned(),
+                source,
+            })?;
+            entry_batch.insert(&seq.to_be_bytes(), encoded);
             outcome.queued += 1;
         }
+        self.seen.raw().apply_batch(seen_batch)?;
+        self.entries.raw().apply_batch(entry_batch)?;
         self.transactions.insert(
             &txn_id.to_owned(),
             &TransactionRecord {
@@ -149,7 +180,7 @@ impl Inbox {
     pub async fn ingest_durably(
         &self,
         txn_id: &str,
-        events: &[serde_json::Value],
+        events: &[Box<RawValue>],
     ) -> Result<IngestOutcome, StoreError> {
         let outcome = self.ingest(txn_id, events)?;
         // A duplicate also waits: the first copy's events may still be on their way to disk.
@@ -190,14 +221,14 @@ impl Inbox {
     }
 }
 
-/// Identifies a transaction's content: the event ids in order, or the raw events when none
-/// carries an id.
-fn transaction_digest(events: &[serde_json::Value]) -> String {
+/// Identifies a transaction's content: the event ids in order, or the raw event when it carries
+/// no id.
+fn transaction_digest(events: &[Box<RawValue>], heads: &[Option<EventHead<'_>>]) -> String {
     let mut hasher = Sha256::new();
-    for event in events {
-        match event.get("event_id").and_then(|id| id.as_str()) {
+    for (raw, head) in events.iter().zip(heads) {
+        match head.as_ref().and_then(|head| head.event_id.as_deref()) {
             Some(id) => hasher.update(id.as_bytes()),
-            None => hasher.update(event.to_string().as_bytes()),
+            None => hasher.update(raw.get().as_bytes()),
         }
         hasher.update([0u8]);
     }
@@ -216,6 +247,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn raw(values: &[serde_json::Value]) -> Vec<Box<RawValue>> {
+        values
+            .iter()
+            .map(|value| RawValue::from_string(value.to_string()).unwrap())
+            .collect()
+    }
+
     fn message(id: &str) -> serde_json::Value {
         json!({"type": "m.room.message", "event_id": id, "room_id": "!r", "sender": "@a:x",
                "content": {"msgtype": "m.text", "body": "hi"}})
@@ -225,12 +263,18 @@ mod tests {
     fn duplicates_by_txn_and_event_are_dropped_and_reset_txn_ids_are_not() {
         let store = Store::temporary().unwrap();
         let inbox = Inbox::open(&store).unwrap();
-        let first = inbox.ingest("1", &[message("$a"), message("$b")]).unwrap();
+        let first = inbox
+            .ingest("1", &raw(&[message("$a"), message("$b")]))
+            .unwrap();
         assert_eq!(first.queued, 2);
-        let again = inbox.ingest("1", &[message("$a"), message("$b")]).unwrap();
+        let again = inbox
+            .ingest("1", &raw(&[message("$a"), message("$b")]))
+            .unwrap();
         assert!(again.duplicate_transaction);
         // A homeserver reset reuses txn id 1 for new events.
-        let reset = inbox.ingest("1", &[message("$c"), message("$a")]).unwrap();
+        let reset = inbox
+            .ingest("1", &raw(&[message("$c"), message("$a")]))
+            .unwrap();
         assert!(!reset.duplicate_transaction);
         assert_eq!(reset.queued, 1);
         assert_eq!(reset.duplicate_events, 1);
@@ -250,15 +294,20 @@ mod tests {
         let outcome = inbox
             .ingest(
                 "t",
-                &[
+                &raw(&[
                     json!(42),
                     json!({"event_id": 7}),
                     json!({"event_id": "$x"}),
                     message("$ok"),
-                ],
+                    message("$ok"),
+                ]),
             )
             .unwrap();
         assert_eq!(outcome.malformed, 3);
         assert_eq!(outcome.queued, 1);
+        assert_eq!(
+            outcome.duplicate_events, 1,
+            "the same event twice in one transaction"
+        );
     }
 }

@@ -93,10 +93,11 @@ fn authenticate(
     }
 }
 
+/// Events stay raw: each is checked on its own, so one malformed event cannot fail the rest.
 #[derive(Debug, Deserialize)]
 struct TransactionBody {
     #[serde(default)]
-    events: Vec<serde_json::Value>,
+    events: Vec<Box<serde_json::value::RawValue>>,
 }
 
 #[tracing::instrument(skip_all, fields(txn_id = %txn_id))]
