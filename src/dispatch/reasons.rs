@@ -37,10 +37,10 @@ impl ReasonLog {
 
     /// Keeps `decision` (if it names an event), replacing an older decision for the same event.
     pub fn insert(&mut self, decision: &Decision, now_ms: u64) {
+        self.prune(now_ms);
         let Some(event_id) = decision.event_id.clone() else {
             return;
         };
-        self.prune(now_ms);
         while self.entries.len() >= self.capacity && !self.entries.contains_key(&event_id) {
             if !self.pop_oldest() {
                 break;
