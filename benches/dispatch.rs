@@ -113,7 +113,7 @@ impl Generator {
     fn message(&mut self) -> (Value, BTreeSet<String>) {
         let roll = self.rng.gen_range(0..1000);
         let mut wake = BTreeSet::new();
-        let (id, sender, mentioned, event) = if roll < 50 {
+        let (id, sender, mentioned, event) = if roll < 40 {
             // About 5%: addressed to one or two agents by an allowed person, in varied formats.
             let (sender, _) = self.person(true);
             let count = if self.rng.gen_bool(0.2) { 2 } else { 1 };
@@ -127,10 +127,12 @@ impl Generator {
             let names: Vec<&str> = targets.iter().map(|(_, name)| *name).collect();
             let content = match format {
                 // Element: pills and m.mentions.
-                0 | 1 => json!({"msgtype": "m.text", "body": format!("{}: {text}", names.join(" and ")),
+                0 | 1 => {
+                    json!({"msgtype": "m.text", "body": format!("{}: {text}", names.join(" and ")),
                     "format": "org.matrix.custom.html",
                     "formatted_body": format!("{}: {text}", targets.iter().map(|(i, n)| pill_html(i, n, 0)).collect::<Vec<_>>().join(" and ")),
-                    "m.mentions": {"user_ids": ids}}),
+                    "m.mentions": {"user_ids": ids}})
+                }
                 // FluffyChat (older): percent-encoded pills, no m.mentions.
                 2 => json!({"msgtype": "m.text", "body": format!("{} {text}", names.join(" ")),
                     "format": "org.matrix.custom.html",
@@ -145,7 +147,7 @@ impl Generator {
             wake.extend(ids.iter().cloned());
             let (id, event) = self.event(sender, content);
             (id, sender.to_string(), ids, event)
-        } else if roll < 58 && self.sent.iter().any(|(_, s, _)| is_agent(s)) {
+        } else if roll < 46 && self.sent.iter().any(|(_, s, _)| is_agent(s)) {
             // A reply to an agent's message (Element puts the agent in m.mentions).
             let (sender, _) = self.person(true);
             let (target_event, target, _) = loop {
@@ -167,7 +169,7 @@ impl Generator {
             // Only the Element form mentions; the old form is a reply without a mention.
             let mentioned = if element { vec![target] } else { Vec::new() };
             (id, sender.to_string(), mentioned, event)
-        } else if roll < 62 {
+        } else if roll < 49 {
             // The Manager hands work to a Worker while handling a person's wake.
             let (target, name) = loop {
                 let pick = self.agent();
@@ -181,7 +183,7 @@ impl Generator {
             wake.insert(target.to_string());
             let (id, event) = self.event(AGENTS[0].0, content);
             (id, AGENTS[0].0.to_string(), vec![target.to_string()], event)
-        } else if roll < 64 && self.sent.iter().any(|(_, s, _)| !is_agent(s)) {
+        } else if roll < 51 && self.sent.iter().any(|(_, s, _)| !is_agent(s)) {
             // An edit of a person's message that adds a mention of an agent.
             let (original, original_sender, before) = loop {
                 let pick = self.sent[self.rng.gen_range(0..self.sent.len())].clone();
@@ -190,7 +192,9 @@ impl Generator {
                 }
             };
             let (target, name) = self.agent();
-            let allowed_person = PEOPLE.iter().any(|(id, _, ok)| *id == original_sender && *ok);
+            let allowed_person = PEOPLE
+                .iter()
+                .any(|(id, _, ok)| *id == original_sender && *ok);
             let content = json!({"msgtype": "m.text", "body": format!("* {name}: see above"),
                 "m.new_content": {"msgtype": "m.text", "body": format!("{name}: see above"), "m.mentions": {"user_ids": [target]}},
                 "m.mentions": {"user_ids": [target]},
@@ -213,7 +217,10 @@ impl Generator {
             let (sender, content) = match kind {
                 0 => {
                     let (sender, _) = self.person(false);
-                    (sender, json!({"msgtype": "m.text", "body": self.chatter(), "m.mentions": {}}))
+                    (
+                        sender,
+                        json!({"msgtype": "m.text", "body": self.chatter(), "m.mentions": {}}),
+                    )
                 }
                 1 => {
                     let (sender, _) = self.person(false);
@@ -223,17 +230,23 @@ impl Generator {
                     // Names an agent without mentioning it.
                     let (sender, _) = self.person(true);
                     let (_, name) = self.agent();
-                    (sender, json!({"msgtype": "m.text", "body": format!("I think {name} did that yesterday"), "m.mentions": {}}))
+                    (
+                        sender,
+                        json!({"msgtype": "m.text", "body": format!("I think {name} did that yesterday"), "m.mentions": {}}),
+                    )
                 }
                 3 => {
                     // Quotes a message that mentioned an agent (old-client fallback).
                     let (sender, _) = self.person(true);
                     let (agent, name) = self.agent();
-                    (sender, json!({"msgtype": "m.text",
+                    (
+                        sender,
+                        json!({"msgtype": "m.text",
                         "body": format!("> <@alice:example.org> {agent} please check\n\n+1"),
                         "format": "org.matrix.custom.html",
                         "formatted_body": format!("<mx-reply><blockquote>{} please check</blockquote></mx-reply>+1", pill_html(agent, name, 0)),
-                        "m.relates_to": {"m.in_reply_to": {"event_id": "$someHumanMessage"}}}))
+                        "m.relates_to": {"m.in_reply_to": {"event_id": "$someHumanMessage"}}}),
+                    )
                 }
                 4 => {
                     // In a thread; the fallback points at an agent's message.
@@ -245,27 +258,43 @@ impl Generator {
                         .find(|(_, s, _)| is_agent(s))
                         .map(|(id, _, _)| id.clone())
                         .unwrap_or_else(|| "$noAgentYet".into());
-                    (sender, json!({"msgtype": "m.text", "body": self.chatter(), "m.mentions": {},
+                    (
+                        sender,
+                        json!({"msgtype": "m.text", "body": self.chatter(), "m.mentions": {},
                         "m.relates_to": {"rel_type": "m.thread", "event_id": "$threadRoot", "is_falling_back": true,
-                                         "m.in_reply_to": {"event_id": target}}}))
+                                         "m.in_reply_to": {"event_id": target}}}),
+                    )
                 }
                 5 => {
                     // Agents answering: plain messages and notices.
                     let (agent, _) = self.agent();
-                    let msgtype = if self.rng.gen_bool(0.5) { "m.text" } else { "m.notice" };
-                    (agent, json!({"msgtype": msgtype, "body": "Done: summary posted above.", "m.mentions": {}, "org.matrix-crew.wake_depth": 1}))
+                    let msgtype = if self.rng.gen_bool(0.5) {
+                        "m.text"
+                    } else {
+                        "m.notice"
+                    };
+                    (
+                        agent,
+                        json!({"msgtype": msgtype, "body": "Done: summary posted above.", "m.mentions": {}, "org.matrix-crew.wake_depth": 1}),
+                    )
                 }
                 6 => {
                     // Someone not allowed pings an agent.
                     let (agent, name) = self.agent();
-                    ("@dave:example.org", json!({"msgtype": "m.text", "body": format!("{name} do my homework"),
+                    (
+                        "@dave:example.org",
+                        json!({"msgtype": "m.text", "body": format!("{name} do my homework"),
                         "format": "org.matrix.custom.html", "formatted_body": format!("{} do my homework", pill_html(agent, name, 0)),
-                        "m.mentions": {"user_ids": [agent]}}))
+                        "m.mentions": {"user_ids": [agent]}}),
+                    )
                 }
                 _ => {
                     // A bot notice that mentions an agent.
                     let (agent, _) = self.agent();
-                    ("@erin:example.org", json!({"msgtype": "m.notice", "body": format!("CI failed, {agent}")}))
+                    (
+                        "@erin:example.org",
+                        json!({"msgtype": "m.notice", "body": format!("CI failed, {agent}")}),
+                    )
                 }
             };
             let (id, event) = self.event(sender, content);
@@ -273,7 +302,11 @@ impl Generator {
                 // Dave's mention still counts as a mention for later edits.
                 6 => event["content"]["m.mentions"]["user_ids"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 _ => Vec::new(),
             };
@@ -317,15 +350,20 @@ fn setup() -> (DispatchConfig, Crew, RoomState) {
         .map(|(id, name, _)| (*id, *name))
         .chain(PEOPLE.iter().map(|(id, name, _)| (*id, *name)))
     {
-        room.apply_event(&json!({"type": "m.room.member", "state_key": id, "sender": id, "room_id": ROOM,
-                                 "content": {"membership": "join", "displayname": name}}));
+        room.apply_event(
+            &json!({"type": "m.room.member", "state_key": id, "sender": id, "room_id": ROOM,
+                                 "content": {"membership": "join", "displayname": name}}),
+        );
     }
     (config, crew, room)
 }
 
 fn main() {
     // 1. Generate and write the labelled transcript.
-    let path = std::env::temp_dir().join(format!("crew-dispatch-transcript-{}.jsonl", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "crew-dispatch-transcript-{}.jsonl",
+        std::process::id()
+    ));
     let mut generator = Generator {
         rng: StdRng::seed_from_u64(0x5eed_d15a),
         next_id: 0,
@@ -379,7 +417,10 @@ fn main() {
         let extra: Vec<_> = woken.difference(label).collect();
         let lacking: Vec<_> = label.difference(&woken).collect();
         if !extra.is_empty() || !lacking.is_empty() {
-            eprintln!("MISMATCH {}: spurious {extra:?} missed {lacking:?}: {decision:?}", event["content"]);
+            eprintln!(
+                "MISMATCH {}: spurious {extra:?} missed {lacking:?}: {decision:?}",
+                event["content"]
+            );
         }
         spurious += extra.len();
         missed += lacking.len();
@@ -426,7 +467,9 @@ fn main() {
     let mut dispatcher_wakes = 0usize;
     for _ in 0..ROUNDS {
         let mut dispatcher = Dispatcher::new(dispatch_config.clone(), crew.clone()).expect("valid");
-        *dispatcher.rooms.entry(ruma::RoomId::parse(ROOM).expect("valid room").as_ref()) = room.clone();
+        *dispatcher
+            .rooms
+            .entry(ruma::RoomId::parse(ROOM).expect("valid room").as_ref()) = room.clone();
         let mut history = MemoryHistory::new(MESSAGES);
         for (i, event) in events.iter().enumerate() {
             let decision = dispatcher.dispatch(event, &history, i as u64 * 100);
@@ -447,8 +490,15 @@ fn main() {
         })
         .sum();
 
-    println!("dispatcher replay: {} messages, 6 agents, 5 people, {} rounds", events.len(), ROUNDS);
-    println!("  messages addressed to an agent (labelled): {addressed} ({:.1}%)", addressed as f64 * 100.0 / events.len() as f64);
+    println!(
+        "dispatcher replay: {} messages, 6 agents, 5 people, {} rounds",
+        events.len(),
+        ROUNDS
+    );
+    println!(
+        "  messages addressed to an agent (labelled): {addressed} ({:.1}%)",
+        addressed as f64 * 100.0 / events.len() as f64
+    );
     println!("  wakes labelled by the generator:          {labelled}");
     println!("  wakes produced by decide:                 {produced}");
     println!("  spurious wakes:                           {spurious}");
@@ -458,7 +508,11 @@ fn main() {
     println!("  Dispatcher::dispatch (all bookkeeping):   {dispatcher_per_second:.0} decisions/s");
     println!("  turns if every agent read every message:  {every_agent_turns}");
     println!("  turns with wake-on-mention:               {produced}");
-    assert_eq!(dispatcher_wakes, produced * ROUNDS, "Dispatcher and decide disagree");
+    assert_eq!(
+        dispatcher_wakes,
+        produced * ROUNDS,
+        "Dispatcher and decide disagree"
+    );
     assert_eq!((spurious, missed), (0, 0), "wakes differ from the labels");
     assert_eq!(produced, labelled);
 }

@@ -54,7 +54,13 @@ impl SaidSince {
     }
 
     /// Appends a message to its room's log and returns its seq.
-    pub fn push(&mut self, room: &RoomId, event_id: OwnedEventId, sender: OwnedUserId, body: String) -> u64 {
+    pub fn push(
+        &mut self,
+        room: &RoomId,
+        event_id: OwnedEventId,
+        sender: OwnedUserId,
+        body: String,
+    ) -> u64 {
         let log = self.rooms.entry(room.to_owned()).or_default();
         let seq = log.next_seq;
         log.next_seq += 1;

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{DispatchConfig, DispatchError};
 
+/// Up to this many agents, lookups scan the list instead of hashing (measured in the bench).
+const LINEAR_LOOKUP_MAX: usize = 16;
+
 /// Whether an agent is the Manager or a Worker: decides who may wake whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,6 +137,13 @@ impl Crew {
     }
 
     pub(crate) fn index_of(&self, user: &UserId) -> Option<usize> {
+        // A crew is a handful of agents: comparing a few strings beats hashing one.
+        if self.agents.len() <= LINEAR_LOOKUP_MAX {
+            return self
+                .agents
+                .iter()
+                .position(|p| p.agent.user_id.as_str() == user.as_str());
+        }
         self.index.get(user).copied()
     }
 
@@ -143,7 +153,12 @@ impl Crew {
     }
 
     /// Whether `sender` may wake agent number `target` (not the sender itself).
-    pub(crate) fn may_wake(&self, sender: &UserId, sender_agent: Option<usize>, target: usize) -> bool {
+    pub(crate) fn may_wake(
+        &self,
+        sender: &UserId,
+        sender_agent: Option<usize>,
+        target: usize,
+    ) -> bool {
         match sender_agent {
             None => self.is_allowed_person(sender),
             Some(from) if from == target => false,

@@ -8,10 +8,10 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::DispatchConfig;
 use super::crew::{Crew, History, Remember};
 use super::room::RoomState;
 use super::text;
-use super::DispatchConfig;
 
 /// Content key in which an agent's message carries the depth of the wake it was sent in.
 /// Trusted only on messages sent by our own agents; see [`tag_depth`].
@@ -215,14 +215,14 @@ pub fn decide(
     let kind = str_field(object, "type");
     let (Some(kind), Some(sender), Some(_), Some(event_id)) = (
         kind,
-        decision.sender.clone(),
+        decision.sender.as_deref(),
         decision.room_id.as_ref(),
-        decision.event_id.clone(),
+        decision.event_id.as_deref(),
     ) else {
         decision.ignored = Some(SkipReason::Malformed);
         return decision;
     };
-    let sender_agent = crew.index_of(&sender);
+    let sender_agent = crew.index_of(sender);
     decision.sender_is_agent = sender_agent.is_some();
     let is_state = object.get("state_key").is_some_and(Value::is_string);
     decision.message = kind == "m.room.message" && !is_state;
@@ -287,6 +287,11 @@ pub fn decide(
     };
 
     let agents = crew.agents.len();
+    let joined: Vec<bool> = crew
+        .agents
+        .iter()
+        .map(|p| room.is_joined(&p.agent.user_id))
+        .collect();
     let mut wanted = vec![0u8; agents];
     let mut already_mentioned = vec![false; agents];
     let relates = content.get("m.relates_to").and_then(Value::as_object);
@@ -308,7 +313,7 @@ pub fn decide(
             decision.ignored = Some(SkipReason::EditUnknownOriginal);
             return decision;
         };
-        if original_sender != sender {
+        if original_sender != *sender {
             decision.ignored = Some(SkipReason::EditNotBySender);
             return decision;
         }
@@ -385,11 +390,7 @@ pub fn decide(
         }
 
         if room.joined_count() == 2 {
-            let mut joined_agents = crew
-                .agents
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| room.is_joined(&p.agent.user_id));
+            let mut joined_agents = joined.iter().enumerate().filter(|(_, j)| **j);
             if let (Some((i, _)), None) = (joined_agents.next(), joined_agents.next()) {
                 wanted[i] |= WakeReason::DirectMessage.bit();
             }
@@ -398,7 +399,11 @@ pub fn decide(
         if crew.any_keywords {
             let lower = stripped_body.to_lowercase();
             for (i, prepared) in crew.agents.iter().enumerate() {
-                if prepared.keywords.iter().any(|k| text::contains_word(&lower, k)) {
+                if prepared
+                    .keywords
+                    .iter()
+                    .any(|k| text::contains_word(&lower, k))
+                {
                     wanted[i] |= WakeReason::Keyword.bit();
                 }
             }
@@ -412,8 +417,8 @@ pub fn decide(
             .map(|(p, _)| p.agent.user_id.clone())
             .collect();
         decision.remember = Some(Remember {
-            event_id,
-            sender: sender.clone(),
+            event_id: event_id.to_owned(),
+            sender: sender.to_owned(),
             mentioned,
         });
     }
@@ -422,11 +427,11 @@ pub fn decide(
         None
     } else if !config.room_mentions {
         Some(SkipReason::RoomMentionOff)
-    } else if !room.can_notify_room(&sender) {
+    } else if !room.can_notify_room(sender) {
         Some(SkipReason::RoomMentionNotPermitted)
     } else {
-        for (i, prepared) in crew.agents.iter().enumerate() {
-            if room.is_joined(&prepared.agent.user_id) {
+        for (i, is_joined) in joined.iter().enumerate() {
+            if *is_joined {
                 wanted[i] |= WakeReason::RoomMention.bit();
             }
         }
@@ -437,7 +442,7 @@ pub fn decide(
     for (i, prepared) in crew.agents.iter().enumerate() {
         let agent = &prepared.agent.user_id;
         let bits = wanted[i];
-        let joined = room.is_joined(agent);
+        let joined = joined[i];
         let reason = if Some(i) == sender_agent {
             Some(SkipReason::OwnEcho)
         } else if bits == 0 {
@@ -450,7 +455,7 @@ pub fn decide(
             }
         } else if !joined {
             Some(SkipReason::NotInRoom)
-        } else if !crew.may_wake(&sender, sender_agent, i) {
+        } else if !crew.may_wake(sender, sender_agent, i) {
             Some(SkipReason::NotAllowed)
         } else if decision.depth > config.max_depth {
             over_budget = true;
@@ -479,14 +484,18 @@ pub fn decide(
     }
 
     let addressed_anyone = wanted.iter().any(|&bits| bits != 0) || room_mention;
-    if sender_agent.is_none() && !is_edit && !addressed_anyone && crew.is_allowed_person(&sender) {
-        hint(&mut decision, &stripped_body, room, crew);
+    if sender_agent.is_none() && !is_edit && !addressed_anyone && crew.is_allowed_person(sender) {
+        hint(&mut decision, &stripped_body, room, crew, &joined);
     }
     decision
 }
 
 /// Calls `found` with the index of every agent listed in `m.mentions.user_ids`.
-fn for_each_mentioned_agent(mentions: &Map<String, Value>, crew: &Crew, mut found: impl FnMut(usize)) {
+fn for_each_mentioned_agent(
+    mentions: &Map<String, Value>,
+    crew: &Crew,
+    mut found: impl FnMut(usize),
+) {
     let Some(ids) = mentions.get("user_ids").and_then(Value::as_array) else {
         return;
     };
@@ -501,18 +510,26 @@ fn for_each_mentioned_agent(mentions: &Map<String, Value>, crew: &Crew, mut foun
 
 /// Adds a [`Signal::MentionHint`] for each agent in the room that the text names by display
 /// name or localpart and that has not given the hint in this room yet.
-fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Crew) {
+fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Crew, joined: &[bool]) {
     let mut lower: Option<String> = None;
-    for prepared in &crew.agents {
+    for (prepared, joined) in crew.agents.iter().zip(joined) {
         let agent = &prepared.agent.user_id;
-        if !room.is_joined(agent) || room.hinted.contains(agent) {
+        if !joined || room.hinted.contains(agent) {
             continue;
         }
         let lower = lower.get_or_insert_with(|| body.to_lowercase());
+        // The room-specific display name, when it differs from the global one.
         let room_name = room
             .member(agent)
             .and_then(|m| m.display_name.as_deref())
-            .map(|name| name.trim().to_lowercase());
+            .map(str::trim)
+            .filter(|name| {
+                !prepared
+                    .names
+                    .iter()
+                    .any(|known| known.eq_ignore_ascii_case(name))
+            })
+            .map(str::to_lowercase);
         let named = prepared
             .names
             .iter()

@@ -25,7 +25,9 @@ use serde_json::Value;
 
 pub use context::{Missed, Said, SaidSince};
 pub use crew::{Agent, Crew, History, MemoryHistory, NoHistory, Remember, Role};
-pub use decide::{DEPTH_KEY, Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth};
+pub use decide::{
+    DEPTH_KEY, Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth,
+};
 pub use guards::{Guards, RoomMessageCap, WINDOW_MS, WakeRateLimiter};
 pub use reasons::{Kept, ReasonLog};
 pub use room::{Member, Membership, PowerLevels, RoomState, Rooms};
@@ -34,7 +36,9 @@ pub use room::{Member, Membership, PowerLevels, RoomState, Rooms};
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     /// `dispatch.keywords` or `dispatch.worker_pairs` names no known agent.
-    #[error("dispatch config names `{0}`, which is not one of the agents (use its localpart or user id)")]
+    #[error(
+        "dispatch config names `{0}`, which is not one of the agents (use its localpart or user id)"
+    )]
     UnknownAgent(String),
     /// The same user id was given for two agents.
     #[error("agent {0} is listed twice")]
@@ -228,9 +232,7 @@ impl Dispatcher {
     }
 
     fn keep_context(&mut self, event: &Value, decision: &Decision) {
-        if !decision.message
-            || !matches!(decision.ignored, None | Some(SkipReason::Notice))
-        {
+        if !decision.message || !matches!(decision.ignored, None | Some(SkipReason::Notice)) {
             return;
         }
         let (Some(room), Some(event_id), Some(sender)) =
@@ -267,7 +269,12 @@ mod tests {
             agent_wakes_per_minute: 0,
             ..DispatchConfig::default()
         };
-        assert!(bad.check().unwrap_err().to_string().contains("agent_wakes_per_minute"));
+        assert!(
+            bad.check()
+                .unwrap_err()
+                .to_string()
+                .contains("agent_wakes_per_minute")
+        );
         let parsed: DispatchConfig =
             toml::from_str("max_depth = 2\n[keywords]\ncrew_ops = [\"deploy\"]").unwrap();
         assert_eq!(parsed.max_depth, 2);

@@ -162,7 +162,8 @@ impl RoomState {
                     .parse::<u32>()
                     .is_ok_and(|v| v >= FIRST_VERSION_WITH_PRIVILEGED_CREATORS);
                 if self.privileged_creators
-                    && let Some(extra) = content.get("additional_creators").and_then(Value::as_array)
+                    && let Some(extra) =
+                        content.get("additional_creators").and_then(Value::as_array)
                 {
                     self.creators.extend(
                         extra
@@ -349,16 +350,20 @@ mod tests {
         let alice = UserId::parse("@alice:x.org").unwrap();
         let bob = UserId::parse("@bob:x.org").unwrap();
         let mut room = RoomState::default();
-        room.apply_event(&json!({"type": "m.room.create", "state_key": "", "sender": "@alice:x.org",
-                                 "content": {"room_version": "10"}}));
+        room.apply_event(
+            &json!({"type": "m.room.create", "state_key": "", "sender": "@alice:x.org",
+                                 "content": {"room_version": "10"}}),
+        );
         assert!(room.can_notify_room(&alice));
         assert!(!room.can_notify_room(&bob));
         room.apply_event(&json!({"type": "m.room.power_levels", "state_key": "",
             "content": {"users": {"@alice:x.org": 100, "@bob:x.org": "30"}, "notifications": {"room": 20}}}));
         assert!(room.can_notify_room(&bob));
         assert_eq!(room.power_level(&bob), 30);
-        room.apply_event(&json!({"type": "m.room.create", "state_key": "", "sender": "@bob:x.org",
-                                 "content": {"room_version": "12"}}));
+        room.apply_event(
+            &json!({"type": "m.room.create", "state_key": "", "sender": "@bob:x.org",
+                                 "content": {"room_version": "12"}}),
+        );
         assert_eq!(room.power_level(&bob), i64::MAX);
         room.apply_event(&json!({"type": "m.room.encryption", "state_key": "", "content": {}}));
         assert!(room.encrypted);

@@ -56,10 +56,13 @@ pub fn strip_html_quotes(html: &str) -> std::borrow::Cow<'_, str> {
         if depth == 0 {
             out.push_str(before);
         }
-        let tag_end = tag_and_after.find('>').map_or(tag_and_after.len(), |end| end + 1);
+        let tag_end = tag_and_after
+            .find('>')
+            .map_or(tag_and_after.len(), |end| end + 1);
         let tag = &tag_and_after[..tag_end];
         let name = tag_name(tag);
-        let quoting = name.eq_ignore_ascii_case("mx-reply") || name.eq_ignore_ascii_case("blockquote");
+        let quoting =
+            name.eq_ignore_ascii_case("mx-reply") || name.eq_ignore_ascii_case("blockquote");
         if quoting && !tag.ends_with("/>") {
             if tag.starts_with("</") {
                 depth = depth.saturating_sub(1);
@@ -213,7 +216,11 @@ pub fn contains_word(haystack_lower: &str, needle_lower: &str) -> bool {
         if before_ok && after_ok {
             return true;
         }
-        start = at + haystack_lower[at..].chars().next().map_or(1, char::len_utf8);
+        start = at
+            + haystack_lower[at..]
+                .chars()
+                .next()
+                .map_or(1, char::len_utf8);
     }
     false
 }
@@ -228,7 +235,10 @@ pub fn mentions_room_legacy(body: &str) -> bool {
     while let Some(pos) = body[start..].find("@room") {
         let at = start + pos;
         let end = at + "@room".len();
-        let before_ok = body[..at].chars().next_back().is_none_or(|c| !is_word_char(c));
+        let before_ok = body[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !is_word_char(c));
         let after_ok = body[end..].chars().next().is_none_or(|c| !is_word_char(c));
         if before_ok && after_ok {
             return true;
