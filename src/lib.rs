@@ -20,7 +20,6 @@ pub mod init;
 pub mod llm;
 pub mod matrix;
 pub mod registration;
-pub mod rooms;
 pub mod secret;
 pub mod server;
 pub mod storage;

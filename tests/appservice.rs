@@ -38,8 +38,12 @@ async fn manager_greets_admin_and_acknowledges_a_mention() {
     );
     assert!(greeting["content"]["m.mentions"]["user_ids"][0] == admin.user_id.as_str());
 
-    // A group room: invite the Manager, it joins, a mention gets an acknowledgement naming us.
-    let room = admin.create_room("project", &[&manager]).await;
+    // A group room (two people and the Manager): a mention gets an acknowledgement naming us.
+    let bob = env.synapse.register_user("bob").await;
+    let room = admin
+        .create_room("project", &[&manager, &bob.user_id])
+        .await;
+    bob.join(&room).await;
     tools::wait_for("the Manager to join", WAIT, || async {
         let member = admin.membership(&room, &manager).await?;
         (member["membership"] == "join").then_some(())
@@ -401,7 +405,8 @@ async fn sigkill_after_the_answer_loses_nothing_and_answers_once() {
     let mut env = CrewEnv::start().await;
     let (admin, room) = room_with_manager(&env).await;
     let manager = env.manager_id();
-    let events: Vec<Value> = (0..20)
+    // Fewer than the per-agent wake rate limit (20 a minute), so that every one must be answered.
+    let events: Vec<Value> = (0..12)
         .map(|i| mention_event(&room, &admin.user_id, &manager, &format!("k{i}")))
         .collect();
     let (status, _) = put_transaction(&env, "before-the-crash", &events).await;
@@ -409,7 +414,7 @@ async fn sigkill_after_the_answer_loses_nothing_and_answers_once() {
     env.kill_crew();
     env.start_crew().await;
     let replied = replied_to(&settle(&env, &admin, &room).await);
-    for i in 0..20 {
+    for i in 0..12 {
         let id = format!("$replayed-k{i}");
         assert_eq!(
             replied.iter().filter(|r| **r == id).count(),

@@ -19,11 +19,3 @@ pub fn greeting(manager: &UserId, admin: &UserId) -> OutgoingMessage {
     ))
     .mention(admin.to_owned(), admin.localpart())
 }
-
-/// The acknowledgement for a mention, naming the sender.
-pub fn acknowledgement(sender: &UserId, sender_name: &str) -> OutgoingMessage {
-    OutgoingMessage::text(format!(
-        "{sender}: got it, I heard you. I will answer properly once my LLM is set up."
-    ))
-    .mention(sender.to_owned(), sender_name)
-}

@@ -3,3 +3,4 @@
 pub mod manager;
 pub mod registry;
 pub mod team;
+pub mod turn;

@@ -59,6 +59,8 @@ pub enum RegistryError {
 #[derive(Clone)]
 pub struct Registry {
     workers: Tree<String, Worker>,
+    /// Bumped on every change, so the dispatcher knows when to reload the roster.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
     prefix: String,
     server_name: String,
 }
@@ -67,6 +69,7 @@ impl Registry {
     pub fn open(store: &Store, prefix: &str, server_name: &str) -> Result<Self, StoreError> {
         Ok(Self {
             workers: store.tree("workers")?,
+            generation: Default::default(),
             prefix: prefix.to_owned(),
             server_name: server_name.to_owned(),
         })
@@ -116,6 +119,7 @@ impl Registry {
             created_ms: now_ms,
         };
         if self.workers.insert_new(&name, &worker)? {
+            self.bump();
             return Ok((worker, true));
         }
         let existing = self
@@ -123,6 +127,16 @@ impl Registry {
             .get(&name)?
             .ok_or_else(|| RegistryError::Unknown(name.clone()))?;
         Ok((existing, false))
+    }
+
+    /// Changes whenever the roster changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Worker>, RegistryError> {
@@ -157,6 +171,7 @@ impl Registry {
         mut change: impl FnMut(&mut Worker),
     ) -> Result<Worker, RegistryError> {
         let name = Self::normalise_name(name)?;
+        self.bump();
         self.workers
             .update(&name, |worker| {
                 worker.map(|mut worker| {

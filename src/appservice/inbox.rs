@@ -206,6 +206,12 @@ impl Inbox {
         self.entries.len()
     }
 
+    /// The entries tree, for consumers that remove an entry in the same sled transaction as
+    /// they record its outcome (the wake queue).
+    pub fn raw_entries(&self) -> &sled::Tree {
+        self.entries.raw()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -13,6 +13,8 @@ mod context;
 mod crew;
 mod decide;
 mod guards;
+mod history;
+pub mod queue;
 mod reasons;
 mod room;
 pub mod text;
@@ -29,6 +31,7 @@ pub use decide::{
     DEPTH_KEY, Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth,
 };
 pub use guards::{Guards, RoomMessageCap, WINDOW_MS, WakeRateLimiter};
+pub use history::SledHistory;
 pub use reasons::{Kept, ReasonLog};
 pub use room::{Member, Membership, PowerLevels, RoomState, Rooms};
 

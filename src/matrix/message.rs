@@ -36,6 +36,8 @@ pub struct OutgoingMessage {
     /// `m.notice` (bots' informational messages; never wakes agents) instead of `m.text`.
     pub notice: bool,
     pub reply_to: Option<ReplyTo>,
+    /// Further content fields (e.g. the wake depth the dispatcher reads back from our echoes).
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// A mentioned user and the name the pill shows.
@@ -52,6 +54,7 @@ impl OutgoingMessage {
             mentions: Vec::new(),
             notice: false,
             reply_to: None,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -67,6 +70,12 @@ impl OutgoingMessage {
             user_id,
             display_name: display_name.into(),
         });
+        self
+    }
+
+    /// Adds a custom content field.
+    pub fn with_field(mut self, key: &str, value: Value) -> Self {
+        self.extra.insert(key.to_owned(), value);
         self
     }
 
@@ -102,6 +111,9 @@ impl OutgoingMessage {
             "formatted_body": html,
             "m.mentions": { "user_ids": user_ids },
         });
+        for (key, value) in &self.extra {
+            content[key] = value.clone();
+        }
         if let Some(reply) = &self.reply_to {
             content["m.relates_to"] = match &reply.thread_root {
                 Some(root) => json!({

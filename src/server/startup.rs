@@ -246,14 +246,7 @@ pub(super) async fn refresh_rooms(crew: Arc<Crew>) {
         }
     };
     for room in rooms {
-        match crew.client.room_state(&crew.manager, &room).await {
-            Ok(state) => {
-                if let Err(error) = crew.rooms.replace_from_state(&room, &state) {
-                    tracing::error!(%error, "cannot store room state");
-                }
-            }
-            Err(error) => super::log_matrix_error("cannot fetch room state", &error),
-        }
+        super::pump::seed_room(&crew, &crew.manager, &room).await;
     }
     tracing::debug!("room state refreshed");
 }

@@ -26,6 +26,8 @@ pub struct CrewEnv {
     pub admin_port: u16,
     /// The homeserver URL crew is told to use (Synapse, or a relay in front of it).
     pub homeserver_url: String,
+    /// The admin named in the config, registered before crew first starts (as in real life).
+    admin: TestUser,
 }
 
 impl CrewEnv {
@@ -62,6 +64,7 @@ impl CrewEnv {
             &[data_dir.join("registration.yaml")],
         )
         .await;
+        let admin = synapse.register_user(ADMIN).await;
         let mut env = CrewEnv {
             root,
             synapse,
@@ -70,6 +73,7 @@ impl CrewEnv {
             appservice_port,
             admin_port,
             homeserver_url: String::new(),
+            admin,
         };
         env.homeserver_url = env.synapse.url.clone();
         env.start_crew().await;
@@ -121,7 +125,7 @@ impl CrewEnv {
     }
 
     pub async fn admin(&self) -> TestUser {
-        self.synapse.register_user(ADMIN).await
+        self.admin.clone()
     }
 
     /// Everything crew logged in every run so far.
@@ -196,5 +200,20 @@ impl CrewProcess {
 impl Drop for CrewProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl Drop for CrewEnv {
+    /// A failing test shows what crew and Synapse logged, which is most of the diagnosis.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(crew) = &self.crew {
+                eprintln!("---- crew log (run {}) ----\n{}", crew.run, tail(&crew.log));
+            }
+            eprintln!(
+                "---- synapse log ----\n{}",
+                tail(&self.synapse.dir.join("synapse.log"))
+            );
+        }
     }
 }

@@ -136,6 +136,7 @@ impl Drop for Synapse {
 }
 
 /// A human user driving the homeserver as a Matrix client would.
+#[derive(Clone)]
 pub struct TestUser {
     http: reqwest::Client,
     url: String,
@@ -282,10 +283,15 @@ impl TestUser {
 
     /// Rooms this user is invited to (from an initial sync).
     pub async fn invites(&self) -> Vec<String> {
+        // Synapse caches an initial sync for a while; a unique filter makes each call fresh.
+        let filter = enc(&format!(
+            r#"{{"room":{{"timeline":{{"limit":1}}}},"account_data":{{"not_types":["x{}"]}}}}"#,
+            rand_suffix()
+        ));
         let answer = self
             .ok(
                 reqwest::Method::GET,
-                "/_matrix/client/v3/sync?timeout=0",
+                &format!("/_matrix/client/v3/sync?timeout=0&filter={filter}"),
                 None,
             )
             .await;
