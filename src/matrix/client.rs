@@ -550,8 +550,15 @@ fn transaction_id(sender: &str, key: &str) -> String {
     format!("crew.{}", &hex::encode(hasher.finalize())[..32])
 }
 
+/// Characters escaped in a path segment: everything but RFC 3986's unreserved characters.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 fn enc(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(segment, PATH_SEGMENT).to_string()
 }
 
 fn bad(path: &str, message: &str) -> MatrixError {

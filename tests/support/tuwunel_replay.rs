@@ -29,6 +29,9 @@ struct Inner {
     hs_token: String,
     http: reqwest::Client,
     backlog: Mutex<Vec<(String, Value)>>,
+    /// While true, message sends from the appservice are held (not forwarded) until released.
+    hold_sends: tokio::sync::watch::Sender<bool>,
+    held: std::sync::atomic::AtomicUsize,
     /// (txn id, status) of every delivery attempt, in order.
     pub deliveries: Mutex<Vec<(String, Option<u16>)>>,
 }
@@ -41,6 +44,8 @@ impl TuwunelReplay {
             hs_token: hs_token.to_owned(),
             http: reqwest::Client::new(),
             backlog: Mutex::new(Vec::new()),
+            hold_sends: tokio::sync::watch::channel(false).0,
+            held: Default::default(),
             deliveries: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -66,6 +71,21 @@ impl TuwunelReplay {
             .unwrap()
             .push((txn_id, json!({ "events": events })));
         self.inner.deliver().await;
+    }
+
+    /// Holds every `m.room.message` send until [`TuwunelReplay::release_sends`]: the sender is
+    /// left mid-request, as with a slow homeserver.
+    pub fn hold_sends(&self) {
+        self.inner.hold_sends.send_replace(true);
+    }
+
+    pub fn release_sends(&self) {
+        self.inner.hold_sends.send_replace(false);
+    }
+
+    /// Sends currently held.
+    pub fn held(&self) -> usize {
+        self.inner.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn backlog_len(&self) -> usize {
@@ -115,6 +135,14 @@ async fn relay(
 ) -> Response {
     if method == Method::POST && uri.path().starts_with("/_matrix/client/v1/appservice/") {
         inner.deliver().await;
+    }
+    if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
+        let mut hold = inner.hold_sends.subscribe();
+        if *hold.borrow() {
+            inner.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = hold.wait_for(|held| !held).await;
+            inner.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut request = inner
