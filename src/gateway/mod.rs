@@ -250,7 +250,15 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
         let app = self.router();
+        // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm holds each chunk
+        // until the previous one is acknowledged (up to the peer's delayed-ACK time, 40 ms).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on a gateway connection");
+            }
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
