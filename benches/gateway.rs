@@ -73,7 +73,10 @@ async fn run() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let gateway_url = format!("http://{}/llm/chat/completions", listener.local_addr().expect("addr"));
+    let gateway_url = format!(
+        "http://{}/llm/chat/completions",
+        listener.local_addr().expect("addr")
+    );
     let cancel = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(Arc::clone(&gateway).serve(listener, cancel.clone()));
     let direct_url = format!("{}/v1/chat/completions", upstream.url());
@@ -115,11 +118,25 @@ async fn run() {
         let mut gateway_time = Duration::ZERO;
         let per_round = per_mode / ROUNDS;
         for _ in 0..ROUNDS {
-            let (latencies, _) =
-                measure(&client, &direct_url, token.expose(), &body, concurrency, per_round).await;
+            let (latencies, _) = measure(
+                &client,
+                &direct_url,
+                token.expose(),
+                &body,
+                concurrency,
+                per_round,
+            )
+            .await;
             direct.extend(latencies);
-            let (latencies, elapsed) =
-                measure(&client, &gateway_url, token.expose(), &body, concurrency, per_round).await;
+            let (latencies, elapsed) = measure(
+                &client,
+                &gateway_url,
+                token.expose(),
+                &body,
+                concurrency,
+                per_round,
+            )
+            .await;
             through.extend(latencies);
             gateway_time += elapsed;
         }

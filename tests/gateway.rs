@@ -16,7 +16,9 @@ use futures::StreamExt;
 use matrix_crew::gateway::{
     ConsumerPolicy, Gateway, GatewayConfig, Injection, RouteConfig, RouteKind, SecretSource,
 };
-use matrix_crew::llm::{ChatRequest, LlmClient, LlmConfig, LlmError, Message, ResponseFormat, Tool};
+use matrix_crew::llm::{
+    ChatRequest, LlmClient, LlmConfig, LlmError, Message, ResponseFormat, Tool,
+};
 use matrix_crew::store::Store;
 use reqwest::StatusCode;
 use scripted_llm::{Gate, Reply, ScriptedLlm};
@@ -143,7 +145,11 @@ impl Harness {
 
     /// A consumer with its own policy.
     async fn consumer(&self, agent: &str, policy: ConsumerPolicy) -> String {
-        let (_, token) = self.gateway.add_consumer(agent, Some(policy)).await.unwrap();
+        let (_, token) = self
+            .gateway
+            .add_consumer(agent, Some(policy))
+            .await
+            .unwrap();
         token.expose().to_owned()
     }
 
@@ -173,7 +179,6 @@ impl Harness {
         .unwrap()
     }
 }
-
 
 async fn serve(
     config: GatewayConfig,
@@ -222,7 +227,9 @@ impl Answer {
         let json = self.json();
         assert_eq!(json["error"]["code"], code, "answer: {}", self.text);
         assert!(
-            json["error"]["message"].as_str().is_some_and(|m| m.len() > 10),
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.len() > 10),
             "a refusal says why: {}",
             self.text
         );
@@ -232,7 +239,10 @@ impl Answer {
     fn assert_no_real_key(&self) {
         let mut everything = self.text.clone();
         for (name, value) in &self.headers {
-            everything.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+            everything.push_str(&format!(
+                "{name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
         }
         for key in [REAL_KEY, FAILOVER_KEY, GITHUB_KEY] {
             assert!(!everything.contains(key), "the consumer saw a real key");
@@ -311,11 +321,17 @@ async fn upstream_sees_the_real_key_and_never_the_consumer_token() {
     let seen = h.upstream.requests();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].path, "/v1/chat/completions?trace=1");
-    assert_eq!(seen[0].header("authorization"), Some(&*format!("Bearer {REAL_KEY}")));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(&*format!("Bearer {REAL_KEY}"))
+    );
     assert_eq!(seen[0].json()["model"], "gpt-4o-mini");
     assert_eq!(seen[1].path, "/gh/repos/x/y");
     assert_eq!(seen[1].method, "GET");
-    assert_eq!(seen[1].header("authorization"), Some(&*format!("token {GITHUB_KEY}")));
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(&*format!("token {GITHUB_KEY}"))
+    );
     for request in &seen {
         assert!(
             !request.everything().contains(&token),
@@ -331,7 +347,11 @@ async fn upstream_sees_the_real_key_and_never_the_consumer_token() {
     ));
     let echoed = h.chat(Some(&token), chat_body("gpt-4o-mini")).await;
     assert_eq!(echoed.status, 401);
-    assert!(echoed.text.contains("Incorrect API key provided: [redacted]."));
+    assert!(
+        echoed
+            .text
+            .contains("Incorrect API key provided: [redacted].")
+    );
     echoed.assert_no_real_key();
     h.stop().await;
 }
@@ -351,7 +371,9 @@ async fn every_refusal_has_its_status_code_and_reason() {
         )
         .await;
 
-    h.chat(None, chat_body("m")).await.assert_refused(401, "missing_token");
+    h.chat(None, chat_body("m"))
+        .await
+        .assert_refused(401, "missing_token");
     h.chat(Some("crewgw_not-a-real-token"), chat_body("m"))
         .await
         .assert_refused(401, "invalid_token");
@@ -371,7 +393,8 @@ async fn every_refusal_has_its_status_code_and_reason() {
     assert_eq!(allowed.status, 200);
 
     // Upstream errors pass through as they are (minus any key), and are not gateway refusals.
-    h.upstream.push(Reply::error(400, "invalid_request_error", "bad messages"));
+    h.upstream
+        .push(Reply::error(400, "invalid_request_error", "bad messages"));
     let passed = h.chat(Some(&token), chat_body("m")).await;
     assert_eq!(passed.status, 400);
     assert_eq!(passed.json()["error"]["code"], "invalid_request_error");
@@ -456,7 +479,10 @@ async fn the_daily_token_budget_is_charged_and_renews() {
     assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
     // A streamed answer is charged too (the gateway asked for the usage chunk).
     let streamed = h
-        .chat(Some(&token), json!({"model": "m", "stream": true, "messages": []}))
+        .chat(
+            Some(&token),
+            json!({"model": "m", "stream": true, "messages": []}),
+        )
         .await;
     assert_eq!(streamed.status, 200);
     assert!(streamed.text.contains("\"usage\""));
@@ -469,11 +495,19 @@ async fn the_daily_token_budget_is_charged_and_renews() {
     refused.assert_refused(429, "budget_exhausted");
     let wait = refused.retry_after();
     assert!((1..=86_400).contains(&wait));
-    assert_eq!(h.upstream.requests().len(), 2, "a refused request is not forwarded");
+    assert_eq!(
+        h.upstream.requests().len(),
+        2,
+        "a refused request is not forwarded"
+    );
 
     tokio::time::advance(Duration::from_secs(wait)).await;
     assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
-    assert_eq!(h.gateway.usage().unwrap().len(), 2, "a new day has its own row");
+    assert_eq!(
+        h.gateway.usage().unwrap().len(),
+        2,
+        "a new day has its own row"
+    );
     h.stop().await;
 }
 
@@ -526,7 +560,11 @@ async fn rotation_keeps_the_old_token_for_the_grace_period_and_revocation_is_imm
     let (_, new) = h.gateway.rotate("agent-a").await.unwrap();
     let new = new.expose().to_owned();
     assert_ne!(old, new);
-    assert_eq!(h.token("agent-a").await, new, "the Manager gets the new token");
+    assert_eq!(
+        h.token("agent-a").await,
+        new,
+        "the Manager gets the new token"
+    );
     assert_eq!(h.chat(Some(&old), chat_body("m")).await.status, 200);
     assert_eq!(h.chat(Some(&new), chat_body("m")).await.status, 200);
 
@@ -570,7 +608,10 @@ async fn a_restart_keeps_every_agents_token_working() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&secret_file).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&secret_file)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let upstream_url = h.upstream.url();
@@ -622,8 +663,11 @@ async fn streamed_chunks_reach_the_consumer_before_the_upstream_finishes() {
     let token = h.token("agent-a").await;
     let gate = Gate::new();
     // Events: role, "one ", "two ", then the upstream stops until released.
-    h.upstream
-        .push(Reply::text("one two three four").usage(7, 4).hold_after(3, &gate));
+    h.upstream.push(
+        Reply::text("one two three four")
+            .usage(7, 4)
+            .hold_after(3, &gate),
+    );
     let response = h
         .http
         .post(format!("{}/llm/chat/completions", h.base))
@@ -643,7 +687,10 @@ async fn streamed_chunks_reach_the_consumer_before_the_upstream_finishes() {
         let chunk = body.next().await.expect("more chunks").unwrap();
         received.push_str(&String::from_utf8_lossy(&chunk));
     }
-    assert!(!received.contains("three"), "the upstream has not sent it yet");
+    assert!(
+        !received.contains("three"),
+        "the upstream has not sent it yet"
+    );
     gate.release();
     while let Some(chunk) = body.next().await {
         received.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
@@ -700,12 +747,21 @@ async fn a_refused_key_fails_over_to_the_next() {
     assert_eq!(answer.status, 200, "{}", answer.text);
     let seen = h.upstream.requests();
     assert_eq!(seen.len(), 2);
-    assert_eq!(seen[0].header("authorization"), Some(&*format!("Bearer {REAL_KEY}")));
-    assert_eq!(seen[1].header("authorization"), Some(&*format!("Bearer {FAILOVER_KEY}")));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(&*format!("Bearer {REAL_KEY}"))
+    );
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(&*format!("Bearer {FAILOVER_KEY}"))
+    );
     // The failed key is resting: the next request goes straight to the failover key.
     assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
     let seen = h.upstream.requests();
-    assert_eq!(seen[2].header("authorization"), Some(&*format!("Bearer {FAILOVER_KEY}")));
+    assert_eq!(
+        seen[2].header("authorization"),
+        Some(&*format!("Bearer {FAILOVER_KEY}"))
+    );
     h.stop().await;
 }
 
@@ -752,7 +808,10 @@ async fn the_llm_client_calls_tools_streams_and_uses_json_mode_through_the_gatew
         serde_json::from_str::<Value>(&message.tool_calls[0].function.arguments).unwrap(),
         json!({"text": "streamed"})
     );
-    assert_eq!(streamed.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+    assert_eq!(
+        streamed.choices[0].finish_reason.as_deref(),
+        Some("tool_calls")
+    );
 
     // The answer to the tool, then streamed text piece by piece.
     let mut follow_up = request.clone();
@@ -824,13 +883,17 @@ async fn the_llm_client_retries_429_and_5xx_with_backoff() {
 
     // And give up with a reason after max_retries.
     for _ in 0..4 {
-        h.upstream.push(Reply::error(500, "server_error", "still broken"));
+        h.upstream
+            .push(Reply::error(500, "server_error", "still broken"));
     }
     let error = llm
         .chat(ChatRequest::new("m", vec![Message::user("hi")]))
         .await
         .unwrap_err();
-    assert!(matches!(error, LlmError::GaveUp { attempts: 4, .. }), "{error}");
+    assert!(
+        matches!(error, LlmError::GaveUp { attempts: 4, .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("still broken"));
     h.stop().await;
 }
@@ -914,9 +977,17 @@ async fn the_operator_cli_manages_consumers_through_the_admin_endpoint() {
         Cli::parse_from(argv).command.run(&admin)
     };
 
-    let added = run(&["consumers", "add", "ops-bot", "--route", "llm", "--rpm", "5"])
-        .await
-        .unwrap();
+    let added = run(&[
+        "consumers",
+        "add",
+        "ops-bot",
+        "--route",
+        "llm",
+        "--rpm",
+        "5",
+    ])
+    .await
+    .unwrap();
     let token = added
         .lines()
         .find_map(|line| line.strip_prefix("token: "))
@@ -973,13 +1044,18 @@ async fn no_real_key_or_consumer_token_is_logged_or_stored() {
         .await;
     // Successes, streams, refusals, upstream errors (one echoing the key), failover.
     assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
-    h.chat(Some(&token), json!({"model": "m", "stream": true, "messages": []}))
-        .await;
+    h.chat(
+        Some(&token),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
     h.upstream.push(Reply::error_body(
         401,
         json!({"error": {"message": format!("bad key {REAL_KEY}")}}),
     ));
-    h.chat(Some(&token), chat_body("m")).await.assert_no_real_key();
+    h.chat(Some(&token), chat_body("m"))
+        .await
+        .assert_no_real_key();
     h.chat(Some(&restricted), chat_body("y")).await;
     h.chat(Some(&restricted), chat_body("x")).await;
     h.chat(Some(&restricted), chat_body("x")).await;
@@ -991,7 +1067,11 @@ async fn no_real_key_or_consumer_token_is_logged_or_stored() {
     h.store.flush().await.unwrap();
     let audit = h.gateway.audit_log(100).unwrap();
     assert!(audit.len() >= 9, "every request is audited: {audit:?}");
-    assert!(audit.iter().any(|r| r.code.as_deref() == Some("rate_limited")));
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.code.as_deref() == Some("rate_limited"))
+    );
 
     let (_upstream, dir) = h.stop().await;
     let stored = read_all_files(&dir.path().join("db"));

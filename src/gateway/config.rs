@@ -89,7 +89,9 @@ impl GatewayConfig {
                 return invalid("upstream must be an http(s) URL");
             }
             if route.credentials.is_empty() {
-                return invalid("needs at least one credential (`credentials = [{ env = \"…\" }]`)");
+                return invalid(
+                    "needs at least one credential (`credentials = [{ env = \"…\" }]`)",
+                );
             }
             if !route.inject.format.contains("{key}") {
                 return invalid("inject.format must contain `{key}`, e.g. `Bearer {key}`");

@@ -49,7 +49,10 @@ impl Limits {
         policy: &ConsumerPolicy,
         now_ms: u64,
     ) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
-        let mut consumers = self.consumers.lock().expect("limits lock is never poisoned");
+        let mut consumers = self
+            .consumers
+            .lock()
+            .expect("limits lock is never poisoned");
         let entry = consumers
             .entry(consumer.to_owned())
             .or_insert_with(|| ConsumerLimits {

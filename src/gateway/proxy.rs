@@ -24,7 +24,9 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::limits::Refusal as LimitRefusal;
-use super::{AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage};
+use super::{
+    AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage,
+};
 
 /// Failed upstream answers larger than this are cut (they are read whole to redact keys).
 const MAX_ERROR_BODY_BYTES: usize = 1024 * 1024;
@@ -196,10 +198,12 @@ async fn forward(
     }
 
     let now_ms = gateway.clock.now_ms();
-    let permit = gateway
-        .limits
-        .admit(&record.id, policy, now_ms)
-        .map_err(|refusal| match refusal {
+    let permit =
+        gateway
+            .limits
+            .admit(&record.id, policy, now_ms)
+            .map_err(|refusal| {
+                match refusal {
             LimitRefusal::Rate { retry_after_secs } => Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -215,7 +219,8 @@ async fn forward(
                 format!("already {max} requests in flight for this consumer; retry shortly"),
             )
             .retry_after(1),
-        })?;
+        }
+            })?;
 
     let is_llm = route.config.kind == RouteKind::Openai;
     if is_llm && policy.daily_token_budget > 0 {
@@ -461,9 +466,10 @@ fn forwarded_response_headers(incoming: &HeaderMap, route: &Route) -> HeaderMap 
         if is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
             continue;
         }
-        let leaks = route.keys.iter().any(|key| {
-            contains(value.as_bytes(), key.secret.expose().as_bytes())
-        });
+        let leaks = route
+            .keys
+            .iter()
+            .any(|key| contains(value.as_bytes(), key.secret.expose().as_bytes()));
         if !leaks {
             headers.append(name.clone(), value.clone());
         }
@@ -487,8 +493,8 @@ async fn send_with_failover(
         // Every key is resting: try them all anyway rather than refuse outright.
         order = (0..route.keys.len()).collect();
     }
-    let header_name = HeaderName::from_bytes(route.config.inject.header.as_bytes())
-        .map_err(Refusal::internal)?;
+    let header_name =
+        HeaderName::from_bytes(route.config.inject.header.as_bytes()).map_err(Refusal::internal)?;
     let timeout = Duration::from_secs(gateway.config.upstream_timeout_secs);
     let last = order.len() - 1;
     let mut failure = None;

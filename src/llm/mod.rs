@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
 pub use types::{
-    Assembler, ChatChunk, ChatRequest, ChatResponse, Choice, FunctionCall, Message,
-    ResponseFormat, Role, TokenUsage, Tool, ToolCall,
+    Assembler, ChatChunk, ChatRequest, ChatResponse, Choice, FunctionCall, Message, ResponseFormat,
+    Role, TokenUsage, Tool, ToolCall,
 };
 
 /// Per-deployment LLM defaults; each agent may override route and model.
@@ -136,7 +136,8 @@ impl LlmClient {
             base_url.as_str().trim_end_matches('/'),
             config.path.trim_start_matches('/')
         );
-        let endpoint = url::Url::parse(&joined).map_err(|error| LlmError::Config(error.to_string()))?;
+        let endpoint =
+            url::Url::parse(&joined).map_err(|error| LlmError::Config(error.to_string()))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.request_timeout_secs))
             .build()

@@ -298,7 +298,10 @@ impl Assembler {
                 message.role = role;
             }
             if let Some(text) = choice.delta.content {
-                message.content.get_or_insert_with(String::new).push_str(&text);
+                message
+                    .content
+                    .get_or_insert_with(String::new)
+                    .push_str(&text);
             }
             for call in choice.delta.tool_calls {
                 while message.tool_calls.len() <= call.index {

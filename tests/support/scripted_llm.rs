@@ -308,11 +308,7 @@ impl ScriptedLlm {
 
     /// Every request received so far.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.shared
-            .requests
-            .lock()
-            .expect("requests lock")
-            .clone()
+        self.shared.requests.lock().expect("requests lock").clone()
     }
 
     /// How many requests have arrived (recorded or not).
@@ -466,7 +462,10 @@ fn stream_events(reply: &Reply, model: &str, include_usage: bool) -> Vec<String>
         })
         .to_string()
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     let finish = match &reply.content {
         Content::Text(text) => {
             for piece in text.split_inclusive(' ') {
