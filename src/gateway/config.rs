@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub key_failure_threshold: u32,
     /// Seconds a failing upstream key is rested before it is tried again.
     pub key_rest_secs: u64,
+    /// Days audit records are kept in the database (older ones are pruned as new ones arrive).
+    pub audit_retention_days: u64,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +51,7 @@ impl Default for GatewayConfig {
             max_request_bytes: 16 * 1024 * 1024,
             key_failure_threshold: 3,
             key_rest_secs: 60,
+            audit_retention_days: 30,
         }
     }
 }

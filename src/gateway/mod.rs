@@ -113,6 +113,8 @@ const TOKEN_HASHES_TREE: &str = "gateway_token_hashes";
 const USAGE_TREE: &str = "gateway_usage";
 const AUDIT_TREE: &str = "gateway_audit";
 const MS_PER_DAY: u64 = 86_400_000;
+/// Old audit records are pruned once per this many requests, so pruning costs nothing per request.
+const AUDIT_PRUNE_EVERY: u64 = 1024;
 
 /// The gateway service: consumers, policy, accounting and the proxy. Share it as `Arc<Gateway>`.
 pub struct Gateway {
@@ -316,6 +318,11 @@ impl Gateway {
 
     /// Issues a new token; the old one keeps working for `rotation_grace_secs`.
     pub async fn rotate(&self, id: &str) -> Result<(ConsumerRecord, Secret), GatewayError> {
+        match self.consumers.get(&id.to_owned())? {
+            None => return Err(GatewayError::UnknownConsumer(id.to_owned())),
+            Some(record) if record.revoked => return Err(GatewayError::Revoked(id.to_owned())),
+            Some(_) => {}
+        }
         let valid_until_ms = self.clock.now_ms() + self.config.rotation_grace_secs * 1000;
         let record = self
             .consumers
@@ -506,13 +513,30 @@ impl Gateway {
             latency_ms = record.latency_ms,
             "gateway request"
         );
-        let stored = self
-            .store
-            .next_id()
-            .and_then(|id| self.audit.insert(&id, record));
+        let stored = self.store.next_id().and_then(|id| {
+            self.audit.insert(&id, record)?;
+            if id % AUDIT_PRUNE_EVERY == 0 {
+                self.prune_audit(record.at_ms)?;
+            }
+            Ok(())
+        });
         if let Err(error) = stored {
             tracing::warn!(%error, "cannot store a gateway audit record");
         }
+    }
+
+    /// Removes audit records older than the retention period. Keys are ids in arrival order, so
+    /// the oldest records come first.
+    fn prune_audit(&self, now_ms: u64) -> Result<(), StoreError> {
+        let cutoff = now_ms.saturating_sub(self.config.audit_retention_days * MS_PER_DAY);
+        for entry in self.audit.iter() {
+            let (id, record) = entry?;
+            if record.at_ms >= cutoff {
+                break;
+            }
+            self.audit.remove(&id)?;
+        }
+        Ok(())
     }
 }
 
@@ -533,4 +557,54 @@ fn usage_key(consumer: &str, day: u64) -> String {
 fn split_usage_key(key: &str) -> Option<(&str, u64)> {
     let (consumer, day) = key.rsplit_once('\0')?;
     Some((consumer, day.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn audit_at(at_ms: u64) -> AuditRecord {
+        AuditRecord {
+            at_ms,
+            consumer: Some("a".into()),
+            route: None,
+            model: None,
+            status: 200,
+            code: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            latency_ms: 0,
+        }
+    }
+
+    #[test]
+    fn old_audit_records_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = GatewayConfig {
+            audit_retention_days: 2,
+            ..GatewayConfig::default()
+        };
+        let gateway =
+            Gateway::with_env(config, Store::temporary().unwrap(), dir.path(), &|_| None).unwrap();
+        for day in 0..5 {
+            gateway.record_audit(&audit_at(day * MS_PER_DAY));
+        }
+        gateway.prune_audit(5 * MS_PER_DAY).unwrap();
+        let kept: Vec<u64> = gateway
+            .audit_log(10)
+            .unwrap()
+            .iter()
+            .map(|r| r.at_ms / MS_PER_DAY)
+            .collect();
+        assert_eq!(kept, vec![3, 4]);
+    }
+
+    #[test]
+    fn usage_keys_round_trip() {
+        assert_eq!(
+            split_usage_key(&usage_key("@a:b.org", 20_416)),
+            Some(("@a:b.org", 20_416))
+        );
+    }
 }

@@ -266,8 +266,7 @@ async fn forward(
 
     let url = upstream_url(route, path, parts.uri.query());
     let headers = forwarded_request_headers(&parts.headers, route);
-    let upstream = send_with_failover(gateway, route, parts.method, url, headers, body).await?;
-    let (response, key_index) = upstream;
+    let response = send_with_failover(gateway, route, parts.method, url, headers, body).await?;
 
     let status = response.status();
     let mut response_headers = forwarded_response_headers(response.headers(), route);
@@ -294,7 +293,6 @@ async fn forward(
         drop(permit);
         return Ok(out);
     }
-    let _ = key_index;
 
     let is_sse = response
         .headers()
@@ -484,7 +482,7 @@ async fn send_with_failover(
     url: url::Url,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(reqwest::Response, usize), Refusal> {
+) -> Result<reqwest::Response, Refusal> {
     let now_ms = gateway.clock.now_ms();
     let mut order: Vec<usize> = (0..route.keys.len())
         .filter(|&i| route.keys[i].rested_until_ms.load(Ordering::Relaxed) <= now_ms)
@@ -554,7 +552,7 @@ async fn send_with_failover(
                 } else {
                     key.consecutive_failures.store(0, Ordering::Relaxed);
                 }
-                return Ok((response, index));
+                return Ok(response);
             }
         }
     }
