@@ -272,3 +272,101 @@ pub(super) fn load_gateway_secret(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+bind = "127.0.0.1:9100"
+rotation_grace_secs = 60
+
+[[routes]]
+name = "llm"
+prefix = "/llm"
+upstream = "https://api.openai.com/v1"
+kind = "openai"
+credentials = [{ env = "OPENAI_API_KEY" }, { file = "/run/secrets/openai-2" }]
+
+[[routes]]
+name = "github"
+prefix = "/github"
+upstream = "https://api.github.com"
+inject = { header = "Authorization", format = "token {key}" }
+credentials = [{ env = "GITHUB_TOKEN" }]
+
+[consumer_defaults]
+allowed_models = ["gpt-4o-mini"]
+daily_token_budget = 100000
+"#;
+
+    #[test]
+    fn an_example_config_parses_and_checks() {
+        let config: GatewayConfig = toml::from_str(EXAMPLE).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.routes[0].kind, RouteKind::Openai);
+        assert_eq!(config.routes[1].kind, RouteKind::Http);
+        assert_eq!(config.routes[0].inject.format, "Bearer {key}");
+        assert_eq!(
+            config.routes[0].credentials[1],
+            SecretSource::File("/run/secrets/openai-2".into())
+        );
+        assert_eq!(config.consumer_defaults.allowed_routes, vec!["*"]);
+        assert_eq!(config.consumer_defaults.requests_per_minute, 120);
+        assert_eq!(
+            config.route_url("github").unwrap().as_str(),
+            "http://127.0.0.1:9100/github"
+        );
+    }
+
+    #[test]
+    fn an_inline_key_is_not_a_setting() {
+        let inline = EXAMPLE.replace(r#"{ env = "GITHUB_TOKEN" }"#, r#"{ key = "ghp_x" }"#);
+        assert!(toml::from_str::<GatewayConfig>(&inline).is_err());
+    }
+
+    #[test]
+    fn bad_routes_and_missing_secrets_say_what_to_fix() {
+        let mut config: GatewayConfig = toml::from_str(EXAMPLE).unwrap();
+        config.routes[1].prefix = "/llm/".into();
+        let error = config.check().unwrap_err().to_string();
+        assert!(
+            error.contains("github") && error.contains("prefix"),
+            "{error}"
+        );
+
+        let error = SecretSource::Env("NOT_SET_ANYWHERE".into())
+            .load(&|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("NOT_SET_ANYWHERE"), "{error}");
+        let error = SecretSource::Env("EMPTY".into())
+            .load(&|_| Some("  \n".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("empty"), "{error}");
+    }
+
+    #[test]
+    fn the_generated_secret_is_kept_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_gateway_secret(None, dir.path(), &|_| None).unwrap();
+        let again = load_gateway_secret(None, dir.path(), &|_| None).unwrap();
+        assert_eq!(first, again);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("gateway.secret"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let from_env =
+            load_gateway_secret(Some(&SecretSource::Env("S".into())), dir.path(), &|_| {
+                Some("configured".into())
+            })
+            .unwrap();
+        assert_eq!(from_env.expose(), "configured");
+    }
+}
