@@ -361,6 +361,20 @@ fn check_llm_body(
     consumer: &str,
     audit: &mut AuditRecord,
 ) -> Result<Bytes, Refusal> {
+    // Fast path: read only the top-level fields that matter, skipping the conversation without
+    // building it in memory. The full parse below is for bodies that must change.
+    if let Ok(peek) = serde_json::from_slice::<Peek<'_>>(&body) {
+        audit.model = peek.model.as_deref().map(str::to_owned);
+        check_model(peek.model.as_deref(), policy, consumer)?;
+        let needs_usage = peek.stream == Some(true)
+            && peek
+                .stream_options
+                .as_ref()
+                .is_none_or(|options| options.include_usage.is_none());
+        if !needs_usage {
+            return Ok(body);
+        }
+    }
     let mut json: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(json) => json,
         Err(_) if policy.any_model() => return Ok(body),
@@ -380,23 +394,7 @@ fn check_llm_body(
         .and_then(|m| m.as_str())
         .map(str::to_owned);
     audit.model = model.clone();
-    match &model {
-        Some(model) if !policy.allows_model(model) => {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "model_not_allowed",
-                format!("consumer `{consumer}` may not use the model `{model}`"),
-            ));
-        }
-        None if !policy.any_model() => {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "model_required",
-                "this consumer has a model allowlist, so the request body must name a `model`",
-            ));
-        }
-        _ => {}
-    }
+    check_model(model.as_deref(), policy, consumer)?;
     let streaming = object.get("stream").and_then(|s| s.as_bool()) == Some(true);
     if !streaming {
         return Ok(body);
@@ -413,6 +411,43 @@ fn check_llm_body(
     serde_json::to_vec(&json)
         .map(Bytes::from)
         .map_err(Refusal::internal)
+}
+
+/// The top-level request fields the gateway looks at.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<PeekStreamOptions>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekStreamOptions {
+    #[serde(default)]
+    include_usage: Option<serde::de::IgnoredAny>,
+}
+
+fn check_model(
+    model: Option<&str>,
+    policy: &super::ConsumerPolicy,
+    consumer: &str,
+) -> Result<(), Refusal> {
+    match model {
+        Some(model) if !policy.allows_model(model) => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!("consumer `{consumer}` may not use the model `{model}`"),
+        )),
+        None if !policy.any_model() => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "model_required",
+            "this consumer has a model allowlist, so the request body must name a `model`",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn upstream_url(route: &Route, path: &str, query: Option<&str>) -> url::Url {
@@ -673,10 +708,7 @@ impl Meter {
                 }
             }
             Meter::Json { body, overflow } => {
-                if !*overflow
-                    && let Ok(json) = serde_json::from_slice::<serde_json::Value>(body)
-                    && let Some(found) = usage_of(&json)
-                {
+                if !*overflow && let Some(found) = usage_of(body) {
                     *usage = Some(found);
                 }
             }
@@ -692,28 +724,38 @@ fn sse_line(line: &[u8], usage: &mut Option<Usage>) {
     if !contains(data, b"\"usage\"") {
         return;
     }
-    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(data)
-        && let Some(found) = usage_of(&json)
-    {
+    if let Some(found) = usage_of(data) {
         *usage = Some(found);
     }
 }
 
+/// The `usage` object of a body or chunk, read without building the rest of the document.
+#[derive(serde::Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
 /// OpenAI's `usage` (`prompt_tokens`, `completion_tokens`, `total_tokens`), or Anthropic-style
 /// `input_tokens`/`output_tokens`.
-fn usage_of(json: &serde_json::Value) -> Option<Usage> {
-    let usage = json.get("usage")?.as_object()?;
-    let number = |name: &str| usage.get(name).and_then(|v| v.as_u64());
-    let prompt = number("prompt_tokens").or_else(|| number("input_tokens"))?;
-    let completion = number("completion_tokens")
-        .or_else(|| number("output_tokens"))
-        .unwrap_or(0);
-    let total = number("total_tokens").unwrap_or(prompt + completion);
+#[derive(serde::Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+fn usage_of(raw: &[u8]) -> Option<Usage> {
+    let usage = serde_json::from_slice::<WithUsage>(raw).ok()?.usage?;
+    let prompt = usage.prompt_tokens.or(usage.input_tokens)?;
+    let completion = usage.completion_tokens.or(usage.output_tokens).unwrap_or(0);
     Some(Usage {
         requests: 0,
         prompt_tokens: prompt,
         completion_tokens: completion,
-        total_tokens: total,
+        total_tokens: usage.total_tokens.unwrap_or(prompt + completion),
     })
 }
 
