@@ -102,7 +102,7 @@ async fn run() {
         "gateway bench: {per_mode} requests per path and concurrency, {ROUNDS} interleaved rounds, 2 worker threads"
     );
     println!(
-        "{:>11} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "{:>11} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}",
         "concurrency",
         "direct p50",
         "gw p50",
@@ -110,15 +110,17 @@ async fn run() {
         "gw p99",
         "added p50",
         "added p99",
+        "direct r/s",
         "gw req/s"
     );
     for concurrency in [1usize, 10] {
         let mut direct = Vec::with_capacity(per_mode);
         let mut through = Vec::with_capacity(per_mode);
         let mut gateway_time = Duration::ZERO;
+        let mut direct_time = Duration::ZERO;
         let per_round = per_mode / ROUNDS;
         for _ in 0..ROUNDS {
-            let (latencies, _) = measure(
+            let (latencies, elapsed) = measure(
                 &client,
                 &direct_url,
                 token.expose(),
@@ -128,6 +130,7 @@ async fn run() {
             )
             .await;
             direct.extend(latencies);
+            direct_time += elapsed;
             let (latencies, elapsed) = measure(
                 &client,
                 &gateway_url,
@@ -145,7 +148,7 @@ async fn run() {
         let (d50, d99) = (percentile(&direct, 50.0), percentile(&direct, 99.0));
         let (g50, g99) = (percentile(&through, 50.0), percentile(&through, 99.0));
         println!(
-            "{:>11} {:>8.3}ms {:>8.3}ms {:>8.3}ms {:>8.3}ms {:>10.3}ms {:>10.3}ms {:>10.0}",
+            "{:>11} {:>8.3}ms {:>8.3}ms {:>8.3}ms {:>8.3}ms {:>10.3}ms {:>10.3}ms {:>10.0} {:>10.0}",
             concurrency,
             ms(d50),
             ms(g50),
@@ -153,6 +156,7 @@ async fn run() {
             ms(g99),
             ms(g50) - ms(d50),
             ms(g99) - ms(d99),
+            direct.len() as f64 / direct_time.as_secs_f64(),
             through.len() as f64 / gateway_time.as_secs_f64(),
         );
     }
@@ -162,6 +166,12 @@ async fn run() {
         rss_before as f64 / 1024.0,
         rss_after as f64 / 1024.0,
         (rss_after as f64 - rss_before as f64) / 1024.0
+    );
+    println!(
+        "load average during the run: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     let audited = gateway.audit_log(1).expect("audit").len();
     assert_eq!(audited, 1, "requests were audited");
