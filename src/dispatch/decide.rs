@@ -293,7 +293,6 @@ pub fn decide(
         }
     };
 
-    let agents = crew.agents.len();
     // One byte of scratch per agent: the wake reasons' bits plus two flags.
     let mut wanted: Vec<u8> = crew
         .agents
