@@ -348,7 +348,9 @@ async fn duplicate_and_concurrent_transactions_are_processed_once() {
     // The same transaction twice, one after the other…
     for _ in 0..2 {
         assert_eq!(
-            put_transaction(&env, "txn-1", &[first.clone()]).await.0,
+            put_transaction(&env, "txn-1", std::slice::from_ref(&first))
+                .await
+                .0,
             200
         );
     }
@@ -359,7 +361,9 @@ async fn duplicate_and_concurrent_transactions_are_processed_once() {
     }
     // The same event again under a new transaction id is still a duplicate.
     assert_eq!(
-        put_transaction(&env, "txn-3", &[first.clone()]).await.0,
+        put_transaction(&env, "txn-3", std::slice::from_ref(&first))
+            .await
+            .0,
         200
     );
 
