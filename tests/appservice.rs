@@ -58,12 +58,14 @@ async fn manager_greets_admin_and_acknowledges_a_mention() {
     let asked = admin
         .send_mention(&room, "are you there?", &[&manager])
         .await;
+    let texts = || async {
+        let all = admin.messages_from(&room, &manager).await;
+        all.into_iter()
+            .filter(|e| e["content"]["msgtype"] == "m.text")
+            .collect::<Vec<_>>()
+    };
     let ack = tools::wait_for("the acknowledgement", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .next()
+        texts().await.into_iter().next()
     })
     .await;
     let body = ack["content"]["body"].as_str().unwrap();
@@ -76,7 +78,16 @@ async fn manager_greets_admin_and_acknowledges_a_mention() {
         asked.as_str()
     );
     // Only the mention was answered.
-    assert_eq!(admin.messages_from(&room, &manager).await.len(), 1);
+    assert_eq!(texts().await.len(), 1);
+    // Without an LLM the Manager says once what to configure.
+    let notices: Vec<Value> = admin
+        .messages_from(&room, &manager)
+        .await
+        .into_iter()
+        .filter(|e| e["content"]["msgtype"] == "m.notice")
+        .collect();
+    assert_eq!(notices.len(), 1);
+    assert!(notices[0]["content"]["body"].as_str().unwrap().contains("gateway.routes"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,4 +3,5 @@
 pub mod manager;
 pub mod registry;
 pub mod team;
+pub mod llm_turn;
 pub mod turn;

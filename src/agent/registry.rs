@@ -39,6 +39,9 @@ pub struct Worker {
     /// Words that wake this Worker in rooms it is in, besides mentions.
     #[serde(default)]
     pub keywords: Vec<String>,
+    /// Its own room, "Worker: <Name>", once provisioned.
+    #[serde(default)]
+    pub room: Option<ruma::OwnedRoomId>,
     pub created_ms: u64,
 }
 
@@ -116,6 +119,7 @@ impl Registry {
             state: WorkerState::Active,
             model: None,
             keywords: Vec::new(),
+            room: None,
             created_ms: now_ms,
         };
         if self.workers.insert_new(&name, &worker)? {

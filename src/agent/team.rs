@@ -20,6 +20,9 @@ pub enum TeamError {
     /// The homeserver refused to create or name the Worker's user.
     #[error("the homeserver refused to set up the worker's account: {0}")]
     Matrix(#[from] MatrixError),
+    /// The gateway could not issue the Worker's consumer token.
+    #[error("the credential gateway could not issue the worker's token: {0}")]
+    Gateway(#[from] crate::gateway::GatewayError),
 }
 
 /// The team service.
@@ -27,6 +30,8 @@ pub enum TeamError {
 pub struct Team {
     pub registry: Registry,
     client: MatrixClient,
+    gateway: Arc<crate::gateway::Gateway>,
+    manager: ruma::OwnedUserId,
 }
 
 /// The answer to a create request.
@@ -38,8 +43,62 @@ pub struct Created {
 }
 
 impl Team {
-    pub fn new(registry: Registry, client: MatrixClient) -> Self {
-        Self { registry, client }
+    pub fn new(
+        registry: Registry,
+        client: MatrixClient,
+        gateway: Arc<crate::gateway::Gateway>,
+        manager: ruma::OwnedUserId,
+    ) -> Self {
+        Self {
+            registry,
+            client,
+            gateway,
+            manager,
+        }
+    }
+
+    /// Everything a new Worker needs, for the person who asked: its account, its consumer token
+    /// in the gateway, and its room "Worker: <Name>" with the person invited and the Worker
+    /// below the people and the Manager in power. Repeating it (a retry, or the same name asked
+    /// twice) completes what is missing and returns the existing Worker: never a second room.
+    #[tracing::instrument(skip(self))]
+    pub async fn provision(
+        &self,
+        name: &str,
+        role: &str,
+        requester: &ruma::UserId,
+    ) -> Result<Created, TeamError> {
+        let mut created = self.create_worker(name, role).await?;
+        self.gateway.consumer_token(created.worker.user_id.localpart()).await?;
+        if created.worker.room.is_none() {
+            let worker = &created.worker;
+            let mut power_levels = std::collections::BTreeMap::new();
+            power_levels.insert(requester.to_owned(), 100);
+            power_levels.insert(self.manager.clone(), 100);
+            power_levels.insert(worker.user_id.clone(), 10);
+            let room = self
+                .client
+                .create_room(
+                    &self.manager,
+                    &crate::matrix::CreateRoom {
+                        name: Some(format!("Worker: {}", worker.display_name)),
+                        topic: Some(if worker.role.is_empty() {
+                            format!("{} works here", worker.display_name)
+                        } else {
+                            worker.role.clone()
+                        }),
+                        invite: vec![requester.to_owned(), worker.user_id.clone()],
+                        is_direct: false,
+                        power_levels,
+                    },
+                )
+                .await?;
+            self.client.join(&worker.user_id, &room).await?;
+            created.worker = self.registry.update(&worker.name, |worker| {
+                worker.room = Some(room.clone());
+            })?;
+        }
+        Ok(created)
     }
 
     /// Creates a Worker (or returns the existing one): record, Matrix user, display name. Safe

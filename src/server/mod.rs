@@ -108,6 +108,11 @@ impl Crew {
         }
     }
 
+    /// The gateway URL of the configured LLM route, when there is one.
+    pub fn llm_base_url(&self) -> Option<url::Url> {
+        self.config.gateway.route_url(&self.config.llm.route)
+    }
+
     /// Saves one room's dispatcher state.
     fn persist_room(&self, room: &ruma::RoomId, state: &RoomState) {
         if let Err(error) = self.room_states.insert(&room.to_string(), state) {
@@ -179,7 +184,13 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         &config.appservice.user_prefix,
         config.homeserver.server_name.as_str(),
     )?;
-    let team = Arc::new(Team::new(registry, client.clone()));
+    let gateway = crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
+    let team = Arc::new(Team::new(
+        registry,
+        client.clone(),
+        gateway.clone(),
+        manager.clone(),
+    ));
     let roster = dispatch_roster(&config, &manager, &team).map_err(StartupError::Config)?;
     let roster_generation = team.registry.generation();
     let mut dispatcher = Dispatcher::new(config.dispatch.clone(), roster)

@@ -17,7 +17,12 @@ use serde_json::Value;
 
 use super::Crew;
 use crate::agent::turn::{WakingMessage, acknowledge};
-use crate::dispatch::queue::QueuedWake;
+use crate::agent::llm_turn::{self, Toolbox, TurnOutcome};
+use crate::dispatch::DEPTH_KEY;
+use crate::dispatch::queue::{PendingWake, QueuedWake};
+use crate::llm::{LlmClient, Tool};
+use crate::matrix::OutgoingMessage;
+use crate::matrix::message::ReplyTo;
 
 /// The turn loop of one agent; ends when its queue is empty.
 pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
@@ -71,7 +76,7 @@ fn release(crew: &Crew, agent: &UserId) {
 
 /// One turn: typing on in every room involved, one answer per waking message, typing off.
 #[tracing::instrument(skip_all, fields(agent = %agent, wakes = wakes.len()))]
-async fn run_turn(crew: &Crew, agent: &UserId, wakes: &[QueuedWake]) {
+async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
     let rooms: BTreeSet<OwnedRoomId> = wakes.iter().map(|w| w.wake.room.clone()).collect();
     for room in &rooms {
         if let Err(error) = crew.client.typing(agent, room, true).await {
@@ -94,8 +99,15 @@ async fn run_turn(crew: &Crew, agent: &UserId, wakes: &[QueuedWake]) {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let missed = state.dispatcher.context.take(agent, &wake.room);
+            let waking = wake.event.get("event_id").and_then(Value::as_str);
+            let earlier: Vec<String> = missed
+                .messages
+                .iter()
+                .filter(|said| Some(said.event_id.as_str()) != waking)
+                .map(|said| format!("{}: {}", said.sender, said.body))
+                .collect();
             // The waking message itself is in the buffer too; it is not "earlier".
-            missed.messages.len().saturating_sub(1) + missed.dropped as usize
+            (earlier.len() + missed.dropped as usize, earlier)
         };
         let also_mentioned: Vec<(OwnedUserId, String)> = wake
             .event
@@ -111,19 +123,23 @@ async fn run_turn(crew: &Crew, agent: &UserId, wakes: &[QueuedWake]) {
             })
             .collect();
         let sender_name = super::pump::display_name(crew, &wake.room, &sender);
-        let message = acknowledge(&WakingMessage {
-            event: &wake.event,
-            sender: &sender,
-            sender_name: &sender_name,
-            also_mentioned,
-            depth: wake.depth,
-            said_since,
-        });
-        let event_id = wake
-            .event
-            .get("event_id")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let event_id = wake.event.get("event_id").and_then(Value::as_str).unwrap_or("");
+        let message = match crew.llm_base_url() {
+            Some(base) => {
+                llm_answer(crew, agent, &base, wake, &sender, &sender_name, said_since.1).await
+            }
+            None => {
+                note_missing_llm(crew, agent, &wake.room).await;
+                acknowledge(&WakingMessage {
+                    event: &wake.event,
+                    sender: &sender,
+                    sender_name: &sender_name,
+                    also_mentioned,
+                    depth: wake.depth,
+                    said_since: said_since.0,
+                })
+            }
+        };
         if let Err(error) = crew
             .client
             .send(agent, &wake.room, &format!("turn:{event_id}"), &message)
@@ -177,4 +193,202 @@ async fn turns(State(crew): State<Arc<Crew>>) -> Response {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
     axum::Json(turns).into_response()
+}
+
+/// The answer of an LLM-driven turn to one waking message (or, when the LLM fails, a notice
+/// that says what went wrong).
+async fn llm_answer(
+    crew: &Arc<Crew>,
+    agent: &UserId,
+    base: &url::Url,
+    wake: &PendingWake,
+    sender: &UserId,
+    sender_name: &str,
+    earlier: Vec<String>,
+) -> OutgoingMessage {
+    let body = wake
+        .event
+        .pointer("/content/body")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut conversation = String::new();
+    if !earlier.is_empty() {
+        conversation.push_str("Said in this room since your last turn:\n");
+        for line in &earlier {
+            conversation.push_str(line);
+            conversation.push('\n');
+        }
+        conversation.push('\n');
+    }
+    conversation.push_str(&format!(
+        "Message for you from {sender_name} ({sender}):\n{body}"
+    ));
+    let reply = |text: String, notice: bool| {
+        let message = if notice {
+            OutgoingMessage::notice(text)
+        } else {
+            OutgoingMessage::text(text)
+        };
+        message
+            .mention(sender.to_owned(), sender_name)
+            .reply_to(ReplyTo::event(&wake.event))
+            .with_field(DEPTH_KEY, Value::from(wake.depth + 1))
+    };
+    let token = match crew.gateway.consumer_token(agent.localpart()).await {
+        Ok(token) => token,
+        Err(error) => return reply(format!("I cannot get my gateway token: {error}"), true),
+    };
+    let llm = match LlmClient::new(base, token, crew.config.llm.clone()) {
+        Ok(llm) => llm,
+        Err(error) => return reply(format!("My LLM is not usable: {error}"), true),
+    };
+    let (system, toolbox): (String, Box<dyn Toolbox>) = if *agent == crew.manager {
+        (
+            manager_persona(crew),
+            Box::new(ManagerTools {
+                crew: crew.clone(),
+                requester: sender.to_owned(),
+            }),
+        )
+    } else {
+        let worker = crew.team.registry.by_user(agent).ok().flatten();
+        let (name, role) = worker
+            .map(|w| (w.display_name, w.role))
+            .unwrap_or_else(|| (agent.localpart().to_owned(), String::new()));
+        (
+            format!(
+                "You are {name}, a Worker agent in a Matrix team led by the Manager. Your role: {role}. \
+                 Answer the person who mentioned you, briefly and concretely."
+            ),
+            Box::new(NoTools),
+        )
+    };
+    let model = crew.config.llm.model.clone();
+    match llm_turn::run(&llm, &model, system, conversation, toolbox.as_ref()).await {
+        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => reply(text, false),
+        Ok(TurnOutcome::Answer(_)) => reply("(I have nothing to add.)".into(), true),
+        Ok(TurnOutcome::StepLimit) => reply(
+            format!(
+                "I stopped after {} rounds of tool calls without an answer; tell me how to continue.",
+                llm_turn::MAX_TOOL_STEPS
+            ),
+            true,
+        ),
+        Err(error) => reply(format!("I could not finish this: {error}"), true),
+    }
+}
+
+fn manager_persona(crew: &Crew) -> String {
+    format!(
+        "You are {}, the Manager of a team of AI agents that live in Matrix rooms. \
+         You create Workers when asked (tool create_worker), list them (tool list_workers), \
+         and answer briefly. After creating a Worker, tell the person its name and remind them \
+         to @-mention it in its room.",
+        crew.config.appservice.manager_display_name
+    )
+}
+
+/// The Manager's tools.
+struct ManagerTools {
+    crew: Arc<Crew>,
+    /// The person whose message started the turn (invited into new Workers' rooms).
+    requester: OwnedUserId,
+}
+
+#[derive(serde::Deserialize)]
+struct CreateWorkerArgs {
+    name: String,
+    #[serde(default)]
+    role: String,
+}
+
+#[async_trait::async_trait]
+impl Toolbox for ManagerTools {
+    fn tools(&self) -> Vec<Tool> {
+        vec![
+            Tool::function(
+                "create_worker",
+                "Create a Worker agent (or return the existing one of that name) with its own room.",
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "description": "lowercase name, e.g. alice"},
+                        "role": {"type": "string", "description": "what the worker is for"}
+                    },
+                    "required": ["name"]
+                }),
+            ),
+            Tool::function(
+                "list_workers",
+                "List every Worker with its state and role.",
+                serde_json::json!({"type": "object", "properties": {}}),
+            ),
+        ]
+    }
+
+    async fn call(&self, name: &str, arguments: &str) -> String {
+        match name {
+            "create_worker" => {
+                let args: CreateWorkerArgs = match serde_json::from_str(arguments) {
+                    Ok(args) => args,
+                    Err(error) => return format!("error: arguments are not valid: {error}"),
+                };
+                match self
+                    .crew
+                    .team
+                    .provision(&args.name, &args.role, &self.requester)
+                    .await
+                {
+                    Ok(created) => serde_json::json!({
+                        "created": created.created,
+                        "name": created.worker.name,
+                        "user_id": created.worker.user_id,
+                        "room": created.worker.room,
+                    })
+                    .to_string(),
+                    Err(error) => format!("error: {error}"),
+                }
+            }
+            "list_workers" => match self.crew.team.registry.list() {
+                Ok(workers) => serde_json::to_string(&workers).unwrap_or_default(),
+                Err(error) => format!("error: {error}"),
+            },
+            other => format!("error: there is no tool named {other}"),
+        }
+    }
+}
+
+/// Workers have no tools yet.
+struct NoTools;
+
+#[async_trait::async_trait]
+impl Toolbox for NoTools {
+    fn tools(&self) -> Vec<Tool> {
+        Vec::new()
+    }
+
+    async fn call(&self, name: &str, _arguments: &str) -> String {
+        format!("error: there is no tool named {name}")
+    }
+}
+
+/// Says once per room that no LLM is configured, and what to configure.
+async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
+    let Ok(noted) = crew.store.tree::<String, bool>("llm_missing_noted") else {
+        return;
+    };
+    if !matches!(noted.insert_new(&room.to_string(), &true), Ok(true)) {
+        return;
+    }
+    let notice = OutgoingMessage::notice(format!(
+        "No LLM is configured yet, so I can only acknowledge messages. Add a `[[gateway.routes]]` named `{}` with your provider's base URL and key (see config/crew.example.toml), then restart crew. `!crew help` works meanwhile.",
+        crew.config.llm.route
+    ));
+    if let Err(error) = crew
+        .client
+        .send(agent, room, &format!("llm-missing:{room}"), &notice)
+        .await
+    {
+        super::log_matrix_error("cannot say that no LLM is configured", &error);
+    }
 }
