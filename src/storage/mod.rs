@@ -482,7 +482,7 @@ fn limit_body(body: BodyStream, limit: u64) -> BodyStream {
 pub fn body_from_stream<S, E>(stream: S) -> BodyStream
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
 {
     Box::pin(stream.map_err(std::io::Error::other))
 }

@@ -113,8 +113,10 @@ impl S3Backend {
     pub(super) async fn put(
         &self,
         path: &StoragePath,
-        mut body: BodyStream,
+        body: BodyStream,
     ) -> Result<ObjectMeta, StorageError> {
+        // Fused: `fill_part` may poll again after the end.
+        let mut body: BodyStream = Box::pin(body.fuse());
         let content_type = super::content_type_for(path.as_str());
         let first = fill_part(&mut body, path).await?;
         if first.len() < PART_BYTES {
