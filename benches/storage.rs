@@ -203,7 +203,13 @@ impl S3sFs {
             tools::install_once("s3s-fs", &root.join("installed"), || {
                 tools::run(
                     Command::new("cargo")
-                        .args(["install", "s3s-fs@0.14.1", "--locked", "--features", "binary"])
+                        .args([
+                            "install",
+                            "s3s-fs@0.14.1",
+                            "--locked",
+                            "--features",
+                            "binary",
+                        ])
                         .arg("--root")
                         .arg(&root),
                 )

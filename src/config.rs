@@ -198,7 +198,9 @@ impl Config {
         })?;
         let mut figment = Figment::new().merge(Toml::string(&text));
         for (name, value) in &vars {
-            let key = name["CREW_".len()..].to_ascii_lowercase().replace("__", ".");
+            let key = name["CREW_".len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
             if NOT_CONFIG_KEYS.contains(&key.as_str()) {
                 continue;
             }

@@ -5,10 +5,20 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "crew", version, about = "A team of AI agents in any Matrix room")]
+#[command(
+    name = "crew",
+    version,
+    about = "A team of AI agents in any Matrix room"
+)]
 struct Cli {
     /// The config file (written by `crew init`).
-    #[arg(long, short, env = "CREW_CONFIG", default_value = "data/config.toml", global = true)]
+    #[arg(
+        long,
+        short,
+        env = "CREW_CONFIG",
+        default_value = "data/config.toml",
+        global = true
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,

@@ -31,7 +31,11 @@ pub struct Registration {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protocols: Vec<String>,
     /// Typing and receipts; harmless and lets later features see them.
-    #[serde(default, rename = "receive_ephemeral", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "receive_ephemeral",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub receive_ephemeral: bool,
 }
 
@@ -93,10 +97,12 @@ impl Registration {
                 path: path.display().to_string(),
                 message: error.to_string(),
             })?;
-        registration.check().map_err(|message| ConfigError::Registration {
-            path: path.display().to_string(),
-            message,
-        })?;
+        registration
+            .check()
+            .map_err(|message| ConfigError::Registration {
+                path: path.display().to_string(),
+                message,
+            })?;
         Ok(registration)
     }
 

@@ -276,7 +276,11 @@ mod suite {
         for error in [
             storage.get(&at).await.map(drop).expect_err("get"),
             storage.head(&at).await.map(drop).expect_err("head"),
-            storage.get_bytes(&at, 10).await.map(drop).expect_err("bytes"),
+            storage
+                .get_bytes(&at, 10)
+                .await
+                .map(drop)
+                .expect_err("bytes"),
         ] {
             assert!(
                 matches!(&error, StorageError::NotFound { path } if path == "shared/nothing-here.txt"),
@@ -296,7 +300,10 @@ mod suite {
             "shared/notes.md",
             "agents/ann/memory.md",
         ] {
-            storage.put_bytes(&path(key), key.to_owned()).await.expect("put");
+            storage
+                .put_bytes(&path(key), key.to_owned())
+                .await
+                .expect("put");
         }
         let names = |listed: Vec<matrix_crew::storage::ObjectMeta>| {
             listed.into_iter().map(|meta| meta.path).collect::<Vec<_>>()
@@ -307,14 +314,24 @@ mod suite {
         );
         assert_eq!(
             names(storage.list(&prefix("tasks/4")).await.expect("list")),
-            ["tasks/4/out/data.csv", "tasks/4/spec.md", "tasks/42/spec.md"]
+            [
+                "tasks/4/out/data.csv",
+                "tasks/4/spec.md",
+                "tasks/42/spec.md"
+            ]
         );
         assert_eq!(
             names(storage.list(&prefix("tasks/4/out/d")).await.expect("list")),
             ["tasks/4/out/data.csv"]
         );
         assert_eq!(storage.list(&prefix("")).await.expect("list").len(), 6);
-        assert!(storage.list(&prefix("nothing/")).await.expect("list").is_empty());
+        assert!(
+            storage
+                .list(&prefix("nothing/"))
+                .await
+                .expect("list")
+                .is_empty()
+        );
         let csv = storage.list(&prefix("tasks/4/out/")).await.expect("list");
         assert_eq!(csv[0].content_type, "text/csv; charset=utf-8");
         assert_eq!(csv[0].size, "tasks/4/out/data.csv".len() as u64);
@@ -367,7 +384,10 @@ mod suite {
         for i in 0..12u8 {
             let body = read_all(&storage, &path(&format!("agents/w{i}/out.bin"))).await;
             assert_eq!(body.len(), 200_000);
-            assert!(body.iter().all(|&b| b == i), "writer {i}'s file was mixed up");
+            assert!(
+                body.iter().all(|&b| b == i),
+                "writer {i}'s file was mixed up"
+            );
         }
         let contended = read_all(&storage, &path("shared/contended.bin")).await;
         assert_eq!(contended.len(), 3 * MIB);
@@ -382,14 +402,17 @@ mod suite {
 
     /// `total` bytes of `byte`, in 64 KiB chunks with a yield between, so writers overlap.
     fn generated_fill(byte: u8, total: usize) -> BodyStream {
-        Box::pin(futures::stream::unfold(total, move |remaining| async move {
-            if remaining == 0 {
-                return None;
-            }
-            tokio::task::yield_now().await;
-            let n = remaining.min(64 * 1024);
-            Some((Ok(Bytes::from(vec![byte; n])), remaining - n))
-        }))
+        Box::pin(futures::stream::unfold(
+            total,
+            move |remaining| async move {
+                if remaining == 0 {
+                    return None;
+                }
+                tokio::task::yield_now().await;
+                let n = remaining.min(64 * 1024);
+                Some((Ok(Bytes::from(vec![byte; n])), remaining - n))
+            },
+        ))
     }
 
     pub async fn size_limit_stores_nothing(fixture: Fixture) {
@@ -526,12 +549,11 @@ async fn s3_missing_bucket_says_so() {
     // folder on PutObject, where MinIO and AWS answer NoSuchBucket.)
     let backend = S3Backend::connect(&config.s3, s3_env(SECRET_KEY)).expect("client");
     let storage = Storage::new(Backend::S3(backend), 1 << 20);
-    for error in [storage.list(&prefix("")).await.map(drop).expect_err("list")] {
-        assert!(
-            matches!(error, StorageError::BucketMissing { .. }),
-            "{error:?}"
-        );
-    }
+    let error = storage.list(&prefix("")).await.map(drop).expect_err("list");
+    assert!(
+        matches!(error, StorageError::BucketMissing { .. }),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -546,7 +568,10 @@ async fn s3_wrong_credentials_say_so_without_leaking_the_secret() {
     let error = Storage::open(&config, Path::new("/nonexistent"), s3_env(WRONG))
         .await
         .expect_err("wrong secret");
-    assert!(matches!(error, StorageError::Credentials { .. }), "{error:?}");
+    assert!(
+        matches!(error, StorageError::Credentials { .. }),
+        "{error:?}"
+    );
     let text = format!("{error} {error:?}");
     assert!(text.contains("TEST_S3_SK"), "names the variable: {text}");
     assert!(!text.contains(WRONG), "leaks the secret: {text}");
@@ -558,7 +583,10 @@ async fn s3_wrong_credentials_say_so_without_leaking_the_secret() {
         .put_bytes(&path("a.txt"), "x")
         .await
         .expect_err("put with the wrong secret");
-    assert!(matches!(error, StorageError::Credentials { .. }), "{error:?}");
+    assert!(
+        matches!(error, StorageError::Credentials { .. }),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -566,7 +594,9 @@ async fn s3_missing_credentials_and_bucket_name_are_config_errors() {
     let config = s3_config("http://127.0.0.1:9", BUCKET);
     let error = S3Backend::connect(&config, |_| None).expect_err("no credentials");
     assert!(
-        error.to_string().contains("$TEST_S3_AK or $TEST_S3_AK_FILE"),
+        error
+            .to_string()
+            .contains("$TEST_S3_AK or $TEST_S3_AK_FILE"),
         "{error}"
     );
     let error = S3Backend::connect(&s3_config("http://127.0.0.1:9", ""), s3_env(SECRET_KEY))
@@ -609,7 +639,10 @@ async fn local_default_lives_under_the_data_dir() {
         .put_bytes(&path("shared/a.md/inner.txt"), "x")
         .await
         .expect_err("folder is a file");
-    assert!(matches!(error, StorageError::InvalidPath { .. }), "{error:?}");
+    assert!(
+        matches!(error, StorageError::InvalidPath { .. }),
+        "{error:?}"
+    );
     // Deleting the last file of a folder removes the empty folder.
     storage.delete(&path("shared/a.md")).await.expect("delete");
     assert!(!data.path().join("files/shared").exists());
@@ -635,7 +668,10 @@ fn paths_are_normalised_or_refused_with_a_reason() {
         assert!(matches!(error, StorageError::InvalidPath { .. }));
         let text = error.to_string();
         assert!(text.contains(reason), "{raw:?} → {text}");
-        assert!(!text.contains('\u{1b}'), "control characters escaped: {text:?}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "control characters escaped: {text:?}"
+        );
     }
 }
 
@@ -688,20 +724,32 @@ fn workers_see_their_folders_tasks_and_shared_only() {
         task_ids: &[],
     };
     for (raw, _) in cases {
-        assert_eq!(access::access(manager, &path(raw)), Access::ReadWrite, "{raw}");
+        assert_eq!(
+            access::access(manager, &path(raw)),
+            Access::ReadWrite,
+            "{raw}"
+        );
     }
 
     let spec = task_file("7", TaskFile::Spec).expect("valid");
     access::check(ann, &spec, Operation::Read).expect("may read the spec");
     let error = access::check(ann, &spec, Operation::Write).expect_err("spec is read-only");
     assert!(error.to_string().contains("plan.md"), "{error}");
-    let error = access::check(ann, &agent_path("bob", "m.md").expect("valid"), Operation::Read)
-        .expect_err("not hers");
+    let error = access::check(
+        ann,
+        &agent_path("bob", "m.md").expect("valid"),
+        Operation::Read,
+    )
+    .expect_err("not hers");
     assert!(matches!(error, StorageError::Forbidden { .. }));
     assert!(error.to_string().contains("agents/<own name>/"), "{error}");
     access::check(ann, &shared_path("x.md").expect("valid"), Operation::Write).expect("shared");
-    access::check(ann, &task_path("9", "a/b.txt").expect("valid"), Operation::Write)
-        .expect("own task");
+    access::check(
+        ann,
+        &task_path("9", "a/b.txt").expect("valid"),
+        Operation::Write,
+    )
+    .expect("own task");
     assert!(task_path("../7", "x").is_err());
 }
 
@@ -740,8 +788,13 @@ async fn signed_links_valid_expired_tampered() {
     let (base, links) = serve_links(storage.clone(), true).await;
     let http = reqwest::Client::new();
 
-    let link = links.link(&report, SystemTime::now()).expect("base url set");
-    assert!(link.url.starts_with(&format!("{base}/files/tasks/3/result.md?expires=")));
+    let link = links
+        .link(&report, SystemTime::now())
+        .expect("base url set");
+    assert!(
+        link.url
+            .starts_with(&format!("{base}/files/tasks/3/result.md?expires="))
+    );
     let response = http.get(&link.url).send().await.expect("GET link");
     assert_eq!(response.status(), 200);
     assert_eq!(
@@ -760,7 +813,8 @@ async fn signed_links_valid_expired_tampered() {
 
     let tampered = [
         // Another file with the same signature.
-        link.url.replace("tasks/3/result.md", "agents/bob/private.md"),
+        link.url
+            .replace("tasks/3/result.md", "agents/bob/private.md"),
         // A later expiry.
         link.url.replace("expires=", "expires=9"),
         // A changed signature.
@@ -798,7 +852,11 @@ async fn signed_links_stream_large_files_from_s3() {
     let (expected, _, _) = hash_stream(generated(total, 77_777, 5)).await;
     let (_, links) = serve_links(storage, true).await;
     let link = links.link(&at, SystemTime::now()).expect("base url set");
-    assert!(link.url.contains("/files/tasks/5/build%20output.tar?"), "{}", link.url);
+    assert!(
+        link.url.contains("/files/tasks/5/build%20output.tar?"),
+        "{}",
+        link.url
+    );
     let response = reqwest::get(&link.url).await.expect("GET link");
     assert_eq!(response.status(), 200);
     assert_eq!(response.content_length(), Some(total as u64));
@@ -817,7 +875,10 @@ async fn chat_references_link_or_ask_for_an_upload() {
     let fixture = Fixture::local().await;
     let storage = fixture.storage().await;
     let small = path("tasks/3/result.md");
-    storage.put_bytes(&small, vec![b'a'; 1536]).await.expect("put");
+    storage
+        .put_bytes(&small, vec![b'a'; 1536])
+        .await
+        .expect("put");
     let big = path("tasks/3/big.bin");
     storage
         .put(&big, generated(2 * MIB, 65_536, 3))
@@ -835,7 +896,10 @@ async fn chat_references_link_or_ask_for_an_upload() {
     };
     assert_eq!(meta.size, 1536);
     assert!(text.starts_with("`tasks/3/result.md` (1.5 KB): "), "{text}");
-    assert!(text.contains(&link.url) && link.url.starts_with(&base), "{text}");
+    assert!(
+        text.contains(&link.url) && link.url.starts_with(&base),
+        "{text}"
+    );
     assert!(text.contains("valid until"), "{text}");
     // The link in the text works.
     let response = reqwest::get(&link.url).await.expect("GET");
@@ -851,22 +915,46 @@ async fn chat_references_link_or_ask_for_an_upload() {
         "small files may be uploaded on request: {reference:?}"
     );
     // Large files get a link even when an upload was asked for.
-    let reference = links.reference(&storage, &big, true, now).await.expect("reference");
-    assert!(matches!(reference, FileReference::Link { .. }), "{reference:?}");
+    let reference = links
+        .reference(&storage, &big, true, now)
+        .await
+        .expect("reference");
+    assert!(
+        matches!(reference, FileReference::Link { .. }),
+        "{reference:?}"
+    );
 
     // Without a public base URL: upload small files, explain for large ones.
     let (_, no_base) = serve_links(storage.clone(), false).await;
     assert!(no_base.link(&small, now).is_none());
-    let reference = no_base.reference(&storage, &small, false, now).await.expect("ref");
-    assert!(matches!(reference, FileReference::UploadAsFile { .. }), "{reference:?}");
-    let bytes = storage.get_bytes(&small, MIB as u64).await.expect("bytes for upload");
+    let reference = no_base
+        .reference(&storage, &small, false, now)
+        .await
+        .expect("ref");
+    assert!(
+        matches!(reference, FileReference::UploadAsFile { .. }),
+        "{reference:?}"
+    );
+    let bytes = storage
+        .get_bytes(&small, MIB as u64)
+        .await
+        .expect("bytes for upload");
     assert_eq!(bytes.len(), 1536);
-    let reference = no_base.reference(&storage, &big, false, now).await.expect("ref");
+    let reference = no_base
+        .reference(&storage, &big, false, now)
+        .await
+        .expect("ref");
     let FileReference::PathOnly { text, .. } = reference else {
         panic!("too large to upload and no link: {reference:?}");
     };
-    assert!(text.contains("public_base_url") && text.contains("2.0 MB"), "{text}");
-    let error = storage.get_bytes(&big, MIB as u64).await.expect_err("too big");
+    assert!(
+        text.contains("public_base_url") && text.contains("2.0 MB"),
+        "{text}"
+    );
+    let error = storage
+        .get_bytes(&big, MIB as u64)
+        .await
+        .expect_err("too big");
     assert!(matches!(error, StorageError::TooLarge { .. }));
 
     let missing = links
@@ -941,14 +1029,17 @@ async fn start_admin(storage: Storage) -> Admin {
         data.path().display().to_string()
     ))
     .expect("test config");
-    let token = matrix_crew::admin::load_or_create_token(&config.admin_token_path())
-        .expect("admin token");
+    let token =
+        matrix_crew::admin::load_or_create_token(&config.admin_token_path()).expect("admin token");
     let cancel = tokio_util::sync::CancellationToken::new();
-    let routes = axum::Router::new().nest(
-        "/files",
-        matrix_crew::storage::admin::admin_router(storage),
-    );
-    tokio::spawn(matrix_crew::admin::serve(listener, token, routes, cancel.clone()));
+    let routes =
+        axum::Router::new().nest("/files", matrix_crew::storage::admin::admin_router(storage));
+    tokio::spawn(matrix_crew::admin::serve(
+        listener,
+        token,
+        routes,
+        cancel.clone(),
+    ));
     Admin {
         client: matrix_crew::admin::AdminClient::from_config(&config).expect("admin client"),
         cancel,
@@ -1024,7 +1115,10 @@ async fn files_command_ls_get_put_over_the_admin_endpoint() {
     .run(&admin.client)
     .await
     .expect("get --out");
-    assert!(output.starts_with("saved `shared/data set.bin` (3.0 MB)"), "{output}");
+    assert!(
+        output.starts_with("saved `shared/data set.bin` (3.0 MB)"),
+        "{output}"
+    );
     let copied = std::fs::read(&out).expect("read copy");
     assert_eq!(<[u8; 32]>::from(Sha256::digest(&copied)), expected);
     let error = FilesCommand::Get {
@@ -1066,7 +1160,10 @@ async fn files_command_ls_get_put_over_the_admin_endpoint() {
     .await
     .expect_err("over the limit");
     assert!(
-        matches!(&error, matrix_crew::admin::AdminError::Server { status: 413, .. }),
+        matches!(
+            &error,
+            matrix_crew::admin::AdminError::Server { status: 413, .. }
+        ),
         "{error:?}"
     );
     let error = FilesCommand::Put {
@@ -1081,15 +1178,17 @@ async fn files_command_ls_get_put_over_the_admin_endpoint() {
     // The raw routes: encoded paths that would escape are refused by the server too.
     let response = admin
         .client
-        .execute(
-            admin
-                .client
-                .request(reqwest::Method::GET, "/files/object/x/..%2F..%2Fadmin.token"),
-        )
+        .execute(admin.client.request(
+            reqwest::Method::GET,
+            "/files/object/x/..%2F..%2Fadmin.token",
+        ))
         .await
         .expect_err("escape attempt");
     assert!(
-        matches!(&response, matrix_crew::admin::AdminError::Server { status: 400, .. }),
+        matches!(
+            &response,
+            matrix_crew::admin::AdminError::Server { status: 400, .. }
+        ),
         "{response:?}"
     );
     admin

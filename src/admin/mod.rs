@@ -27,7 +27,9 @@ pub enum AdminError {
         "crew serve is not running at {addr} (start it with `crew serve`, or check admin_api.bind)"
     )]
     NotRunning { addr: SocketAddr },
-    #[error("cannot read the admin token {path}: {source} (is this the data dir `crew serve` uses?)")]
+    #[error(
+        "cannot read the admin token {path}: {source} (is this the data dir `crew serve` uses?)"
+    )]
     Token {
         path: String,
         #[source]

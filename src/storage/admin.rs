@@ -23,10 +23,7 @@ use crate::admin::error_response;
 pub fn admin_router(storage: Storage) -> Router {
     Router::new()
         .route("/list", get(list))
-        .route(
-            "/object/{*path}",
-            get(download).put(upload).delete(remove),
-        )
+        .route("/object/{*path}", get(download).put(upload).delete(remove))
         .with_state(storage)
 }
 

@@ -75,11 +75,7 @@ async fn ls(admin: &AdminClient, prefix: String) -> Result<String, AdminError> {
             meta.path
         ));
     }
-    out.push_str(&format!(
-        "{} file(s), {}",
-        listed.len(),
-        human_size(total)
-    ));
+    out.push_str(&format!("{} file(s), {}", listed.len(), human_size(total)));
     Ok(out)
 }
 
@@ -96,11 +92,8 @@ async fn get(admin: &AdminClient, path: &str, out: Option<PathBuf>) -> Result<St
             )));
         }
         let bytes = response.bytes().await?;
-        return String::from_utf8(bytes.to_vec()).map_err(|_| {
-            local_message(format!(
-                "`{path}` is not text; save it with --out FILE"
-            ))
-        });
+        return String::from_utf8(bytes.to_vec())
+            .map_err(|_| local_message(format!("`{path}` is not text; save it with --out FILE")));
     };
     let mut file = tokio::fs::File::create(&out)
         .await
@@ -126,9 +119,9 @@ async fn get(admin: &AdminClient, path: &str, out: Option<PathBuf>) -> Result<St
 
 async fn put(admin: &AdminClient, path: &str, local_file: PathBuf) -> Result<String, AdminError> {
     let path = StoragePath::parse(path).map_err(local)?;
-    let file = tokio::fs::File::open(&local_file).await.map_err(|error| {
-        local_message(format!("cannot open {}: {error}", local_file.display()))
-    })?;
+    let file = tokio::fs::File::open(&local_file)
+        .await
+        .map_err(|error| local_message(format!("cannot open {}: {error}", local_file.display())))?;
     let length = file
         .metadata()
         .await
@@ -143,7 +136,11 @@ async fn put(admin: &AdminClient, path: &str, local_file: PathBuf) -> Result<Str
         .header(reqwest::header::CONTENT_LENGTH, length)
         .body(body);
     let meta: ObjectMeta = admin.execute(request).await?.json().await?;
-    Ok(format!("stored `{}` ({})", meta.path, human_size(meta.size)))
+    Ok(format!(
+        "stored `{}` ({})",
+        meta.path,
+        human_size(meta.size)
+    ))
 }
 
 fn object_url(path: &StoragePath) -> String {

@@ -39,7 +39,10 @@ pub struct Links {
 impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Links")
-            .field("public_base_url", &self.public_base_url.as_ref().map(url::Url::as_str))
+            .field(
+                "public_base_url",
+                &self.public_base_url.as_ref().map(url::Url::as_str),
+            )
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
     }
@@ -106,9 +109,7 @@ impl Links {
         let base = self.public_base_url.as_ref()?;
         let encoded: Vec<String> = path
             .segments()
-            .map(|segment| {
-                percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
-            })
+            .map(|segment| percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string())
             .collect();
         let url = format!(
             "{}/files/{}?expires={expires_unix}&sig={}",
@@ -410,16 +411,22 @@ mod tests {
             1024,
         );
         let path = StoragePath::parse("tasks/1/a b.md").expect("valid");
-        let link = links.link_until(&path, 2_000_000_000).expect("base url set");
+        let link = links
+            .link_until(&path, 2_000_000_000)
+            .expect("base url set");
         assert!(
-            link.url
-                .starts_with("https://crew.example.org/files/tasks/1/a%20b.md?expires=2000000000&sig="),
+            link.url.starts_with(
+                "https://crew.example.org/files/tasks/1/a%20b.md?expires=2000000000&sig="
+            ),
             "{}",
             link.url
         );
         let sig = link.url.rsplit("sig=").next().expect("has sig");
         let before = SystemTime::UNIX_EPOCH + Duration::from_secs(1_999_999_999);
-        assert_eq!(links.verify(path.as_str(), 2_000_000_000, sig, before), Ok(()));
+        assert_eq!(
+            links.verify(path.as_str(), 2_000_000_000, sig, before),
+            Ok(())
+        );
         assert_eq!(
             links.verify("tasks/1/other.md", 2_000_000_000, sig, before),
             Err(LinkError::BadSignature)

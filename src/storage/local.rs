@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::{BodyStream, CHUNK_BYTES, Object, ObjectMeta, StorageError, StoragePath, StoragePrefix};
+use super::{
+    BodyStream, CHUNK_BYTES, Object, ObjectMeta, StorageError, StoragePath, StoragePrefix,
+};
 
 /// Files in a directory.
 #[derive(Debug)]
@@ -134,7 +136,10 @@ impl LocalBackend {
         }
         Ok(Object {
             meta: ObjectMeta::new(path.as_str(), metadata.len(), metadata.modified().ok()),
-            body: Box::pin(tokio_util::io::ReaderStream::with_capacity(file, CHUNK_BYTES)),
+            body: Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                CHUNK_BYTES,
+            )),
         })
     }
 
@@ -154,7 +159,10 @@ impl LocalBackend {
         ))
     }
 
-    pub(super) async fn list(&self, prefix: &StoragePrefix) -> Result<Vec<ObjectMeta>, StorageError> {
+    pub(super) async fn list(
+        &self,
+        prefix: &StoragePrefix,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
         // Walk the deepest folder the prefix names completely, then filter by the whole prefix
         // (so `tasks/4` finds `tasks/4/…` and `tasks/42/…`, as S3 does).
         let folder = match prefix.as_str().rsplit_once('/') {
@@ -197,7 +205,11 @@ impl LocalBackend {
                         pending.push((entry.path(), key));
                     }
                 } else if metadata.is_file() && prefix.matches(&key) {
-                    out.push(ObjectMeta::new(&key, metadata.len(), metadata.modified().ok()));
+                    out.push(ObjectMeta::new(
+                        &key,
+                        metadata.len(),
+                        metadata.modified().ok(),
+                    ));
                 }
             }
         }

@@ -249,8 +249,10 @@ pub fn content_type_for(path: &str) -> &'static str {
         .map(|(_, ext)| ext.to_ascii_lowercase());
     match extension.as_deref() {
         Some("md" | "markdown") => "text/markdown; charset=utf-8",
-        Some("txt" | "log" | "rs" | "py" | "toml" | "yaml" | "yml" | "sh" | "ts" | "go" | "c"
-            | "h" | "cpp" | "java" | "sql" | "diff" | "patch") => "text/plain; charset=utf-8",
+        Some(
+            "txt" | "log" | "rs" | "py" | "toml" | "yaml" | "yml" | "sh" | "ts" | "go" | "c" | "h"
+            | "cpp" | "java" | "sql" | "diff" | "patch",
+        ) => "text/plain; charset=utf-8",
         Some("csv") => "text/csv; charset=utf-8",
         Some("json") => "application/json",
         Some("html" | "htm") => "text/html; charset=utf-8",
@@ -348,8 +350,12 @@ impl Storage {
     /// Stores `body` at `path`, replacing any file there. The file appears whole or not at all:
     /// readers never see a partial write, and of concurrent writers one wins entirely. A body
     /// longer than the size limit is refused with [`StorageError::TooLarge`] and stores nothing.
-    #[tracing::instrument(skip(self, body), fields(path = %path))]
-    pub async fn put(&self, path: &StoragePath, body: BodyStream) -> Result<ObjectMeta, StorageError> {
+    #[tracing::instrument(skip_all, fields(path = %path))]
+    pub async fn put(
+        &self,
+        path: &StoragePath,
+        body: BodyStream,
+    ) -> Result<ObjectMeta, StorageError> {
         let body = limit_body(body, self.max_file_bytes);
         let result = match &*self.backend {
             Backend::Local(local) => local.put(path, body).await,
@@ -371,12 +377,15 @@ impl Storage {
         bytes: impl Into<Bytes>,
     ) -> Result<ObjectMeta, StorageError> {
         let bytes: Bytes = bytes.into();
-        self.put(path, Box::pin(futures::stream::once(async move { Ok(bytes) })))
-            .await
+        self.put(
+            path,
+            Box::pin(futures::stream::once(async move { Ok(bytes) })),
+        )
+        .await
     }
 
     /// Opens the file at `path` for streaming; [`StorageError::NotFound`] when absent.
-    #[tracing::instrument(skip(self), fields(path = %path))]
+    #[tracing::instrument(skip_all, fields(path = %path))]
     pub async fn get(&self, path: &StoragePath) -> Result<Object, StorageError> {
         match &*self.backend {
             Backend::Local(local) => local.get(path).await,
@@ -386,7 +395,11 @@ impl Storage {
 
     /// Reads a whole file into memory, refusing files over `max_bytes` (for chat uploads and
     /// small text files; everything else should stream with [`Storage::get`]).
-    pub async fn get_bytes(&self, path: &StoragePath, max_bytes: u64) -> Result<Bytes, StorageError> {
+    pub async fn get_bytes(
+        &self,
+        path: &StoragePath,
+        max_bytes: u64,
+    ) -> Result<Bytes, StorageError> {
         let object = self.get(path).await?;
         if object.meta.size > max_bytes {
             return Err(StorageError::TooLarge {
@@ -437,7 +450,7 @@ impl Storage {
 
     /// Removes the file at `path`. Removing a file that is not there succeeds (S3 cannot tell
     /// the difference without a race, so neither backend does).
-    #[tracing::instrument(skip(self), fields(path = %path))]
+    #[tracing::instrument(skip_all, fields(path = %path))]
     pub async fn delete(&self, path: &StoragePath) -> Result<(), StorageError> {
         match &*self.backend {
             Backend::Local(local) => local.delete(path).await,
@@ -506,7 +519,10 @@ mod tests {
 
     #[test]
     fn content_types_come_from_the_extension() {
-        assert_eq!(content_type_for("tasks/1/plan.md"), "text/markdown; charset=utf-8");
+        assert_eq!(
+            content_type_for("tasks/1/plan.md"),
+            "text/markdown; charset=utf-8"
+        );
         assert_eq!(content_type_for("a/b.PNG"), "image/png");
         assert_eq!(content_type_for("a.b/noext"), "application/octet-stream");
     }

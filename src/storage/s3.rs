@@ -9,10 +9,10 @@
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -251,7 +251,10 @@ impl S3Backend {
         ))
     }
 
-    pub(super) async fn list(&self, prefix: &StoragePrefix) -> Result<Vec<ObjectMeta>, StorageError> {
+    pub(super) async fn list(
+        &self,
+        prefix: &StoragePrefix,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -311,8 +314,11 @@ impl S3Backend {
             match code.as_str() {
                 "NoSuchBucket" => return self.bucket_missing(),
                 "NoSuchKey" => return not_found(path, operation),
-                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"
-                | "InvalidSecurity" | "ExpiredToken" => return self.credentials(code, message),
+                "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "AccessDenied"
+                | "InvalidSecurity"
+                | "ExpiredToken" => return self.credentials(code, message),
                 _ => {}
             }
             match status {

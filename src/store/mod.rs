@@ -64,17 +64,20 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `dir`, checking and recording the schema version.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(|error| match error {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                StoreError::Locked {
-                    path: dir.display().to_string(),
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|error| match error {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: dir.display().to_string(),
+                    }
                 }
-            }
-            sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
-                path: dir.display().to_string(),
-            },
-            other => StoreError::Sled(other),
-        })?;
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
+                    path: dir.display().to_string(),
+                },
+                other => StoreError::Sled(other),
+            })?;
         let meta = db.open_tree(META_TREE)?;
         match meta.get(SCHEMA_KEY)? {
             Some(raw) => {
