@@ -753,6 +753,36 @@ fn workers_see_their_folders_tasks_and_shared_only() {
     assert!(task_path("../7", "x").is_err());
 }
 
+#[tokio::test]
+async fn listings_filtered_to_what_a_worker_may_read() {
+    let fixture = Fixture::local().await;
+    let storage = fixture.storage().await;
+    for key in [
+        "agents/ann/memory.md",
+        "agents/bob/memory.md",
+        "tasks/7/spec.md",
+        "tasks/8/spec.md",
+        "shared/team.md",
+    ] {
+        storage.put_bytes(&path(key), "x").await.expect("put");
+    }
+    let tasks = vec!["7".to_owned()];
+    let ann = AgentScope {
+        name: "ann",
+        role: Role::Worker,
+        task_ids: &tasks,
+    };
+    let visible: Vec<String> =
+        access::readable(ann, storage.list(&prefix("")).await.expect("list"))
+            .into_iter()
+            .map(|meta| meta.path)
+            .collect();
+    assert_eq!(
+        visible,
+        ["agents/ann/memory.md", "shared/team.md", "tasks/7/spec.md"]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Signed links over real HTTP.
 

@@ -154,6 +154,16 @@ pub fn access(agent: AgentScope<'_>, path: &StoragePath) -> Access {
     }
 }
 
+/// Keeps the listed files `agent` may read, so listings never reveal other agents' files.
+pub fn readable(agent: AgentScope<'_>, listed: Vec<super::ObjectMeta>) -> Vec<super::ObjectMeta> {
+    listed
+        .into_iter()
+        .filter(|meta| {
+            StoragePath::parse(&meta.path).is_ok_and(|path| access(agent, &path).can_read())
+        })
+        .collect()
+}
+
 /// Which operation is being checked, for [`check`] and its error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
