@@ -201,8 +201,8 @@ pub enum StorageError {
 /// What is known about a stored file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectMeta {
-    /// Where it is.
-    pub path: StoragePathString,
+    /// Where it is (a valid [`StoragePath`], as text so it serialises plainly).
+    pub path: String,
     /// Size in bytes.
     pub size: u64,
     /// MIME type, derived from the file name (see [`content_type_for`]) so both backends agree.
@@ -210,9 +210,6 @@ pub struct ObjectMeta {
     /// Last modification, in seconds since the Unix epoch.
     pub modified_unix: u64,
 }
-
-/// A path as plain text in serialised metadata.
-pub type StoragePathString = String;
 
 impl ObjectMeta {
     fn new(path: &str, size: u64, modified: Option<SystemTime>) -> Self {
