@@ -133,17 +133,24 @@ async fn throughput(name: &str, storage: &Storage, size: usize, count: usize) {
         assert_eq!(read, size);
     }
     let get = started.elapsed();
+    let started = Instant::now();
+    for i in 0..count {
+        let path = StoragePath::parse(&format!("bench/{size}/{i}.bin")).expect("valid path");
+        storage.head(&path).await.expect("head");
+    }
+    let head = started.elapsed();
     let label = if size >= MIB {
         format!("{} MB", size / MIB)
     } else {
         format!("{} KB", size / KIB)
     };
     println!(
-        "{name:>5} {label:>6} x{count}: put {:.0} ops/s ({:.1} MB/s), get {:.0} ops/s ({:.1} MB/s)",
+        "{name:>5} {label:>6} x{count}: put {:.0} ops/s ({:.1} MB/s), get {:.0} ops/s ({:.1} MB/s), head {:.0} ops/s",
         count as f64 / put.as_secs_f64(),
         mb_per_s(size * count, put),
         count as f64 / get.as_secs_f64(),
         mb_per_s(size * count, get),
+        count as f64 / head.as_secs_f64(),
     );
 }
 

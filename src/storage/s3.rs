@@ -20,9 +20,7 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{
-    BodyStream, CHUNK_BYTES, Object, ObjectMeta, S3Config, StorageError, StoragePath, StoragePrefix,
-};
+use super::{BodyStream, Object, ObjectMeta, S3Config, StorageError, StoragePath, StoragePrefix};
 
 /// Size of one multipart part: above S3's 5 MiB minimum for all parts but the last, and the
 /// bound on memory held per upload. 10 000 parts (the S3 maximum) of 8 MiB allow 78 GiB files.
@@ -225,13 +223,15 @@ impl S3Backend {
             size(output.content_length()),
             modified(output.last_modified()),
         );
-        let reader = output.body.into_async_read();
+        // The SDK's own chunks, passed on as they arrive (no copy through a reader).
+        let body = futures::stream::unfold(output.body, |mut body| async move {
+            body.next()
+                .await
+                .map(|chunk| (chunk.map_err(std::io::Error::other), body))
+        });
         Ok(Object {
             meta,
-            body: Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                reader,
-                CHUNK_BYTES,
-            )),
+            body: Box::pin(body),
         })
     }
 
