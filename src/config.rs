@@ -69,6 +69,13 @@ pub struct HomeserverConfig {
     pub url: url::Url,
     /// The server name in user ids (`@crew:example.org` → `example.org`).
     pub server_name: OwnedServerName,
+    /// How long `crew serve` waits at start-up for a homeserver that does not answer yet.
+    #[serde(default = "default_startup_wait_secs")]
+    pub startup_wait_secs: u64,
+}
+
+fn default_startup_wait_secs() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +118,19 @@ pub struct InvitePolicy {
     pub allow_users: Vec<OwnedUserId>,
     /// Servers whose users' invites are accepted (e.g. your own `example.org`).
     pub allow_servers: Vec<OwnedServerName>,
+}
+
+impl InvitePolicy {
+    /// Whether `user` may invite our agents (and so spend the admins' budget): the admins, the
+    /// listed users, and users of the listed servers.
+    pub fn allows(&self, user: &ruma::UserId, admins: &[OwnedUserId]) -> bool {
+        admins.iter().any(|admin| admin == user)
+            || self.allow_users.iter().any(|allowed| allowed == user)
+            || self
+                .allow_servers
+                .iter()
+                .any(|server| server == user.server_name())
+    }
 }
 
 /// The local endpoint that CLI commands use while `crew serve` holds the database.
@@ -286,4 +306,86 @@ pub fn secret_from_env(
         return Ok(Some(Secret::new(value.trim())));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_example(dir: &Path) -> PathBuf {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = dir.join("crew.toml");
+        std::fs::copy(root.join("config/crew.example.toml"), &config).unwrap();
+        let registration = Registration::generate(&crate::registration::NewRegistration {
+            id: "crew",
+            url: "http://127.0.0.1:9000",
+            server_name: "example.org",
+            user_prefix: "crew_",
+            manager_localpart: "crew",
+        });
+        std::fs::write(dir.join("registration.yaml"), registration.to_yaml()).unwrap();
+        config
+    }
+
+    #[test]
+    fn the_documented_example_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = Config::load_with_env(&write_example(dir.path()), Vec::new()).unwrap();
+        assert_eq!(loaded.config.homeserver.server_name.as_str(), "example.org");
+        assert_eq!(
+            loaded.config.appservice.registration,
+            dir.path().join("registration.yaml")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_tokens_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_example(dir.path());
+        let token_file = dir.path().join("as.token");
+        std::fs::write(
+            &token_file,
+            "from-a-file-0123456789-0123456789-0123456789\n",
+        )
+        .unwrap();
+        let vars = vec![
+            (
+                "CREW_HOMESERVER__URL".to_owned(),
+                "http://hs.internal:8008".to_owned(),
+            ),
+            (
+                "CREW_APPSERVICE__PING_INTERVAL_SECS".to_owned(),
+                "5".to_owned(),
+            ),
+            (
+                "CREW_AS_TOKEN_FILE".to_owned(),
+                token_file.display().to_string(),
+            ),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let loaded = Config::load_with_env(&config, vars).unwrap();
+        assert_eq!(
+            loaded.config.homeserver.url.as_str(),
+            "http://hs.internal:8008/"
+        );
+        assert_eq!(loaded.config.appservice.ping_interval_secs, 5);
+        assert_eq!(
+            loaded.registration.as_token.expose(),
+            "from-a-file-0123456789-0123456789-0123456789"
+        );
+        assert!(!format!("{:?}", loaded).contains("from-a-file"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_example(dir.path());
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("\n[homeserver2]\nurl = 1\n");
+        std::fs::write(&config, text).unwrap();
+        let error = Config::load_with_env(&config, Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("homeserver2"), "{error}");
+    }
 }

@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use matrix_crew::config::Config;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -26,8 +29,67 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the appservice (and the gateway) until stopped.
+    /// Writes a config and a registration file with fresh tokens into a data directory.
+    Init(InitArgs),
+    /// Runs the appservice until stopped (Ctrl-C or SIGTERM).
     Serve,
+    /// Asks the running server whether it is up.
+    Status,
+    /// Lists or creates Workers (through the running server).
+    Workers {
+        #[command(subcommand)]
+        command: WorkersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersCommand {
+    /// Lists every Worker and its state.
+    List,
+    /// Creates a Worker (or shows the existing one of that name).
+    Add {
+        name: String,
+        /// What the Worker is for, e.g. "frontend development".
+        #[arg(long, default_value = "")]
+        role: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Client-server URL of the homeserver.
+    #[arg(long)]
+    homeserver: url::Url,
+    /// The homeserver's server name (the part after `:` in user ids).
+    #[arg(long)]
+    server_name: ruma::OwnedServerName,
+    /// A person the agents obey; repeat for several.
+    #[arg(long = "admin", required = true)]
+    admins: Vec<ruma::OwnedUserId>,
+    /// Where to write config.toml and registration.yaml (git ignores `data/`).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Localpart prefix of every agent user.
+    #[arg(long, default_value = "crew_")]
+    prefix: String,
+    /// The appservice id on the homeserver.
+    #[arg(long, default_value = "crew")]
+    id: String,
+    /// Localpart of the Manager user.
+    #[arg(long, default_value = "crew")]
+    manager: String,
+    /// Address crew listens on for the homeserver.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    bind: std::net::SocketAddr,
+    /// URL at which the homeserver reaches crew (defaults to http://<bind>).
+    #[arg(long)]
+    url: Option<url::Url>,
+    /// Address of the local admin API used by the CLI.
+    #[arg(long, default_value = "127.0.0.1:9002")]
+    admin_bind: std::net::SocketAddr,
+    /// Replace existing files (new tokens: register the new file with the homeserver).
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,10 +97,153 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve => {
-                let _ = matrix_crew::config::Config::load(&cli.config)?;
+            Command::Init(args) => init(args),
+            Command::Serve => serve(&cli.config).await,
+            Command::Status => {
+                let status: serde_json::Value = admin(&cli.config)?.get("/status").await?;
+                println!("{status}");
                 Ok(())
             }
+            Command::Workers { command } => workers(&admin(&cli.config)?, command).await,
         }
     })
+}
+
+fn admin(config: &std::path::Path) -> anyhow::Result<matrix_crew::admin::AdminClient> {
+    let loaded = Config::load(config).with_context(|| format!("loading {}", config.display()))?;
+    Ok(matrix_crew::admin::AdminClient::from_config(
+        &loaded.config,
+    )?)
+}
+
+async fn workers(
+    admin: &matrix_crew::admin::AdminClient,
+    command: WorkersCommand,
+) -> anyhow::Result<()> {
+    use matrix_crew::agent::registry::Worker;
+    use matrix_crew::agent::team::Created;
+    match command {
+        WorkersCommand::List => {
+            let workers: Vec<Worker> = admin.get("/workers").await?;
+            if workers.is_empty() {
+                println!("no workers yet");
+            }
+            for worker in workers {
+                println!(
+                    "{:<16} {:<32} {:?}  {}",
+                    worker.name, worker.user_id, worker.state, worker.role
+                );
+            }
+        }
+        WorkersCommand::Add { name, role } => {
+            let created: Created = admin
+                .post(
+                    "/workers",
+                    &serde_json::json!({ "name": name, "role": role }),
+                )
+                .await?;
+            let verb = if created.created {
+                "created"
+            } else {
+                "exists:"
+            };
+            println!(
+                "{verb} {} ({})",
+                created.worker.name, created.worker.user_id
+            );
+        }
+    }
+    Ok(())
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let url = match args.url {
+        Some(url) => url,
+        None => format!("http://{}", args.bind).parse()?,
+    };
+    let written = matrix_crew::init::init(&matrix_crew::init::InitOptions {
+        data_dir: args.data_dir,
+        homeserver: args.homeserver,
+        server_name: args.server_name,
+        admins: args.admins,
+        user_prefix: args.prefix,
+        appservice_id: args.id,
+        manager_localpart: args.manager,
+        appservice_url: url,
+        bind: args.bind,
+        admin_bind: args.admin_bind,
+        force: args.force,
+    })?;
+    println!(
+        "wrote {} and {}\nnext: register {} with your homeserver (docs/homeservers.md), then run `crew serve --config {}`",
+        written.config.display(),
+        written.registration.display(),
+        written.registration.display(),
+        written.config.display()
+    );
+    Ok(())
+}
+
+async fn serve(config: &std::path::Path) -> anyhow::Result<()> {
+    let loaded = Config::load(config).with_context(|| format!("loading {}", config.display()))?;
+    init_logging(&loaded.config)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        signal.cancel();
+    });
+    matrix_crew::server::serve(loaded, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Logs to stderr, and as JSON lines to `log.file` when configured.
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.filter))
+    };
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter());
+    let file_layer = match &config.log.file {
+        Some(path) => {
+            let path = config.data_dir.join(path);
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening log file {}", path.display()))?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::sync::Mutex::new(file))
+                    .with_filter(filter()),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(file_layer)
+        .try_init()
+        .context("initialising logging")?;
+    Ok(())
 }

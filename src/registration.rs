@@ -194,3 +194,16 @@ mod tests {
         assert!(!parsed.is_ours("@bob:example.org", "example.org"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_registration_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("registration.yaml");
+        let registration = Registration::read(&path).unwrap();
+        assert!(!registration.rate_limited);
+        assert!(registration.namespaces.users[0].exclusive);
+    }
+}

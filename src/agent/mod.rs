@@ -1,1 +1,6 @@
 //! The Manager and the Workers: their turns, tools and tasks.
+
+pub mod manager;
+pub mod registry;
+pub mod team;
+pub mod turn;

@@ -1,8 +1,610 @@
 //! The credential gateway: agents hold consumer tokens; the gateway swaps them for real keys.
+//!
+//! A Worker never holds a real credential. It holds a consumer token that identifies it and grants
+//! nothing by itself. Every call to an LLM provider, GitHub or any configured upstream goes through
+//! this gateway, which checks the token and the consumer's policy, swaps the token for the real
+//! key and forwards the request, streaming the answer back chunk by chunk.
+//!
+//! Layout: [`config`] (routes, defaults, where secrets come from), [`consumers`] (token derivation
+//! and hashes), [`limits`] (rate and concurrency), [`proxy`] (the forwarding handler), [`admin`]
+//! (the operator's endpoint) and [`cli`] (`crew gateway …`).
+//!
+//! Not for: talking to LLMs itself (that is [`crate::llm`], which calls through this gateway).
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod consumers;
+mod limits;
+mod proxy;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
-/// Settings for the gateway listener, its routes and consumers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatewayConfig {}
+pub use admin::admin_router;
+pub use config::{ConsumerPolicy, GatewayConfig, Injection, RouteConfig, RouteKind, SecretSource};
+pub use consumers::{ConsumerRecord, TOKEN_PREFIX};
+
+use crate::secret::Secret;
+use crate::store::{Store, StoreError, Tree};
+use consumers::{PreviousToken, TokenRef, derive_token, token_hash};
+
+/// Errors of the gateway service (not the HTTP answers to consumers; see [`proxy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The gateway configuration is unusable; the message names the setting to fix.
+    #[error("gateway config: {0}")]
+    Config(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No consumer with this id exists.
+    #[error("no gateway consumer `{0}` (list them with `crew gateway consumers list`)")]
+    UnknownConsumer(String),
+    /// The consumer was revoked; add it again to issue a fresh token.
+    #[error("gateway consumer `{0}` is revoked (re-enable it with `crew gateway consumers add`)")]
+    Revoked(String),
+    /// A consumer id must be usable as a key and in logs.
+    #[error(
+        "consumer id `{0}` is not valid: use 1-255 characters without control characters or NUL"
+    )]
+    InvalidConsumerId(String),
+    /// The HTTP client for upstreams could not be built (TLS setup).
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Tokens used and requests made by one consumer on one UTC day.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// One audited request. Holds no header values, bodies or secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unix ms when the request arrived.
+    pub at_ms: u64,
+    /// Consumer id, when the token was recognised.
+    pub consumer: Option<String>,
+    pub route: Option<String>,
+    pub model: Option<String>,
+    /// Status answered to the consumer.
+    pub status: u16,
+    /// Machine-readable code of a refusal (`rate_limited`, …), when the gateway refused.
+    pub code: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    /// From arrival to the end of the response body.
+    pub latency_ms: u64,
+}
+
+/// A consumer as listed by the admin endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerInfo {
+    pub id: String,
+    pub generation: u64,
+    pub revoked: bool,
+    /// Unix ms until which the previous token still works, if a rotation is in its grace period.
+    pub previous_valid_until_ms: Option<u64>,
+    pub policy: ConsumerPolicy,
+    pub today: Usage,
+}
+
+/// Usage of one consumer on one day, as listed by `crew gateway usage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub consumer: String,
+    /// Days since the Unix epoch (UTC).
+    pub day: u64,
+    pub usage: Usage,
+}
+
+const CONSUMERS_TREE: &str = "gateway_consumers";
+const TOKEN_HASHES_TREE: &str = "gateway_token_hashes";
+const USAGE_TREE: &str = "gateway_usage";
+const AUDIT_TREE: &str = "gateway_audit";
+const MS_PER_DAY: u64 = 86_400_000;
+/// Old audit records are pruned once per this many requests, so pruning costs nothing per request.
+const AUDIT_PRUNE_EVERY: u64 = 1024;
+
+/// The gateway service: consumers, policy, accounting and the proxy. Share it as `Arc<Gateway>`.
+pub struct Gateway {
+    config: GatewayConfig,
+    routes: Vec<Route>,
+    secret: Secret,
+    store: Store,
+    consumers: Tree<String, ConsumerRecord>,
+    token_hashes: Tree<String, TokenRef>,
+    usage: Tree<String, Usage>,
+    audit: Tree<u64, AuditRecord>,
+    clock: Clock,
+    limits: limits::Limits,
+    http: reqwest::Client,
+}
+
+/// A configured route with its keys loaded.
+struct Route {
+    config: RouteConfig,
+    /// Path prefix without a trailing slash.
+    prefix: String,
+    keys: Vec<UpstreamKey>,
+}
+
+/// One real upstream key and its health, for failover.
+struct UpstreamKey {
+    secret: Secret,
+    /// The injected header value, marked sensitive so hyper never logs it.
+    header_value: http::HeaderValue,
+    consecutive_failures: AtomicU32,
+    rested_until_ms: AtomicU64,
+}
+
+/// Wall-clock milliseconds that follow tokio's clock, so tests with paused time can move days
+/// forward (budgets, grace periods) without sleeping.
+struct Clock {
+    wall_start_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let wall_start_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            wall_start_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.wall_start_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway, reading keys and the gateway secret from the process environment and
+    /// files. `data_dir` is where the generated `gateway.secret` lives when the config names none.
+    pub fn new(
+        config: GatewayConfig,
+        store: Store,
+        data_dir: &Path,
+    ) -> Result<Arc<Self>, GatewayError> {
+        Self::with_env(config, store, data_dir, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Gateway::new`], with environment lookups through `env` so tests need not touch the
+    /// process environment.
+    pub fn with_env(
+        config: GatewayConfig,
+        store: Store,
+        data_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Arc<Self>, GatewayError> {
+        config.check()?;
+        let secret = config::load_gateway_secret(config.secret.as_ref(), data_dir, env)?;
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let mut keys = Vec::with_capacity(route.credentials.len());
+            for source in &route.credentials {
+                let secret = source.load(env)?;
+                let value = route.inject.format.replace("{key}", secret.expose());
+                let mut header_value = http::HeaderValue::from_str(&value).map_err(|_| {
+                    GatewayError::Config(format!(
+                        "gateway route `{}`: a key contains characters not allowed in a header",
+                        route.name
+                    ))
+                })?;
+                header_value.set_sensitive(true);
+                keys.push(UpstreamKey {
+                    secret,
+                    header_value,
+                    consecutive_failures: AtomicU32::new(0),
+                    rested_until_ms: AtomicU64::new(0),
+                });
+            }
+            routes.push(Route {
+                prefix: route.prefix.trim_end_matches('/').to_owned(),
+                config: route.clone(),
+                keys,
+            });
+        }
+        // Longest prefix first, so `/a/b` wins over `/a`.
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(GatewayError::Client)?;
+        Ok(Arc::new(Self {
+            consumers: store.tree(CONSUMERS_TREE)?,
+            token_hashes: store.tree(TOKEN_HASHES_TREE)?,
+            usage: store.tree(USAGE_TREE)?,
+            audit: store.tree(AUDIT_TREE)?,
+            store,
+            config,
+            routes,
+            secret,
+            clock: Clock::new(),
+            limits: limits::Limits::default(),
+            http,
+        }))
+    }
+
+    /// The settings this gateway runs with.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// Serves the proxy on `listener` until `shutdown` is cancelled, then waits for open requests.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
+        let app = self.router();
+        // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm holds each chunk
+        // until the previous one is acknowledged (up to the peer's delayed-ACK time, 40 ms).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on a gateway connection");
+            }
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }
+
+    /// The proxy as a router (every path goes to the proxy handler).
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        proxy::router(Arc::clone(self))
+    }
+
+    /// The token of the consumer for `agent_id`, creating the consumer with the default policy
+    /// when it does not exist. The Manager calls this when it creates a Worker, and again after a
+    /// restart: the token is derived, never stored.
+    pub async fn consumer_token(&self, agent_id: &str) -> Result<Secret, GatewayError> {
+        let (record, _) = self.ensure_consumer(agent_id, None)?;
+        if record.revoked {
+            return Err(GatewayError::Revoked(agent_id.to_owned()));
+        }
+        self.store.flush().await?;
+        Ok(derive_token(&self.secret, &record.id, record.generation))
+    }
+
+    /// Creates a consumer (or re-enables a revoked one with a fresh token), optionally with its
+    /// own policy, and returns its record and current token.
+    pub async fn add_consumer(
+        &self,
+        id: &str,
+        policy: Option<ConsumerPolicy>,
+    ) -> Result<(ConsumerRecord, Secret), GatewayError> {
+        let (mut record, created) = self.ensure_consumer(id, policy.clone())?;
+        if record.revoked || (!created && policy.is_some()) {
+            let now = self.clock.now_ms();
+            let updated = self.consumers.update(&id.to_owned(), |current| {
+                current.map(|mut current| {
+                    if current.revoked {
+                        current.revoked = false;
+                        current.generation += 1;
+                        current.previous = None;
+                    }
+                    if let Some(policy) = &policy {
+                        current.policy = policy.clone();
+                    }
+                    current
+                })
+            })?;
+            record = updated.ok_or_else(|| GatewayError::UnknownConsumer(id.to_owned()))?;
+            self.index_token(&record)?;
+            self.limits.forget(id);
+            tracing::info!(consumer = id, at_ms = now, "gateway consumer re-enabled");
+        }
+        self.store.flush().await?;
+        let token = derive_token(&self.secret, &record.id, record.generation);
+        Ok((record, token))
+    }
+
+    /// Issues a new token; the old one keeps working for `rotation_grace_secs`.
+    pub async fn rotate(&self, id: &str) -> Result<(ConsumerRecord, Secret), GatewayError> {
+        match self.consumers.get(&id.to_owned())? {
+            None => return Err(GatewayError::UnknownConsumer(id.to_owned())),
+            Some(record) if record.revoked => return Err(GatewayError::Revoked(id.to_owned())),
+            Some(_) => {}
+        }
+        let valid_until_ms = self.clock.now_ms() + self.config.rotation_grace_secs * 1000;
+        let record = self
+            .consumers
+            .update(&id.to_owned(), |current| {
+                current.map(|mut current| {
+                    current.previous = Some(PreviousToken {
+                        generation: current.generation,
+                        valid_until_ms,
+                    });
+                    current.generation += 1;
+                    current
+                })
+            })?
+            .ok_or_else(|| GatewayError::UnknownConsumer(id.to_owned()))?;
+        if record.revoked {
+            return Err(GatewayError::Revoked(id.to_owned()));
+        }
+        self.index_token(&record)?;
+        self.store.flush().await?;
+        tracing::info!(
+            consumer = id,
+            generation = record.generation,
+            "gateway consumer token rotated"
+        );
+        let token = derive_token(&self.secret, &record.id, record.generation);
+        Ok((record, token))
+    }
+
+    /// Refuses every token of this consumer from the next request on.
+    pub async fn revoke(&self, id: &str) -> Result<ConsumerRecord, GatewayError> {
+        let record = self
+            .consumers
+            .update(&id.to_owned(), |current| {
+                current.map(|mut current| {
+                    current.revoked = true;
+                    current.previous = None;
+                    current
+                })
+            })?
+            .ok_or_else(|| GatewayError::UnknownConsumer(id.to_owned()))?;
+        self.limits.forget(id);
+        self.store.flush().await?;
+        tracing::info!(consumer = id, "gateway consumer revoked");
+        Ok(record)
+    }
+
+    /// Every consumer with today's usage.
+    pub fn consumers(&self) -> Result<Vec<ConsumerInfo>, GatewayError> {
+        let today = self.clock.now_ms() / MS_PER_DAY;
+        let mut out = Vec::new();
+        for entry in self.consumers.iter() {
+            let (_, record) = entry?;
+            let today = self.usage_on(&record.id, today)?;
+            out.push(ConsumerInfo {
+                id: record.id.clone(),
+                generation: record.generation,
+                revoked: record.revoked,
+                previous_valid_until_ms: record.previous.as_ref().map(|p| p.valid_until_ms),
+                policy: record.policy,
+                today,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Usage per consumer and day, oldest day first within each consumer.
+    pub fn usage(&self) -> Result<Vec<UsageRow>, GatewayError> {
+        let mut out = Vec::new();
+        for entry in self.usage.iter() {
+            let (key, usage) = entry?;
+            if let Some((consumer, day)) = split_usage_key(&key) {
+                out.push(UsageRow {
+                    consumer: consumer.to_owned(),
+                    day,
+                    usage,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The most recent audit records, newest last.
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, GatewayError> {
+        let mut records = Vec::new();
+        for entry in self.audit.raw().iter().rev().take(limit) {
+            let (_, raw) = entry.map_err(StoreError::from)?;
+            records.push(self.audit.decode(&raw)?);
+        }
+        records.reverse();
+        Ok(records)
+    }
+
+    fn ensure_consumer(
+        &self,
+        id: &str,
+        policy: Option<ConsumerPolicy>,
+    ) -> Result<(ConsumerRecord, bool), GatewayError> {
+        if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control()) {
+            return Err(GatewayError::InvalidConsumerId(id.to_owned()));
+        }
+        let key = id.to_owned();
+        if let Some(record) = self.consumers.get(&key)? {
+            return Ok((record, false));
+        }
+        let record = ConsumerRecord {
+            id: key.clone(),
+            generation: 0,
+            previous: None,
+            revoked: false,
+            policy: policy.unwrap_or_else(|| self.config.consumer_defaults.clone()),
+            created_ms: self.clock.now_ms(),
+        };
+        if self.consumers.insert_new(&key, &record)? {
+            self.index_token(&record)?;
+            tracing::info!(consumer = id, "gateway consumer created");
+            Ok((record, true))
+        } else {
+            // Someone else created it at the same moment; theirs wins.
+            let record = self
+                .consumers
+                .get(&key)?
+                .ok_or_else(|| GatewayError::UnknownConsumer(id.to_owned()))?;
+            Ok((record, false))
+        }
+    }
+
+    /// Records the hash of the consumer's current token.
+    fn index_token(&self, record: &ConsumerRecord) -> Result<(), GatewayError> {
+        let token = derive_token(&self.secret, &record.id, record.generation);
+        self.token_hashes.insert(
+            &token_hash(token.expose()),
+            &TokenRef {
+                consumer: record.id.clone(),
+                generation: record.generation,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Finds the consumer a presented token belongs to, if the token is currently accepted.
+    fn authenticate(&self, token: &str) -> Result<Authenticated, GatewayError> {
+        let Some(reference) = self.token_hashes.get(&token_hash(token))? else {
+            return Ok(Authenticated::Unknown);
+        };
+        let Some(record) = self.consumers.get(&reference.consumer)? else {
+            return Ok(Authenticated::Unknown);
+        };
+        if record.revoked {
+            return Ok(Authenticated::Revoked);
+        }
+        if record.accepts(reference.generation, self.clock.now_ms()) {
+            Ok(Authenticated::Consumer(record))
+        } else {
+            Ok(Authenticated::Expired)
+        }
+    }
+
+    fn usage_on(&self, consumer: &str, day: u64) -> Result<Usage, GatewayError> {
+        Ok(self
+            .usage
+            .get(&usage_key(consumer, day))?
+            .unwrap_or_default())
+    }
+
+    /// Adds one request and its tokens to today's usage.
+    fn charge(&self, consumer: &str, usage: &Usage) -> Result<(), GatewayError> {
+        let day = self.clock.now_ms() / MS_PER_DAY;
+        self.usage.update(&usage_key(consumer, day), |current| {
+            let mut current = current.unwrap_or_default();
+            current.requests += usage.requests;
+            current.prompt_tokens += usage.prompt_tokens;
+            current.completion_tokens += usage.completion_tokens;
+            current.total_tokens += usage.total_tokens;
+            Some(current)
+        })?;
+        Ok(())
+    }
+
+    fn record_audit(&self, record: &AuditRecord) {
+        tracing::info!(
+            target: "matrix_crew::gateway::audit",
+            consumer = record.consumer.as_deref().unwrap_or("-"),
+            route = record.route.as_deref().unwrap_or("-"),
+            model = record.model.as_deref().unwrap_or("-"),
+            status = record.status,
+            code = record.code.as_deref().unwrap_or("-"),
+            total_tokens = record.total_tokens,
+            latency_ms = record.latency_ms,
+            "gateway request"
+        );
+        let stored = self.store.next_id().and_then(|id| {
+            self.audit.insert(&id, record)?;
+            if id % AUDIT_PRUNE_EVERY == 0 {
+                self.prune_audit(record.at_ms)?;
+            }
+            Ok(())
+        });
+        if let Err(error) = stored {
+            tracing::warn!(%error, "cannot store a gateway audit record");
+        }
+    }
+
+    /// Removes audit records older than the retention period. Keys are ids in arrival order, so
+    /// the oldest records come first.
+    fn prune_audit(&self, now_ms: u64) -> Result<(), StoreError> {
+        let cutoff = now_ms.saturating_sub(self.config.audit_retention_days * MS_PER_DAY);
+        for entry in self.audit.iter() {
+            let (id, record) = entry?;
+            if record.at_ms >= cutoff {
+                break;
+            }
+            self.audit.remove(&id)?;
+        }
+        Ok(())
+    }
+}
+
+enum Authenticated {
+    Consumer(ConsumerRecord),
+    Unknown,
+    Revoked,
+    /// A rotated-out token after its grace period.
+    Expired,
+}
+
+fn usage_key(consumer: &str, day: u64) -> String {
+    // NUL cannot appear in consumer ids (control characters are refused), so the split is exact;
+    // the zero-padded day keeps one consumer's days in order.
+    format!("{consumer}\0{day:08}")
+}
+
+fn split_usage_key(key: &str) -> Option<(&str, u64)> {
+    let (consumer, day) = key.rsplit_once('\0')?;
+    Some((consumer, day.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn audit_at(at_ms: u64) -> AuditRecord {
+        AuditRecord {
+            at_ms,
+            consumer: Some("a".into()),
+            route: None,
+            model: None,
+            status: 200,
+            code: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            latency_ms: 0,
+        }
+    }
+
+    #[test]
+    fn old_audit_records_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = GatewayConfig {
+            audit_retention_days: 2,
+            ..GatewayConfig::default()
+        };
+        let gateway =
+            Gateway::with_env(config, Store::temporary().unwrap(), dir.path(), &|_| None).unwrap();
+        for day in 0..5 {
+            gateway.record_audit(&audit_at(day * MS_PER_DAY));
+        }
+        gateway.prune_audit(5 * MS_PER_DAY).unwrap();
+        let kept: Vec<u64> = gateway
+            .audit_log(10)
+            .unwrap()
+            .iter()
+            .map(|r| r.at_ms / MS_PER_DAY)
+            .collect();
+        assert_eq!(kept, vec![3, 4]);
+    }
+
+    #[test]
+    fn usage_keys_round_trip() {
+        assert_eq!(
+            split_usage_key(&usage_key("@a:b.org", 20_416)),
+            Some(("@a:b.org", 20_416))
+        );
+    }
+}

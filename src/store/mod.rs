@@ -134,3 +134,46 @@ impl Store {
             .unwrap_or(0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_version_is_recorded_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+            store
+                .db()
+                .open_tree(META_TREE)
+                .unwrap()
+                .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.db().flush().unwrap();
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::SchemaTooNew { found }) => assert_eq!(found, SCHEMA_VERSION + 1),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("a newer schema must be refused"),
+        }
+    }
+
+    #[tokio::test]
+    async fn flushed_writes_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let tree = store.tree::<String, u32>("numbers").unwrap();
+            tree.insert(&"one".to_owned(), &1).unwrap();
+            let concurrent = (0..8).map(|_| store.flush());
+            for result in futures::future::join_all(concurrent).await {
+                result.unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let tree = store.tree::<String, u32>("numbers").unwrap();
+        assert_eq!(tree.get(&"one".to_owned()).unwrap(), Some(1));
+    }
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Runs crew on this machine. With no homeserver configured it first starts a local Synapse for
+# trying crew out (installed once from PyPI into ~/.cache/matrix-crew), creates an admin account,
+# registers crew with it, and prints how to log in from any Matrix client.
+#
+#   scripts/quickstart.sh                 # local Synapse on 127.0.0.1:8008 + crew serve
+#   CREW_HOMESERVER=http://hs:8008 CREW_SERVER_NAME=example.org CREW_ADMIN=@me:example.org \
+#     scripts/quickstart.sh               # your own homeserver (register data/registration.yaml there)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=${CREW_DATA_DIR:-data}
+cache=${CREW_CACHE:-$HOME/.cache/matrix-crew}
+mkdir -p "$data" "$cache"
+
+cargo build --release --bin crew
+crew=target/release/crew
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then crew="$CARGO_TARGET_DIR/release/crew"; fi
+
+if [ -z "${CREW_HOMESERVER:-}" ]; then
+  hs="$data/synapse"
+  mkdir -p "$hs"
+  if [ ! -x "$cache/synapse-venv/bin/python" ] || ! "$cache/synapse-venv/bin/python" -c 'import synapse' 2>/dev/null; then
+    echo "installing Synapse into $cache/synapse-venv (once)…"
+    python3 -m venv "$cache/synapse-venv"
+    "$cache/synapse-venv/bin/pip" install --quiet matrix-synapse
+  fi
+  server_name=localhost
+  admin="@admin:$server_name"
+  if [ ! -f "$data/config.toml" ]; then
+    "$crew" init --homeserver http://127.0.0.1:8008 --server-name "$server_name" --admin "$admin" --data-dir "$data"
+  fi
+  if [ ! -f "$hs/homeserver.yaml" ]; then
+    cat > "$hs/homeserver.yaml" <<YAML
+server_name: "$server_name"
+public_baseurl: "http://127.0.0.1:8008/"
+pid_file: "$(pwd)/$hs/homeserver.pid"
+listeners:
+  - {port: 8008, bind_addresses: ["127.0.0.1"], type: http, tls: false, resources: [{names: [client], compress: false}]}
+database: {name: sqlite3, args: {database: "$(pwd)/$hs/homeserver.db"}}
+media_store_path: "$(pwd)/$hs/media"
+signing_key_path: "$(pwd)/$hs/signing.key"
+report_stats: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+registration_shared_secret: "$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
+enable_registration: false
+presence: {enabled: false}
+app_service_config_files: ["$(pwd)/$data/registration.yaml"]
+YAML
+  fi
+  "$cache/synapse-venv/bin/python" -m synapse.app.homeserver -c "$hs/homeserver.yaml" > "$hs/synapse.log" 2>&1 &
+  synapse_pid=$!
+  trap 'kill $synapse_pid 2>/dev/null || true' EXIT
+  for _ in $(seq 1 120); do
+    curl -fsS http://127.0.0.1:8008/_matrix/client/versions >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  if [ ! -f "$hs/admin.password" ]; then
+    head -c 12 /dev/urandom | base64 | tr -d '/+=' > "$hs/admin.password"
+    "$cache/synapse-venv/bin/register_new_matrix_user" -c "$hs/homeserver.yaml" -u admin \
+      -p "$(cat "$hs/admin.password")" --admin http://127.0.0.1:8008 >/dev/null
+  fi
+  cat <<TXT
+
+  A local homeserver is running. Log in from any Matrix client (Element, FluffyChat, …):
+    homeserver: http://127.0.0.1:8008
+    user:       admin
+    password:   $(cat "$hs/admin.password")
+  The Manager (@crew:$server_name) will open a DM with you and say hello.
+
+TXT
+else
+  if [ ! -f "$data/config.toml" ]; then
+    : "${CREW_SERVER_NAME:?set CREW_SERVER_NAME}" "${CREW_ADMIN:?set CREW_ADMIN}"
+    "$crew" init --homeserver "$CREW_HOMESERVER" --server-name "$CREW_SERVER_NAME" --admin "$CREW_ADMIN" --data-dir "$data"
+    echo "Register $data/registration.yaml with your homeserver (docs/homeservers.md), restart it, then run this again."
+    exit 0
+  fi
+fi
+
+exec "$crew" serve --config "$data/config.toml"

@@ -1,0 +1,221 @@
+//! The team roster: which agents exist, under which Matrix user, with which role.
+//!
+//! The Manager always exists (it is the appservice's own user). Workers are created by the
+//! Manager (or the operator's CLI) and keep their record when stopped or removed, so their files
+//! and history stay attributable. Creating a name that exists returns the existing Worker:
+//! creation is idempotent, never a duplicate.
+
+use ruma::{OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError, Tree};
+
+/// Longest Worker name accepted (the localpart gets the prefix in front).
+const MAX_NAME_LEN: usize = 32;
+
+/// Whether a Worker takes wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Active,
+    /// Keeps its data; wakes nothing until started again.
+    Stopped,
+    /// Token revoked, rooms left; the record stays for history.
+    Removed,
+}
+
+/// One Worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Worker {
+    /// Lowercase name, e.g. `alice`.
+    pub name: String,
+    pub user_id: OwnedUserId,
+    pub display_name: String,
+    pub role: String,
+    pub state: WorkerState,
+    /// Model override; `None` uses the configured default.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Words that wake this Worker in rooms it is in, besides mentions.
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    pub created_ms: u64,
+}
+
+/// Errors about the roster; each is a sentence a human can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "`{0}` is not a valid worker name: use 1-32 lowercase letters, digits, '.', '_' or '-', starting with a letter"
+    )]
+    InvalidName(String),
+    #[error("there is no worker named `{0}`")]
+    Unknown(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The roster in sled (`workers` tree, keyed by name).
+#[derive(Clone)]
+pub struct Registry {
+    workers: Tree<String, Worker>,
+    /// Bumped on every change, so the dispatcher knows when to reload the roster.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    prefix: String,
+    server_name: String,
+}
+
+impl Registry {
+    pub fn open(store: &Store, prefix: &str, server_name: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            workers: store.tree("workers")?,
+            generation: Default::default(),
+            prefix: prefix.to_owned(),
+            server_name: server_name.to_owned(),
+        })
+    }
+
+    /// Normalises and checks a name a human typed ("Alice" → "alice").
+    pub fn normalise_name(name: &str) -> Result<String, RegistryError> {
+        let name = name.trim().trim_start_matches('@').to_lowercase();
+        let valid = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+        if valid {
+            Ok(name)
+        } else {
+            Err(RegistryError::InvalidName(name))
+        }
+    }
+
+    /// The user id a Worker of this name has.
+    pub fn user_id_for(&self, name: &str) -> Result<OwnedUserId, RegistryError> {
+        let name = Self::normalise_name(name)?;
+        UserId::parse(format!("@{}{}:{}", self.prefix, name, self.server_name))
+            .map_err(|_| RegistryError::InvalidName(name))
+    }
+
+    /// Records a Worker, or returns the existing one of that name (reactivated if removed or
+    /// stopped is *not* implied: its state is kept). The bool says whether it was created now.
+    pub fn create(
+        &self,
+        name: &str,
+        role: &str,
+        now_ms: u64,
+    ) -> Result<(Worker, bool), RegistryError> {
+        let name = Self::normalise_name(name)?;
+        let user_id = self.user_id_for(&name)?;
+        let worker = Worker {
+            display_name: capitalise(&name),
+            name: name.clone(),
+            user_id,
+            role: role.trim().to_owned(),
+            state: WorkerState::Active,
+            model: None,
+            keywords: Vec::new(),
+            created_ms: now_ms,
+        };
+        if self.workers.insert_new(&name, &worker)? {
+            self.bump();
+            return Ok((worker, true));
+        }
+        let existing = self
+            .workers
+            .get(&name)?
+            .ok_or_else(|| RegistryError::Unknown(name.clone()))?;
+        Ok((existing, false))
+    }
+
+    /// Changes whenever the roster changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Worker>, RegistryError> {
+        let name = Self::normalise_name(name)?;
+        Ok(self.workers.get(&name)?)
+    }
+
+    /// The Worker with this user id, if it is one of ours.
+    pub fn by_user(&self, user: &UserId) -> Result<Option<Worker>, RegistryError> {
+        let Some(name) = user
+            .localpart()
+            .strip_prefix(&self.prefix)
+            .filter(|_| user.server_name().as_str() == self.server_name)
+        else {
+            return Ok(None);
+        };
+        Ok(self.workers.get(&name.to_owned())?)
+    }
+
+    pub fn list(&self) -> Result<Vec<Worker>, RegistryError> {
+        Ok(self
+            .workers
+            .iter()
+            .map(|entry| entry.map(|(_, worker)| worker))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Changes a Worker; unknown names are an error.
+    pub fn update(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut Worker),
+    ) -> Result<Worker, RegistryError> {
+        let name = Self::normalise_name(name)?;
+        self.bump();
+        self.workers
+            .update(&name, |worker| {
+                worker.map(|mut worker| {
+                    change(&mut worker);
+                    worker
+                })
+            })?
+            .ok_or(RegistryError::Unknown(name))
+    }
+}
+
+fn capitalise(name: &str) -> String {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creating_twice_returns_the_same_worker() {
+        let store = Store::temporary().unwrap();
+        let registry = Registry::open(&store, "crew_", "example.org").unwrap();
+        let (alice, created) = registry.create("Alice", "frontend", 1).unwrap();
+        assert!(created);
+        assert_eq!(alice.user_id.as_str(), "@crew_alice:example.org");
+        assert_eq!(alice.display_name, "Alice");
+        let (again, created) = registry.create("alice", "something else", 2).unwrap();
+        assert!(!created);
+        assert_eq!(again.role, "frontend");
+        assert_eq!(registry.list().unwrap().len(), 1);
+        let found = registry.by_user(&alice.user_id).unwrap().unwrap();
+        assert_eq!(found.name, "alice");
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_the_rule() {
+        for bad in ["", "1abc", "a b", "../x", "ÄÖ", &"x".repeat(40)] {
+            let error = Registry::normalise_name(bad).unwrap_err().to_string();
+            assert!(error.contains("lowercase letters"), "{error}");
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The durable inbox: every event the homeserver pushes, persisted before we acknowledge it.
+//!
+//! This is the one queue of incoming work. The transaction handler [`Inbox::ingest`]s a
+//! transaction (deduplicating by event id, the real guarantee, and by transaction id), then waits
+//! for [`crate::store::Store::flush`] before answering `200 {}`, so a crash right after the answer
+//! loses nothing. The event pump reads entries in arrival order with [`Inbox::pending`] and
+//! removes each with [`Inbox::complete`] once it has been fully handled; what is not completed is
+//! handled again after a restart.
+//!
+//! Transaction ids are scoped by the digest of the transaction's events: a homeserver that
+//! resets and counts its txnIds from 1 again sends different events under an old id, and those are
+//! processed, not mistaken for a retry.
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::store::{Store, StoreError, Tree};
+
+/// One event waiting to be handled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboxEntry {
+    /// The event as the homeserver sent it.
+    pub event: serde_json::Value,
+    /// Milliseconds since the epoch when the transaction arrived.
+    pub received_ms: u64,
+}
+
+impl InboxEntry {
+    pub fn event_id(&self) -> Option<&str> {
+        self.event.get("event_id").and_then(|id| id.as_str())
+    }
+}
+
+/// What ingesting a transaction did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// The transaction id was seen before with the same events: nothing was done.
+    pub duplicate_transaction: bool,
+    /// Events newly queued.
+    pub queued: usize,
+    /// Events already seen (by event id) and skipped.
+    pub duplicate_events: usize,
+    /// Events that were not objects with a string `event_id`; logged and skipped.
+    pub malformed: usize,
+}
+
+/// The two fields ingest needs, read without building the whole event.
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// How an entry is written: the event's raw JSON, as received, not re-encoded.
+#[derive(Serialize)]
+struct StoredEntry<'a> {
+    event: &'a RawValue,
+    received_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TransactionRecord {
+    digest: String,
+    received_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SeenEvent {
+    received_ms: u64,
+}
+
+/// The durable inbox. Cheap to share behind an `Arc`.
+pub struct Inbox {
+    store: Store,
+    entries: Tree<u64, InboxEntry>,
+    seen: Tree<String, SeenEvent>,
+    transactions: Tree<String, TransactionRecord>,
+    /// Serialises ingest so that two copies of one transaction arriving at once are seen as one.
+    /// No `.await` happens under it: sled writes go to memory, the flush happens after.
+    ingest_lock: Mutex<()>,
+    arrived: Notify,
+}
+
+impl Inbox {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: store.clone(),
+            entries: store.tree("inbox")?,
+            seen: store.tree("inbox_seen_events")?,
+            transactions: store.tree("inbox_transactions")?,
+            ingest_lock: Mutex::new(()),
+            arrived: Notify::new(),
+        })
+    }
+
+    /// Queues the events of one transaction, deduplicated. Not yet durable: call
+    /// [`Inbox::ingest_durably`] from request handlers.
+    pub fn ingest(
+        &self,
+        txn_id: &str,
+        events: &[Box<RawValue>],
+    ) -> Result<IngestOutcome, StoreError> {
+        let heads: Vec<Option<EventHead<'_>>> = events
+            .iter()
+            .map(|raw| serde_json::from_str::<EventHead<'_>>(raw.get()).ok())
+            .collect();
+        let digest = transaction_digest(events, &heads);
+        let now = now_ms();
+        let _guard = self
+            .ingest_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut outcome = IngestOutcome::default();
+        if let Some(record) = self.transactions.get(&txn_id.to_owned())? {
+            if record.digest == digest {
+                outcome.duplicate_transaction = true;
+                return Ok(outcome);
+            }
+            tracing::info!(
+                txn_id,
+                "transaction id reused with different events (homeserver reset?); processing it"
+            );
+        }
+        let seen_value = self.seen.encode(&SeenEvent { received_ms: now })?;
+        let mut seen_batch = sled::Batch::default();
+        let mut entry_batch = sled::Batch::default();
+        let mut seen_here = std::collections::HashSet::new();
+        for (raw, head) in events.iter().zip(&heads) {
+            let Some(head) = head.as_ref().filter(|head| head.kind.is_some()) else {
+                tracing::warn!(
+                    txn_id,
+                    "skipping an event that is not an object with a string event_id and type"
+                );
+                outcome.malformed += 1;
+                continue;
+            };
+            let Some(event_id) = head.event_id.as_deref() else {
+                tracing::warn!(txn_id, "skipping an event without a string event_id");
+                outcome.malformed += 1;
+                continue;
+            };
+            // The ingest lock makes check-then-insert safe: nobody else writes these trees.
+            if !seen_here.insert(event_id) || self.seen.raw().contains_key(event_id.as_bytes())? {
+                outcome.duplicate_events += 1;
+                continue;
+            }
+            seen_batch.insert(event_id.as_bytes(), seen_value.as_slice());
+            let seq = self.store.next_id()?;
+            let entry = StoredEntry {
+                event: raw,
+                received_ms: now,
+            };
+            let encoded = serde_json::to_vec(&entry).map_err(|source| StoreError::Encode {
+                tree: self.entries.name().to_owned(),
+                source,
+            })?;
+            entry_batch.insert(&seq.to_be_bytes(), encoded);
+            outcome.queued += 1;
+        }
+        self.seen.raw().apply_batch(seen_batch)?;
+        self.entries.raw().apply_batch(entry_batch)?;
+        self.transactions.insert(
+            &txn_id.to_owned(),
+            &TransactionRecord {
+                digest,
+                received_ms: now,
+            },
+        )?;
+        Ok(outcome)
+    }
+
+    /// Queues the events and returns once they are on disk; then wakes the pump.
+    pub async fn ingest_durably(
+        &self,
+        txn_id: &str,
+        events: &[Box<RawValue>],
+    ) -> Result<IngestOutcome, StoreError> {
+        let outcome = self.ingest(txn_id, events)?;
+        // A duplicate also waits: the first copy's events may still be on their way to disk.
+        self.store.flush().await?;
+        if outcome.queued > 0 {
+            self.arrived.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Up to `limit` entries in arrival order, oldest first.
+    pub fn pending(&self, limit: usize) -> Result<Vec<(u64, InboxEntry)>, StoreError> {
+        self.entries.iter().take(limit).collect()
+    }
+
+    /// Removes a handled entry.
+    pub fn complete(&self, seq: u64) -> Result<(), StoreError> {
+        self.entries.remove(&seq)?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entries tree, for consumers that remove an entry in the same sled transaction as
+    /// they record its outcome (the wake queue).
+    pub fn raw_entries(&self) -> &sled::Tree {
+        self.entries.raw()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Resolves when new events may have arrived since the last call.
+    pub async fn arrived(&self) {
+        self.arrived.notified().await
+    }
+
+    /// Wakes the pump (e.g. at start-up, to handle what a previous run left).
+    pub fn nudge(&self) {
+        self.arrived.notify_one();
+    }
+}
+
+/// Identifies a transaction's content: the event ids in order, or the raw event when it carries
+/// no id.
+fn transaction_digest(events: &[Box<RawValue>], heads: &[Option<EventHead<'_>>]) -> String {
+    let mut hasher = Sha256::new();
+    for (raw, head) in events.iter().zip(heads) {
+        match head.as_ref().and_then(|head| head.event_id.as_deref()) {
+            Some(id) => hasher.update(id.as_bytes()),
+            None => hasher.update(raw.get().as_bytes()),
+        }
+        hasher.update([0u8]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn raw(values: &[serde_json::Value]) -> Vec<Box<RawValue>> {
+        values
+            .iter()
+            .map(|value| RawValue::from_string(value.to_string()).unwrap())
+            .collect()
+    }
+
+    fn message(id: &str) -> serde_json::Value {
+        json!({"type": "m.room.message", "event_id": id, "room_id": "!r", "sender": "@a:x",
+               "content": {"msgtype": "m.text", "body": "hi"}})
+    }
+
+    #[test]
+    fn duplicates_by_txn_and_event_are_dropped_and_reset_txn_ids_are_not() {
+        let store = Store::temporary().unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        let first = inbox
+            .ingest("1", &raw(&[message("$a"), message("$b")]))
+            .unwrap();
+        assert_eq!(first.queued, 2);
+        let again = inbox
+            .ingest("1", &raw(&[message("$a"), message("$b")]))
+            .unwrap();
+        assert!(again.duplicate_transaction);
+        // A homeserver reset reuses txn id 1 for new events.
+        let reset = inbox
+            .ingest("1", &raw(&[message("$c"), message("$a")]))
+            .unwrap();
+        assert!(!reset.duplicate_transaction);
+        assert_eq!(reset.queued, 1);
+        assert_eq!(reset.duplicate_events, 1);
+        let ids: Vec<_> = inbox
+            .pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, entry)| entry.event_id().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["$a", "$b", "$c"]);
+    }
+
+    #[test]
+    fn malformed_events_are_skipped_and_the_rest_kept() {
+        let store = Store::temporary().unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        let outcome = inbox
+            .ingest(
+                "t",
+                &raw(&[
+                    json!(42),
+                    json!({"event_id": 7}),
+                    json!({"event_id": "$x"}),
+                    message("$ok"),
+                    message("$ok"),
+                ]),
+            )
+            .unwrap();
+        assert_eq!(outcome.malformed, 3);
+        assert_eq!(outcome.queued, 1);
+        assert_eq!(
+            outcome.duplicate_events, 1,
+            "the same event twice in one transaction"
+        );
+    }
+}

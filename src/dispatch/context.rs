@@ -1,0 +1,111 @@
+//! "Said since your last turn": the last N messages of each room, and for each agent a cursor
+//! to where its last turn ended, so its next wake can see what it missed.
+//!
+//! Bounded per room (oldest dropped first). Pure data with serde, for the lead to persist; it
+//! does not decide what an agent is shown (that is the agent runtime's business).
+
+use std::collections::{HashMap, VecDeque};
+
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+
+/// One message kept as context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Said {
+    /// Position in the room's log; increases by one per message.
+    pub seq: u64,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+    /// The body without reply fallback.
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RoomLog {
+    next_seq: u64,
+    said: VecDeque<Said>,
+    /// Per agent: the first seq it has not seen.
+    cursors: HashMap<OwnedUserId, u64>,
+}
+
+/// The per-room bounded buffers and per-agent cursors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaidSince {
+    per_room: usize,
+    rooms: HashMap<OwnedRoomId, RoomLog>,
+}
+
+/// What an agent missed in a room.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Missed {
+    /// Kept messages since the agent's last turn, oldest first, without its own.
+    pub messages: Vec<Said>,
+    /// Messages since its last turn that fell out of the bounded buffer.
+    pub dropped: u64,
+}
+
+impl SaidSince {
+    /// Keeps the last `per_room` messages of each room (at least one).
+    pub fn new(per_room: usize) -> Self {
+        Self {
+            per_room: per_room.max(1),
+            rooms: HashMap::new(),
+        }
+    }
+
+    /// Appends a message to its room's log and returns its seq.
+    pub fn push(
+        &mut self,
+        room: &RoomId,
+        event_id: OwnedEventId,
+        sender: OwnedUserId,
+        body: String,
+    ) -> u64 {
+        let log = self.rooms.entry(room.to_owned()).or_default();
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        while log.said.len() >= self.per_room {
+            log.said.pop_front();
+        }
+        log.said.push_back(Said {
+            seq,
+            event_id,
+            sender,
+            body,
+        });
+        seq
+    }
+
+    /// What `agent` missed in `room` since its last [`SaidSince::take`], without moving its cursor.
+    pub fn peek(&self, agent: &UserId, room: &RoomId) -> Missed {
+        let Some(log) = self.rooms.get(room) else {
+            return Missed::default();
+        };
+        let cursor = log.cursors.get(agent).copied().unwrap_or(0);
+        let oldest_kept = log.said.front().map_or(log.next_seq, |s| s.seq);
+        Missed {
+            messages: log
+                .said
+                .iter()
+                .filter(|s| s.seq >= cursor && s.sender != agent)
+                .cloned()
+                .collect(),
+            dropped: oldest_kept.saturating_sub(cursor),
+        }
+    }
+
+    /// What `agent` missed in `room`, moving its cursor to now (its turn is starting).
+    pub fn take(&mut self, agent: &UserId, room: &RoomId) -> Missed {
+        let missed = self.peek(agent, room);
+        if let Some(log) = self.rooms.get_mut(room) {
+            let next = log.next_seq;
+            log.cursors.insert(agent.to_owned(), next);
+        }
+        missed
+    }
+
+    /// Forgets a room.
+    pub fn remove_room(&mut self, room: &RoomId) {
+        self.rooms.remove(room);
+    }
+}

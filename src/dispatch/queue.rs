@@ -1,0 +1,133 @@
+//! The durable wake queue: what each agent still has to answer.
+//!
+//! It grows out of the inbox: the pump turns one inbox entry into its wakes and removes the
+//! entry in the same sled transaction, so a wake exists durably from the moment the transaction
+//! that carried it was acknowledged, and a crash anywhere loses nothing and duplicates nothing.
+//! A wake leaves the queue when the agent's turn that handled it has finished.
+//!
+//! Keys are `<agent user id> 0x00 <sequence, big-endian>`, so one agent's wakes are one ordered
+//! prefix scan.
+
+use ruma::{OwnedRoomId, OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sled::Transactional;
+
+use super::WakeReason;
+use crate::appservice::inbox::Inbox;
+use crate::store::{Store, StoreError, Tree};
+
+/// One pending wake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingWake {
+    pub agent: OwnedUserId,
+    pub room: OwnedRoomId,
+    /// The event that woke the agent, as the homeserver sent it.
+    pub event: Value,
+    /// Depth in a chain of agents waking agents (a person's message is 0).
+    pub depth: u32,
+    pub reasons: Vec<WakeReason>,
+    pub queued_ms: u64,
+}
+
+/// A wake and its key in the queue (to finish it).
+#[derive(Debug, Clone)]
+pub struct QueuedWake {
+    pub key: Vec<u8>,
+    pub wake: PendingWake,
+}
+
+pub struct WakeQueue {
+    store: Store,
+    wakes: Tree<String, PendingWake>,
+}
+
+impl WakeQueue {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: store.clone(),
+            wakes: store.tree("wakes")?,
+        })
+    }
+
+    /// Queues `wakes` and removes inbox entry `seq`, atomically.
+    pub fn commit(&self, inbox: &Inbox, seq: u64, wakes: &[PendingWake]) -> Result<(), StoreError> {
+        let mut encoded = Vec::with_capacity(wakes.len());
+        for wake in wakes {
+            let mut key = wake.agent.as_str().as_bytes().to_vec();
+            key.push(0);
+            key.extend_from_slice(&self.store.next_id()?.to_be_bytes());
+            encoded.push((key, self.wakes.encode(wake)?));
+        }
+        (inbox.raw_entries(), self.wakes.raw())
+            .transaction(|(entries, queue)| {
+                entries.remove(&seq.to_be_bytes())?;
+                for (key, value) in &encoded {
+                    queue.insert(key.as_slice(), value.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(
+                |error: sled::transaction::TransactionError<()>| match error {
+                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Sled(sled::Error::Unsupported("wake commit aborted".into()))
+                    }
+                },
+            )
+    }
+
+    /// Every pending wake of `agent`, oldest first.
+    pub fn pending_for(&self, agent: &UserId) -> Result<Vec<QueuedWake>, StoreError> {
+        let mut prefix = agent.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        self.wakes
+            .raw()
+            .scan_prefix(&prefix)
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok(QueuedWake {
+                    key: key.to_vec(),
+                    wake: self.wakes.decode(&value)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Agents that have pending wakes (after a restart: whose turns to run).
+    pub fn agents_with_pending(&self) -> Result<Vec<OwnedUserId>, StoreError> {
+        let mut agents: Vec<OwnedUserId> = Vec::new();
+        for entry in self.wakes.raw().iter() {
+            let (key, _) = entry?;
+            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            if let Some(agent) = std::str::from_utf8(&key[..end])
+                .ok()
+                .and_then(|id| UserId::parse(id).ok())
+            {
+                if agents.last() != Some(&agent) {
+                    agents.push(agent);
+                }
+            }
+        }
+        agents.dedup();
+        Ok(agents)
+    }
+
+    /// Removes handled wakes.
+    pub fn finish(&self, wakes: &[QueuedWake]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for wake in wakes {
+            batch.remove(wake.key.as_slice());
+        }
+        self.wakes.raw().apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.wakes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wakes.is_empty()
+    }
+}

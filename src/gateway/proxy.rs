@@ -1,0 +1,833 @@
+//! The forwarding handler: check the token and policy, swap in the real key, stream the answer.
+//!
+//! Request bodies are read whole (they are needed to check the model and are bounded by
+//! `max_request_bytes`); response bodies are never buffered when they succeed: each chunk goes to
+//! the consumer as it arrives, while a small meter watches for the usage figures (the final SSE
+//! chunk or the JSON body's `usage`). Failed upstream answers are small; they are read whole so
+//! that any echo of the real key can be cut out before the consumer sees them.
+//!
+//! Not for: consumer management (see [`super::Gateway`]) or the operator's endpoint.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::limits::Refusal as LimitRefusal;
+use super::{
+    AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage,
+};
+
+/// Failed upstream answers larger than this are cut (they are read whole to redact keys).
+const MAX_ERROR_BODY_BYTES: usize = 1024 * 1024;
+/// An SSE line longer than this is not inspected for usage (usage chunks are a few hundred bytes).
+const MAX_METERED_LINE_BYTES: usize = 1024 * 1024;
+/// A JSON body longer than this is not inspected for usage.
+const MAX_METERED_JSON_BYTES: usize = 8 * 1024 * 1024;
+
+pub(super) fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new().fallback(handle).with_state(gateway)
+}
+
+/// A refusal answered to the consumer: `{"error": {"code": …, "message": …}}`, never a secret.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "gateway internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the gateway failed to handle the request; see the crew logs",
+        )
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let started = tokio::time::Instant::now();
+    let mut audit = AuditRecord {
+        at_ms: gateway.clock.now_ms(),
+        consumer: None,
+        route: None,
+        model: None,
+        status: 0,
+        code: None,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        latency_ms: 0,
+    };
+    match forward(&gateway, request, started, &mut audit).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            audit.status = refusal.status.as_u16();
+            audit.code = Some(refusal.code.to_owned());
+            audit.latency_ms = started.elapsed().as_millis() as u64;
+            gateway.record_audit(&audit);
+            refusal.into_response()
+        }
+    }
+}
+
+async fn forward(
+    gateway: &Arc<Gateway>,
+    request: Request,
+    started: tokio::time::Instant,
+    audit: &mut AuditRecord,
+) -> Result<Response, Refusal> {
+    let (parts, body) = request.into_parts();
+
+    let token = presented_token(&parts.headers).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send your consumer token as `Authorization: Bearer <token>`",
+        )
+    })?;
+    let record = match gateway.authenticate(token).map_err(Refusal::internal)? {
+        Authenticated::Consumer(record) => record,
+        Authenticated::Unknown => {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "this consumer token is not known to the gateway",
+            ));
+        }
+        Authenticated::Revoked => {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "token_revoked",
+                "this consumer was revoked by the operator",
+            ));
+        }
+        Authenticated::Expired => {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                "this token was rotated and its grace period is over; use the new token",
+            ));
+        }
+    };
+    audit.consumer = Some(record.id.clone());
+
+    let path = parts.uri.path();
+    let route = gateway
+        .routes
+        .iter()
+        .find(|route| {
+            path.strip_prefix(route.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                "unknown_route",
+                format!("no gateway route serves the path `{path}`"),
+            )
+        })?;
+    audit.route = Some(route.config.name.clone());
+    let policy = &record.policy;
+    if !policy.allows_route(&route.config.name) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "route_not_allowed",
+            format!(
+                "consumer `{}` may not use the route `{}`",
+                record.id, route.config.name
+            ),
+        ));
+    }
+
+    let now_ms = gateway.clock.now_ms();
+    let permit =
+        gateway
+            .limits
+            .admit(&record.id, policy, now_ms)
+            .map_err(|refusal| {
+                match refusal {
+            LimitRefusal::Rate { retry_after_secs } => Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "over the limit of {} requests per minute; retry after {retry_after_secs} s",
+                    policy.requests_per_minute
+                ),
+            )
+            .retry_after(retry_after_secs),
+            LimitRefusal::Concurrency { max } => Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("already {max} requests in flight for this consumer; retry shortly"),
+            )
+            .retry_after(1),
+        }
+            })?;
+
+    let is_llm = route.config.kind == RouteKind::Openai;
+    if is_llm && policy.daily_token_budget > 0 {
+        let used = gateway
+            .usage_on(&record.id, now_ms / MS_PER_DAY)
+            .map_err(Refusal::internal)?;
+        if used.total_tokens >= policy.daily_token_budget {
+            let retry_after_secs = (MS_PER_DAY - now_ms % MS_PER_DAY).div_ceil(1000);
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exhausted",
+                format!(
+                    "the daily budget of {} tokens is used up ({} used); it renews at 00:00 UTC. Do not retry before then",
+                    policy.daily_token_budget, used.total_tokens
+                ),
+            )
+            .retry_after(retry_after_secs));
+        }
+    }
+
+    let mut body = axum::body::to_bytes(body, gateway.config.max_request_bytes)
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "the request body is over the gateway limit of {} bytes",
+                    gateway.config.max_request_bytes
+                ),
+            )
+        })?;
+
+    if is_llm && !body.is_empty() {
+        body = check_llm_body(body, policy, &record.id, audit)?;
+    } else if is_llm && !policy.any_model() && parts.method == http::Method::POST {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "model_required",
+            "this consumer has a model allowlist, so the request body must name a `model`",
+        ));
+    }
+
+    let url = upstream_url(route, path, parts.uri.query());
+    let headers = forwarded_request_headers(&parts.headers, route);
+    let response = send_with_failover(gateway, route, parts.method, url, headers, body).await?;
+
+    let status = response.status();
+    let mut response_headers = forwarded_response_headers(response.headers(), route);
+    audit.status = status.as_u16();
+
+    if !status.is_success() {
+        let bytes = read_capped(response, MAX_ERROR_BODY_BYTES).await;
+        let redacted = redact(&bytes, route);
+        audit.latency_ms = started.elapsed().as_millis() as u64;
+        if let Err(error) = gateway.charge(
+            &record.id,
+            &Usage {
+                requests: 1,
+                ..Usage::default()
+            },
+        ) {
+            tracing::warn!(%error, "cannot record gateway usage");
+        }
+        gateway.record_audit(audit);
+        response_headers.remove(header::CONTENT_LENGTH);
+        let mut out = Response::new(Body::from(redacted));
+        *out.status_mut() = status;
+        *out.headers_mut() = response_headers;
+        drop(permit);
+        return Ok(out);
+    }
+
+    let is_sse = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let meter = if !is_llm {
+        Meter::Off
+    } else if is_sse {
+        Meter::Sse {
+            line: Vec::new(),
+            skipping: false,
+        }
+    } else {
+        Meter::Json {
+            body: Vec::new(),
+            overflow: false,
+        }
+    };
+    if is_sse || is_llm {
+        // The body may change length relative to what hyper would compute; let it chunk.
+        response_headers.remove(header::CONTENT_LENGTH);
+    }
+    let metered = Metered {
+        inner: Box::pin(response.bytes_stream()),
+        meter,
+        usage: None,
+        finish: Some(Finish {
+            gateway: Arc::clone(gateway),
+            audit: audit.clone(),
+            started,
+            _permit: permit,
+        }),
+    };
+    let mut out = Response::new(Body::from_stream(metered));
+    *out.status_mut() = status;
+    *out.headers_mut() = response_headers;
+    Ok(out)
+}
+
+/// The consumer token from `Authorization: Bearer …` or `x-api-key`.
+fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .or_else(|| value.strip_prefix("token "))
+            .unwrap_or(value)
+            .trim();
+        return (!token.is_empty()).then_some(token);
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Checks the model against the allowlist and asks OpenAI-style streams for usage.
+fn check_llm_body(
+    body: Bytes,
+    policy: &super::ConsumerPolicy,
+    consumer: &str,
+    audit: &mut AuditRecord,
+) -> Result<Bytes, Refusal> {
+    // Fast path: read only the top-level fields that matter, skipping the conversation without
+    // building it in memory. The full parse below is for bodies that must change.
+    if let Ok(peek) = serde_json::from_slice::<Peek<'_>>(&body) {
+        audit.model = peek.model.as_deref().map(str::to_owned);
+        check_model(peek.model.as_deref(), policy, consumer)?;
+        let needs_usage = peek.stream == Some(true)
+            && peek
+                .stream_options
+                .as_ref()
+                .is_none_or(|options| options.include_usage.is_none());
+        if !needs_usage {
+            return Ok(body);
+        }
+    }
+    let mut json: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(json) => json,
+        Err(_) if policy.any_model() => return Ok(body),
+        Err(_) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the request body is not JSON, so its model cannot be checked",
+            ));
+        }
+    };
+    let Some(object) = json.as_object_mut() else {
+        return Ok(body);
+    };
+    let model = object
+        .get("model")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned);
+    audit.model = model.clone();
+    check_model(model.as_deref(), policy, consumer)?;
+    let streaming = object.get("stream").and_then(|s| s.as_bool()) == Some(true);
+    if !streaming {
+        return Ok(body);
+    }
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    match options.as_object_mut() {
+        Some(options) if !options.contains_key("include_usage") => {
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+        }
+        _ => return Ok(body),
+    }
+    serde_json::to_vec(&json)
+        .map(Bytes::from)
+        .map_err(Refusal::internal)
+}
+
+/// The top-level request fields the gateway looks at.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<PeekStreamOptions>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekStreamOptions {
+    #[serde(default)]
+    include_usage: Option<serde::de::IgnoredAny>,
+}
+
+fn check_model(
+    model: Option<&str>,
+    policy: &super::ConsumerPolicy,
+    consumer: &str,
+) -> Result<(), Refusal> {
+    match model {
+        Some(model) if !policy.allows_model(model) => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!("consumer `{consumer}` may not use the model `{model}`"),
+        )),
+        None if !policy.any_model() => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "model_required",
+            "this consumer has a model allowlist, so the request body must name a `model`",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn upstream_url(route: &Route, path: &str, query: Option<&str>) -> url::Url {
+    let rest = &path[route.prefix.len()..];
+    let mut url = route.config.upstream.clone();
+    let joined = format!("{}{}", url.path().trim_end_matches('/'), rest);
+    url.set_path(&joined);
+    url.set_query(query);
+    url
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and ones the gateway sets itself.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+fn forwarded_request_headers(incoming: &HeaderMap, route: &Route) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        let drop = is_hop_by_hop(name)
+            || name == header::AUTHORIZATION
+            || name.as_str() == "x-api-key"
+            // Identity encoding, so the usage meter can read the answer.
+            || name == header::ACCEPT_ENCODING
+            || name.as_str().eq_ignore_ascii_case(&route.config.inject.header);
+        if !drop {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+fn forwarded_response_headers(incoming: &HeaderMap, route: &Route) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        if is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
+            continue;
+        }
+        let leaks = route
+            .keys
+            .iter()
+            .any(|key| contains(value.as_bytes(), key.secret.expose().as_bytes()));
+        if !leaks {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+async fn send_with_failover(
+    gateway: &Gateway,
+    route: &Route,
+    method: http::Method,
+    url: url::Url,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<reqwest::Response, Refusal> {
+    let now_ms = gateway.clock.now_ms();
+    let mut order: Vec<usize> = (0..route.keys.len())
+        .filter(|&i| route.keys[i].rested_until_ms.load(Ordering::Relaxed) <= now_ms)
+        .collect();
+    if order.is_empty() {
+        // Every key is resting: try them all anyway rather than refuse outright.
+        order = (0..route.keys.len()).collect();
+    }
+    let header_name =
+        HeaderName::from_bytes(route.config.inject.header.as_bytes()).map_err(Refusal::internal)?;
+    let timeout = Duration::from_secs(gateway.config.upstream_timeout_secs);
+    let last = order.len() - 1;
+    let mut failure = None;
+    for (attempt, &index) in order.iter().enumerate() {
+        let key = &route.keys[index];
+        let mut request_headers = headers.clone();
+        request_headers.insert(header_name.clone(), key.header_value.clone());
+        let request = gateway
+            .http
+            .request(method.clone(), url.clone())
+            .headers(request_headers)
+            .body(body.clone());
+        match tokio::time::timeout(timeout, request.send()).await {
+            Err(_) => {
+                key.failed(gateway, now_ms);
+                return Err(Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the upstream of route `{}` did not answer within {} s",
+                        route.config.name, gateway.config.upstream_timeout_secs
+                    ),
+                ));
+            }
+            Ok(Err(error)) => {
+                key.failed(gateway, now_ms);
+                tracing::warn!(
+                    route = %route.config.name,
+                    error = %without_url(error),
+                    "gateway upstream unreachable"
+                );
+                failure = Some(Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    format!(
+                        "the upstream of route `{}` cannot be reached",
+                        route.config.name
+                    ),
+                ));
+            }
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let key_problem = status == StatusCode::UNAUTHORIZED
+                    || status == StatusCode::FORBIDDEN
+                    || status == StatusCode::TOO_MANY_REQUESTS
+                    || status.is_server_error();
+                if key_problem {
+                    key.failed(gateway, now_ms);
+                    if attempt < last {
+                        tracing::warn!(
+                            route = %route.config.name,
+                            status = status.as_u16(),
+                            "gateway upstream refused a key; trying the next one"
+                        );
+                        continue;
+                    }
+                } else {
+                    key.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+                return Ok(response);
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(|| Refusal::internal("no upstream key was tried")))
+}
+
+impl UpstreamKey {
+    fn failed(&self, gateway: &Gateway, now_ms: u64) {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= gateway.config.key_failure_threshold {
+            self.rested_until_ms.store(
+                now_ms + gateway.config.key_rest_secs * 1000,
+                Ordering::Relaxed,
+            );
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// reqwest errors print the URL; upstream URLs carry no secrets here, but strip it anyway so a
+/// key placed in a query string by some provider could never reach the logs.
+fn without_url(error: reqwest::Error) -> reqwest::Error {
+    error.without_url()
+}
+
+async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let room = cap.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    out
+}
+
+/// Cuts every real key of the route out of `bytes`.
+fn redact(bytes: &[u8], route: &Route) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for key in &route.keys {
+        let needle = key.secret.expose().as_bytes();
+        if needle.is_empty() {
+            continue;
+        }
+        while let Some(at) = find(&out, needle) {
+            out.splice(at..at + needle.len(), b"[redacted]".iter().copied());
+        }
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && find(haystack, needle).is_some()
+}
+
+/// Watches a response body for the usage figures without holding it back.
+enum Meter {
+    Off,
+    Sse { line: Vec<u8>, skipping: bool },
+    Json { body: Vec<u8>, overflow: bool },
+}
+
+impl Meter {
+    fn observe(&mut self, chunk: &[u8], usage: &mut Option<Usage>) {
+        match self {
+            Meter::Off => {}
+            Meter::Sse { line, skipping } => {
+                let mut rest = chunk;
+                while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+                    let (head, tail) = rest.split_at(newline);
+                    if !*skipping {
+                        if line.is_empty() {
+                            sse_line(head, usage);
+                        } else {
+                            line.extend_from_slice(head);
+                            sse_line(line, usage);
+                        }
+                    }
+                    line.clear();
+                    *skipping = false;
+                    rest = &tail[1..];
+                }
+                if !*skipping {
+                    if line.len() + rest.len() > MAX_METERED_LINE_BYTES {
+                        line.clear();
+                        *skipping = true;
+                    } else {
+                        line.extend_from_slice(rest);
+                    }
+                }
+            }
+            Meter::Json { body, overflow } => {
+                if !*overflow {
+                    if body.len() + chunk.len() > MAX_METERED_JSON_BYTES {
+                        *overflow = true;
+                        body.clear();
+                    } else {
+                        body.extend_from_slice(chunk);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, usage: &mut Option<Usage>) {
+        match self {
+            Meter::Off => {}
+            Meter::Sse { line, skipping } => {
+                if !*skipping && !line.is_empty() {
+                    sse_line(line, usage);
+                }
+            }
+            Meter::Json { body, overflow } => {
+                if !*overflow && let Some(found) = usage_of(body) {
+                    *usage = Some(found);
+                }
+            }
+        }
+    }
+}
+
+fn sse_line(line: &[u8], usage: &mut Option<Usage>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    if !contains(data, b"\"usage\"") {
+        return;
+    }
+    if let Some(found) = usage_of(data) {
+        *usage = Some(found);
+    }
+}
+
+/// The `usage` object of a body or chunk, read without building the rest of the document.
+#[derive(serde::Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+/// OpenAI's `usage` (`prompt_tokens`, `completion_tokens`, `total_tokens`), or Anthropic-style
+/// `input_tokens`/`output_tokens`.
+#[derive(serde::Deserialize)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+fn usage_of(raw: &[u8]) -> Option<Usage> {
+    let usage = serde_json::from_slice::<WithUsage>(raw).ok()?.usage?;
+    let prompt = usage.prompt_tokens.or(usage.input_tokens)?;
+    let completion = usage.completion_tokens.or(usage.output_tokens).unwrap_or(0);
+    Some(Usage {
+        requests: 0,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: usage.total_tokens.unwrap_or(prompt + completion),
+    })
+}
+
+/// What happens once the response body is done (or the consumer went away).
+struct Finish {
+    gateway: Arc<Gateway>,
+    audit: AuditRecord,
+    started: tokio::time::Instant,
+    /// Holds the consumer's concurrency slot until the body ends.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The response body stream: passes chunks on unchanged and charges usage at the end.
+struct Metered {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    meter: Meter,
+    usage: Option<Usage>,
+    finish: Option<Finish>,
+}
+
+impl Metered {
+    fn complete(&mut self) {
+        let Some(mut finish) = self.finish.take() else {
+            return;
+        };
+        self.meter.finish(&mut self.usage);
+        let mut usage = self.usage.take().unwrap_or_default();
+        usage.requests = 1;
+        finish.audit.prompt_tokens = usage.prompt_tokens;
+        finish.audit.completion_tokens = usage.completion_tokens;
+        finish.audit.total_tokens = usage.total_tokens;
+        finish.audit.latency_ms = finish.started.elapsed().as_millis() as u64;
+        if let Some(consumer) = &finish.audit.consumer
+            && let Err(error) = finish.gateway.charge(consumer, &usage)
+        {
+            tracing::warn!(%error, "cannot record gateway usage");
+        }
+        finish.gateway.record_audit(&finish.audit);
+    }
+}
+
+impl Stream for Metered {
+    type Item = reqwest::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.meter.observe(&chunk, &mut this.usage);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                if let Some(finish) = &mut this.finish {
+                    finish.audit.code = Some("upstream_interrupted".into());
+                }
+                this.complete();
+                Poll::Ready(Some(Err(error.without_url())))
+            }
+            Poll::Ready(None) => {
+                this.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if let Some(finish) = &mut self.finish {
+            finish.audit.code = Some("consumer_went_away".into());
+        }
+        self.complete();
+    }
+}

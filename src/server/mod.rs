@@ -1,0 +1,303 @@
+//! `crew serve`: opens the state, starts the listeners, checks the homeserver, and runs the
+//! event pump until asked to stop.
+//!
+//! Not for: domain decisions. Who wakes lives in [`crate::dispatch`], what agents do in
+//! [`crate::agent`]; this module only wires them together and owns the tasks' lifetimes.
+
+mod pump;
+mod startup;
+mod turns;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ruma::{OwnedUserId, UserId};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::registry::Registry;
+use crate::agent::team::Team;
+use crate::appservice::inbox::Inbox;
+use crate::appservice::{self, AppserviceState};
+use crate::config::{Config, Loaded};
+use crate::dispatch::queue::WakeQueue;
+use crate::dispatch::{Dispatcher, RoomState, SledHistory};
+use crate::matrix::{MatrixClient, MatrixError};
+use crate::registration::Registration;
+use crate::store::Tree;
+use crate::store::{Store, StoreError};
+
+pub use startup::StartupError;
+
+/// Why `crew serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every part of the running service shares.
+pub struct Crew {
+    pub config: Config,
+    pub registration: Registration,
+    pub client: MatrixClient,
+    pub store: Store,
+    pub inbox: Arc<Inbox>,
+    /// The Manager: the registration's `sender_localpart` user.
+    pub manager: OwnedUserId,
+    pub team: Arc<Team>,
+    /// Who wakes. A std mutex: dispatching is synchronous and never awaits under the lock.
+    pub dispatcher: std::sync::Mutex<DispatchState>,
+    pub history: SledHistory,
+    pub queue: WakeQueue,
+    /// Room state as the dispatcher sees it, persisted per room.
+    room_states: Tree<String, RoomState>,
+    /// Agents whose turn loop is running (one turn per agent at a time).
+    running: std::sync::Mutex<std::collections::HashSet<OwnedUserId>>,
+    /// Turns run per agent since start, for the admin API and tests.
+    pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
+    tasks: tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// The dispatcher and the roster generation it was built from.
+pub struct DispatchState {
+    pub dispatcher: Dispatcher,
+    pub roster_generation: u64,
+}
+
+impl Crew {
+    /// Whether `user` is one of our puppets (the Manager or a Worker).
+    pub fn is_ours(&self, user: &UserId) -> bool {
+        self.registration
+            .is_ours(user.as_str(), self.config.homeserver.server_name.as_str())
+    }
+
+    pub fn is_admin(&self, user: &UserId) -> bool {
+        self.config.admins.iter().any(|admin| admin == user)
+    }
+
+    /// Starts `agent`'s turn loop unless it is already running; the loop takes every pending
+    /// wake, so wakes that arrive during a turn are coalesced into the next one.
+    pub fn wake_agent(self: &Arc<Self>, agent: OwnedUserId) {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if running.insert(agent.clone()) {
+            self.tasks.spawn(turns::drive(self.clone(), agent));
+        }
+    }
+
+    /// Saves one room's dispatcher state.
+    fn persist_room(&self, room: &ruma::RoomId, state: &RoomState) {
+        if let Err(error) = self.room_states.insert(&room.to_string(), state) {
+            tracing::error!(%error, %room, "cannot store room state");
+        }
+    }
+}
+
+/// The dispatcher's view of our agents: the Manager and every active Worker.
+fn dispatch_roster(
+    config: &Config,
+    manager: &UserId,
+    team: &Team,
+) -> Result<crate::dispatch::Crew, String> {
+    use crate::agent::registry::WorkerState;
+    use crate::dispatch::{Agent, Role};
+    let mut agents = vec![Agent {
+        user_id: manager.to_owned(),
+        role: Role::Manager,
+        display_name: config.appservice.manager_display_name.clone(),
+        keywords: Vec::new(),
+    }];
+    let workers = team.registry.list().map_err(|error| error.to_string())?;
+    for worker in workers
+        .into_iter()
+        .filter(|w| w.state == WorkerState::Active)
+    {
+        agents.push(Agent {
+            user_id: worker.user_id,
+            role: Role::Worker,
+            display_name: worker.display_name,
+            keywords: worker.keywords,
+        });
+    }
+    crate::dispatch::Crew::new(
+        agents,
+        config.admins.iter().cloned(),
+        config.invites.allow_users.iter().cloned(),
+        &config.dispatch,
+    )
+    .map_err(|error| error.to_string())
+}
+
+/// Runs until `shutdown` is cancelled or a listener fails.
+pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let Loaded {
+        config,
+        registration,
+        ..
+    } = loaded;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let store = Store::open(&config.database_dir())?;
+    let inbox = Arc::new(Inbox::open(&store)?);
+    let manager = UserId::parse(format!(
+        "@{}:{}",
+        registration.sender_localpart, config.homeserver.server_name
+    ))
+    .map_err(|error| {
+        StartupError::Config(format!(
+            "sender_localpart makes an invalid user id: {error}"
+        ))
+    })?;
+    let client = MatrixClient::new(config.homeserver.url.clone(), registration.as_token.clone());
+    let registry = Registry::open(
+        &store,
+        &config.appservice.user_prefix,
+        config.homeserver.server_name.as_str(),
+    )?;
+    let team = Arc::new(Team::new(registry, client.clone()));
+    let roster = dispatch_roster(&config, &manager, &team).map_err(StartupError::Config)?;
+    let roster_generation = team.registry.generation();
+    let mut dispatcher = Dispatcher::new(config.dispatch.clone(), roster)
+        .map_err(|error| StartupError::Config(error.to_string()))?;
+    let room_states: Tree<String, RoomState> = store.tree("room_states")?;
+    for entry in room_states.iter() {
+        let (room, state) = entry?;
+        if let Ok(room) = ruma::RoomId::parse(&room) {
+            *dispatcher.rooms.entry(&room) = state;
+        }
+    }
+    let history = SledHistory::open(&store)?;
+    let queue = WakeQueue::open(&store)?;
+
+    let (pings, ping_seen) = tokio::sync::watch::channel(None);
+    let state = Arc::new(AppserviceState {
+        hs_token: registration.hs_token.clone(),
+        inbox: inbox.clone(),
+        registration: registration.clone(),
+        server_name: config.homeserver.server_name.to_string(),
+        pings,
+    });
+    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
+    let admin_listener = bind("admin API", config.admin_api.bind).await?;
+    let admin_token =
+        crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
+            ServeError::DataDir {
+                path: config.admin_token_path().display().to_string(),
+                source,
+            }
+        })?;
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let crew = Arc::new(Crew {
+        config,
+        registration,
+        client,
+        store,
+        inbox,
+        manager,
+        team: team.clone(),
+        dispatcher: std::sync::Mutex::new(DispatchState {
+            dispatcher,
+            roster_generation,
+        }),
+        history,
+        queue,
+        room_states,
+        running: Default::default(),
+        turns: Default::default(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    });
+
+    let router = appservice::router(state, crew.config.appservice.max_transaction_bytes);
+    let http_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(appservice_listener, router)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "appservice listener stopped");
+        }
+    });
+    let admin_routes = axum::Router::new()
+        .route(
+            "/status",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({ "running": true })) }),
+        )
+        .nest("/workers", crate::agent::team::admin_router(team))
+        .nest("/dispatch", turns::admin_router(crew.clone()));
+    tasks.spawn(crate::admin::serve(
+        admin_listener,
+        admin_token,
+        admin_routes,
+        shutdown.clone(),
+    ));
+
+    let checked = tokio::select! {
+        checked = startup::check_homeserver(&crew, ping_seen) => checked,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    if let Err(error) = checked {
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        return Err(error.into());
+    }
+    tracing::info!(
+        manager = %crew.manager,
+        appservice = %crew.config.appservice.bind,
+        "crew is ready"
+    );
+
+    tasks.spawn(startup::ping_periodically(crew.clone(), shutdown.clone()));
+    tasks.spawn(startup::greet_admins(crew.clone()));
+    tasks.spawn(startup::refresh_rooms(crew.clone()));
+    tasks.spawn(pump::run(crew.clone(), shutdown.clone()));
+    // Wakes that a previous run acknowledged but did not finish run now.
+    match crew.queue.agents_with_pending() {
+        Ok(agents) => {
+            for agent in agents {
+                crew.wake_agent(agent);
+            }
+        }
+        Err(error) => tracing::error!(%error, "cannot read pending wakes"),
+    }
+
+    shutdown.cancelled().await;
+    tasks.close();
+    tasks.wait().await;
+    crew.store.flush().await?;
+    Ok(())
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// Logs a homeserver error from a background task without stopping the service.
+pub(crate) fn log_matrix_error(what: &str, error: &MatrixError) {
+    tracing::warn!(%error, "{what}");
+}

@@ -1,0 +1,297 @@
+//! The event pump: takes events from the durable inbox in order, lets the dispatcher decide who
+//! wakes, and turns the decision into durable wakes in the same sled transaction that removes the
+//! event from the inbox. A crash therefore means handling an event again (never losing it), and
+//! every send uses a transaction id derived from the event, so handling twice never answers twice.
+
+use std::sync::Arc;
+
+use ruma::{OwnedRoomId, RoomId, UserId};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::Crew;
+use crate::appservice::inbox::now_ms;
+use crate::dispatch::queue::PendingWake;
+use crate::dispatch::{Decision, Signal};
+use crate::matrix::{CreateRoom, OutgoingMessage};
+
+/// Events taken from the inbox per round.
+const BATCH: usize = 100;
+
+pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
+    loop {
+        let batch = match crew.inbox.pending(BATCH) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the inbox; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = crew.inbox.arrived() => continue,
+                () = shutdown.cancelled() => return,
+            }
+        }
+        for (seq, entry) in batch {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let wakes = handle(&crew, &entry.event).await;
+            if let Err(error) = crew.queue.commit(&crew.inbox, seq, &wakes) {
+                tracing::error!(%error, seq, "cannot queue wakes; the event stays in the inbox");
+                continue;
+            }
+            for wake in wakes {
+                crew.wake_agent(wake.agent);
+            }
+        }
+    }
+}
+
+/// Handles one event and returns the wakes it causes. Never fails: problems are logged.
+#[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
+async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
+    let decision = dispatch(crew, event);
+    if let Some(fact) = &decision.remember {
+        if let Err(error) = crew.history.remember(fact) {
+            tracing::error!(%error, "cannot remember the event's sender");
+        }
+    }
+    let room = event
+        .get("room_id")
+        .and_then(Value::as_str)
+        .and_then(|id| RoomId::parse(id).ok());
+    let sender = event
+        .get("sender")
+        .and_then(Value::as_str)
+        .and_then(|id| UserId::parse(id).ok());
+    let (Some(room), Some(sender)) = (room, sender) else {
+        return Vec::new();
+    };
+    if event.get("type").and_then(Value::as_str) == Some("m.room.member") {
+        handle_membership(crew, &room, &sender, event).await;
+    }
+    for signal in &decision.signals {
+        post_signal(crew, &room, event, &decision, signal).await;
+    }
+    let queued_ms = now_ms();
+    decision
+        .wakes
+        .iter()
+        .map(|wake| PendingWake {
+            agent: wake.agent.clone(),
+            room: room.clone(),
+            event: event.clone(),
+            depth: wake.depth,
+            reasons: wake.reasons.clone(),
+            queued_ms,
+        })
+        .collect()
+}
+
+/// Runs the dispatcher on one event (reloading the roster first if it changed) and saves the
+/// room's state.
+fn dispatch(crew: &Crew, event: &Value) -> Decision {
+    let mut state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let generation = crew.team.registry.generation();
+    if generation != state.roster_generation {
+        match super::dispatch_roster(&crew.config, &crew.manager, &crew.team) {
+            Ok(roster) => {
+                state.dispatcher.set_crew(roster);
+                state.roster_generation = generation;
+            }
+            Err(error) => tracing::error!(%error, "cannot reload the roster; keeping the old one"),
+        }
+    }
+    let decision = state.dispatcher.dispatch(event, &crew.history, now_ms());
+    let room = event
+        .get("room_id")
+        .and_then(Value::as_str)
+        .and_then(|id| RoomId::parse(id).ok());
+    if let Some(room) = room {
+        if let Some(room_state) = state.dispatcher.rooms.get(&room) {
+            crew.persist_room(&room, room_state);
+        }
+    }
+    tracing::debug!(
+        woken = ?decision.wakes.iter().map(|w| w.agent.as_str()).collect::<Vec<_>>(),
+        ignored = ?decision.ignored,
+        skipped = ?decision.skips.iter().map(|s| (s.agent.as_str(), s.reason)).collect::<Vec<_>>(),
+        "dispatched"
+    );
+    decision
+}
+
+async fn handle_membership(crew: &Arc<Crew>, room: &OwnedRoomId, sender: &UserId, event: &Value) {
+    let Some(target) = event
+        .get("state_key")
+        .and_then(Value::as_str)
+        .and_then(|id| UserId::parse(id).ok())
+    else {
+        return;
+    };
+    if !crew.is_ours(&target) {
+        return;
+    }
+    let membership = event
+        .pointer("/content/membership")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    match membership {
+        "invite" => {
+            let known = target == crew.manager
+                || matches!(crew.team.registry.by_user(&target), Ok(Some(_)));
+            let reason = if !known {
+                Some(format!(
+                    "{target} is not an agent of this crew; ask the Manager to create it first"
+                ))
+            } else if !crew.config.invites.allows(sender, &crew.config.admins) {
+                Some(format!(
+                    "{target} only accepts invites from the people its admins allow; ask one of them to invite it"
+                ))
+            } else {
+                None
+            };
+            match reason {
+                None => match crew.client.join(&target, room).await {
+                    Ok(()) => {
+                        tracing::info!(%room, agent = %target, inviter = %sender, "joined on invite");
+                        // Know the room now, not when our join's echo arrives: the next message
+                        // in the inbox may already be for us.
+                        seed_room(crew, &target, room).await;
+                    }
+                    Err(error) => super::log_matrix_error("cannot join on invite", &error),
+                },
+                Some(reason) => match crew.client.leave(&target, room, Some(&reason)).await {
+                    Ok(()) => {
+                        tracing::info!(%room, agent = %target, inviter = %sender, "declined an invite")
+                    }
+                    Err(error) => super::log_matrix_error("cannot decline an invite", &error),
+                },
+            }
+        }
+        "join" => seed_room(crew, &target, room).await,
+        _ => {}
+    }
+}
+
+/// Fetches a room's whole state as `agent` (we see nothing from before we joined) and gives it
+/// to the dispatcher.
+pub(super) async fn seed_room(crew: &Crew, agent: &UserId, room: &RoomId) {
+    match crew.client.room_state(agent, room).await {
+        Ok(events) => {
+            let mut state = crew
+                .dispatcher
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let room_state = state.dispatcher.rooms.entry(room);
+            for event in &events {
+                room_state.apply_event(event);
+            }
+            let snapshot = room_state.clone();
+            drop(state);
+            crew.persist_room(room, &snapshot);
+        }
+        Err(error) => super::log_matrix_error("cannot fetch room state", &error),
+    }
+}
+
+/// Posts what a dispatcher signal asks for: one-time notices (never waking anyone: `m.notice`).
+async fn post_signal(
+    crew: &Crew,
+    room: &OwnedRoomId,
+    event: &Value,
+    decision: &Decision,
+    signal: &Signal,
+) {
+    let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
+    let (agent, message, key) = match signal {
+        Signal::MentionHint { agent } => {
+            let name = display_name(crew, room, agent);
+            (
+                agent.clone(),
+                OutgoingMessage::notice(format!(
+                    "I only wake up when I am mentioned: type `@` and pick **{name}** from the list (or reply to one of my messages), and I will answer."
+                )),
+                format!("hint:{event_id}:{agent}"),
+            )
+        }
+        Signal::LoopStopped { depth, max_depth } => {
+            let agent = decision
+                .sender
+                .clone()
+                .filter(|sender| crew.is_ours(sender))
+                .unwrap_or_else(|| crew.manager.clone());
+            (
+                agent,
+                OutgoingMessage::notice(format!(
+                    "Agents stopped waking each other here: the chain reached depth {depth} (the limit is {max_depth}). Mention an agent to continue."
+                )),
+                format!("loop:{event_id}"),
+            )
+        }
+        Signal::EncryptedRoom { agent } => {
+            let humans: Vec<_> = {
+                let state = crew
+                    .dispatcher
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                state
+                    .dispatcher
+                    .rooms
+                    .get(room)
+                    .map(|room| {
+                        room.joined_members()
+                            .filter(|member| !crew.is_ours(member))
+                            .map(|member| member.to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let name = display_name(crew, room, agent);
+            let offer = CreateRoom {
+                name: Some(format!("{name} (unencrypted)")),
+                topic: Some(format!("A room where {name} can read what you write")),
+                invite: humans,
+                ..CreateRoom::default()
+            };
+            let text = match crew.client.create_room(agent, &offer).await {
+                Ok(_) => "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there.".to_owned(),
+                Err(error) => {
+                    super::log_matrix_error("cannot open an unencrypted room", &error);
+                    "This room is encrypted, so I cannot read anything said here. Invite me into an unencrypted room instead.".to_owned()
+                }
+            };
+            (
+                agent.clone(),
+                OutgoingMessage::notice(text),
+                format!("encrypted:{room}:{agent}"),
+            )
+        }
+    };
+    if let Err(error) = crew.client.send(&agent, room, &key, &message).await {
+        super::log_matrix_error("cannot post a notice", &error);
+    }
+}
+
+/// An agent's or person's name in a room, falling back to the localpart.
+pub(super) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String {
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    state
+        .dispatcher
+        .rooms
+        .get(room)
+        .and_then(|room| room.member(user))
+        .and_then(|member| member.display_name.clone())
+        .unwrap_or_else(|| user.localpart().to_owned())
+}

@@ -1,0 +1,655 @@
+//! The appservice core against a real Synapse and the real `crew` binary.
+
+#[path = "support/crew.rs"]
+mod crew;
+#[path = "support/synapse.rs"]
+mod synapse;
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::time::Duration;
+
+use crew::CrewEnv;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manager_greets_admin_and_acknowledges_a_mention() {
+    let env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    // On first start the Manager opens a DM with the admin. The admin registered after crew
+    // started, but the invite waits for them.
+    let dm = tools::wait_for("the Manager's DM invite", WAIT, || async {
+        admin.invites().await.into_iter().next()
+    })
+    .await;
+    admin.join(&dm).await;
+    let greeting = tools::wait_for("the greeting", WAIT, || async {
+        admin.messages_from(&dm, &manager).await.into_iter().next()
+    })
+    .await;
+    assert!(
+        greeting["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Manager")
+    );
+    assert!(greeting["content"]["m.mentions"]["user_ids"][0] == admin.user_id.as_str());
+
+    // A group room (two people and the Manager): a mention gets an acknowledgement naming us.
+    let bob = env.synapse.register_user("bob").await;
+    let room = admin
+        .create_room("project", &[&manager, &bob.user_id])
+        .await;
+    bob.join(&room).await;
+    tools::wait_for("the Manager to join", WAIT, || async {
+        let member = admin.membership(&room, &manager).await?;
+        (member["membership"] == "join").then_some(())
+    })
+    .await;
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "nobody is mentioned here", "m.mentions": {}}),
+        )
+        .await;
+    let asked = admin
+        .send_mention(&room, "are you there?", &[&manager])
+        .await;
+    let ack = tools::wait_for("the acknowledgement", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let body = ack["content"]["body"].as_str().unwrap();
+    assert!(
+        body.contains("admin"),
+        "the acknowledgement names the sender: {body}"
+    );
+    assert_eq!(
+        ack["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+        asked.as_str()
+    );
+    // Only the mention was answered.
+    assert_eq!(admin.messages_from(&room, &manager).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_strangers_invite_is_declined_with_a_reason() {
+    let env = CrewEnv::start().await;
+    let stranger = env.synapse.register_user("stranger").await;
+    let manager = env.manager_id();
+    let room = stranger.create_room("spam", &[&manager]).await;
+    let member = tools::wait_for("the Manager to decline", WAIT, || async {
+        let member = stranger.membership(&room, &manager).await?;
+        (member["membership"] == "leave").then_some(member)
+    })
+    .await;
+    let reason = member["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("admins"), "decline says why: {member}");
+}
+
+#[path = "support/tuwunel_replay.rs"]
+mod tuwunel_replay;
+
+use serde_json::Value;
+use synapse::TestUser;
+
+/// An admin and a group room the Manager has joined.
+async fn room_with_manager(env: &CrewEnv) -> (TestUser, String) {
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("work", &[&manager]).await;
+    tools::wait_for("the Manager to join", WAIT, || async {
+        let member = admin.membership(&room, &manager).await?;
+        (member["membership"] == "join").then_some(())
+    })
+    .await;
+    (admin, room)
+}
+
+/// A message event as a homeserver would push it, mentioning the Manager.
+fn mention_event(room: &str, sender: &str, manager: &str, id: &str) -> Value {
+    json!({
+        "type": "m.room.message",
+        "event_id": format!("$replayed-{id}"),
+        "room_id": room,
+        "sender": sender,
+        "origin_server_ts": 1_700_000_000_000u64,
+        "content": {
+            "msgtype": "m.text",
+            "body": format!("{manager} please look at {id}"),
+            "m.mentions": { "user_ids": [manager] },
+        },
+    })
+}
+
+async fn put_transaction(env: &CrewEnv, txn: &str, events: &[Value]) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .put(format!(
+            "{}/_matrix/app/v1/transactions/{txn}",
+            env.appservice_url()
+        ))
+        .bearer_auth(env.hs_token())
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends a sentinel mention and waits for its acknowledgement: the pump handles events in
+/// order, so every event sent before it has been handled too. Returns the Manager's messages.
+async fn settle(env: &CrewEnv, admin: &TestUser, room: &str) -> Vec<Value> {
+    let manager = env.manager_id();
+    let sentinel = mention_event(
+        room,
+        &admin.user_id,
+        &manager,
+        &format!("sentinel-{}", rand_id()),
+    );
+    let sentinel_id = sentinel["event_id"].as_str().unwrap().to_owned();
+    let (status, _) = put_transaction(env, &format!("sentinel-{}", rand_id()), &[sentinel]).await;
+    assert_eq!(status, 200);
+    tools::wait_for("the sentinel's acknowledgement", WAIT, || async {
+        let acks = admin.messages_from(room, &manager).await;
+        acks.iter()
+            .any(|ack| {
+                ack["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == sentinel_id.as_str()
+            })
+            .then_some(acks)
+    })
+    .await
+}
+
+fn replied_to(acks: &[Value]) -> Vec<String> {
+    acks.iter()
+        .filter_map(|ack| ack["content"]["m.relates_to"]["m.in_reply_to"]["event_id"].as_str())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn rand_id() -> String {
+    use rand::Rng;
+    format!("{:012x}", rand::thread_rng().r#gen::<u64>() >> 16)
+}
+
+#[tokio::test]
+async fn init_writes_a_valid_registration_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = |force: bool| {
+        let mut command = std::process::Command::new(crew::crew_binary());
+        command
+            .args([
+                "init",
+                "--homeserver",
+                "http://127.0.0.1:8008",
+                "--server-name",
+                "example.org",
+            ])
+            .args(["--admin", "@me:example.org", "--data-dir"])
+            .arg(&data);
+        if force {
+            command.arg("--force");
+        }
+        command.output().unwrap()
+    };
+    assert!(init(false).status.success());
+    let read = || -> serde_yaml::Value {
+        serde_yaml::from_str(&std::fs::read_to_string(data.join("registration.yaml")).unwrap())
+            .unwrap()
+    };
+    let registration = read();
+    let as_token = registration["as_token"].as_str().unwrap().to_owned();
+    let hs_token = registration["hs_token"].as_str().unwrap();
+    assert!(
+        as_token.len() >= 43 && hs_token.len() >= 43,
+        "32 random bytes each"
+    );
+    assert_ne!(as_token, hs_token);
+    assert_eq!(registration["rate_limited"], serde_yaml::Value::Bool(false));
+    assert_eq!(registration["sender_localpart"].as_str(), Some("crew"));
+    let namespace = &registration["namespaces"]["users"][0];
+    assert_eq!(namespace["exclusive"], serde_yaml::Value::Bool(true));
+    assert_eq!(
+        namespace["regex"].as_str(),
+        Some(r"^@crew_[a-z0-9._=/-]+:example\.org$")
+    );
+    assert!(
+        std::fs::read_to_string(data.join("config.toml"))
+            .unwrap()
+            .contains("@me:example.org")
+    );
+
+    let again = init(false);
+    assert!(!again.status.success());
+    let message = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        message.contains("--force"),
+        "refusal names the fix: {message}"
+    );
+    assert_eq!(
+        read()["as_token"].as_str().unwrap(),
+        as_token,
+        "nothing was overwritten"
+    );
+
+    assert!(init(true).status.success());
+    assert_ne!(
+        read()["as_token"].as_str().unwrap(),
+        as_token,
+        "--force makes fresh tokens"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_appservice_api_answers_with_matrix_errors() {
+    let env = CrewEnv::start().await;
+    let http = reqwest::Client::new();
+    let base = env.appservice_url();
+    let token = env.hs_token();
+    let txn = |n: &str| format!("{base}/_matrix/app/v1/transactions/{n}");
+    let call = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        (
+            status,
+            body["errcode"].as_str().unwrap_or("").to_owned(),
+            body,
+        )
+    };
+    let empty = json!({ "events": [] });
+
+    let (status, code, _) = call(http.put(txn("a")).json(&empty)).await;
+    assert_eq!((status, code.as_str()), (401, "M_UNAUTHORIZED"));
+    let (status, code, _) = call(http.put(txn("b")).bearer_auth("wrong").json(&empty)).await;
+    assert_eq!((status, code.as_str()), (403, "M_FORBIDDEN"));
+    let (status, code, _) = call(
+        http.put(format!("{}?access_token=wrong", txn("c")))
+            .json(&empty),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (403, "M_FORBIDDEN"));
+    // Both presented: both must match.
+    let (status, code, _) = call(
+        http.put(format!("{}?access_token=wrong", txn("d")))
+            .bearer_auth(&token)
+            .json(&empty),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (403, "M_FORBIDDEN"));
+    let (status, _, body) = call(
+        http.put(format!("{}?access_token={token}", txn("e")))
+            .bearer_auth(&token)
+            .json(&empty),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({})));
+    let (status, _, body) = call(
+        http.put(format!("{}?access_token={token}", txn("f")))
+            .json(&empty),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({})),
+        "legacy query parameter alone"
+    );
+
+    let (status, code, _) = call(
+        http.get(format!("{base}/_matrix/app/v1/nope"))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (404, "M_UNRECOGNIZED"));
+    let (status, _, _) = call(http.get(txn("g")).bearer_auth(&token)).await;
+    assert_eq!(status, 405);
+    let (status, code, _) = call(
+        http.get(format!("{base}/_matrix/app/v1/users/%40nobody%3Acrew.test"))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (404, "M_NOT_FOUND"));
+    let (status, _, body) = call(
+        http.post(format!("{base}/_matrix/app/v1/ping"))
+            .bearer_auth(&token)
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({})));
+
+    // Bodies up to at least 32 MiB are accepted.
+    let big = "x".repeat(60 * 1024);
+    let events: Vec<Value> = (0..560)
+        .map(|i| json!({"type": "m.room.message", "event_id": format!("$big{i}"), "room_id": "!nowhere:crew.test",
+                        "sender": "@someone:crew.test", "content": {"msgtype": "m.text", "body": big}}))
+        .collect();
+    let body = serde_json::to_vec(&json!({ "events": events })).unwrap();
+    assert!(body.len() > 32 * 1024 * 1024);
+    let (status, _, _) = call(http.put(txn("big")).bearer_auth(&token).body(body)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_and_concurrent_transactions_are_processed_once() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let first = mention_event(&room, &admin.user_id, &manager, "one");
+    let second = mention_event(&room, &admin.user_id, &manager, "two");
+    // The same transaction twice, one after the other…
+    for _ in 0..2 {
+        assert_eq!(
+            put_transaction(&env, "txn-1", &[first.clone()]).await.0,
+            200
+        );
+    }
+    // …and five copies of another at the same moment.
+    let copies = (0..5).map(|_| put_transaction(&env, "txn-2", std::slice::from_ref(&second)));
+    for (status, _) in futures::future::join_all(copies).await {
+        assert_eq!(status, 200);
+    }
+    // The same event again under a new transaction id is still a duplicate.
+    assert_eq!(
+        put_transaction(&env, "txn-3", &[first.clone()]).await.0,
+        200
+    );
+
+    let acks = settle(&env, &admin, &room).await;
+    let replied = replied_to(&acks);
+    for id in ["$replayed-one", "$replayed-two"] {
+        assert_eq!(
+            replied.iter().filter(|r| *r == id).count(),
+            1,
+            "{id} answered once: {replied:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_event_does_not_stop_the_others() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let events = vec![
+        mention_event(&room, &admin.user_id, &manager, "before"),
+        json!(42),
+        json!({"type": "m.room.message", "content": {"body": "no event id"}}),
+        json!({"type": "m.room.message", "event_id": "$bad-content", "room_id": room, "sender": admin.user_id, "content": "not an object"}),
+        json!({"type": "m.room.message", "event_id": "$bad-sender", "room_id": room, "sender": "not a user id", "content": {}}),
+        mention_event(&room, &admin.user_id, &manager, "after"),
+    ];
+    let (status, body) = put_transaction(&env, "mixed", &events).await;
+    assert_eq!((status, body), (200, json!({})));
+    let replied = replied_to(&settle(&env, &admin, &room).await);
+    assert!(
+        replied.contains(&"$replayed-before".to_owned()),
+        "{replied:?}"
+    );
+    assert!(
+        replied.contains(&"$replayed-after".to_owned()),
+        "{replied:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_after_the_answer_loses_nothing_and_answers_once() {
+    let mut env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    // Fewer than the per-agent wake rate limit (20 a minute), so that every one must be answered.
+    let events: Vec<Value> = (0..12)
+        .map(|i| mention_event(&room, &admin.user_id, &manager, &format!("k{i}")))
+        .collect();
+    let (status, _) = put_transaction(&env, "before-the-crash", &events).await;
+    assert_eq!(status, 200);
+    env.kill_crew();
+    env.start_crew().await;
+    let replied = replied_to(&settle(&env, &admin, &room).await);
+    for i in 0..12 {
+        let id = format!("$replayed-k{i}");
+        assert_eq!(
+            replied.iter().filter(|r| **r == id).count(),
+            1,
+            "{id} answered exactly once: {replied:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
+    let mut env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let replay = tuwunel_replay::TuwunelReplay::start(
+        &env.synapse.url,
+        &env.appservice_url(),
+        &env.hs_token(),
+    )
+    .await;
+    env.kill_crew();
+    // crew now talks to the homeserver through the Tuwunel-style relay.
+    env.homeserver_url = replay.url.clone();
+    replay
+        .push(vec![mention_event(
+            &room,
+            &admin.user_id,
+            &manager,
+            "while-down",
+        )])
+        .await;
+    assert_eq!(
+        replay.backlog_len(),
+        1,
+        "delivery failed while crew was down and is held, not retried"
+    );
+    env.start_crew().await;
+    // Nothing but crew's own ping can release the backlog now.
+    let acks = tools::wait_for("the held-back event's acknowledgement", WAIT, || async {
+        let acks = admin.messages_from(&room, &manager).await;
+        replied_to(&acks)
+            .contains(&"$replayed-while-down".to_owned())
+            .then_some(acks)
+    })
+    .await;
+    assert_eq!(replay.backlog_len(), 0);
+    let deliveries = replay.deliveries();
+    assert!(
+        deliveries.iter().any(|(_, status)| *status == Some(200)),
+        "{deliveries:?}"
+    );
+    // Tuwunel resends the same transaction id on a later ping; it must not be answered twice.
+    replay
+        .push(vec![mention_event(
+            &room,
+            &admin.user_id,
+            &manager,
+            "while-down",
+        )])
+        .await;
+    let replied = replied_to(&settle(&env, &admin, &room).await);
+    assert_eq!(
+        replied
+            .iter()
+            .filter(|r| *r == "$replayed-while-down")
+            .count(),
+        1
+    );
+    drop(acks);
+}
+
+/// Runs `crew serve` with extra environment and returns (exit success, everything it logged),
+/// or panics if it does not exit within the deadline.
+async fn serve_until_exit(env: &CrewEnv, extra: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new(crew::crew_binary());
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(env.config_path())
+        .env("CREW_HOMESERVER__URL", &env.synapse.url)
+        .env("CREW_HOMESERVER__STARTUP_WAIT_SECS", "1")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .expect("crew serve exits on a failed start-up check")
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_says_what_is_wrong() {
+    let mut env = CrewEnv::start().await;
+    env.kill_crew();
+
+    let closed = format!("http://127.0.0.1:{}", tools::free_port());
+    let (ok, log) = serve_until_exit(&env, &[("CREW_HOMESERVER__URL", &closed)]).await;
+    assert!(!ok);
+    assert!(
+        log.contains("no Matrix homeserver answers at") && log.contains("homeserver.url"),
+        "{log}"
+    );
+
+    let wrong = "w".repeat(43);
+    let (ok, log) = serve_until_exit(&env, &[("CREW_AS_TOKEN", &wrong)]).await;
+    assert!(!ok);
+    assert!(
+        log.contains("does not accept crew's as_token") && log.contains("docs/homeservers.md"),
+        "{log}"
+    );
+    assert!(!log.contains(&wrong), "the rejected token is not printed");
+
+    // The homeserver cannot reach crew: crew listens somewhere else than the registration says.
+    let elsewhere = format!("127.0.0.1:{}", tools::free_port());
+    let log_path = env.data_dir.join("unreachable.log");
+    let mut crew = tokio::process::Command::new(crew::crew_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(env.config_path())
+        .env("CREW_HOMESERVER__URL", &env.synapse.url)
+        .env("CREW_APPSERVICE__BIND", &elsewhere)
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tools::wait_for("the ping failure to be explained", WAIT, || async {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        log.contains("cannot reach crew at").then_some(())
+    })
+    .await;
+    crew.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_never_reach_the_logs() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    settle(&env, &admin, &room).await;
+    let registration = env.registration();
+    let logs = env.all_logs();
+    assert!(logs.contains("crew is ready"));
+    for key in ["as_token", "hs_token"] {
+        let token = registration[key].as_str().unwrap();
+        assert!(!logs.contains(token), "{key} leaked into the logs");
+    }
+}
+
+fn crew_cli(env: &CrewEnv, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(crew::crew_binary())
+        .arg("--config")
+        .arg(env.config_path())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_are_created_once_and_join_when_an_admin_invites_them() {
+    let env = CrewEnv::start().await;
+    let (ok, out) = crew_cli(&env, &["workers", "add", "Alice", "--role", "frontend"]);
+    assert!(ok && out.contains("created alice"), "{out}");
+    let (ok, out) = crew_cli(&env, &["workers", "add", "alice"]);
+    assert!(ok && out.contains("exists: alice"), "{out}");
+    let (ok, out) = crew_cli(&env, &["workers", "list"]);
+    assert!(
+        ok && out.contains("@crew_alice:crew.test") && out.contains("frontend"),
+        "{out}"
+    );
+    let (ok, out) = crew_cli(&env, &["workers", "add", "../etc"]);
+    assert!(!ok && out.contains("not a valid worker name"), "{out}");
+
+    let admin = env.admin().await;
+    let (status, profile) = admin
+        .request(
+            reqwest::Method::GET,
+            "/_matrix/client/v3/profile/@crew_alice:crew.test/displayname",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, profile["displayname"].as_str()),
+        (200, Some("Alice"))
+    );
+    let room = admin
+        .create_room("frontend", &["@crew_alice:crew.test"])
+        .await;
+    tools::wait_for("alice to join", WAIT, || async {
+        let member = admin.membership(&room, "@crew_alice:crew.test").await?;
+        (member["membership"] == "join").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn admin_commands_say_when_crew_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = tools::free_port();
+    let output = std::process::Command::new(crew::crew_binary())
+        .args([
+            "init",
+            "--homeserver",
+            "http://127.0.0.1:1",
+            "--server-name",
+            "x.test",
+            "--admin",
+            "@a:x.test",
+        ])
+        .args(["--admin-bind", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    std::fs::write(data.join("admin.token"), "t").unwrap();
+    let output = std::process::Command::new(crew::crew_binary())
+        .arg("--config")
+        .arg(data.join("config.toml"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("crew serve is not running"), "{text}");
+}

@@ -1,0 +1,219 @@
+//! Runs the real `crew` binary against a real Synapse: one homeserver and one `crew` per test
+//! environment, in a temporary directory that holds everything both write.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::synapse::{Synapse, TestUser, tail};
+use super::tools;
+
+pub const ADMIN: &str = "admin";
+
+/// The `crew` binary cargo built for these tests.
+pub fn crew_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_crew"))
+}
+
+/// A homeserver, a `crew` registered with it, and the admin user.
+pub struct CrewEnv {
+    pub root: tempfile::TempDir,
+    pub synapse: Synapse,
+    pub crew: Option<CrewProcess>,
+    pub data_dir: PathBuf,
+    pub appservice_port: u16,
+    pub admin_port: u16,
+    /// The homeserver URL crew is told to use (Synapse, or a relay in front of it).
+    pub homeserver_url: String,
+    /// The admin named in the config, registered before crew first starts (as in real life).
+    admin: TestUser,
+}
+
+impl CrewEnv {
+    /// `crew init`, Synapse started with the registration, then `crew serve` until ready.
+    pub async fn start() -> CrewEnv {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`CrewEnv::start`], with a chance to edit the config file before `crew serve`.
+    pub async fn start_with(edit_config: impl FnOnce(&Path)) -> CrewEnv {
+        let root = tempfile::tempdir().unwrap();
+        let data_dir = root.path().join("data");
+        let appservice_port = tools::free_port();
+        let admin_port = tools::free_port();
+        let output = Command::new(crew_binary())
+            .args([
+                "init",
+                "--homeserver",
+                "http://127.0.0.1:1",
+                "--server-name",
+                "crew.test",
+            ])
+            .args(["--admin", &format!("@{ADMIN}:crew.test")])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--bind", &format!("127.0.0.1:{appservice_port}")])
+            .args(["--admin-bind", &format!("127.0.0.1:{admin_port}")])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "crew init: {output:?}");
+        edit_config(&data_dir.join("config.toml"));
+        let synapse = Synapse::start(
+            &root.path().join("synapse"),
+            &[data_dir.join("registration.yaml")],
+        )
+        .await;
+        let admin = synapse.register_user(ADMIN).await;
+        let mut env = CrewEnv {
+            root,
+            synapse,
+            crew: None,
+            data_dir,
+            appservice_port,
+            admin_port,
+            homeserver_url: String::new(),
+            admin,
+        };
+        env.homeserver_url = env.synapse.url.clone();
+        env.start_crew().await;
+        env
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.data_dir.join("config.toml")
+    }
+
+    pub fn registration(&self) -> serde_yaml::Value {
+        serde_yaml::from_str(
+            &std::fs::read_to_string(self.data_dir.join("registration.yaml")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    pub fn hs_token(&self) -> String {
+        self.registration()["hs_token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn appservice_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.appservice_port)
+    }
+
+    pub fn manager_id(&self) -> String {
+        "@crew:crew.test".to_owned()
+    }
+
+    /// Starts (or restarts) `crew serve` and waits until it says it is ready.
+    pub async fn start_crew(&mut self) {
+        let run = self.crew.as_ref().map_or(0, |crew| crew.run + 1);
+        let crew = CrewProcess::start(
+            &self.config_path(),
+            &self.homeserver_url,
+            &self.data_dir,
+            run,
+        );
+        crew.wait_for_log("crew is ready", Duration::from_secs(60))
+            .await;
+        self.crew = Some(crew);
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill_crew(&mut self) {
+        if let Some(crew) = self.crew.as_mut() {
+            crew.kill();
+        }
+    }
+
+    pub async fn admin(&self) -> TestUser {
+        self.admin.clone()
+    }
+
+    /// Everything crew logged in every run so far.
+    pub fn all_logs(&self) -> String {
+        let mut text = String::new();
+        for entry in std::fs::read_dir(&self.data_dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("crew-run-") {
+                text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        text
+    }
+}
+
+/// A running `crew serve`; killed on drop.
+pub struct CrewProcess {
+    child: Child,
+    pub log: PathBuf,
+    pub run: u32,
+}
+
+impl CrewProcess {
+    pub fn start(config: &Path, homeserver: &str, data_dir: &Path, run: u32) -> CrewProcess {
+        let log = data_dir.join(format!("crew-run-{run}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(crew_binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("CREW_HOMESERVER__URL", homeserver)
+            .env("CREW_APPSERVICE__PING_INTERVAL_SECS", "1")
+            .env("RUST_LOG", "info,matrix_crew=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start crew serve");
+        CrewProcess { child, log, run }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn wait_for_log(&self, needle: &str, deadline: Duration) {
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if std::time::Instant::now() > until {
+                panic!(
+                    "crew did not log {needle:?} within {deadline:?}:\n{}",
+                    tail(&self.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for CrewProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Drop for CrewEnv {
+    /// A failing test shows what crew and Synapse logged, which is most of the diagnosis.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(crew) = &self.crew {
+                eprintln!("---- crew log (run {}) ----\n{}", crew.run, tail(&crew.log));
+            }
+            eprintln!(
+                "---- synapse log ----\n{}",
+                tail(&self.synapse.dir.join("synapse.log"))
+            );
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Replays how Tuwunel delivers transactions, in front of a real Synapse.
+//!
+//! Tuwunel never retries a failed transaction on a timer: it resends only when the next event
+//! arrives or when the appservice pings it. It sends the hs_token both as a Bearer header and
+//! as the `access_token` query parameter, and its transaction ids are hashes of the events.
+//! This relay forwards every client-server request to Synapse unchanged, except that a
+//! `POST /_matrix/client/v1/appservice/{id}/ping` first delivers its held-back transactions to
+//! the appservice, Tuwunel style.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone)]
+pub struct TuwunelReplay {
+    inner: Arc<Inner>,
+    pub url: String,
+}
+
+struct Inner {
+    synapse: String,
+    appservice: String,
+    hs_token: String,
+    http: reqwest::Client,
+    backlog: Mutex<Vec<(String, Value)>>,
+    /// While true, message sends from the appservice are held (not forwarded) until released.
+    hold_sends: tokio::sync::watch::Sender<bool>,
+    held: std::sync::atomic::AtomicUsize,
+    /// (txn id, status) of every delivery attempt, in order.
+    pub deliveries: Mutex<Vec<(String, Option<u16>)>>,
+}
+
+impl TuwunelReplay {
+    pub async fn start(synapse: &str, appservice: &str, hs_token: &str) -> TuwunelReplay {
+        let inner = Arc::new(Inner {
+            synapse: synapse.to_owned(),
+            appservice: appservice.to_owned(),
+            hs_token: hs_token.to_owned(),
+            http: reqwest::Client::new(),
+            backlog: Mutex::new(Vec::new()),
+            hold_sends: tokio::sync::watch::channel(false).0,
+            held: Default::default(),
+            deliveries: Mutex::new(Vec::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .fallback(relay)
+            .with_state(inner.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        TuwunelReplay { inner, url }
+    }
+
+    /// Queues events as one transaction (id = hash of the events) and tries to deliver the
+    /// backlog once, as Tuwunel does when a new event arrives.
+    pub async fn push(&self, events: Vec<Value>) {
+        let mut hasher = Sha256::new();
+        for event in &events {
+            hasher.update(event.to_string().as_bytes());
+        }
+        let txn_id = base64_url(&hasher.finalize());
+        self.inner
+            .backlog
+            .lock()
+            .unwrap()
+            .push((txn_id, json!({ "events": events })));
+        self.inner.deliver().await;
+    }
+
+    /// Holds every `m.room.message` send until [`TuwunelReplay::release_sends`]: the sender is
+    /// left mid-request, as with a slow homeserver.
+    pub fn hold_sends(&self) {
+        self.inner.hold_sends.send_replace(true);
+    }
+
+    pub fn release_sends(&self) {
+        self.inner.hold_sends.send_replace(false);
+    }
+
+    /// Sends currently held.
+    pub fn held(&self) -> usize {
+        self.inner.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn backlog_len(&self) -> usize {
+        self.inner.backlog.lock().unwrap().len()
+    }
+
+    pub fn deliveries(&self) -> Vec<(String, Option<u16>)> {
+        self.inner.deliveries.lock().unwrap().clone()
+    }
+}
+
+impl Inner {
+    /// Sends each held transaction in order; stops at the first failure and keeps the rest.
+    async fn deliver(&self) {
+        loop {
+            let Some((txn_id, body)) = self.backlog.lock().unwrap().first().cloned() else {
+                return;
+            };
+            let url = format!(
+                "{}/_matrix/app/v1/transactions/{}?access_token={}",
+                self.appservice, txn_id, self.hs_token
+            );
+            let status = self
+                .http
+                .put(url)
+                .bearer_auth(&self.hs_token)
+                .json(&body)
+                .send()
+                .await
+                .ok()
+                .map(|response| response.status().as_u16());
+            self.deliveries.lock().unwrap().push((txn_id, status));
+            if status != Some(200) {
+                return;
+            }
+            self.backlog.lock().unwrap().remove(0);
+        }
+    }
+}
+
+async fn relay(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if method == Method::POST && uri.path().starts_with("/_matrix/client/v1/appservice/") {
+        inner.deliver().await;
+    }
+    if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
+        let mut hold = inner.hold_sends.subscribe();
+        if *hold.borrow() {
+            inner.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = hold.wait_for(|held| !held).await;
+            inner.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut request = inner
+        .http
+        .request(method, format!("{}{}", inner.synapse, path))
+        .body(body);
+    for (name, value) in &headers {
+        if name != axum::http::header::HOST && name != axum::http::header::CONTENT_LENGTH {
+            request = request.header(name, value);
+        }
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .cloned();
+            let bytes = response.bytes().await.unwrap_or_default();
+            let mut answer = (status, bytes).into_response();
+            if let Some(content_type) = content_type {
+                answer
+                    .headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, content_type);
+            }
+            answer
+        }
+        Err(error) => (axum::http::StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
+    }
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
