@@ -57,6 +57,8 @@ pub struct Config {
     #[serde(default)]
     pub gateway: crate::gateway::GatewayConfig,
     #[serde(default)]
+    pub llm: crate::llm::LlmConfig,
+    #[serde(default)]
     pub storage: crate::storage::StorageConfig,
     #[serde(default)]
     pub log: LogConfig,

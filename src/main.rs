@@ -30,11 +30,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Writes a config and a registration file with fresh tokens into a data directory.
-    Init(InitArgs),
+    Init(Box<InitArgs>),
     /// Runs the appservice until stopped (Ctrl-C or SIGTERM).
     Serve,
     /// Asks the running server whether it is up.
     Status,
+    /// The credential gateway: consumers and usage (through the running server).
+    Gateway {
+        #[command(subcommand)]
+        command: matrix_crew::gateway::cli::GatewayCommand,
+    },
     /// Lists or creates Workers (through the running server).
     Workers {
         #[command(subcommand)]
@@ -97,7 +102,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Init(args) => init(args),
+            Command::Init(args) => init(*args),
             Command::Serve => serve(&cli.config).await,
             Command::Status => {
                 let status: serde_json::Value = admin(&cli.config)?.get("/status").await?;
@@ -105,6 +110,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Workers { command } => workers(&admin(&cli.config)?, command).await,
+            Command::Gateway { command } => {
+                print!("{}", command.run(&admin(&cli.config)?).await?);
+                Ok(())
+            }
         }
     })
 }

@@ -348,7 +348,9 @@ async fn duplicate_and_concurrent_transactions_are_processed_once() {
     // The same transaction twice, one after the other…
     for _ in 0..2 {
         assert_eq!(
-            put_transaction(&env, "txn-1", &[first.clone()]).await.0,
+            put_transaction(&env, "txn-1", std::slice::from_ref(&first))
+                .await
+                .0,
             200
         );
     }
@@ -359,7 +361,9 @@ async fn duplicate_and_concurrent_transactions_are_processed_once() {
     }
     // The same event again under a new transaction id is still a duplicate.
     assert_eq!(
-        put_transaction(&env, "txn-3", &[first.clone()]).await.0,
+        put_transaction(&env, "txn-3", std::slice::from_ref(&first))
+            .await
+            .0,
         200
     );
 
@@ -652,4 +656,51 @@ async fn admin_commands_say_when_crew_is_not_running() {
     assert!(!output.status.success());
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("crew serve is not running"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
+    let mut env = CrewEnv::start().await;
+    let (ok, out) = crew_cli(&env, &["gateway", "consumers", "add", "alice"]);
+    assert!(ok, "{out}");
+    let token = out
+        .lines()
+        .find_map(|line| line.strip_prefix("token: "))
+        .unwrap()
+        .to_owned();
+    let gateway = format!("http://127.0.0.1:{}/no/such/route", env.gateway_port);
+    let code = |token: String| {
+        let gateway = gateway.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(&gateway)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            (status, body["error"]["code"].as_str().unwrap().to_owned())
+        }
+    };
+    // The token is accepted (the path is what is wrong); a made-up one is not.
+    assert_eq!(code(token.clone()).await, (404, "unknown_route".to_owned()));
+    assert_eq!(
+        code("made-up".into()).await,
+        (401, "invalid_token".to_owned())
+    );
+    env.kill_crew();
+    env.start_crew().await;
+    assert_eq!(
+        code(token.clone()).await,
+        (404, "unknown_route".to_owned()),
+        "still valid after a restart"
+    );
+    let (ok, out) = crew_cli(&env, &["gateway", "consumers", "revoke", "alice"]);
+    assert!(ok, "{out}");
+    assert_eq!(code(token.clone()).await, (401, "token_revoked".to_owned()));
+    assert!(
+        !env.all_logs().contains(&token),
+        "the consumer token is never logged"
+    );
 }

@@ -863,4 +863,17 @@ proptest! {
         let event = message(GROUP, ALICE, "$t", json!({"msgtype": "m.text", "body": body, "format": "org.matrix.custom.html", "formatted_body": html}));
         let _ = d.dispatch(&event, &NoHistory, 0);
     }
+
+    #[test]
+    fn arbitrary_links_and_ids_never_panic(junk in "\\PC{0,40}", pre in "\\PC{0,6}") {
+        let mut d = dispatcher(base_config());
+        let html = format!(
+            "<a href=\"https://matrix.to/#/{junk}\">x</a><a href='{junk}'>y</a><a href=matrix:u/{junk}>z</a><mx-reply>{junk}"
+        );
+        let body = format!("{pre}@crew_writer:example.org{junk}\n> {junk}\n{pre}@room{junk}");
+        let event = message(GROUP, ALICE, "$l", json!({"msgtype": "m.text", "body": body,
+            "format": "org.matrix.custom.html", "formatted_body": html}));
+        let decision = d.dispatch(&event, &NoHistory, 0);
+        prop_assert!(decision.ignored.is_none());
+    }
 }

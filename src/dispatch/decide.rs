@@ -41,6 +41,13 @@ pub enum WakeReason {
     EditMention,
 }
 
+/// Scratch flag: the agent is joined to the room.
+const JOINED: u8 = 1 << 7;
+/// Scratch flag: an edit re-mentions an agent the original already mentioned.
+const ALREADY_MENTIONED: u8 = 1 << 6;
+/// Scratch bits that are [`WakeReason`]s.
+const REASON_BITS: u8 = (1 << 6) - 1;
+
 impl WakeReason {
     const ALL: [WakeReason; 6] = [
         WakeReason::Mentioned,
@@ -286,14 +293,18 @@ pub fn decide(
         }
     };
 
-    let agents = crew.agents.len();
-    let joined: Vec<bool> = crew
+    // One byte of scratch per agent: the wake reasons' bits plus two flags.
+    let mut wanted: Vec<u8> = crew
         .agents
         .iter()
-        .map(|p| room.is_joined(&p.agent.user_id))
+        .map(|p| {
+            if room.is_joined(&p.agent.user_id) {
+                JOINED
+            } else {
+                0
+            }
+        })
         .collect();
-    let mut wanted = vec![0u8; agents];
-    let mut already_mentioned = vec![false; agents];
     let relates = content.get("m.relates_to").and_then(Value::as_object);
     let rel_type = relates.and_then(|r| str_field(r, "rel_type"));
     let body = str_field(content, "body").unwrap_or("");
@@ -323,7 +334,7 @@ pub fn decide(
             for_each_mentioned_agent(mentions, crew, |i| {
                 let agent = &crew.agents[i].agent.user_id;
                 if before.contains(agent) {
-                    already_mentioned[i] = true;
+                    wanted[i] |= ALREADY_MENTIONED;
                 } else {
                     wanted[i] |= WakeReason::EditMention.bit();
                     if !newly.contains(agent) {
@@ -390,7 +401,7 @@ pub fn decide(
         }
 
         if room.joined_count() == 2 {
-            let mut joined_agents = joined.iter().enumerate().filter(|(_, j)| **j);
+            let mut joined_agents = wanted.iter().enumerate().filter(|(_, b)| **b & JOINED != 0);
             if let (Some((i, _)), None) = (joined_agents.next(), joined_agents.next()) {
                 wanted[i] |= WakeReason::DirectMessage.bit();
             }
@@ -430,9 +441,9 @@ pub fn decide(
     } else if !room.can_notify_room(sender) {
         Some(SkipReason::RoomMentionNotPermitted)
     } else {
-        for (i, is_joined) in joined.iter().enumerate() {
-            if *is_joined {
-                wanted[i] |= WakeReason::RoomMention.bit();
+        for bits in wanted.iter_mut() {
+            if *bits & JOINED != 0 {
+                *bits |= WakeReason::RoomMention.bit();
             }
         }
         None
@@ -441,12 +452,13 @@ pub fn decide(
     let mut over_budget = false;
     for (i, prepared) in crew.agents.iter().enumerate() {
         let agent = &prepared.agent.user_id;
-        let bits = wanted[i];
-        let joined = joined[i];
+        let joined = wanted[i] & JOINED != 0;
+        let already_mentioned = wanted[i] & ALREADY_MENTIONED != 0;
+        let bits = wanted[i] & REASON_BITS;
         let reason = if Some(i) == sender_agent {
             Some(SkipReason::OwnEcho)
         } else if bits == 0 {
-            if already_mentioned[i] {
+            if already_mentioned {
                 Some(SkipReason::EditAlreadyMentioned)
             } else if !joined {
                 continue;
@@ -483,9 +495,9 @@ pub fn decide(
         });
     }
 
-    let addressed_anyone = wanted.iter().any(|&bits| bits != 0) || room_mention;
+    let addressed_anyone = wanted.iter().any(|&bits| bits & REASON_BITS != 0) || room_mention;
     if sender_agent.is_none() && !is_edit && !addressed_anyone && crew.is_allowed_person(sender) {
-        hint(&mut decision, &stripped_body, room, crew, &joined);
+        hint(&mut decision, &stripped_body, room, crew, &wanted);
     }
     decision
 }
@@ -510,11 +522,11 @@ fn for_each_mentioned_agent(
 
 /// Adds a [`Signal::MentionHint`] for each agent in the room that the text names by display
 /// name or localpart and that has not given the hint in this room yet.
-fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Crew, joined: &[bool]) {
+fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Crew, scratch: &[u8]) {
     let mut lower: Option<String> = None;
-    for (prepared, joined) in crew.agents.iter().zip(joined) {
+    for (prepared, bits) in crew.agents.iter().zip(scratch) {
         let agent = &prepared.agent.user_id;
-        if !joined || room.hinted.contains(agent) {
+        if bits & JOINED == 0 || room.hinted.contains(agent) {
             continue;
         }
         let lower = lower.get_or_insert_with(|| body.to_lowercase());

@@ -100,13 +100,11 @@ impl WakeQueue {
         for entry in self.wakes.raw().iter() {
             let (key, _) = entry?;
             let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
-            if let Some(agent) = std::str::from_utf8(&key[..end])
+            let agent = std::str::from_utf8(&key[..end])
                 .ok()
-                .and_then(|id| UserId::parse(id).ok())
-            {
-                if agents.last() != Some(&agent) {
-                    agents.push(agent);
-                }
+                .and_then(|id| UserId::parse(id).ok());
+            if let Some(agent) = agent.filter(|agent| agents.last() != Some(agent)) {
+                agents.push(agent);
             }
         }
         agents.dedup();

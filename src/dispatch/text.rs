@@ -5,7 +5,7 @@
 //! keyword and hint matching. It is not the place for policy: it only answers "does this text
 //! address that user id / contain that word".
 
-use ruma::{MatrixToUri, MatrixUri, UserId, matrix_uri::MatrixId};
+use ruma::UserId;
 
 /// The `matrix.to` prefix of a user pill.
 const MATRIX_TO: &str = "https://matrix.to/#/";
@@ -131,27 +131,50 @@ fn attribute_value(after_name: &str) -> Option<&str> {
 }
 
 /// The user a link points to, if it is a user pill.
+///
+/// Parsed here rather than with `ruma::MatrixToUri` / `MatrixUri`: ruma-common 0.20 panics
+/// (index out of bounds) on hostile links such as `https://matrix.to/#///a`, and a pill is
+/// only ever one user id anyway.
 pub fn pill_target(href: &str) -> Option<ruma::OwnedUserId> {
     let href = href.trim();
     // The query (`?via=…`, `?action=chat`) never changes the user and is often HTML-escaped
-    // (`&amp;`), which the URI parsers reject; drop it.
+    // (`&amp;`); drop it.
     let href = href.split('?').next().unwrap_or(href);
-    let id = if href.len() >= MATRIX_TO.len()
-        && href[..MATRIX_TO.len()].eq_ignore_ascii_case(MATRIX_TO)
-    {
-        let normalised = format!("{MATRIX_TO}{}", &href[MATRIX_TO.len()..]);
-        MatrixToUri::parse(&normalised).ok()?.id().clone()
-    } else if href.len() >= MATRIX_SCHEME.len()
-        && href[..MATRIX_SCHEME.len()].eq_ignore_ascii_case(MATRIX_SCHEME)
-    {
-        MatrixUri::parse(href).ok()?.id().clone()
+    let strip = |prefix: &str| {
+        href.get(..prefix.len())
+            .filter(|start| start.eq_ignore_ascii_case(prefix))
+            .map(|_| &href[prefix.len()..])
+    };
+    let encoded = if let Some(rest) = strip(MATRIX_TO) {
+        // `@user:server`, percent-encoded or not; a trailing `/` is allowed.
+        rest.strip_suffix('/').unwrap_or(rest)
+    } else if let Some(rest) = strip(MATRIX_SCHEME) {
+        // `u/user:server` or `user/user:server` (the sigil is implied by the type).
+        let rest = rest.strip_prefix("//").map_or(rest, |authority_and_path| {
+            // `matrix://authority/u/…` is not used for users; keep only what follows a `/`.
+            authority_and_path
+                .split_once('/')
+                .map_or("", |(_, path)| path)
+        });
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (kind, id) = rest.split_once('/')?;
+        if kind != "u" && kind != "user" {
+            return None;
+        }
+        let decoded = percent_encoding::percent_decode_str(id)
+            .decode_utf8()
+            .ok()?;
+        return UserId::parse(format!("@{decoded}")).ok();
     } else {
         return None;
     };
-    match id {
-        MatrixId::User(user) => Some(user),
-        _ => None,
+    let decoded = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()?;
+    if !decoded.starts_with('@') || decoded.contains('/') {
+        return None;
     }
+    UserId::parse(decoded.as_ref()).ok()
 }
 
 fn find_ignore_ascii_case(haystack: &str, needle: &str) -> Option<usize> {
@@ -166,11 +189,14 @@ fn find_ignore_ascii_case(haystack: &str, needle: &str) -> Option<usize> {
 /// character that could belong to a localpart, and not continued into a longer server name or
 /// a port (`@a:example.org.uk`, `@a:example.org:8448` are other users).
 pub fn mentions_user_id(body: &str, user: &str) -> bool {
+    let Some(first) = user.chars().next() else {
+        return false;
+    };
     let mut start = 0;
     while let Some(pos) = body[start..].find(user) {
         let at = start + pos;
         let end = at + user.len();
-        start = at + 1;
+        start = at + first.len_utf8();
         let before_ok = body[..at]
             .chars()
             .next_back()
@@ -288,6 +314,19 @@ mod tests {
         assert!(pill_target("https://matrix.to/#/#room:example.org").is_none());
         assert!(pill_target("https://example.org/@crew_a:example.org").is_none());
         assert!(pill_target("matrix:r/room:example.org").is_none());
+        assert!(pill_target("ééééééééééééééééééééééé").is_none());
+        assert!(pill_target("matrix").is_none());
+        // Links that make ruma-common 0.20's URI parsers panic.
+        for hostile in [
+            "https://matrix.to/#///a",
+            "https://matrix.to/#/!a//",
+            "https://matrix.to/#//",
+            "matrix:u///a",
+            "matrix:u/",
+            "matrix:u/%FF",
+        ] {
+            assert!(pill_target(hostile).is_none(), "{hostile}");
+        }
         let mut seen = Vec::new();
         for_each_pill(
             "<a href='https://matrix.to/#/@b:x.org'>B</a> and <a HREF=matrix:u/c:x.org>C</a>",
@@ -308,6 +347,8 @@ mod tests {
         assert!(!mentions_user_id("@x@crew_a:example.org", id));
         assert!(!mentions_user_id("crew_a", id));
         assert!(mentions_user_id("x @crew_a:example.org", id));
+        assert!(!mentions_user_id("anything", ""));
+        assert!(mentions_user_id("é @é:x.org", "@é:x.org"));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Startup(#[from] StartupError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -61,6 +63,8 @@ pub struct Crew {
     /// The Manager: the registration's `sender_localpart` user.
     pub manager: OwnedUserId,
     pub team: Arc<Team>,
+    /// The credential gateway; agents get their consumer tokens from it.
+    pub gateway: Arc<crate::gateway::Gateway>,
     /// Who wakes. A std mutex: dispatching is synchronous and never awaits under the lock.
     pub dispatcher: std::sync::Mutex<DispatchState>,
     pub history: SledHistory,
@@ -198,7 +202,10 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         server_name: config.homeserver.server_name.to_string(),
         pings,
     });
+    let gateway =
+        crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
     let appservice_listener = bind("appservice API", config.appservice.bind).await?;
+    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
     let admin_listener = bind("admin API", config.admin_api.bind).await?;
     let admin_token =
         crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
@@ -217,6 +224,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         inbox,
         manager,
         team: team.clone(),
+        gateway: gateway.clone(),
         dispatcher: std::sync::Mutex::new(DispatchState {
             dispatcher,
             roster_generation,
@@ -246,7 +254,9 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             axum::routing::get(|| async { axum::Json(serde_json::json!({ "running": true })) }),
         )
         .nest("/workers", crate::agent::team::admin_router(team))
+        .nest("/gateway", crate::gateway::admin_router(gateway.clone()))
         .nest("/dispatch", turns::admin_router(crew.clone()));
+    tasks.spawn(gateway.serve(gateway_listener, shutdown.clone()));
     tasks.spawn(crate::admin::serve(
         admin_listener,
         admin_token,

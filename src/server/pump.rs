@@ -56,10 +56,12 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
 #[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
 async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
     let decision = dispatch(crew, event);
-    if let Some(fact) = &decision.remember {
-        if let Err(error) = crew.history.remember(fact) {
-            tracing::error!(%error, "cannot remember the event's sender");
-        }
+    if let Some(Err(error)) = decision
+        .remember
+        .as_ref()
+        .map(|fact| crew.history.remember(fact))
+    {
+        tracing::error!(%error, "cannot remember the event's sender");
     }
     let room = event
         .get("room_id")
@@ -115,10 +117,14 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
         .get("room_id")
         .and_then(Value::as_str)
         .and_then(|id| RoomId::parse(id).ok());
-    if let Some(room) = room {
-        if let Some(room_state) = state.dispatcher.rooms.get(&room) {
-            crew.persist_room(&room, room_state);
-        }
+    if let Some((room, room_state)) = room.and_then(|room| {
+        state
+            .dispatcher
+            .rooms
+            .get(&room)
+            .map(|state| (room.clone(), state))
+    }) {
+        crew.persist_room(&room, room_state);
     }
     tracing::debug!(
         woken = ?decision.wakes.iter().map(|w| w.agent.as_str()).collect::<Vec<_>>(),

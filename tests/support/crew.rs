@@ -24,6 +24,7 @@ pub struct CrewEnv {
     pub data_dir: PathBuf,
     pub appservice_port: u16,
     pub admin_port: u16,
+    pub gateway_port: u16,
     /// The homeserver URL crew is told to use (Synapse, or a relay in front of it).
     pub homeserver_url: String,
     /// The admin named in the config, registered before crew first starts (as in real life).
@@ -58,6 +59,13 @@ impl CrewEnv {
             .output()
             .unwrap();
         assert!(output.status.success(), "crew init: {output:?}");
+        // Every environment gets its own gateway port, so tests can run side by side.
+        let gateway_port = tools::free_port();
+        let mut config = std::fs::read_to_string(data_dir.join("config.toml")).unwrap();
+        config.push_str(&format!(
+            "\n[gateway]\nbind = \"127.0.0.1:{gateway_port}\"\n"
+        ));
+        std::fs::write(data_dir.join("config.toml"), config).unwrap();
         edit_config(&data_dir.join("config.toml"));
         let synapse = Synapse::start(
             &root.path().join("synapse"),
@@ -72,6 +80,7 @@ impl CrewEnv {
             data_dir,
             appservice_port,
             admin_port,
+            gateway_port,
             homeserver_url: String::new(),
             admin,
         };

@@ -73,10 +73,9 @@ impl Synapse {
         let versions = format!("{}/_matrix/client/versions", synapse.url);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(response) = http.get(&versions).send().await {
-                if response.status().is_success() {
-                    break;
-                }
+            let answered = http.get(&versions).send().await;
+            if answered.is_ok_and(|response| response.status().is_success()) {
+                break;
             }
             if let Ok(Some(status)) = synapse.child.try_wait() {
                 panic!(
