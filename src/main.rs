@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: matrix_crew::gateway::cli::GatewayCommand,
     },
+    /// Shared files: ls, get, put (through the running server).
+    Files {
+        #[command(subcommand)]
+        command: matrix_crew::storage::cli::FilesCommand,
+    },
     /// Lists or creates Workers (through the running server).
     Workers {
         #[command(subcommand)]
@@ -110,6 +115,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Workers { command } => workers(&admin(&cli.config)?, command).await,
+            Command::Files { command } => {
+                print!("{}", command.run(&admin(&cli.config)?).await?);
+                Ok(())
+            }
             Command::Gateway { command } => {
                 print!("{}", command.run(&admin(&cli.config)?).await?);
                 Ok(())

@@ -87,7 +87,12 @@ async fn manager_greets_admin_and_acknowledges_a_mention() {
         .filter(|e| e["content"]["msgtype"] == "m.notice")
         .collect();
     assert_eq!(notices.len(), 1);
-    assert!(notices[0]["content"]["body"].as_str().unwrap().contains("gateway.routes"));
+    assert!(
+        notices[0]["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("gateway.routes")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -714,4 +719,24 @@ async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
         !env.all_logs().contains(&token),
         "the consumer token is never logged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_go_in_and_out_through_the_running_server() {
+    let env = CrewEnv::start().await;
+    let local = env.root.path().join("spec.md");
+    std::fs::write(&local, "# Login page\n\nBuild it.\n").unwrap();
+    let (ok, out) = crew_cli(
+        &env,
+        &["files", "put", "tasks/t1/spec.md", local.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = crew_cli(&env, &["files", "ls", "tasks/"]);
+    assert!(ok && out.contains("tasks/t1/spec.md"), "{out}");
+    let (ok, out) = crew_cli(&env, &["files", "get", "tasks/t1/spec.md"]);
+    assert!(ok && out.contains("Build it."), "{out}");
+    let (ok, out) = crew_cli(&env, &["files", "get", "../etc/passwd"]);
+    assert!(!ok && out.contains(".."), "{out}");
+    // The embedded default keeps files under the data directory.
+    assert!(env.data_dir.join("files/tasks/t1/spec.md").exists());
 }

@@ -133,7 +133,8 @@ async fn a_message_wakes_exactly_the_agents_it_is_for() {
     // alice answered the first message; a reply to her answer wakes her.
     let answer = tools::wait_for("alice's answer", WAIT, || async {
         let said = admin.messages_from(&room, ALICE).await;
-        said.into_iter().find(|e| e["content"]["msgtype"] == "m.text")
+        said.into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.text")
     })
     .await;
     assert!(
@@ -269,7 +270,12 @@ async fn encrypted_rooms_and_missed_mentions_get_one_notice_each() {
             .messages_from(&room, ALICE)
             .await
             .into_iter()
-            .find(|e| e["content"]["body"].as_str().unwrap_or("").contains("I only wake up when"))
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("I only wake up when")
+            })
     })
     .await;
     assert!(
@@ -299,7 +305,12 @@ async fn encrypted_rooms_and_missed_mentions_get_one_notice_each() {
         .messages_from(&room, ALICE)
         .await
         .into_iter()
-        .filter(|e| e["content"]["body"].as_str().unwrap_or("").contains("I only wake up when"))
+        .filter(|e| {
+            e["content"]["body"]
+                .as_str()
+                .unwrap_or("")
+                .contains("I only wake up when")
+        })
         .count();
     assert_eq!(hints, 1);
 

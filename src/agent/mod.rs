@@ -1,7 +1,7 @@
 //! The Manager and the Workers: their turns, tools and tasks.
 
+pub mod llm_turn;
 pub mod manager;
 pub mod registry;
 pub mod team;
-pub mod llm_turn;
 pub mod turn;

@@ -69,7 +69,9 @@ impl Team {
         requester: &ruma::UserId,
     ) -> Result<Created, TeamError> {
         let mut created = self.create_worker(name, role).await?;
-        self.gateway.consumer_token(created.worker.user_id.localpart()).await?;
+        self.gateway
+            .consumer_token(created.worker.user_id.localpart())
+            .await?;
         if created.worker.room.is_none() {
             let worker = &created.worker;
             let mut power_levels = std::collections::BTreeMap::new();

@@ -45,6 +45,8 @@ pub enum ServeError {
     Startup(#[from] StartupError),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
+    #[error("file storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -65,6 +67,9 @@ pub struct Crew {
     pub team: Arc<Team>,
     /// The credential gateway; agents get their consumer tokens from it.
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// Shared files (local directory or S3) and the signed links to them.
+    pub storage: crate::storage::Storage,
+    pub links: crate::storage::links::Links,
     /// Who wakes. A std mutex: dispatching is synchronous and never awaits under the lock.
     pub dispatcher: std::sync::Mutex<DispatchState>,
     pub history: SledHistory,
@@ -184,7 +189,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         &config.appservice.user_prefix,
         config.homeserver.server_name.as_str(),
     )?;
-    let gateway = crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
+    let gateway =
+        crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
     let team = Arc::new(Team::new(
         registry,
         client.clone(),
@@ -215,6 +221,9 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     });
     let gateway =
         crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
+    let env = |name: &str| std::env::var(name).ok();
+    let storage = crate::storage::Storage::open(&config.storage, &config.data_dir, env).await?;
+    let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;
     let appservice_listener = bind("appservice API", config.appservice.bind).await?;
     let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
     let admin_listener = bind("admin API", config.admin_api.bind).await?;
@@ -236,6 +245,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         manager,
         team: team.clone(),
         gateway: gateway.clone(),
+        storage: storage.clone(),
+        links: links.clone(),
         dispatcher: std::sync::Mutex::new(DispatchState {
             dispatcher,
             roster_generation,
@@ -249,7 +260,10 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         shutdown: shutdown.clone(),
     });
 
-    let router = appservice::router(state, crew.config.appservice.max_transaction_bytes);
+    // Signed file links are served next to the appservice API (under /files/), at the address
+    // `storage.public_base_url` points to.
+    let router = appservice::router(state, crew.config.appservice.max_transaction_bytes)
+        .merge(crate::storage::links::links_router(storage.clone(), links));
     let http_shutdown = shutdown.clone();
     tasks.spawn(async move {
         let served = axum::serve(appservice_listener, router)
@@ -266,6 +280,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         )
         .nest("/workers", crate::agent::team::admin_router(team))
         .nest("/gateway", crate::gateway::admin_router(gateway.clone()))
+        .nest("/files", crate::storage::admin::admin_router(storage))
         .nest("/dispatch", turns::admin_router(crew.clone()));
     tasks.spawn(gateway.serve(gateway_listener, shutdown.clone()));
     tasks.spawn(crate::admin::serve(

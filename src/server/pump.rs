@@ -158,7 +158,9 @@ async fn handle_membership(crew: &Arc<Crew>, room: &OwnedRoomId, sender: &UserId
                 Some(format!(
                     "{target} is not an agent of this crew; ask the Manager to create it first"
                 ))
-            } else if !crew.is_ours(sender) && !crew.config.invites.allows(sender, &crew.config.admins) {
+            } else if !crew.is_ours(sender)
+                && !crew.config.invites.allows(sender, &crew.config.admins)
+            {
                 Some(format!(
                     "{target} only accepts invites from the people its admins allow; ask one of them to invite it"
                 ))

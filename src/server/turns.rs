@@ -16,8 +16,8 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 use serde_json::Value;
 
 use super::Crew;
-use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::agent::llm_turn::{self, Toolbox, TurnOutcome};
+use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::dispatch::DEPTH_KEY;
 use crate::dispatch::queue::{PendingWake, QueuedWake};
 use crate::llm::{LlmClient, Tool};
@@ -123,10 +123,23 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
             })
             .collect();
         let sender_name = super::pump::display_name(crew, &wake.room, &sender);
-        let event_id = wake.event.get("event_id").and_then(Value::as_str).unwrap_or("");
+        let event_id = wake
+            .event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let message = match crew.llm_base_url() {
             Some(base) => {
-                llm_answer(crew, agent, &base, wake, &sender, &sender_name, said_since.1).await
+                llm_answer(
+                    crew,
+                    agent,
+                    &base,
+                    wake,
+                    &sender,
+                    &sender_name,
+                    said_since.1,
+                )
+                .await
             }
             None => {
                 note_missing_llm(crew, agent, &wake.room).await;
