@@ -76,7 +76,6 @@ impl Team {
             let worker = &created.worker;
             let mut power_levels = std::collections::BTreeMap::new();
             power_levels.insert(requester.to_owned(), 100);
-            power_levels.insert(self.manager.clone(), 100);
             power_levels.insert(worker.user_id.clone(), 10);
             let room = self
                 .client

@@ -41,7 +41,7 @@ pub struct CreateRoom {
     pub topic: Option<String>,
     pub invite: Vec<OwnedUserId>,
     pub is_direct: bool,
-    /// Power levels by user (the creator gets 100 unless listed).
+    /// Power levels by user (the creator always has full power).
     pub power_levels: BTreeMap<OwnedUserId, i64>,
 }
 
@@ -229,8 +229,10 @@ impl MatrixClient {
             body["topic"] = json!(topic);
         }
         if !room.power_levels.is_empty() {
+            // The creator is left out: the homeserver gives it full power (and from room
+            // version 12 refuses to see it listed).
             let mut users = room.power_levels.clone();
-            users.entry(user.to_owned()).or_insert(100);
+            users.remove(user);
             body["power_level_content_override"] = json!({ "users": users });
         }
         let answer = self

@@ -359,7 +359,10 @@ impl Toolbox for ManagerTools {
                         "room": created.worker.room,
                     })
                     .to_string(),
-                    Err(error) => format!("error: {error}"),
+                    Err(error) => {
+                        tracing::warn!(%error, "create_worker failed");
+                        format!("error: {error}")
+                    }
                 }
             }
             "list_workers" => match self.crew.team.registry.list() {

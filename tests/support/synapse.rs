@@ -280,8 +280,40 @@ impl TestUser {
         (status == 200).then_some(value)
     }
 
+    /// Rooms this user is invited to whose name (from the invite state) is `name`.
+    pub async fn invites_named(&self, name: &str) -> Vec<String> {
+        let answer = self.initial_sync().await;
+        answer["rooms"]["invite"]
+            .as_object()
+            .map(|rooms| {
+                rooms
+                    .iter()
+                    .filter(|(_, room)| {
+                        room["invite_state"]["events"]
+                            .as_array()
+                            .is_some_and(|events| {
+                                events.iter().any(|event| {
+                                    event["type"] == "m.room.name"
+                                        && event["content"]["name"] == name
+                                })
+                            })
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Rooms this user is invited to (from an initial sync).
     pub async fn invites(&self) -> Vec<String> {
+        let answer = self.initial_sync().await;
+        answer["rooms"]["invite"]
+            .as_object()
+            .map(|rooms| rooms.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn initial_sync(&self) -> Value {
         // Synapse caches an initial sync for a while; a unique filter makes each call fresh.
         let filter = enc(&format!(
             r#"{{"room":{{"timeline":{{"limit":1}}}},"account_data":{{"not_types":["x{}"]}}}}"#,
@@ -294,10 +326,7 @@ impl TestUser {
                 None,
             )
             .await;
-        answer["rooms"]["invite"]
-            .as_object()
-            .map(|rooms| rooms.keys().cloned().collect())
-            .unwrap_or_default()
+        answer
     }
 }
 

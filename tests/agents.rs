@@ -1,0 +1,251 @@
+//! The Manager and Workers with an LLM: the scripted OpenAI-compatible server plays the
+//! provider, behind crew's real gateway, against a real Synapse.
+
+#[path = "support/crew.rs"]
+mod crew;
+#[path = "support/scripted_llm.rs"]
+mod scripted_llm;
+#[path = "support/synapse.rs"]
+mod synapse;
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crew::CrewEnv;
+use scripted_llm::{Reply, ScriptedLlm, last_user_text};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+const REAL_KEY: &str = "sk-real-provider-key-never-leaves-the-gateway";
+
+/// crew with an `llm` route to the scripted provider; the real key is in a file.
+async fn crew_with_llm(llm: &ScriptedLlm) -> CrewEnv {
+    let upstream = llm.url();
+    CrewEnv::start_with(move |config: &Path| {
+        let key_file = config.parent().unwrap().join("llm.key");
+        std::fs::write(&key_file, REAL_KEY).unwrap();
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str(&format!(
+            "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\nmax_retries = 0\n",
+            key_file.display()
+        ));
+        std::fs::write(config, text).unwrap();
+    })
+    .await
+}
+
+fn cli(env: &CrewEnv, args: &[&str]) -> String {
+    let output = std::process::Command::new(crew::crew_binary())
+        .arg("--config")
+        .arg(env.config_path())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn has_tool_result(body: &Value) -> bool {
+    body["messages"]
+        .as_array()
+        .is_some_and(|messages| messages.iter().any(|m| m["role"] == "tool"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_is_created_by_conversation() {
+    let llm = ScriptedLlm::start().await;
+    llm.on(
+        has_tool_result,
+        Reply::text("Alice is ready. Mention her in her room."),
+    );
+    llm.on(
+        |body| last_user_text(body).contains("create a worker named alice"),
+        Reply::tool_call(
+            "call-1",
+            "create_worker",
+            json!({"name": "alice", "role": "frontend development"}),
+        ),
+    );
+    let env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let bob = env.synapse.register_user("bob").await;
+    let room = admin.create_room("hq", &[&manager, &bob.user_id]).await;
+    bob.join(&room).await;
+    tools::wait_for("the Manager to join", WAIT, || async {
+        let member = admin.membership(&room, &manager).await?;
+        (member["membership"] == "join").then_some(())
+    })
+    .await;
+
+    admin
+        .send_mention(
+            &room,
+            "create a worker named alice for frontend development",
+            &[&manager],
+        )
+        .await;
+    let answer = tools::wait_for("the Manager's answer", WAIT, || async {
+        let said = admin.messages_from(&room, &manager).await;
+        said.into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.text")
+    })
+    .await;
+    assert!(
+        answer["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Alice is ready")
+    );
+
+    // The Worker exists: account, roster entry, gateway consumer, and its room with us invited.
+    assert!(cli(&env, &["workers", "list"]).contains("@crew_alice:crew.test"));
+    assert!(cli(&env, &["gateway", "consumers", "list"]).contains("crew_alice"));
+    let invited = tools::wait_for("the invite to alice's room", WAIT, || async {
+        admin
+            .invites_named("Worker: Alice")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    admin.join(&invited).await;
+    let (_, name) = admin
+        .request(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.name/",
+                synapse::enc(&invited)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(name["name"], "Worker: Alice");
+    let alice = admin
+        .membership(&invited, "@crew_alice:crew.test")
+        .await
+        .unwrap();
+    assert_eq!(alice["membership"], "join");
+    let (_, power) = admin
+        .request(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
+                synapse::enc(&invited)
+            ),
+            None,
+        )
+        .await;
+    assert!(
+        power["users"]["@admin:crew.test"].as_i64()
+            > power["users"]["@crew_alice:crew.test"].as_i64()
+    );
+
+    // The provider saw the real key and the Manager's tools; never a consumer token.
+    let requests = llm.requests();
+    assert!(requests.len() >= 2);
+    for request in &requests {
+        assert_eq!(
+            request.header("authorization"),
+            Some(format!("Bearer {REAL_KEY}").as_str())
+        );
+    }
+    assert!(
+        requests[0].json()["tools"]
+            .to_string()
+            .contains("create_worker")
+    );
+
+    // Asking again does not make a second worker or a second room.
+    admin
+        .send_mention(
+            &room,
+            "create a worker named alice for frontend development",
+            &[&manager],
+        )
+        .await;
+    tools::wait_for("the second answer", WAIT, || async {
+        let said = admin.messages_from(&room, &manager).await;
+        (said
+            .iter()
+            .filter(|e| e["content"]["msgtype"] == "m.text")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let workers = cli(&env, &["workers", "list"]);
+    assert_eq!(workers.matches("crew_alice").count(), 1, "{workers}");
+    assert!(
+        admin.invites_named("Worker: Alice").await.is_empty(),
+        "no second Worker room"
+    );
+    assert!(
+        !env.all_logs().contains(REAL_KEY),
+        "the real key is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_mentioned_worker_calls_the_llm() {
+    let llm = ScriptedLlm::start().await;
+    let env = crew_with_llm(&llm).await;
+    for name in ["alice", "bob"] {
+        cli(&env, &["workers", "add", name]);
+    }
+    let admin = env.admin().await;
+    let carol = env.synapse.register_user("carol").await;
+    let room = admin
+        .create_room(
+            "team",
+            &[
+                "@crew_alice:crew.test",
+                "@crew_bob:crew.test",
+                &carol.user_id,
+            ],
+        )
+        .await;
+    carol.join(&room).await;
+    for agent in ["@crew_alice:crew.test", "@crew_bob:crew.test"] {
+        tools::wait_for("the workers to join", WAIT, || async {
+            let member = admin.membership(&room, agent).await?;
+            (member["membership"] == "join").then_some(())
+        })
+        .await;
+    }
+    llm.set_default(Reply::text("on it"));
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "morning all", "m.mentions": {}}),
+        )
+        .await;
+    admin
+        .send_mention(&room, "please review the API", &["@crew_bob:crew.test"])
+        .await;
+    tools::wait_for("bob's answer", WAIT, || async {
+        let said = admin.messages_from(&room, "@crew_bob:crew.test").await;
+        said.into_iter().find(|e| {
+            e["content"]["body"]
+                .as_str()
+                .unwrap_or("")
+                .contains("on it")
+        })
+    })
+    .await;
+    assert_eq!(llm.received(), 1, "one LLM call: bob's; alice cost nothing");
+    let request = &llm.requests()[0];
+    assert!(last_user_text(&request.json()).contains("please review the API"));
+    assert!(
+        last_user_text(&request.json()).contains("morning all"),
+        "said since the last turn"
+    );
+    assert!(
+        admin
+            .messages_from(&room, "@crew_alice:crew.test")
+            .await
+            .is_empty()
+    );
+}
