@@ -380,3 +380,80 @@ fn rand_id() -> String {
     use rand::Rng;
     format!("{:012x}", rand::thread_rng().r#gen::<u64>() >> 16)
 }
+
+/// The Manager's answer (a notice in reply) to a command event.
+async fn command_answer(
+    admin: &TestUser,
+    room: &str,
+    manager: &str,
+    command_event: &str,
+) -> String {
+    tools::wait_for("the command's answer", WAIT, || async {
+        admin
+            .messages_from(room, manager)
+            .await
+            .into_iter()
+            .find_map(|e| {
+                (e["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == command_event)
+                    .then(|| e["content"]["body"].as_str().unwrap().to_owned())
+            })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crew_commands_work_without_an_llm_and_changes_are_for_admins() {
+    let env = CrewEnv::start().await;
+    let (admin, room) = team_room(&env).await;
+    let manager = env.manager_id();
+    let bob = env.synapse.register_user("bob2").await;
+    admin.invite(&room, &bob.user_id).await;
+    bob.join(&room).await;
+    let text = |body: &str| json!({"msgtype": "m.text", "body": body, "m.mentions": {}});
+
+    let asked = admin.send(&room, text("!crew help")).await;
+    assert!(
+        command_answer(&admin, &room, &manager, &asked)
+            .await
+            .contains("!crew why")
+    );
+    let asked = admin.send(&room, text("!crew workers")).await;
+    let answer = command_answer(&admin, &room, &manager, &asked).await;
+    assert!(
+        answer.contains("@crew_alice:crew.test") && answer.contains("idle"),
+        "{answer}"
+    );
+
+    let asked = bob.send(&room, text("!crew stop alice")).await;
+    assert!(
+        command_answer(&admin, &room, &manager, &asked)
+            .await
+            .contains("only the admins")
+    );
+    let asked = admin.send(&room, text("!crew stop alice")).await;
+    assert!(
+        command_answer(&admin, &room, &manager, &asked)
+            .await
+            .contains("Stopped Alice")
+    );
+    // A stopped Worker wakes for nothing.
+    let mention = admin.send_mention(&room, "are you there?", &[ALICE]).await;
+    let decision = why(&env, &mention).await;
+    assert!(woken(&decision).is_empty(), "{decision}");
+    let asked = admin
+        .send(&room, text(&format!("!crew why {mention}")))
+        .await;
+    let answer = command_answer(&admin, &room, &manager, &asked).await;
+    assert!(
+        answer.contains("did not wake") || answer.contains("No agent"),
+        "{answer}"
+    );
+    let asked = admin.send(&room, text("!crew start alice")).await;
+    assert!(
+        command_answer(&admin, &room, &manager, &asked)
+            .await
+            .contains("Started Alice")
+    );
+    let mention = admin.send_mention(&room, "and now?", &[ALICE]).await;
+    assert_eq!(woken(&why(&env, &mention).await), [ALICE]);
+}

@@ -1,5 +1,6 @@
 //! The Manager and the Workers: their turns, tools and tasks.
 
+pub mod commands;
 pub mod llm_turn;
 pub mod manager;
 pub mod registry;

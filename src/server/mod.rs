@@ -113,6 +113,14 @@ impl Crew {
         }
     }
 
+    /// Whether `agent`'s turn loop is running.
+    pub fn is_busy(&self, agent: &UserId) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(agent)
+    }
+
     /// The gateway URL of the configured LLM route, when there is one.
     pub fn llm_base_url(&self) -> Option<url::Url> {
         self.config.gateway.route_url(&self.config.llm.route)

@@ -10,9 +10,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Crew;
+use crate::agent::commands::{self, Command};
 use crate::appservice::inbox::now_ms;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
+use crate::matrix::message::ReplyTo;
 use crate::matrix::{CreateRoom, OutgoingMessage};
 
 /// Events taken from the inbox per round.
@@ -79,6 +81,10 @@ async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
     }
     for signal in &decision.signals {
         post_signal(crew, &room, event, &decision, signal).await;
+    }
+    if let Some(command) = command_for_manager(crew, &room, &sender, event) {
+        answer_command(crew, &room, &sender, event, command).await;
+        return Vec::new();
     }
     let queued_ms = now_ms();
     decision
@@ -302,4 +308,113 @@ pub(super) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String 
         .and_then(|room| room.member(user))
         .and_then(|member| member.display_name.clone())
         .unwrap_or_else(|| user.localpart().to_owned())
+}
+
+/// A `!crew` command from a person, in a room the Manager is in.
+fn command_for_manager(
+    crew: &Crew,
+    room: &RoomId,
+    sender: &UserId,
+    event: &Value,
+) -> Option<Command> {
+    if crew.is_ours(sender) || event.get("type").and_then(Value::as_str) != Some("m.room.message") {
+        return None;
+    }
+    let command = Command::parse(event.pointer("/content/body").and_then(Value::as_str)?)?;
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let joined = state
+        .dispatcher
+        .rooms
+        .get(room)
+        .is_some_and(|room| room.is_joined(&crew.manager));
+    joined.then_some(command)
+}
+
+/// Answers a `!crew` command as the Manager, in reply to it.
+async fn answer_command(
+    crew: &Arc<Crew>,
+    room: &OwnedRoomId,
+    sender: &UserId,
+    event: &Value,
+    command: Command,
+) {
+    use crate::agent::registry::WorkerState;
+    let text = if command.changes_state() && !crew.is_admin(sender) {
+        "Sorry, only the admins can do that. `!crew help` lists what everyone can ask.".to_owned()
+    } else {
+        match command {
+            Command::Help => commands::help(),
+            Command::Workers => match crew.team.registry.list() {
+                Ok(workers) => commands::list_workers(&workers, |worker| crew.is_busy(&worker.user_id)),
+                Err(error) => format!("I cannot read the roster: {error}"),
+            },
+            Command::Tasks | Command::Cancel(_) => {
+                "Task tracking is not available in this version yet, so there are no tasks to show or cancel.".to_owned()
+            }
+            Command::Stop(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Stopped),
+            Command::Start(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Active),
+            Command::Why(event_id) => why(crew, &event_id),
+            Command::Unknown(verb) => format!("`{verb}` is not a command I know. {}", commands::help()),
+        }
+    };
+    let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
+    let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::event(event));
+    if let Err(error) = crew
+        .client
+        .send(&crew.manager, room, &format!("command:{event_id}"), &reply)
+        .await
+    {
+        super::log_matrix_error("cannot answer a command", &error);
+    }
+}
+
+/// `!crew why`: the dispatcher's kept decision, in words.
+fn why(crew: &Crew, event_id: &str) -> String {
+    let Ok(event_id) = ruma::EventId::parse(event_id) else {
+        return format!("`{event_id}` is not an event id (they start with `$`).");
+    };
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(kept) = state.dispatcher.reasons.get(&event_id) else {
+        return "I kept no decision for that event (unknown to me, or older than the retention)."
+            .to_owned();
+    };
+    let decision = &kept.decision;
+    let mut lines = Vec::new();
+    if let Some(reason) = decision.ignored {
+        lines.push(format!("Nobody woke: {}.", wire_name(&reason)));
+    }
+    for wake in &decision.wakes {
+        let reasons: Vec<String> = wake.reasons.iter().map(wire_name).collect();
+        lines.push(format!(
+            "{} woke: {} (depth {}).",
+            wake.agent,
+            reasons.join(", "),
+            wake.depth
+        ));
+    }
+    for skip in &decision.skips {
+        lines.push(format!(
+            "{} did not wake: {}.",
+            skip.agent,
+            wire_name(&skip.reason)
+        ));
+    }
+    if lines.is_empty() {
+        lines.push("No agent was concerned.".to_owned());
+    }
+    lines.join("\n")
+}
+
+/// A reason in its wire name (`no_mention`, `mentioned`…), as the admin API shows it.
+fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

@@ -1,0 +1,133 @@
+//! `!crew` commands: deterministic, answered by the Manager without an LLM, so they work when
+//! the provider is down or not configured. Commands that change anything are for admins only.
+
+use crate::agent::registry::{Registry, Worker, WorkerState};
+
+/// One parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Help,
+    Workers,
+    Tasks,
+    Stop(String),
+    Start(String),
+    Cancel(String),
+    Why(String),
+    /// Something after `!crew` that is not a command; the answer says what is.
+    Unknown(String),
+}
+
+/// The prefix that marks a command.
+pub const PREFIX: &str = "!crew";
+
+impl Command {
+    /// Parses a message body; `None` when it is not a command at all.
+    pub fn parse(body: &str) -> Option<Command> {
+        let rest = body.trim().strip_prefix(PREFIX)?;
+        if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
+            return None; // "!crewmate" is not a command
+        }
+        let mut words = rest.split_whitespace();
+        let verb = words.next().unwrap_or("help").to_lowercase();
+        let argument = words.next().map(str::to_owned);
+        Some(match (verb.as_str(), argument) {
+            ("help", _) => Command::Help,
+            ("workers", _) => Command::Workers,
+            ("tasks", _) => Command::Tasks,
+            ("stop", Some(name)) => Command::Stop(name),
+            ("start", Some(name)) => Command::Start(name),
+            ("cancel", Some(task)) => Command::Cancel(task),
+            ("why", Some(event)) => Command::Why(event),
+            (other, _) => Command::Unknown(other.to_owned()),
+        })
+    }
+
+    /// Whether the command changes anything (and so is for admins only).
+    pub fn changes_state(&self) -> bool {
+        matches!(
+            self,
+            Command::Stop(_) | Command::Start(_) | Command::Cancel(_)
+        )
+    }
+}
+
+/// The help text.
+pub fn help() -> String {
+    "Commands (they work even without an LLM):\n\
+     - `!crew help`: this list\n\
+     - `!crew workers`: every Worker and what it is doing\n\
+     - `!crew tasks`: open tasks\n\
+     - `!crew stop <name>` / `!crew start <name>`: stop a Worker (its data is kept) or start it again (admins)\n\
+     - `!crew cancel <task>`: cancel a task (admins)\n\
+     - `!crew why <event id>`: why a message did or did not wake an agent"
+        .to_owned()
+}
+
+/// `!crew workers`: one line per Worker.
+pub fn list_workers(workers: &[Worker], is_busy: impl Fn(&Worker) -> bool) -> String {
+    if workers.is_empty() {
+        return "No workers yet. Ask me to create one: \"create a worker named alice for frontend\"."
+            .to_owned();
+    }
+    let mut out = String::from("Workers:\n");
+    for worker in workers {
+        let state = match worker.state {
+            WorkerState::Active if is_busy(worker) => "working",
+            WorkerState::Active => "idle",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Removed => "removed",
+        };
+        let role = if worker.role.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", worker.role)
+        };
+        out.push_str(&format!(
+            "- **{}** {}{}: {}\n",
+            worker.display_name, worker.user_id, role, state
+        ));
+    }
+    out
+}
+
+/// `!crew stop` / `!crew start`.
+pub fn set_state(registry: &Registry, name: &str, state: WorkerState) -> String {
+    match registry.update(name, |worker| worker.state = state) {
+        Ok(worker) if state == WorkerState::Stopped => format!(
+            "Stopped {}. Its files and history are kept; it wakes for nothing until `!crew start {}`.",
+            worker.display_name, worker.name
+        ),
+        Ok(worker) => format!(
+            "Started {}; it wakes when mentioned again.",
+            worker.display_name
+        ),
+        Err(error) => format!("{error}. `!crew workers` lists them."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_and_near_misses_do_not() {
+        assert_eq!(Command::parse("!crew"), Some(Command::Help));
+        assert_eq!(Command::parse("  !crew workers "), Some(Command::Workers));
+        assert_eq!(
+            Command::parse("!crew stop Alice"),
+            Some(Command::Stop("Alice".into()))
+        );
+        assert_eq!(
+            Command::parse("!crew why $ev"),
+            Some(Command::Why("$ev".into()))
+        );
+        assert_eq!(
+            Command::parse("!crew stop"),
+            Some(Command::Unknown("stop".into()))
+        );
+        assert_eq!(Command::parse("!crewmate hi"), None);
+        assert_eq!(Command::parse("hello !crew"), None);
+        assert!(Command::Stop("a".into()).changes_state());
+        assert!(!Command::Workers.changes_state());
+    }
+}
