@@ -319,14 +319,12 @@ impl TestUser {
             r#"{{"room":{{"timeline":{{"limit":1}}}},"account_data":{{"not_types":["x{}"]}}}}"#,
             rand_suffix()
         ));
-        let answer = self
-            .ok(
-                reqwest::Method::GET,
-                &format!("/_matrix/client/v3/sync?timeout=0&filter={filter}"),
-                None,
-            )
-            .await;
-        answer
+        self.ok(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/sync?timeout=0&filter={filter}"),
+            None,
+        )
+        .await
     }
 }
 
