@@ -456,4 +456,51 @@ async fn crew_commands_work_without_an_llm_and_changes_are_for_admins() {
     );
     let mention = admin.send_mention(&room, "and now?", &[ALICE]).await;
     assert_eq!(woken(&why(&env, &mention).await), [ALICE]);
+
+    // Removing a Worker revokes its gateway token and takes it out of its rooms.
+    let rotated = std::process::Command::new(crew::crew_binary())
+        .arg("--config")
+        .arg(env.config_path())
+        .args(["gateway", "consumers", "rotate", "crew_alice"])
+        .output()
+        .unwrap();
+    let rotated = String::from_utf8_lossy(&rotated.stdout).into_owned();
+    let token = rotated
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap()
+        .to_owned();
+    let gateway = format!("http://127.0.0.1:{}/llm/chat/completions", env.gateway_port);
+    let status = || async {
+        let response = reqwest::Client::new()
+            .post(&gateway)
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (
+            status,
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    assert_ne!(
+        status().await.0,
+        401,
+        "alice's token works before the removal"
+    );
+    let asked = admin.send(&room, text("!crew remove alice")).await;
+    assert!(
+        command_answer(&admin, &room, &manager, &asked)
+            .await
+            .contains("Removed Alice")
+    );
+    assert_eq!(status().await, (401, "token_revoked".to_owned()));
+    let member = admin.membership(&room, ALICE).await.unwrap();
+    assert_eq!(member["membership"], "leave");
 }

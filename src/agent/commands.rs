@@ -11,6 +11,7 @@ pub enum Command {
     Tasks,
     Stop(String),
     Start(String),
+    Remove(String),
     Cancel(String),
     Why(String),
     /// Something after `!crew` that is not a command; the answer says what is.
@@ -36,6 +37,7 @@ impl Command {
             ("tasks", _) => Command::Tasks,
             ("stop", Some(name)) => Command::Stop(name),
             ("start", Some(name)) => Command::Start(name),
+            ("remove", Some(name)) => Command::Remove(name),
             ("cancel", Some(task)) => Command::Cancel(task),
             ("why", Some(event)) => Command::Why(event),
             (other, _) => Command::Unknown(other.to_owned()),
@@ -58,6 +60,7 @@ pub fn help() -> String {
      - `!crew workers`: every Worker and what it is doing\n\
      - `!crew tasks`: open tasks\n\
      - `!crew stop <name>` / `!crew start <name>`: stop a Worker (its data is kept) or start it again (admins)\n\
+     - `!crew remove <name>`: remove a Worker: its token is revoked, it leaves its rooms (admins)\n\
      - `!crew cancel <task>`: cancel a task (admins)\n\
      - `!crew why <event id>`: why a message did or did not wake an agent"
         .to_owned()
@@ -92,6 +95,14 @@ pub fn list_workers(workers: &[Worker], is_busy: impl Fn(&Worker) -> bool) -> St
 
 /// `!crew stop` / `!crew start`.
 pub fn set_state(registry: &Registry, name: &str, state: WorkerState) -> String {
+    if let Ok(Some(worker)) = registry.get(name) {
+        if worker.state == WorkerState::Removed {
+            return format!(
+                "{} was removed; ask me to create a worker named {} to have it back.",
+                worker.display_name, worker.name
+            );
+        }
+    }
     match registry.update(name, |worker| worker.state = state) {
         Ok(worker) if state == WorkerState::Stopped => format!(
             "Stopped {}. Its files and history are kept; it wakes for nothing until `!crew start {}`.",

@@ -57,6 +57,25 @@ impl Team {
         }
     }
 
+    /// Removes a Worker: its gateway token stops working on the next request, it leaves every
+    /// room, and it wakes for nothing. Its record, files and history stay.
+    #[tracing::instrument(skip(self))]
+    pub async fn remove(&self, name: &str) -> Result<Worker, TeamError> {
+        let worker = self.registry.update(name, |worker| {
+            worker.state = super::registry::WorkerState::Removed
+        })?;
+        match self.gateway.revoke(worker.user_id.localpart()).await {
+            Ok(_) | Err(crate::gateway::GatewayError::UnknownConsumer(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        for room in self.client.joined_rooms(&worker.user_id).await? {
+            self.client
+                .leave(&worker.user_id, &room, Some("removed from the crew"))
+                .await?;
+        }
+        Ok(worker)
+    }
+
     /// Everything a new Worker needs, for the person who asked: its account, its consumer token
     /// in the gateway, and its room "Worker: <Name>" with the person invited and the Worker
     /// below the people and the Manager in power. Repeating it (a retry, or the same name asked
@@ -108,6 +127,9 @@ impl Team {
     pub async fn create_worker(&self, name: &str, role: &str) -> Result<Created, TeamError> {
         let now = crate::appservice::inbox::now_ms();
         let (worker, created) = self.registry.create(name, role, now)?;
+        self.gateway
+            .consumer_token(worker.user_id.localpart())
+            .await?;
         self.client.register(worker.user_id.localpart()).await?;
         let current = self.client.display_name(&worker.user_id).await?;
         if current.as_deref() != Some(worker.display_name.as_str()) {

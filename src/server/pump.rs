@@ -356,6 +356,13 @@ async fn answer_command(
             }
             Command::Stop(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Stopped),
             Command::Start(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Active),
+            Command::Remove(name) => match crew.team.remove(&name).await {
+                Ok(worker) => format!(
+                    "Removed {}: its gateway token is revoked and it left its rooms. Its files and history stay.",
+                    worker.display_name
+                ),
+                Err(error) => format!("I could not remove `{name}`: {error}"),
+            },
             Command::Why(event_id) => why(crew, &event_id),
             Command::Unknown(verb) => format!("`{verb}` is not a command I know. {}", commands::help()),
         }
