@@ -95,13 +95,13 @@ pub fn list_workers(workers: &[Worker], is_busy: impl Fn(&Worker) -> bool) -> St
 
 /// `!crew stop` / `!crew start`.
 pub fn set_state(registry: &Registry, name: &str, state: WorkerState) -> String {
-    if let Ok(Some(worker)) = registry.get(name) {
-        if worker.state == WorkerState::Removed {
-            return format!(
-                "{} was removed; ask me to create a worker named {} to have it back.",
-                worker.display_name, worker.name
-            );
-        }
+    if let Ok(Some(worker)) = registry.get(name)
+        && worker.state == WorkerState::Removed
+    {
+        return format!(
+            "{} was removed; ask me to create a worker named {} to have it back.",
+            worker.display_name, worker.name
+        );
     }
     match registry.update(name, |worker| worker.state = state) {
         Ok(worker) if state == WorkerState::Stopped => format!(
