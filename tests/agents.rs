@@ -37,14 +37,9 @@ async fn crew_with_llm(llm: &ScriptedLlm) -> CrewEnv {
 }
 
 fn cli(env: &CrewEnv, args: &[&str]) -> String {
-    let output = std::process::Command::new(crew::crew_binary())
-        .arg("--config")
-        .arg(env.config_path())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    let (ok, out) = env.cli(args);
+    assert!(ok, "{out}");
+    out
 }
 
 fn has_tool_result(body: &Value) -> bool {
@@ -74,11 +69,7 @@ async fn a_worker_is_created_by_conversation() {
     let bob = env.synapse.register_user("bob").await;
     let room = admin.create_room("hq", &[&manager, &bob.user_id]).await;
     bob.join(&room).await;
-    tools::wait_for("the Manager to join", WAIT, || async {
-        let member = admin.membership(&room, &manager).await?;
-        (member["membership"] == "join").then_some(())
-    })
-    .await;
+    admin.wait_joined(&room, &manager).await;
 
     admin
         .send_mention(
@@ -209,11 +200,7 @@ async fn only_the_mentioned_worker_calls_the_llm() {
         .await;
     carol.join(&room).await;
     for agent in ["@crew_alice:crew.test", "@crew_bob:crew.test"] {
-        tools::wait_for("the workers to join", WAIT, || async {
-            let member = admin.membership(&room, agent).await?;
-            (member["membership"] == "join").then_some(())
-        })
-        .await;
+        admin.wait_joined(&room, agent).await;
     }
     llm.set_default(Reply::text("on it"));
     admin

@@ -44,11 +44,7 @@ async fn manager_greets_admin_and_acknowledges_a_mention() {
         .create_room("project", &[&manager, &bob.user_id])
         .await;
     bob.join(&room).await;
-    tools::wait_for("the Manager to join", WAIT, || async {
-        let member = admin.membership(&room, &manager).await?;
-        (member["membership"] == "join").then_some(())
-    })
-    .await;
+    admin.wait_joined(&room, &manager).await;
     admin
         .send(
             &room,
@@ -121,11 +117,7 @@ async fn room_with_manager(env: &CrewEnv) -> (TestUser, String) {
     let admin = env.admin().await;
     let manager = env.manager_id();
     let room = admin.create_room("work", &[&manager]).await;
-    tools::wait_for("the Manager to join", WAIT, || async {
-        let member = admin.membership(&room, &manager).await?;
-        (member["membership"] == "join").then_some(())
-    })
-    .await;
+    admin.wait_joined(&room, &manager).await;
     (admin, room)
 }
 
@@ -589,34 +581,19 @@ async fn tokens_never_reach_the_logs() {
     }
 }
 
-fn crew_cli(env: &CrewEnv, args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new(crew::crew_binary())
-        .arg("--config")
-        .arg(env.config_path())
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_are_created_once_and_join_when_an_admin_invites_them() {
     let env = CrewEnv::start().await;
-    let (ok, out) = crew_cli(&env, &["workers", "add", "Alice", "--role", "frontend"]);
+    let (ok, out) = env.cli(&["workers", "add", "Alice", "--role", "frontend"]);
     assert!(ok && out.contains("created alice"), "{out}");
-    let (ok, out) = crew_cli(&env, &["workers", "add", "alice"]);
+    let (ok, out) = env.cli(&["workers", "add", "alice"]);
     assert!(ok && out.contains("exists: alice"), "{out}");
-    let (ok, out) = crew_cli(&env, &["workers", "list"]);
+    let (ok, out) = env.cli(&["workers", "list"]);
     assert!(
         ok && out.contains("@crew_alice:crew.test") && out.contains("frontend"),
         "{out}"
     );
-    let (ok, out) = crew_cli(&env, &["workers", "add", "../etc"]);
+    let (ok, out) = env.cli(&["workers", "add", "../etc"]);
     assert!(!ok && out.contains("not a valid worker name"), "{out}");
 
     let admin = env.admin().await;
@@ -634,11 +611,7 @@ async fn workers_are_created_once_and_join_when_an_admin_invites_them() {
     let room = admin
         .create_room("frontend", &["@crew_alice:crew.test"])
         .await;
-    tools::wait_for("alice to join", WAIT, || async {
-        let member = admin.membership(&room, "@crew_alice:crew.test").await?;
-        (member["membership"] == "join").then_some(())
-    })
-    .await;
+    admin.wait_joined(&room, "@crew_alice:crew.test").await;
 }
 
 #[tokio::test]
@@ -677,7 +650,7 @@ async fn admin_commands_say_when_crew_is_not_running() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
     let mut env = CrewEnv::start().await;
-    let (ok, out) = crew_cli(&env, &["gateway", "consumers", "add", "alice"]);
+    let (ok, out) = env.cli(&["gateway", "consumers", "add", "alice"]);
     assert!(ok, "{out}");
     let token = out
         .lines()
@@ -712,7 +685,7 @@ async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
         (404, "unknown_route".to_owned()),
         "still valid after a restart"
     );
-    let (ok, out) = crew_cli(&env, &["gateway", "consumers", "revoke", "alice"]);
+    let (ok, out) = env.cli(&["gateway", "consumers", "revoke", "alice"]);
     assert!(ok, "{out}");
     assert_eq!(code(token.clone()).await, (401, "token_revoked".to_owned()));
     assert!(
@@ -726,16 +699,13 @@ async fn files_go_in_and_out_through_the_running_server() {
     let env = CrewEnv::start().await;
     let local = env.root.path().join("spec.md");
     std::fs::write(&local, "# Login page\n\nBuild it.\n").unwrap();
-    let (ok, out) = crew_cli(
-        &env,
-        &["files", "put", "tasks/t1/spec.md", local.to_str().unwrap()],
-    );
+    let (ok, out) = env.cli(&["files", "put", "tasks/t1/spec.md", local.to_str().unwrap()]);
     assert!(ok, "{out}");
-    let (ok, out) = crew_cli(&env, &["files", "ls", "tasks/"]);
+    let (ok, out) = env.cli(&["files", "ls", "tasks/"]);
     assert!(ok && out.contains("tasks/t1/spec.md"), "{out}");
-    let (ok, out) = crew_cli(&env, &["files", "get", "tasks/t1/spec.md"]);
+    let (ok, out) = env.cli(&["files", "get", "tasks/t1/spec.md"]);
     assert!(ok && out.contains("Build it."), "{out}");
-    let (ok, out) = crew_cli(&env, &["files", "get", "../etc/passwd"]);
+    let (ok, out) = env.cli(&["files", "get", "../etc/passwd"]);
     assert!(!ok && out.contains(".."), "{out}");
     // The embedded default keeps files under the data directory.
     assert!(env.data_dir.join("files/tasks/t1/spec.md").exists());

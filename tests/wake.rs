@@ -64,21 +64,8 @@ fn skip_reason(decision: &Value, agent: &str) -> String {
 }
 
 fn add_worker(env: &CrewEnv, name: &str) {
-    let output = std::process::Command::new(crew::crew_binary())
-        .arg("--config")
-        .arg(env.config_path())
-        .args(["workers", "add", name])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-}
-
-async fn wait_joined(user: &TestUser, room: &str, who: &str) {
-    tools::wait_for(&format!("{who} to join"), WAIT, || async {
-        let member = user.membership(room, who).await?;
-        (member["membership"] == "join").then_some(())
-    })
-    .await;
+    let (ok, out) = env.cli(&["workers", "add", name]);
+    assert!(ok, "{out}");
 }
 
 /// A group room with the admin, a second person, the Manager and Worker alice.
@@ -91,8 +78,8 @@ async fn team_room(env: &CrewEnv) -> (TestUser, String) {
         .create_room("team", &[&manager, ALICE, &bob.user_id])
         .await;
     bob.join(&room).await;
-    wait_joined(&admin, &room, &manager).await;
-    wait_joined(&admin, &room, ALICE).await;
+    admin.wait_joined(&room, &manager).await;
+    admin.wait_joined(&room, ALICE).await;
     (admin, room)
 }
 
@@ -325,7 +312,7 @@ async fn encrypted_rooms_and_missed_mentions_get_one_notice_each() {
         )
         .await;
     let secret_room = created["room_id"].as_str().unwrap().to_owned();
-    wait_joined(&admin, &secret_room, &manager).await;
+    admin.wait_joined(&secret_room, &manager).await;
     let ciphertext = json!({"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnAcool", "sender_key": "k", "session_id": "s", "device_id": "D"});
     for _ in 0..2 {
         let (status, _) = admin

@@ -137,6 +137,22 @@ impl CrewEnv {
         self.admin.clone()
     }
 
+    /// Runs a `crew` CLI command against this environment: (success, stdout + stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(crew_binary())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
     /// Everything crew logged in every run so far.
     pub fn all_logs(&self) -> String {
         let mut text = String::new();

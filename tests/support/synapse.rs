@@ -280,6 +280,19 @@ impl TestUser {
         (status == 200).then_some(value)
     }
 
+    /// Waits until `who` has joined `room` (as this user sees the room state).
+    pub async fn wait_joined(&self, room: &str, who: &str) {
+        super::tools::wait_for(
+            &format!("{who} to join {room}"),
+            Duration::from_secs(30),
+            || async {
+                let member = self.membership(room, who).await?;
+                (member["membership"] == "join").then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Rooms this user is invited to whose name (from the invite state) is `name`.
     pub async fn invites_named(&self, name: &str) -> Vec<String> {
         let answer = self.initial_sync().await;
