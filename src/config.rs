@@ -169,14 +169,19 @@ impl Default for LogConfig {
     }
 }
 
-/// `CREW_…` variables that are not config keys (secrets and the config path itself).
-const NOT_CONFIG_KEYS: &[&str] = &[
-    "as_token",
-    "hs_token",
-    "as_token_file",
-    "hs_token_file",
-    "config",
-    "data_dir_init",
+/// The top-level keys of [`Config`]; `CREW_<KEY>…` variables override them.
+const CONFIG_KEYS: &[&str] = &[
+    "data_dir",
+    "admins",
+    "homeserver",
+    "appservice",
+    "invites",
+    "admin_api",
+    "dispatch",
+    "gateway",
+    "llm",
+    "storage",
+    "log",
 ];
 
 fn default_data_dir() -> PathBuf {
@@ -223,7 +228,10 @@ impl Config {
             let key = name["CREW_".len()..]
                 .to_ascii_lowercase()
                 .replace("__", ".");
-            if NOT_CONFIG_KEYS.contains(&key.as_str()) {
+            // Only variables that name a config section or top-level key are overrides; others
+            // (CREW_CONFIG, CREW_AS_TOKEN, a tool's CREW_TEST_TOOLS…) are not config.
+            let top = key.split('.').next().unwrap_or("");
+            if !CONFIG_KEYS.contains(&top) {
                 continue;
             }
             let parsed = value
@@ -364,6 +372,8 @@ mod tests {
                 token_file.display().to_string(),
             ),
             ("UNRELATED".to_owned(), "x".to_owned()),
+            ("CREW_TEST_TOOLS".to_owned(), "/tmp/tools".to_owned()),
+            ("CREW_CONFIG".to_owned(), "elsewhere.toml".to_owned()),
         ];
         let loaded = Config::load_with_env(&config, vars).unwrap();
         assert_eq!(
