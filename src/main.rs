@@ -45,6 +45,20 @@ enum Command {
         #[command(subcommand)]
         command: matrix_crew::storage::cli::FilesCommand,
     },
+    /// Posts a stored file in a room: a signed link, or an `m.file` upload.
+    Share {
+        /// Path in the file store, e.g. tasks/t-1/result.md.
+        path: String,
+        /// Room id to post in.
+        #[arg(long)]
+        room: String,
+        /// The agent that posts it (default: the Manager).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Upload as `m.file` (small files) instead of linking.
+        #[arg(long)]
+        upload: bool,
+    },
     /// Lists or creates Workers (through the running server).
     Workers {
         #[command(subcommand)]
@@ -115,6 +129,17 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Workers { command } => workers(&admin(&cli.config)?, command).await,
+            Command::Share {
+                path,
+                room,
+                agent,
+                upload,
+            } => {
+                let body = serde_json::json!({ "path": path, "room": room, "agent": agent, "upload": upload });
+                let answer: serde_json::Value = admin(&cli.config)?.post("/share", &body).await?;
+                println!("posted {}", answer["event_id"].as_str().unwrap_or("?"));
+                Ok(())
+            }
             Command::Files { command } => {
                 print!("{}", command.run(&admin(&cli.config)?).await?);
                 Ok(())

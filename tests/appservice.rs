@@ -695,10 +695,25 @@ async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn files_go_in_and_out_through_the_running_server() {
-    let env = CrewEnv::start().await;
+async fn files_go_in_and_out_and_are_shared_by_link_or_upload() {
+    // Signed links are served by crew next to the appservice API.
+    let env = CrewEnv::start_with(|config| {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        let bind = text
+            .lines()
+            .find_map(|line| line.strip_prefix("bind = \"127.0.0.1:"))
+            .unwrap()
+            .trim_end_matches('"')
+            .to_owned();
+        text.push_str(&format!(
+            "\n[storage]\npublic_base_url = \"http://127.0.0.1:{bind}\"\n"
+        ));
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
     let local = env.root.path().join("spec.md");
-    std::fs::write(&local, "# Login page\n\nBuild it.\n").unwrap();
+    let spec = "# Login page\n\nBuild it.\n";
+    std::fs::write(&local, spec).unwrap();
     let (ok, out) = env.cli(&["files", "put", "tasks/t1/spec.md", local.to_str().unwrap()]);
     assert!(ok, "{out}");
     let (ok, out) = env.cli(&["files", "ls", "tasks/"]);
@@ -709,4 +724,58 @@ async fn files_go_in_and_out_through_the_running_server() {
     assert!(!ok && out.contains(".."), "{out}");
     // The embedded default keeps files under the data directory.
     assert!(env.data_dir.join("files/tasks/t1/spec.md").exists());
+
+    // Shared in a room: a reference with a signed link that opens the file.
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let (ok, out) = env.cli(&["share", "tasks/t1/spec.md", "--room", &room]);
+    assert!(ok, "{out}");
+    let reference = tools::wait_for("the file reference", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("tasks/t1/spec.md")
+                    && e["content"]["msgtype"] == "m.text"
+            })
+    })
+    .await;
+    let body = reference["content"]["body"].as_str().unwrap();
+    let link = body
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == '<' || c == '>')
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no link in {body}"));
+    let fetched = reqwest::get(link).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.text().await.unwrap(), spec);
+    let tampered = link.replace("spec.md", "plan.md");
+    assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
+
+    // Or uploaded as m.file, which any client shows as a download.
+    let (ok, out) = env.cli(&["share", "tasks/t1/spec.md", "--room", &room, "--upload"]);
+    assert!(ok, "{out}");
+    let file = tools::wait_for("the m.file", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.file")
+    })
+    .await;
+    let mxc = file["content"]["url"].as_str().unwrap();
+    let media = mxc.strip_prefix("mxc://").unwrap();
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v1/media/download/{media}",
+            env.synapse.url
+        ))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), spec);
 }

@@ -364,7 +364,7 @@ impl MatrixClient {
     pub async fn upload(
         &self,
         user: &UserId,
-        bytes: Vec<u8>,
+        bytes: impl Into<reqwest::Body>,
         content_type: &str,
         filename: &str,
     ) -> Result<String, MatrixError> {
@@ -375,7 +375,7 @@ impl MatrixClient {
             .post(url)
             .bearer_auth(self.as_token.expose())
             .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(bytes)
+            .body(bytes.into())
             .send()
             .await
             .map_err(|error| self.unreachable(error))?;

@@ -289,7 +289,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         .nest("/workers", crate::agent::team::admin_router(team))
         .nest("/gateway", crate::gateway::admin_router(gateway.clone()))
         .nest("/files", crate::storage::admin::admin_router(storage))
-        .nest("/dispatch", turns::admin_router(crew.clone()));
+        .nest("/dispatch", turns::admin_router(crew.clone()))
+        .nest("/share", turns::share_router(crew.clone()));
     tasks.spawn(gateway.serve(gateway_listener, shutdown.clone()));
     tasks.spawn(crate::admin::serve(
         admin_listener,

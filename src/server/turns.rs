@@ -174,6 +174,56 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
         .or_default() += 1;
 }
 
+/// What `crew share` asks for.
+#[derive(serde::Deserialize)]
+pub(super) struct ShareRequest {
+    path: String,
+    room: ruma::OwnedRoomId,
+    /// The agent that posts it (default: the Manager).
+    #[serde(default)]
+    agent: Option<OwnedUserId>,
+    /// Upload small files as `m.file` even when links are available.
+    #[serde(default)]
+    upload: bool,
+}
+
+/// `POST /share`: an agent posts a file reference (link or `m.file`) in a room.
+pub(super) fn share_router(crew: Arc<Crew>) -> axum::Router {
+    axum::Router::new()
+        .route("/", axum::routing::post(share))
+        .with_state(crew)
+}
+
+async fn share(
+    State(crew): State<Arc<Crew>>,
+    axum::Json(request): axum::Json<ShareRequest>,
+) -> Response {
+    let agent = request.agent.unwrap_or_else(|| crew.manager.clone());
+    if !crew.is_ours(&agent) {
+        return crate::admin::error_response(
+            StatusCode::BAD_REQUEST,
+            format!("{agent} is not one of our agents"),
+        );
+    }
+    match crate::agent::files::share(
+        &crew.storage,
+        &crew.links,
+        &crew.client,
+        &agent,
+        &request.room,
+        &request.path,
+        request.upload,
+    )
+    .await
+    {
+        Ok(event_id) => axum::Json(serde_json::json!({ "event_id": event_id })).into_response(),
+        Err(crate::agent::files::ShareError::Storage(error)) => {
+            crate::storage::admin::storage_error(error)
+        }
+        Err(error) => crate::admin::error_response(StatusCode::BAD_GATEWAY, error.to_string()),
+    }
+}
+
 /// `/dispatch/why/{event_id}` (the dispatcher's reasons) and `/dispatch/turns` (turns per agent).
 pub(super) fn admin_router(crew: Arc<Crew>) -> axum::Router {
     axum::Router::new()

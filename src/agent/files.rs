@@ -1,0 +1,74 @@
+//! Files in chat: an agent refers to a file by path, size and a signed link a person can open
+//! from any client (a phone included), or, without a public base URL (or on request, for small
+//! files), uploads it to Matrix media as `m.file`. Chat carries references, never file bodies.
+
+use std::time::SystemTime;
+
+use ruma::{OwnedEventId, RoomId, UserId};
+use serde_json::json;
+
+use crate::matrix::{MatrixClient, MatrixError, OutgoingMessage};
+use crate::storage::links::{FileReference, Links};
+use crate::storage::{Storage, StorageError, StoragePath};
+
+/// Why a file could not be shared.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the homeserver refused the file: {0}")]
+    Matrix(#[from] MatrixError),
+}
+
+/// Posts a reference to `path` in `room` as `agent`; returns the event id.
+pub async fn share(
+    storage: &Storage,
+    links: &Links,
+    client: &MatrixClient,
+    agent: &UserId,
+    room: &RoomId,
+    path: &str,
+    prefer_upload: bool,
+) -> Result<OwnedEventId, ShareError> {
+    let path = StoragePath::parse(path)?;
+    let reference = links
+        .reference(storage, &path, prefer_upload, SystemTime::now())
+        .await?;
+    let txn_key = format!("share:{room}:{path}:{}", crate::appservice::inbox::now_ms());
+    match reference {
+        FileReference::Link { text, .. } | FileReference::PathOnly { text, .. } => Ok(client
+            .send(agent, room, &txn_key, &OutgoingMessage::text(text))
+            .await?),
+        FileReference::UploadAsFile {
+            file_name,
+            caption,
+            meta,
+        } => {
+            let bytes = storage.get_bytes(&path, meta.size).await?;
+            let mxc = client
+                .upload(agent, bytes, &meta.content_type, &file_name)
+                .await?;
+            let content = json!({
+                "msgtype": "m.file",
+                "body": file_name,
+                "filename": file_name,
+                "url": mxc,
+                "info": { "size": meta.size, "mimetype": meta.content_type },
+                "m.mentions": {},
+            });
+            let event = client
+                .send_event(agent, room, "m.room.message", &txn_key, content)
+                .await?;
+            // The caption (path and size) follows, so the file's place in storage is known.
+            client
+                .send(
+                    agent,
+                    room,
+                    &format!("{txn_key}:caption"),
+                    &OutgoingMessage::notice(caption),
+                )
+                .await?;
+            Ok(event)
+        }
+    }
+}
