@@ -24,7 +24,8 @@ const REAL_KEY: &str = "sk-real-provider-key-never-leaves-the-gateway";
 async fn crew_with_llm(llm: &ScriptedLlm) -> CrewEnv {
     let upstream = llm.url();
     CrewEnv::start_with(move |config: &Path| {
-        let key_file = config.parent().unwrap().join("llm.key");
+        // Outside the data directory, so that a scan of what crew stored finds only crew's writing.
+        let key_file = config.parent().unwrap().parent().unwrap().join("llm.key");
         std::fs::write(&key_file, REAL_KEY).unwrap();
         let mut text = std::fs::read_to_string(config).unwrap();
         text.push_str(&format!(
@@ -177,6 +178,8 @@ async fn a_worker_is_created_by_conversation() {
         !env.all_logs().contains(REAL_KEY),
         "the real key is never logged"
     );
+    let stored = files_containing(&env.data_dir, REAL_KEY.as_bytes());
+    assert!(stored.is_empty(), "nor stored: {stored:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -235,4 +238,20 @@ async fn only_the_mentioned_worker_calls_the_llm() {
             .await
             .is_empty()
     );
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path)
+            .is_ok_and(|bytes| bytes.windows(needle.len()).any(|window| window == needle))
+        {
+            found.push(path.display().to_string());
+        }
+    }
+    found
 }
