@@ -204,7 +204,10 @@ mod tests {
         assert!(alerts(heartbeat(&tasks, u64::MAX, 125 * MIN)).is_empty());
         // Quiet again for a full period: a fresh nudge, not a message to the human.
         let actions = alerts(heartbeat(&tasks, u64::MAX, 131 * MIN));
-        assert!(matches!(actions.as_slice(), [HeartbeatAction::Nudge { .. }]));
+        assert!(matches!(
+            actions.as_slice(),
+            [HeartbeatAction::Nudge { .. }]
+        ));
     }
 
     #[test]
@@ -244,7 +247,10 @@ mod tests {
         let ids: Vec<&str> = changed.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(ids, ["t-1", "t-2"], "oldest change first");
         let text = render_report(changed);
-        assert!(text.contains("t-2 \"title of t-2\" (alice): done"), "{text}");
+        assert!(
+            text.contains("t-2 \"title of t-2\" (alice): done"),
+            "{text}"
+        );
         assert!(text.contains("result in tasks/t-2/result.md"), "{text}");
         // Nothing new since the watermark: no report.
         assert!(heartbeat(&tasks, 20, 40).is_empty());

@@ -220,16 +220,25 @@ pub enum TaskError {
         to: TaskState,
     },
     /// A task needs a title.
-    #[error("a task needs a one-line title (at most {MAX_TITLE_CHARS} characters); put details in the spec")]
+    #[error(
+        "a task needs a one-line title (at most {MAX_TITLE_CHARS} characters); put details in the spec"
+    )]
     InvalidTitle,
     /// A task needs a Worker to do it.
     #[error("a task needs the name of the Worker it is assigned to")]
     MissingAssignee,
+    /// The assignee is not a valid Worker name.
+    #[error(
+        "`{name}` is not a Worker name; names are lower-case letters, digits, `.`, `_` and `-`, starting with a letter"
+    )]
+    InvalidAssignee { name: String },
     /// The text is empty where something must be said.
     #[error("the {what} is empty; say something")]
     EmptyText { what: &'static str },
     /// The state name is not one of the known ones.
-    #[error("unknown task state `{state}`; use one of assigned, in_progress, blocked, done, cancelled")]
+    #[error(
+        "unknown task state `{state}`; use one of assigned, in_progress, blocked, done, cancelled"
+    )]
     UnknownState { state: String },
     /// The cron expression of a recurring task does not parse.
     #[error("invalid schedule `{cron}`: {reason}")]
@@ -342,10 +351,15 @@ impl Tasks {
         if title.is_empty() || title.contains('\n') || title.chars().count() > MAX_TITLE_CHARS {
             return Err(TaskError::InvalidTitle);
         }
-        let assignee = assignee.trim();
-        if assignee.is_empty() {
+        if assignee.trim().is_empty() {
             return Err(TaskError::MissingAssignee);
         }
+        let assignee =
+            crate::agent::registry::Registry::normalise_name(assignee).map_err(|_| {
+                TaskError::InvalidAssignee {
+                    name: assignee.to_owned(),
+                }
+            })?;
         let number = self.next_number()?;
         let id = format!("t-{number}");
         let spec = format!("# {id}: {title}\n\n{}\n", spec_text.trim_end());
@@ -355,7 +369,7 @@ impl Tasks {
         let task = Task {
             id: id.clone(),
             title: title.to_owned(),
-            assignee: assignee.to_owned(),
+            assignee,
             room,
             requester,
             state: TaskState::Assigned,
@@ -401,7 +415,7 @@ impl Tasks {
         Ok(self
             .list(&TaskFilter {
                 states: Vec::new(),
-                assignee: Some(worker.to_owned()),
+                assignee: Some(worker.trim().trim_start_matches('@').to_lowercase()),
             })?
             .into_iter()
             .map(|task| task.id)
@@ -449,10 +463,7 @@ impl Tasks {
                 text.push('\n');
             }
             let one_line = note.replace('\n', " ");
-            text.push_str(&format!(
-                "- {}: {one_line}\n",
-                schedule::format_utc(now_ms)
-            ));
+            text.push_str(&format!("- {}: {one_line}\n", schedule::format_utc(now_ms)));
             self.storage.put_bytes(&path, text.into_bytes()).await?;
         }
         self.change(&current.id, |task| {
@@ -519,7 +530,12 @@ impl Tasks {
     }
 
     /// Sets how long the task may be quiet before a nudge.
-    pub fn set_quiet_minutes(&self, id: &str, minutes: u64, now_ms: u64) -> Result<Task, TaskError> {
+    pub fn set_quiet_minutes(
+        &self,
+        id: &str,
+        minutes: u64,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
         if minutes == 0 {
             return Err(TaskError::ZeroQuietTime);
         }

@@ -210,16 +210,20 @@ mod tests {
             ("30-10 * * * *", "backwards"),
         ];
         for (cron, expected) in cases {
-            let message = Schedule::parse(cron, "UTC")
-                .expect_err(cron)
-                .to_string();
+            let message = Schedule::parse(cron, "UTC").expect_err(cron).to_string();
             assert!(message.contains(expected), "{cron}: {message}");
         }
     }
 
     #[test]
     fn timezones_are_shape_checked() {
-        for good in ["UTC", "utc", "Europe/Berlin", "America/Argentina/Buenos_Aires", "Etc/GMT+2"] {
+        for good in [
+            "UTC",
+            "utc",
+            "Europe/Berlin",
+            "America/Argentina/Buenos_Aires",
+            "Etc/GMT+2",
+        ] {
             Schedule::parse("0 9 * * *", good).expect(good);
         }
         for bad in ["", "Berlin", "Europe/", "../etc", "Europe/Ber lin"] {
