@@ -287,7 +287,7 @@ async fn ids_are_unique_short_and_listed_in_creation_order() {
     let bobs_open = f
         .tasks
         .list(&TaskFilter {
-            assignee: Some("bob".into()),
+            assignee: Some("Bob".into()),
             ..TaskFilter::open()
         })
         .expect("list");
@@ -296,6 +296,8 @@ async fn ids_are_unique_short_and_listed_in_creation_order() {
 
     // The access check uses every task of the Worker, finished ones included.
     let bob_ids = f.tasks.task_ids_of("bob").expect("ids");
+    assert_eq!(f.tasks.task_ids_of("@BOB").expect("ids"), bob_ids);
+    assert!(f.tasks.task_ids_of("carol").expect("ids").is_empty());
     assert_eq!(bob_ids.len(), 6);
     let scope = AgentScope {
         name: "bob",

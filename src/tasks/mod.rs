@@ -274,7 +274,7 @@ fn allowed_text(from: TaskState) -> String {
 pub struct TaskFilter {
     /// Only tasks in one of these states (all states when empty).
     pub states: Vec<TaskState>,
-    /// Only tasks of this Worker.
+    /// Only tasks of this Worker (compared case-insensitively, a leading `@` ignored).
     pub assignee: Option<String>,
 }
 
@@ -293,10 +293,11 @@ impl TaskFilter {
 
     fn accepts(&self, task: &Task) -> bool {
         (self.states.is_empty() || self.states.contains(&task.state))
-            && self
-                .assignee
-                .as_deref()
-                .is_none_or(|name| name == task.assignee)
+            && self.assignee.as_deref().is_none_or(|name| {
+                name.trim()
+                    .trim_start_matches('@')
+                    .eq_ignore_ascii_case(&task.assignee)
+            })
     }
 }
 
@@ -320,6 +321,15 @@ pub struct Tasks {
     /// Serialises read-append-write of `progress.md` so concurrent notes are not lost. A tokio
     /// mutex because the storage calls await while it is held.
     append_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tasks")
+            .field("storage", &self.storage.describe())
+            .field("default_quiet_minutes", &self.default_quiet_minutes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tasks {
@@ -393,7 +403,7 @@ impl Tasks {
         let id = normalize_id(id);
         self.tasks
             .get(&id)?
-            .ok_or(TaskError::NotFound { id: id.to_owned() })
+            .ok_or_else(|| TaskError::NotFound { id: id.clone() })
     }
 
     /// Tasks matching `filter`, in creation order.
@@ -415,7 +425,7 @@ impl Tasks {
         Ok(self
             .list(&TaskFilter {
                 states: Vec::new(),
-                assignee: Some(worker.trim().trim_start_matches('@').to_lowercase()),
+                assignee: Some(worker.to_owned()),
             })?
             .into_iter()
             .map(|task| task.id)
