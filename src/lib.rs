@@ -24,3 +24,4 @@ pub mod secret;
 pub mod server;
 pub mod storage;
 pub mod store;
+pub mod tasks;

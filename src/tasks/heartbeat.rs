@@ -1,0 +1,265 @@
+//! The heartbeat: what the Manager should do about quiet tasks, as a pure function of the task
+//! records and the time.
+//!
+//! The caller (the heartbeat loop in the server) posts each action and then records it with
+//! [`Tasks::apply`](super::Tasks::apply), so a beat that fails to post is simply repeated by the
+//! next one and a beat that posted is never repeated. Not for: sending messages or timers.
+
+use ruma::OwnedUserId;
+
+use super::{Task, TaskState, schedule::format_utc};
+
+/// One thing the Manager should do on this beat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatAction {
+    /// Remind the Worker of a task that has been quiet longer than its allowed quiet time.
+    Nudge {
+        /// The task id.
+        task: String,
+        /// The Worker's name.
+        worker: String,
+    },
+    /// The Worker stayed quiet for another quiet period after the nudge: tell the human.
+    TellHuman {
+        /// The task id.
+        task: String,
+        /// Who asked for the task.
+        requester: OwnedUserId,
+    },
+    /// Tasks changed since the last report; post a summary (see [`render_report`]) in the
+    /// admin's DM.
+    Report {
+        /// The changed tasks, oldest change first.
+        changed: Vec<Task>,
+        /// The newest change included; recorded so the next report starts after it.
+        until_ms: u64,
+    },
+}
+
+const MS_PER_MINUTE: u64 = 60_000;
+
+/// Decides this beat's actions. `reported_until_ms` is the watermark of the last posted report
+/// ([`Tasks::reported_until_ms`](super::Tasks::reported_until_ms)).
+///
+/// Only tasks that are assigned or in progress are watched: a blocked task waits for a human,
+/// and done or cancelled tasks are over. A task is nudged once per silence (no nudge since its
+/// last progress) and the human is told once per nudge; new progress starts the cycle again.
+pub fn heartbeat(tasks: &[Task], reported_until_ms: u64, now_ms: u64) -> Vec<HeartbeatAction> {
+    let mut actions = Vec::new();
+    for task in tasks {
+        if !matches!(task.state, TaskState::Assigned | TaskState::InProgress) {
+            continue;
+        }
+        let quiet_ms = task.quiet_minutes.saturating_mul(MS_PER_MINUTE);
+        match task.last_nudge_ms {
+            Some(nudged) if nudged >= task.last_progress_ms => {
+                let told = task.told_human_ms.is_some_and(|told| told >= nudged);
+                if !told && now_ms.saturating_sub(nudged) > quiet_ms {
+                    actions.push(HeartbeatAction::TellHuman {
+                        task: task.id.clone(),
+                        requester: task.requester.clone(),
+                    });
+                }
+            }
+            _ => {
+                if now_ms.saturating_sub(task.last_progress_ms) > quiet_ms {
+                    actions.push(HeartbeatAction::Nudge {
+                        task: task.id.clone(),
+                        worker: task.assignee.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let mut changed: Vec<Task> = tasks
+        .iter()
+        .filter(|task| task.updated_ms > reported_until_ms)
+        .cloned()
+        .collect();
+    if let Some(until_ms) = changed.iter().map(|task| task.updated_ms).max() {
+        changed.sort_by_key(|task| (task.updated_ms, task.number()));
+        actions.push(HeartbeatAction::Report { changed, until_ms });
+    }
+    actions
+}
+
+/// A short Markdown summary of changed tasks, one line each, for the Manager's report.
+pub fn render_report(changed: &[Task]) -> String {
+    let mut out = String::from("Task updates:\n");
+    for task in changed {
+        out.push_str(&format!(
+            "- {} \"{}\" ({}): {} since {}",
+            task.id,
+            task.title,
+            task.assignee,
+            task.state,
+            format_utc(task.updated_ms)
+        ));
+        if let (TaskState::Blocked, Some(question)) = (task.state, &task.blocked_question) {
+            out.push_str(&format!(", asks: {question}"));
+        }
+        if let (TaskState::Done, Some(result)) = (task.state, &task.result_path) {
+            out.push_str(&format!(", result in {result}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = MS_PER_MINUTE;
+
+    fn task(id: &str, state: TaskState, last_progress_ms: u64) -> Task {
+        Task {
+            id: id.to_owned(),
+            title: format!("title of {id}"),
+            assignee: "alice".to_owned(),
+            room: None,
+            requester: ruma::owned_user_id!("@human:example.org"),
+            state,
+            created_ms: 0,
+            updated_ms: last_progress_ms,
+            last_progress_ms,
+            quiet_minutes: 60,
+            nudges: 0,
+            last_nudge_ms: None,
+            told_human_ms: None,
+            schedule: None,
+            result_path: None,
+            blocked_question: None,
+        }
+    }
+
+    /// The actions other than reports, which these tests look at separately.
+    fn alerts(actions: Vec<HeartbeatAction>) -> Vec<HeartbeatAction> {
+        actions
+            .into_iter()
+            .filter(|action| !matches!(action, HeartbeatAction::Report { .. }))
+            .collect()
+    }
+
+    /// What `Tasks::apply` does to the record, done by hand so the pure function is tested alone.
+    fn apply(tasks: &mut [Task], actions: &[HeartbeatAction], now: u64) {
+        for action in actions {
+            for task in tasks.iter_mut() {
+                match action {
+                    HeartbeatAction::Nudge { task: id, .. } if *id == task.id => {
+                        task.nudges += 1;
+                        task.last_nudge_ms = Some(now);
+                    }
+                    HeartbeatAction::TellHuman { task: id, .. } if *id == task.id => {
+                        task.told_human_ms = Some(now);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quiet_task_is_nudged_once_then_the_human_is_told_once() {
+        let mut tasks = vec![task("t-1", TaskState::InProgress, 0)];
+        // Within the quiet time: nothing.
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 60 * MIN)).is_empty());
+        // Past it: one nudge.
+        let now = 61 * MIN;
+        let actions = alerts(heartbeat(&tasks, u64::MAX, now));
+        assert_eq!(
+            actions,
+            vec![HeartbeatAction::Nudge {
+                task: "t-1".into(),
+                worker: "alice".into()
+            }]
+        );
+        apply(&mut tasks, &actions, now);
+        // The next beats, still within a quiet period of the nudge: nothing again.
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 76 * MIN)).is_empty());
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 121 * MIN)).is_empty());
+        // A quiet period after the nudge: tell the human, once.
+        let now = 122 * MIN;
+        let actions = alerts(heartbeat(&tasks, u64::MAX, now));
+        assert_eq!(
+            actions,
+            vec![HeartbeatAction::TellHuman {
+                task: "t-1".into(),
+                requester: ruma::owned_user_id!("@human:example.org")
+            }]
+        );
+        apply(&mut tasks, &actions, now);
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 500 * MIN)).is_empty());
+        assert_eq!(tasks[0].nudges, 1);
+    }
+
+    #[test]
+    fn progress_after_a_nudge_silences_the_alarm_and_restarts_the_cycle() {
+        let mut tasks = vec![task("t-1", TaskState::Assigned, 0)];
+        let actions = alerts(heartbeat(&tasks, u64::MAX, 61 * MIN));
+        apply(&mut tasks, &actions, 61 * MIN);
+        // The Worker answers the nudge.
+        tasks[0].last_progress_ms = 70 * MIN;
+        tasks[0].state = TaskState::InProgress;
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 125 * MIN)).is_empty());
+        // Quiet again for a full period: a fresh nudge, not a message to the human.
+        let actions = alerts(heartbeat(&tasks, u64::MAX, 131 * MIN));
+        assert!(matches!(
+            actions.as_slice(),
+            [HeartbeatAction::Nudge { .. }]
+        ));
+    }
+
+    #[test]
+    fn blocked_and_finished_tasks_are_not_watched() {
+        let tasks = vec![
+            task("t-1", TaskState::Blocked, 0),
+            task("t-2", TaskState::Done, 0),
+            task("t-3", TaskState::Cancelled, 0),
+        ];
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 1000 * MIN)).is_empty());
+    }
+
+    #[test]
+    fn each_task_uses_its_own_quiet_time() {
+        let mut short = task("t-1", TaskState::InProgress, 0);
+        short.quiet_minutes = 5;
+        let long = task("t-2", TaskState::InProgress, 0);
+        let actions = alerts(heartbeat(&[short, long], u64::MAX, 6 * MIN));
+        assert!(matches!(
+            actions.as_slice(),
+            [HeartbeatAction::Nudge { task, .. }] if task == "t-1"
+        ));
+    }
+
+    #[test]
+    fn report_only_when_something_changed_since_the_last_one() {
+        let mut tasks = vec![
+            task("t-2", TaskState::Done, 20),
+            task("t-1", TaskState::InProgress, 10),
+        ];
+        tasks[0].result_path = Some("tasks/t-2/result.md".into());
+        let actions = heartbeat(&tasks, 0, 30);
+        let Some(HeartbeatAction::Report { changed, until_ms }) = actions.last() else {
+            panic!("expected a report, got {actions:?}");
+        };
+        assert_eq!(*until_ms, 20);
+        let ids: Vec<&str> = changed.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["t-1", "t-2"], "oldest change first");
+        let text = render_report(changed);
+        assert!(
+            text.contains("t-2 \"title of t-2\" (alice): done"),
+            "{text}"
+        );
+        assert!(text.contains("result in tasks/t-2/result.md"), "{text}");
+        // Nothing new since the watermark: no report.
+        assert!(heartbeat(&tasks, 20, 40).is_empty());
+        // One task changes: the report holds only it.
+        tasks[1].updated_ms = 35;
+        let actions = heartbeat(&tasks, 20, 40);
+        assert!(matches!(
+            actions.as_slice(),
+            [HeartbeatAction::Report { changed, until_ms: 35 }] if changed.len() == 1 && changed[0].id == "t-1"
+        ));
+    }
+}

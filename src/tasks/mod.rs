@@ -1,0 +1,681 @@
+//! Tasks: the records the Manager assigns to Workers, their states, their files, and the
+//! heartbeat that notices quiet tasks.
+//!
+//! A task is a sled record (tree `tasks`, keyed by its short id `t-<n>`) plus a folder
+//! `tasks/<id>/` in file storage holding `spec.md` (written here at creation), `progress.md`
+//! (one line appended per progress note) and `result.md`. States move
+//! `assigned → in_progress → blocked / done / cancelled` along the edges in
+//! [`TaskState::allowed_next`]; anything else is refused with an error that lists what is allowed.
+//! The heartbeat is a pure function ([`heartbeat::heartbeat`]) over the records.
+//!
+//! Not for: talking to Matrix or the LLM (the agent tools and the heartbeat loop do that and call
+//! in here), the access rules for files (see [`crate::storage::access`], which takes
+//! [`Tasks::task_ids_of`]), or running recurring tasks (their schedule is stored and its syntax
+//! checked; computing the next run is still to do).
+
+pub mod heartbeat;
+pub mod schedule;
+
+use std::fmt;
+use std::str::FromStr;
+
+use ruma::{OwnedRoomId, OwnedUserId};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::access::{TaskFile, task_file};
+use crate::storage::{Storage, StorageError};
+use crate::store::{Store, StoreError, Tree};
+
+pub use heartbeat::{HeartbeatAction, heartbeat, render_report};
+pub use schedule::Schedule;
+
+/// Tree holding the task records, keyed by task id.
+const TASKS_TREE: &str = "tasks";
+/// Tree holding the id counter and the report watermark.
+const META_TREE: &str = "tasks_meta";
+const COUNTER_KEY: &str = "next_number";
+const REPORTED_KEY: &str = "reported_until_ms";
+/// Titles are one line in lists and reports; longer text belongs in the spec.
+const MAX_TITLE_CHARS: usize = 200;
+
+/// Settings for tasks and the heartbeat (`[tasks]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskConfig {
+    /// Minutes between heartbeats, when the Manager checks tasks for silence. The issue asks for
+    /// 15 by default: often enough to notice a stuck Worker within the hour, rare enough to cost
+    /// nothing.
+    pub heartbeat_minutes: u64,
+    /// Minutes a task may go without progress before its Worker is nudged, unless the task sets
+    /// its own. After another such period without progress the human is told.
+    pub default_quiet_minutes: u64,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_minutes: 15,
+            default_quiet_minutes: 60,
+        }
+    }
+}
+
+impl TaskConfig {
+    /// Refuses values that would make the heartbeat spin or nudge constantly.
+    pub fn check(&self) -> Result<(), TaskError> {
+        if self.heartbeat_minutes == 0 {
+            return Err(TaskError::Config(
+                "tasks.heartbeat_minutes must be at least 1".to_owned(),
+            ));
+        }
+        if self.default_quiet_minutes == 0 {
+            return Err(TaskError::Config(
+                "tasks.default_quiet_minutes must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The heartbeat period, for the timer in the server.
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_minutes.saturating_mul(60))
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Created and given to a Worker, not started yet.
+    Assigned,
+    /// The Worker is on it.
+    InProgress,
+    /// The Worker waits for an answer to a question.
+    Blocked,
+    /// Finished, with a result.
+    Done,
+    /// Called off; kept for the record.
+    Cancelled,
+}
+
+impl TaskState {
+    /// Every state, for parsing and help texts.
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Assigned,
+        TaskState::InProgress,
+        TaskState::Blocked,
+        TaskState::Done,
+        TaskState::Cancelled,
+    ];
+
+    /// The states this one may move to. A Worker may finish or ask a question without calling
+    /// `start` first; a blocked task resumes by going back to in progress.
+    pub fn allowed_next(self) -> &'static [TaskState] {
+        use TaskState::*;
+        match self {
+            Assigned => &[InProgress, Blocked, Done, Cancelled],
+            InProgress => &[Blocked, Done, Cancelled],
+            Blocked => &[InProgress, Done, Cancelled],
+            Done | Cancelled => &[],
+        }
+    }
+
+    /// Done and cancelled tasks never change again.
+    pub fn is_finished(self) -> bool {
+        self.allowed_next().is_empty()
+    }
+
+    /// The name used in messages, the config and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Assigned => "assigned",
+            TaskState::InProgress => "in_progress",
+            TaskState::Blocked => "blocked",
+            TaskState::Done => "done",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = TaskError;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let wanted = raw.trim().to_ascii_lowercase().replace([' ', '-'], "_");
+        TaskState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == wanted)
+            .ok_or_else(|| TaskError::UnknownState {
+                state: raw.to_owned(),
+            })
+    }
+}
+
+/// A task record as stored in sled. Times are milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Short id a human can type: `t-<n>`.
+    pub id: String,
+    /// One line saying what the task is.
+    pub title: String,
+    /// The Worker's name.
+    pub assignee: String,
+    /// The Worker's room, where the Manager mentions it about this task.
+    pub room: Option<OwnedRoomId>,
+    /// The human who asked for it; told when it finishes, blocks or goes quiet.
+    pub requester: OwnedUserId,
+    pub state: TaskState,
+    pub created_ms: u64,
+    /// Last change of state, progress or settings (not nudges); drives the heartbeat report.
+    pub updated_ms: u64,
+    /// Last sign of life from the Worker (creation, start, progress, completion).
+    pub last_progress_ms: u64,
+    /// Allowed quiet time before a nudge.
+    pub quiet_minutes: u64,
+    /// How many nudges were sent over the task's life.
+    pub nudges: u32,
+    pub last_nudge_ms: Option<u64>,
+    /// When the human was last told that the task went quiet.
+    pub told_human_ms: Option<u64>,
+    /// Set for recurring tasks.
+    pub schedule: Option<Schedule>,
+    /// `tasks/<id>/result.md` once done.
+    pub result_path: Option<String>,
+    /// The open question while blocked.
+    pub blocked_question: Option<String>,
+}
+
+impl Task {
+    /// The number in the id, for sorting in creation order (`t-10` after `t-9`).
+    pub fn number(&self) -> u64 {
+        self.id
+            .strip_prefix("t-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Path of one of this task's well-known files.
+    pub fn file_path(&self, file: TaskFile) -> String {
+        format!("tasks/{}/{}", self.id, file.file_name())
+    }
+}
+
+/// Everything that can go wrong with tasks; each message says what to do instead.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// No task has this id.
+    #[error("there is no task `{id}`; task ids look like t-12 (`!crew tasks` lists them)")]
+    NotFound { id: String },
+    /// The requested state change is not one of the allowed edges.
+    #[error("task {id} is {from} and cannot become {to}; {}", allowed_text(*from))]
+    IllegalTransition {
+        id: String,
+        from: TaskState,
+        to: TaskState,
+    },
+    /// A task needs a title.
+    #[error(
+        "a task needs a one-line title (at most {MAX_TITLE_CHARS} characters); put details in the spec"
+    )]
+    InvalidTitle,
+    /// A task needs a Worker to do it.
+    #[error("a task needs the name of the Worker it is assigned to")]
+    MissingAssignee,
+    /// The assignee is not a valid Worker name.
+    #[error(
+        "`{name}` is not a Worker name; names are lower-case letters, digits, `.`, `_` and `-`, starting with a letter"
+    )]
+    InvalidAssignee { name: String },
+    /// The text is empty where something must be said.
+    #[error("the {what} is empty; say something")]
+    EmptyText { what: &'static str },
+    /// The state name is not one of the known ones.
+    #[error(
+        "unknown task state `{state}`; use one of assigned, in_progress, blocked, done, cancelled"
+    )]
+    UnknownState { state: String },
+    /// The cron expression of a recurring task does not parse.
+    #[error("invalid schedule `{cron}`: {reason}")]
+    InvalidCron { cron: String, reason: String },
+    /// The time zone of a recurring task is not a zone name.
+    #[error("invalid time zone `{timezone}`; use an IANA name such as Europe/Berlin, or UTC")]
+    InvalidTimezone { timezone: String },
+    /// The allowed quiet time must be positive.
+    #[error("a task's allowed quiet time must be at least 1 minute")]
+    ZeroQuietTime,
+    /// The `[tasks]` config cannot work.
+    #[error("config: {0}")]
+    Config(String),
+    /// Reading or writing a task file failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The task database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn allowed_text(from: TaskState) -> String {
+    let allowed = from.allowed_next();
+    if allowed.is_empty() {
+        return format!("a {from} task is finished and does not change any more");
+    }
+    let names: Vec<&str> = allowed.iter().map(|state| state.as_str()).collect();
+    format!("from {from} it may become {}", names.join(", "))
+}
+
+/// Which tasks [`Tasks::list`] returns. The default lists everything.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only tasks in one of these states (all states when empty).
+    pub states: Vec<TaskState>,
+    /// Only tasks of this Worker (compared case-insensitively, a leading `@` ignored).
+    pub assignee: Option<String>,
+}
+
+impl TaskFilter {
+    /// Tasks still to be finished: assigned, in progress or blocked.
+    pub fn open() -> Self {
+        Self {
+            states: vec![
+                TaskState::Assigned,
+                TaskState::InProgress,
+                TaskState::Blocked,
+            ],
+            assignee: None,
+        }
+    }
+
+    fn accepts(&self, task: &Task) -> bool {
+        (self.states.is_empty() || self.states.contains(&task.state))
+            && self.assignee.as_deref().is_none_or(|name| {
+                name.trim()
+                    .trim_start_matches('@')
+                    .eq_ignore_ascii_case(&task.assignee)
+            })
+    }
+}
+
+/// Accepts what humans type for a task id: `t-12`, `T-12`, `12` or `#12`.
+pub fn normalize_id(raw: &str) -> String {
+    let trimmed = raw.trim().trim_start_matches('#');
+    let lower = trimmed.to_ascii_lowercase();
+    if !lower.is_empty() && lower.bytes().all(|b| b.is_ascii_digit()) {
+        return format!("t-{lower}");
+    }
+    lower
+}
+
+/// The task service: records in sled, files in storage. Cheap to clone.
+#[derive(Clone)]
+pub struct Tasks {
+    tasks: Tree<String, Task>,
+    meta: Tree<String, u64>,
+    storage: Storage,
+    default_quiet_minutes: u64,
+    /// Serialises read-append-write of `progress.md` so concurrent notes are not lost. A tokio
+    /// mutex because the storage calls await while it is held.
+    append_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tasks")
+            .field("storage", &self.storage.describe())
+            .field("default_quiet_minutes", &self.default_quiet_minutes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tasks {
+    /// Opens the task trees in `store`; task files go to `storage`.
+    pub fn open(store: &Store, storage: Storage, config: &TaskConfig) -> Result<Self, TaskError> {
+        config.check()?;
+        Ok(Self {
+            tasks: store.tree(TASKS_TREE)?,
+            meta: store.tree(META_TREE)?,
+            storage,
+            default_quiet_minutes: config.default_quiet_minutes,
+            append_lock: Default::default(),
+        })
+    }
+
+    /// Creates a task assigned to `assignee` and writes its `spec.md`. The spec is written
+    /// before the record, so a record never points at a missing spec.
+    #[tracing::instrument(skip(self, spec_text, requester, room))]
+    pub async fn create(
+        &self,
+        title: &str,
+        assignee: &str,
+        requester: OwnedUserId,
+        room: Option<OwnedRoomId>,
+        spec_text: &str,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
+        let title = title.trim();
+        if title.is_empty() || title.contains('\n') || title.chars().count() > MAX_TITLE_CHARS {
+            return Err(TaskError::InvalidTitle);
+        }
+        if assignee.trim().is_empty() {
+            return Err(TaskError::MissingAssignee);
+        }
+        let assignee =
+            crate::agent::registry::Registry::normalise_name(assignee).map_err(|_| {
+                TaskError::InvalidAssignee {
+                    name: assignee.to_owned(),
+                }
+            })?;
+        let number = self.next_number()?;
+        let id = format!("t-{number}");
+        let spec = format!("# {id}: {title}\n\n{}\n", spec_text.trim_end());
+        self.storage
+            .put_bytes(&task_file(&id, TaskFile::Spec)?, spec.into_bytes())
+            .await?;
+        let task = Task {
+            id: id.clone(),
+            title: title.to_owned(),
+            assignee,
+            room,
+            requester,
+            state: TaskState::Assigned,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            last_progress_ms: now_ms,
+            quiet_minutes: self.default_quiet_minutes,
+            nudges: 0,
+            last_nudge_ms: None,
+            told_human_ms: None,
+            schedule: None,
+            result_path: None,
+            blocked_question: None,
+        };
+        self.tasks.insert(&id, &task)?;
+        Ok(task)
+    }
+
+    /// The task with this id (typed leniently, see [`normalize_id`]).
+    pub fn get(&self, id: &str) -> Result<Task, TaskError> {
+        let id = normalize_id(id);
+        self.tasks
+            .get(&id)?
+            .ok_or_else(|| TaskError::NotFound { id: id.clone() })
+    }
+
+    /// Tasks matching `filter`, in creation order.
+    pub fn list(&self, filter: &TaskFilter) -> Result<Vec<Task>, TaskError> {
+        let mut out = Vec::new();
+        for entry in self.tasks.iter() {
+            let (_, task) = entry?;
+            if filter.accepts(&task) {
+                out.push(task);
+            }
+        }
+        out.sort_by_key(Task::number);
+        Ok(out)
+    }
+
+    /// Ids of every task ever assigned to `worker` (finished ones too, so it can still read its
+    /// own results), for [`crate::storage::access::AgentScope::task_ids`].
+    pub fn task_ids_of(&self, worker: &str) -> Result<Vec<String>, TaskError> {
+        Ok(self
+            .list(&TaskFilter {
+                states: Vec::new(),
+                assignee: Some(worker.to_owned()),
+            })?
+            .into_iter()
+            .map(|task| task.id)
+            .collect())
+    }
+
+    /// The Worker starts the task, or resumes a blocked one (the question is then answered).
+    pub fn start(&self, id: &str, now_ms: u64) -> Result<Task, TaskError> {
+        self.change(id, |task| {
+            transition(task, TaskState::InProgress)?;
+            task.blocked_question = None;
+            task.last_progress_ms = now_ms;
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Appends a progress note to `progress.md` and counts as a sign of life. An assigned or
+    /// blocked task moves to in progress; a finished one refuses the note.
+    #[tracing::instrument(skip(self, note))]
+    pub async fn progress(&self, id: &str, note: &str, now_ms: u64) -> Result<Task, TaskError> {
+        let note = note.trim();
+        if note.is_empty() {
+            return Err(TaskError::EmptyText {
+                what: "progress note",
+            });
+        }
+        let current = self.get(id)?;
+        if current.state != TaskState::InProgress {
+            check_transition(&current, TaskState::InProgress)?;
+        }
+        let path = task_file(&current.id, TaskFile::Progress)?;
+        {
+            let _guard = self.append_lock.lock().await;
+            let mut text = match self
+                .storage
+                .get_bytes(&path, self.storage.max_file_bytes())
+                .await
+            {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(StorageError::NotFound { .. }) => String::new(),
+                Err(other) => return Err(other.into()),
+            };
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            let one_line = note.replace('\n', " ");
+            text.push_str(&format!("- {}: {one_line}\n", schedule::format_utc(now_ms)));
+            self.storage.put_bytes(&path, text.into_bytes()).await?;
+        }
+        self.change(&current.id, |task| {
+            if task.state != TaskState::InProgress {
+                transition(task, TaskState::InProgress)?;
+                task.blocked_question = None;
+            }
+            task.last_progress_ms = now_ms;
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Writes `result.md` and marks the task done.
+    #[tracing::instrument(skip(self, result_text))]
+    pub async fn complete(
+        &self,
+        id: &str,
+        result_text: &str,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
+        if result_text.trim().is_empty() {
+            return Err(TaskError::EmptyText { what: "result" });
+        }
+        let current = self.get(id)?;
+        check_transition(&current, TaskState::Done)?;
+        let path = task_file(&current.id, TaskFile::Result)?;
+        self.storage
+            .put_bytes(&path, result_text.to_owned().into_bytes())
+            .await?;
+        self.change(&current.id, |task| {
+            transition(task, TaskState::Done)?;
+            task.result_path = Some(path.to_string());
+            task.blocked_question = None;
+            task.last_progress_ms = now_ms;
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// The Worker needs an answer before it can go on. The caller mentions the Manager and the
+    /// human with the question.
+    pub fn block(&self, id: &str, question: &str, now_ms: u64) -> Result<Task, TaskError> {
+        let question = question.trim();
+        if question.is_empty() {
+            return Err(TaskError::EmptyText { what: "question" });
+        }
+        self.change(id, |task| {
+            transition(task, TaskState::Blocked)?;
+            task.blocked_question = Some(question.to_owned());
+            task.last_progress_ms = now_ms;
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Calls the task off. Its files stay.
+    pub fn cancel(&self, id: &str, now_ms: u64) -> Result<Task, TaskError> {
+        self.change(id, |task| {
+            transition(task, TaskState::Cancelled)?;
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Sets how long the task may be quiet before a nudge.
+    pub fn set_quiet_minutes(
+        &self,
+        id: &str,
+        minutes: u64,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
+        if minutes == 0 {
+            return Err(TaskError::ZeroQuietTime);
+        }
+        self.change(id, |task| {
+            task.quiet_minutes = minutes;
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Makes the task recurring (or not, with `None`). The syntax is checked here; running it on
+    /// schedule is not implemented yet.
+    pub fn set_schedule(
+        &self,
+        id: &str,
+        schedule: Option<Schedule>,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
+        self.change(id, |task| {
+            task.schedule = schedule.clone();
+            task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Every task, for [`heartbeat`].
+    pub fn all(&self) -> Result<Vec<Task>, TaskError> {
+        self.list(&TaskFilter::default())
+    }
+
+    /// Runs [`heartbeat`] over the stored tasks. Post each action, then [`Tasks::apply`] it.
+    pub fn beat(&self, now_ms: u64) -> Result<Vec<HeartbeatAction>, TaskError> {
+        Ok(heartbeat(&self.all()?, self.reported_until_ms()?, now_ms))
+    }
+
+    /// Records that an action was carried out, so the next beat does not repeat it.
+    pub fn apply(&self, action: &HeartbeatAction, now_ms: u64) -> Result<(), TaskError> {
+        match action {
+            HeartbeatAction::Nudge { task, .. } => self.record_nudge(task, now_ms).map(drop),
+            HeartbeatAction::TellHuman { task, .. } => {
+                self.record_told_human(task, now_ms).map(drop)
+            }
+            HeartbeatAction::Report { until_ms, .. } => self.record_report(*until_ms),
+        }
+    }
+
+    /// The Worker was nudged about this task.
+    pub fn record_nudge(&self, id: &str, now_ms: u64) -> Result<Task, TaskError> {
+        self.change(id, |task| {
+            task.nudges = task.nudges.saturating_add(1);
+            task.last_nudge_ms = Some(now_ms);
+            Ok(())
+        })
+    }
+
+    /// The human was told that this task went quiet.
+    pub fn record_told_human(&self, id: &str, now_ms: u64) -> Result<Task, TaskError> {
+        self.change(id, |task| {
+            task.told_human_ms = Some(now_ms);
+            Ok(())
+        })
+    }
+
+    /// A report covering changes up to `until_ms` was posted.
+    pub fn record_report(&self, until_ms: u64) -> Result<(), TaskError> {
+        self.meta.update(&REPORTED_KEY.to_owned(), |current| {
+            Some(current.unwrap_or(0).max(until_ms))
+        })?;
+        Ok(())
+    }
+
+    /// Changes up to this time were already reported.
+    pub fn reported_until_ms(&self) -> Result<u64, TaskError> {
+        Ok(self.meta.get(&REPORTED_KEY.to_owned())?.unwrap_or(0))
+    }
+
+    /// Task numbers count 1, 2, 3 … from a counter of our own: sled's `generate_id` jumps by
+    /// large steps after a restart, which would make ids hard to type.
+    fn next_number(&self) -> Result<u64, TaskError> {
+        let next = self
+            .meta
+            .update(&COUNTER_KEY.to_owned(), |current| {
+                Some(current.unwrap_or(0) + 1)
+            })?
+            .expect("the update closure always returns a value");
+        Ok(next)
+    }
+
+    /// Reads, changes and writes one record atomically (compare-and-swap, retried when another
+    /// writer got there first); the change may refuse, and then nothing is written.
+    fn change(
+        &self,
+        id: &str,
+        mut apply: impl FnMut(&mut Task) -> Result<(), TaskError>,
+    ) -> Result<Task, TaskError> {
+        let id = normalize_id(id);
+        let raw = self.tasks.raw();
+        loop {
+            let current = raw
+                .get(id.as_bytes())
+                .map_err(StoreError::from)?
+                .ok_or_else(|| TaskError::NotFound { id: id.clone() })?;
+            let mut task = self.tasks.decode(&current)?;
+            apply(&mut task)?;
+            let encoded = self.tasks.encode(&task)?;
+            let swapped = raw
+                .compare_and_swap(id.as_bytes(), Some(current), Some(encoded))
+                .map_err(StoreError::from)?;
+            if swapped.is_ok() {
+                return Ok(task);
+            }
+        }
+    }
+}
+
+/// Moves `task` to `to` if that is an allowed edge.
+fn transition(task: &mut Task, to: TaskState) -> Result<(), TaskError> {
+    check_transition(task, to)?;
+    task.state = to;
+    Ok(())
+}
+
+fn check_transition(task: &Task, to: TaskState) -> Result<(), TaskError> {
+    if task.state.allowed_next().contains(&to) {
+        Ok(())
+    } else {
+        Err(TaskError::IllegalTransition {
+            id: task.id.clone(),
+            from: task.state,
+            to,
+        })
+    }
+}
