@@ -61,6 +61,8 @@ pub struct Config {
     #[serde(default)]
     pub storage: crate::storage::StorageConfig,
     #[serde(default)]
+    pub tasks: crate::tasks::TaskConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -181,6 +183,7 @@ const CONFIG_KEYS: &[&str] = &[
     "gateway",
     "llm",
     "storage",
+    "tasks",
     "log",
 ];
 

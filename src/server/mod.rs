@@ -47,6 +47,8 @@ pub enum ServeError {
     Gateway(#[from] crate::gateway::GatewayError),
     #[error("file storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    #[error("tasks: {0}")]
+    Tasks(#[from] crate::tasks::TaskError),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -70,6 +72,8 @@ pub struct Crew {
     /// Shared files (local directory or S3) and the signed links to them.
     pub storage: crate::storage::Storage,
     pub links: crate::storage::links::Links,
+    /// Task records, their folders, and the heartbeat's bookkeeping.
+    pub tasks: crate::tasks::Tasks,
     /// Who wakes. A std mutex: dispatching is synchronous and never awaits under the lock.
     pub dispatcher: std::sync::Mutex<DispatchState>,
     pub history: SledHistory,
@@ -80,7 +84,7 @@ pub struct Crew {
     running: std::sync::Mutex<std::collections::HashSet<OwnedUserId>>,
     /// Turns run per agent since start, for the admin API and tests.
     pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
-    tasks: tokio_util::task::TaskTracker,
+    background: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 }
 
@@ -109,7 +113,7 @@ impl Crew {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.insert(agent.clone()) {
-            self.tasks.spawn(turns::drive(self.clone(), agent));
+            self.background.spawn(turns::drive(self.clone(), agent));
         }
     }
 
@@ -232,6 +236,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     let env = |name: &str| std::env::var(name).ok();
     let storage = crate::storage::Storage::open(&config.storage, &config.data_dir, env).await?;
     let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;
+    let tasks = crate::tasks::Tasks::open(&store, storage.clone(), &config.tasks)?;
     let appservice_listener = bind("appservice API", config.appservice.bind).await?;
     let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
     let admin_listener = bind("admin API", config.admin_api.bind).await?;
@@ -243,7 +248,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             }
         })?;
 
-    let tasks = tokio_util::task::TaskTracker::new();
+    let background = tokio_util::task::TaskTracker::new();
     let crew = Arc::new(Crew {
         config,
         registration,
@@ -255,6 +260,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         gateway: gateway.clone(),
         storage: storage.clone(),
         links: links.clone(),
+        tasks,
         dispatcher: std::sync::Mutex::new(DispatchState {
             dispatcher,
             roster_generation,
@@ -264,7 +270,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         room_states,
         running: Default::default(),
         turns: Default::default(),
-        tasks: tasks.clone(),
+        background: background.clone(),
         shutdown: shutdown.clone(),
     });
 
@@ -273,7 +279,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     let router = appservice::router(state, crew.config.appservice.max_transaction_bytes)
         .merge(crate::storage::links::links_router(storage.clone(), links));
     let http_shutdown = shutdown.clone();
-    tasks.spawn(async move {
+    background.spawn(async move {
         let served = axum::serve(appservice_listener, router)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await;
@@ -291,8 +297,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         .nest("/files", crate::storage::admin::admin_router(storage))
         .nest("/dispatch", turns::admin_router(crew.clone()))
         .nest("/share", turns::share_router(crew.clone()));
-    tasks.spawn(gateway.serve(gateway_listener, shutdown.clone()));
-    tasks.spawn(crate::admin::serve(
+    background.spawn(gateway.serve(gateway_listener, shutdown.clone()));
+    background.spawn(crate::admin::serve(
         admin_listener,
         admin_token,
         admin_routes,
@@ -305,8 +311,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     };
     if let Err(error) = checked {
         shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
+        background.close();
+        background.wait().await;
         return Err(error.into());
     }
     tracing::info!(
@@ -315,10 +321,10 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         "crew is ready"
     );
 
-    tasks.spawn(startup::ping_periodically(crew.clone(), shutdown.clone()));
-    tasks.spawn(startup::greet_admins(crew.clone()));
-    tasks.spawn(startup::refresh_rooms(crew.clone()));
-    tasks.spawn(pump::run(crew.clone(), shutdown.clone()));
+    background.spawn(startup::ping_periodically(crew.clone(), shutdown.clone()));
+    background.spawn(startup::greet_admins(crew.clone()));
+    background.spawn(startup::refresh_rooms(crew.clone()));
+    background.spawn(pump::run(crew.clone(), shutdown.clone()));
     // Wakes that a previous run acknowledged but did not finish run now.
     match crew.queue.agents_with_pending() {
         Ok(agents) => {
@@ -330,8 +336,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     }
 
     shutdown.cancelled().await;
-    tasks.close();
-    tasks.wait().await;
+    background.close();
+    background.wait().await;
     crew.store.flush().await?;
     Ok(())
 }

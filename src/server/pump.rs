@@ -351,9 +351,27 @@ async fn answer_command(
                 Ok(workers) => commands::list_workers(&workers, |worker| crew.is_busy(&worker.user_id)),
                 Err(error) => format!("I cannot read the roster: {error}"),
             },
-            Command::Tasks | Command::Cancel(_) => {
-                "Task tracking is not available in this version yet, so there are no tasks to show or cancel.".to_owned()
-            }
+            Command::Tasks => match crew.tasks.list(&crate::tasks::TaskFilter::open()) {
+                Ok(tasks) if tasks.is_empty() => "No open tasks.".to_owned(),
+                Ok(tasks) => {
+                    let mut out = String::from("Open tasks:\n");
+                    for task in tasks {
+                        out.push_str(&format!(
+                            "- **{}** {} ({}): {}\n",
+                            task.id,
+                            task.title,
+                            task.assignee,
+                            wire_name(&task.state)
+                        ));
+                    }
+                    out
+                }
+                Err(error) => format!("I cannot read the tasks: {error}"),
+            },
+            Command::Cancel(task) => match crew.tasks.cancel(&task, now_ms()) {
+                Ok(task) => format!("Cancelled {}: {}.", task.id, task.title),
+                Err(error) => error.to_string(),
+            },
             Command::Stop(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Stopped),
             Command::Start(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Active),
             Command::Remove(name) => match crew.team.remove(&name).await {

@@ -311,20 +311,27 @@ async fn llm_answer(
             Box::new(ManagerTools {
                 crew: crew.clone(),
                 requester: sender.to_owned(),
+                depth: wake.depth,
             }),
         )
     } else {
-        let worker = crew.team.registry.by_user(agent).ok().flatten();
-        let (name, role) = worker
-            .map(|w| (w.display_name, w.role))
-            .unwrap_or_else(|| (agent.localpart().to_owned(), String::new()));
-        (
-            format!(
-                "You are {name}, a Worker agent in a Matrix team led by the Manager. Your role: {role}. \
-                 Answer the person who mentioned you, briefly and concretely."
+        match crew.team.registry.by_user(agent).ok().flatten() {
+            Some(worker) => (
+                format!(
+                    "You are {}, a Worker agent in a Matrix team led by the Manager. Your role: {}. \
+                     Work on your tasks with your task tools and answer briefly and concretely.",
+                    worker.display_name, worker.role
+                ),
+                Box::new(WorkerTools {
+                    crew: crew.clone(),
+                    worker,
+                }),
             ),
-            Box::new(NoTools),
-        )
+            None => (
+                format!("You are {}, an agent in a Matrix team.", agent.localpart()),
+                Box::new(NoTools),
+            ),
+        }
     };
     let model = crew.config.llm.model.clone();
     match llm_turn::run(&llm, &model, system, conversation, toolbox.as_ref()).await {
@@ -356,6 +363,23 @@ struct ManagerTools {
     crew: Arc<Crew>,
     /// The person whose message started the turn (invited into new Workers' rooms).
     requester: OwnedUserId,
+    /// Depth of the wake this turn handles; what the Manager says wakes others one deeper.
+    depth: u32,
+}
+
+#[derive(serde::Deserialize)]
+struct AssignTaskArgs {
+    worker: String,
+    title: String,
+    #[serde(default)]
+    spec: String,
+}
+
+#[derive(serde::Deserialize)]
+struct TaskNoteArgs {
+    task: String,
+    #[serde(alias = "note", alias = "result", alias = "question")]
+    text: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -384,6 +408,24 @@ impl Toolbox for ManagerTools {
             Tool::function(
                 "list_workers",
                 "List every Worker with its state and role.",
+                serde_json::json!({"type": "object", "properties": {}}),
+            ),
+            Tool::function(
+                "assign_task",
+                "Give a Worker a task: records it, writes tasks/<id>/spec.md, and mentions the Worker in its room.",
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {
+                        "worker": {"type": "string", "description": "the Worker's name"},
+                        "title": {"type": "string", "description": "one line"},
+                        "spec": {"type": "string", "description": "what to do, in Markdown"}
+                    },
+                    "required": ["worker", "title"]
+                }),
+            ),
+            Tool::function(
+                "list_tasks",
+                "List the open tasks with their state and assignee.",
                 serde_json::json!({"type": "object", "properties": {}}),
             ),
         ]
@@ -419,7 +461,161 @@ impl Toolbox for ManagerTools {
                 Ok(workers) => serde_json::to_string(&workers).unwrap_or_default(),
                 Err(error) => format!("error: {error}"),
             },
+            "assign_task" => {
+                let args: AssignTaskArgs = match serde_json::from_str(arguments) {
+                    Ok(args) => args,
+                    Err(error) => return format!("error: arguments are not valid: {error}"),
+                };
+                match assign_task(&self.crew, &self.requester, &args, self.depth).await {
+                    Ok(task) => serde_json::json!({ "task": task.id, "spec": format!("tasks/{}/spec.md", task.id) }).to_string(),
+                    Err(error) => {
+                        tracing::warn!(%error, "assign_task failed");
+                        format!("error: {error}")
+                    }
+                }
+            }
+            "list_tasks" => match self.crew.tasks.list(&crate::tasks::TaskFilter::open()) {
+                Ok(tasks) => serde_json::to_string(&tasks).unwrap_or_default(),
+                Err(error) => format!("error: {error}"),
+            },
             other => format!("error: there is no tool named {other}"),
+        }
+    }
+}
+
+/// Records a task, writes its spec and mentions the Worker about it in the Worker's room.
+async fn assign_task(
+    crew: &Crew,
+    requester: &UserId,
+    args: &AssignTaskArgs,
+    depth: u32,
+) -> Result<crate::tasks::Task, String> {
+    let worker = crew
+        .team
+        .registry
+        .get(&args.worker)
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| format!("there is no worker named {}; create it first", args.worker))?;
+    let room = worker
+        .room
+        .clone()
+        .ok_or_else(|| format!("{} has no room yet; create the worker again to give it one", worker.name))?;
+    let task = crew
+        .tasks
+        .create(
+            &args.title,
+            &worker.name,
+            requester.to_owned(),
+            Some(room.clone()),
+            &args.spec,
+            crate::appservice::inbox::now_ms(),
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+    let message = OutgoingMessage::text(format!(
+        "{}: new task **{}**: {}. The spec is in `tasks/{}/spec.md`; report progress on it and complete it with your task tools.",
+        worker.user_id, task.id, task.title, task.id
+    ))
+    .mention(worker.user_id.clone(), worker.display_name.clone())
+    .with_field(DEPTH_KEY, Value::from(depth + 1));
+    crew.client
+        .send(&crew.manager, &room, &format!("assign:{}", task.id), &message)
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(task)
+}
+
+/// A Worker's tools: its tasks.
+struct WorkerTools {
+    crew: Arc<Crew>,
+    worker: crate::agent::registry::Worker,
+}
+
+#[async_trait::async_trait]
+impl Toolbox for WorkerTools {
+    fn tools(&self) -> Vec<Tool> {
+        let task_text = |what: &str| {
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "task": {"type": "string", "description": "the task id, e.g. t-1"},
+                    "text": {"type": "string", "description": what}
+                },
+                "required": ["task", "text"]
+            })
+        };
+        vec![
+            Tool::function("task_progress", "Record progress on one of your tasks.", task_text("what you did")),
+            Tool::function("complete_task", "Complete one of your tasks with its result (saved as result.md).", task_text("the result, in Markdown")),
+            Tool::function("block_task", "Mark one of your tasks blocked with a question for the Manager and the person.", task_text("your question")),
+        ]
+    }
+
+    async fn call(&self, name: &str, arguments: &str) -> String {
+        let args: TaskNoteArgs = match serde_json::from_str(arguments) {
+            Ok(args) => args,
+            Err(error) => return format!("error: arguments are not valid: {error}"),
+        };
+        let task = match self.crew.tasks.get(&args.task) {
+            Ok(task) if task.assignee == self.worker.name => task,
+            Ok(task) => return format!("error: {} is assigned to {}, not to you", task.id, task.assignee),
+            Err(error) => return format!("error: {error}"),
+        };
+        let now = crate::appservice::inbox::now_ms();
+        let outcome = match name {
+            "task_progress" => self.crew.tasks.progress(&task.id, &args.text, now).await,
+            "complete_task" => self.crew.tasks.complete(&task.id, &args.text, now).await,
+            "block_task" => self.crew.tasks.block(&task.id, &args.text, now),
+            other => return format!("error: there is no tool named {other}"),
+        };
+        match outcome {
+            Ok(task) => {
+                if matches!(name, "complete_task" | "block_task") {
+                    report_to_requester(&self.crew, &self.worker, &task).await;
+                }
+                serde_json::json!({ "task": task.id, "state": task.state }).to_string()
+            }
+            Err(error) => format!("error: {error}"),
+        }
+    }
+}
+
+/// Tells the person who asked for a task (and the Manager) that it finished or blocked.
+async fn report_to_requester(crew: &Crew, worker: &crate::agent::registry::Worker, task: &crate::tasks::Task) {
+    let Some(room) = &task.room else { return };
+    let text = match &task.blocked_question {
+        Some(question) if task.state == crate::tasks::TaskState::Blocked => format!(
+            "{} {}: task **{}** is blocked: {}",
+            task.requester, crew.manager, task.id, question
+        ),
+        _ => format!(
+            "{} {}: task **{}** ({}) is done. The result is in `tasks/{}/result.md`.",
+            task.requester, crew.manager, task.id, task.title, task.id
+        ),
+    };
+    let requester_name = task.requester.localpart().to_owned();
+    let message = OutgoingMessage::notice(text)
+        .mention(task.requester.clone(), requester_name)
+        .mention(crew.manager.clone(), crew.config.appservice.manager_display_name.clone());
+    let key = format!("report:{}:{:?}", task.id, task.state);
+    if let Err(error) = crew.client.send(&worker.user_id, room, &key, &message).await {
+        super::log_matrix_error("cannot report a task", &error);
+        return;
+    }
+    if task.state == crate::tasks::TaskState::Done {
+        let result = format!("tasks/{}/result.md", task.id);
+        if let Err(error) = crate::agent::files::share(
+            &crew.storage,
+            &crew.links,
+            &crew.client,
+            &worker.user_id,
+            room,
+            &result,
+            false,
+        )
+        .await
+        {
+            tracing::warn!(%error, "cannot share a task result");
         }
     }
 }
