@@ -255,3 +255,124 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     }
     found
 }
+
+fn system_prompt(body: &Value) -> String {
+    body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
+    let llm = ScriptedLlm::start().await;
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    let is_alice = |body: &Value| system_prompt(body).contains("You are Alice");
+    llm.on(
+        move |b| has_tool_result(b) && is_manager(b),
+        Reply::text("Done."),
+    );
+    llm.on(
+        move |b| has_tool_result(b) && is_alice(b),
+        Reply::text("Finished the login page."),
+    );
+    llm.on(
+        move |b| is_manager(b) && last_user_text(b).contains("create a worker named alice"),
+        Reply::tool_call(
+            "c1",
+            "create_worker",
+            json!({"name": "alice", "role": "frontend"}),
+        ),
+    );
+    llm.on(
+        move |b| is_manager(b) && last_user_text(b).contains("give alice the login task"),
+        Reply::tool_call(
+            "c2",
+            "assign_task",
+            json!({"worker": "alice", "title": "Login page", "spec": "Build the login page."}),
+        ),
+    );
+    llm.on(
+        move |b| is_alice(b) && last_user_text(b).contains("new task"),
+        Reply::tool_call(
+            "c3",
+            "complete_task",
+            json!({"task": "t-1", "text": "The login page is built."}),
+        ),
+    );
+    let env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let bob = env.synapse.register_user("bob").await;
+    let hq = admin.create_room("hq", &[&manager, &bob.user_id]).await;
+    bob.join(&hq).await;
+    admin.wait_joined(&hq, &manager).await;
+
+    admin
+        .send_mention(&hq, "create a worker named alice", &[&manager])
+        .await;
+    let alice_room = tools::wait_for("alice's room", WAIT, || async {
+        admin
+            .invites_named("Worker: Alice")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    admin.join(&alice_room).await;
+    admin
+        .send_mention(&hq, "give alice the login task", &[&manager])
+        .await;
+
+    // The Manager mentions alice in her room; she completes the task; we are told.
+    let report = tools::wait_for("the completion report", WAIT, || async {
+        admin
+            .messages_from(&alice_room, "@crew_alice:crew.test")
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("is done")
+            })
+    })
+    .await;
+    assert!(
+        report["content"]["m.mentions"]["user_ids"]
+            .to_string()
+            .contains("@admin:crew.test")
+    );
+    let assignment = admin
+        .messages_from(&alice_room, &manager)
+        .await
+        .into_iter()
+        .find(|e| e["content"]["body"].as_str().unwrap_or("").contains("t-1"))
+        .expect("the Manager's assignment in alice's room");
+    assert!(
+        assignment["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("tasks/t-1/spec.md")
+    );
+    let files = env.data_dir.join("files/tasks/t-1");
+    assert!(
+        std::fs::read_to_string(files.join("spec.md"))
+            .unwrap()
+            .contains("Build the login page.")
+    );
+    assert!(
+        std::fs::read_to_string(files.join("result.md"))
+            .unwrap()
+            .contains("login page is built")
+    );
+    // The result itself reaches the room as a file.
+    tools::wait_for("the result file", WAIT, || async {
+        admin
+            .messages_from(&alice_room, "@crew_alice:crew.test")
+            .await
+            .into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.file")
+    })
+    .await;
+}

@@ -348,7 +348,9 @@ async fn answer_command(
         match command {
             Command::Help => commands::help(),
             Command::Workers => match crew.team.registry.list() {
-                Ok(workers) => commands::list_workers(&workers, |worker| crew.is_busy(&worker.user_id)),
+                Ok(workers) => {
+                    commands::list_workers(&workers, |worker| crew.is_busy(&worker.user_id))
+                }
                 Err(error) => format!("I cannot read the roster: {error}"),
             },
             Command::Tasks => match crew.tasks.list(&crate::tasks::TaskFilter::open()) {
@@ -372,8 +374,12 @@ async fn answer_command(
                 Ok(task) => format!("Cancelled {}: {}.", task.id, task.title),
                 Err(error) => error.to_string(),
             },
-            Command::Stop(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Stopped),
-            Command::Start(name) => commands::set_state(&crew.team.registry, &name, WorkerState::Active),
+            Command::Stop(name) => {
+                commands::set_state(&crew.team.registry, &name, WorkerState::Stopped)
+            }
+            Command::Start(name) => {
+                commands::set_state(&crew.team.registry, &name, WorkerState::Active)
+            }
             Command::Remove(name) => match crew.team.remove(&name).await {
                 Ok(worker) => format!(
                     "Removed {}: its gateway token is revoked and it left its rooms. Its files and history stay.",
@@ -382,7 +388,9 @@ async fn answer_command(
                 Err(error) => format!("I could not remove `{name}`: {error}"),
             },
             Command::Why(event_id) => why(crew, &event_id),
-            Command::Unknown(verb) => format!("`{verb}` is not a command I know. {}", commands::help()),
+            Command::Unknown(verb) => {
+                format!("`{verb}` is not a command I know. {}", commands::help())
+            }
         }
     };
     let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");

@@ -496,10 +496,12 @@ async fn assign_task(
         .get(&args.worker)
         .map_err(|error| error.to_string())?
         .ok_or_else(|| format!("there is no worker named {}; create it first", args.worker))?;
-    let room = worker
-        .room
-        .clone()
-        .ok_or_else(|| format!("{} has no room yet; create the worker again to give it one", worker.name))?;
+    let room = worker.room.clone().ok_or_else(|| {
+        format!(
+            "{} has no room yet; create the worker again to give it one",
+            worker.name
+        )
+    })?;
     let task = crew
         .tasks
         .create(
@@ -519,7 +521,12 @@ async fn assign_task(
     .mention(worker.user_id.clone(), worker.display_name.clone())
     .with_field(DEPTH_KEY, Value::from(depth + 1));
     crew.client
-        .send(&crew.manager, &room, &format!("assign:{}", task.id), &message)
+        .send(
+            &crew.manager,
+            &room,
+            &format!("assign:{}", task.id),
+            &message,
+        )
         .await
         .map_err(|error| error.to_string())?;
     Ok(task)
@@ -545,9 +552,21 @@ impl Toolbox for WorkerTools {
             })
         };
         vec![
-            Tool::function("task_progress", "Record progress on one of your tasks.", task_text("what you did")),
-            Tool::function("complete_task", "Complete one of your tasks with its result (saved as result.md).", task_text("the result, in Markdown")),
-            Tool::function("block_task", "Mark one of your tasks blocked with a question for the Manager and the person.", task_text("your question")),
+            Tool::function(
+                "task_progress",
+                "Record progress on one of your tasks.",
+                task_text("what you did"),
+            ),
+            Tool::function(
+                "complete_task",
+                "Complete one of your tasks with its result (saved as result.md).",
+                task_text("the result, in Markdown"),
+            ),
+            Tool::function(
+                "block_task",
+                "Mark one of your tasks blocked with a question for the Manager and the person.",
+                task_text("your question"),
+            ),
         ]
     }
 
@@ -558,7 +577,12 @@ impl Toolbox for WorkerTools {
         };
         let task = match self.crew.tasks.get(&args.task) {
             Ok(task) if task.assignee == self.worker.name => task,
-            Ok(task) => return format!("error: {} is assigned to {}, not to you", task.id, task.assignee),
+            Ok(task) => {
+                return format!(
+                    "error: {} is assigned to {}, not to you",
+                    task.id, task.assignee
+                );
+            }
             Err(error) => return format!("error: {error}"),
         };
         let now = crate::appservice::inbox::now_ms();
@@ -581,7 +605,11 @@ impl Toolbox for WorkerTools {
 }
 
 /// Tells the person who asked for a task (and the Manager) that it finished or blocked.
-async fn report_to_requester(crew: &Crew, worker: &crate::agent::registry::Worker, task: &crate::tasks::Task) {
+async fn report_to_requester(
+    crew: &Crew,
+    worker: &crate::agent::registry::Worker,
+    task: &crate::tasks::Task,
+) {
     let Some(room) = &task.room else { return };
     let text = match &task.blocked_question {
         Some(question) if task.state == crate::tasks::TaskState::Blocked => format!(
@@ -596,9 +624,16 @@ async fn report_to_requester(crew: &Crew, worker: &crate::agent::registry::Worke
     let requester_name = task.requester.localpart().to_owned();
     let message = OutgoingMessage::notice(text)
         .mention(task.requester.clone(), requester_name)
-        .mention(crew.manager.clone(), crew.config.appservice.manager_display_name.clone());
+        .mention(
+            crew.manager.clone(),
+            crew.config.appservice.manager_display_name.clone(),
+        );
     let key = format!("report:{}:{:?}", task.id, task.state);
-    if let Err(error) = crew.client.send(&worker.user_id, room, &key, &message).await {
+    if let Err(error) = crew
+        .client
+        .send(&worker.user_id, room, &key, &message)
+        .await
+    {
         super::log_matrix_error("cannot report a task", &error);
         return;
     }
