@@ -22,6 +22,11 @@ const REAL_KEY: &str = "sk-real-provider-key-never-leaves-the-gateway";
 
 /// crew with an `llm` route to the scripted provider; the real key is in a file.
 async fn crew_with_llm(llm: &ScriptedLlm) -> CrewEnv {
+    crew_with_llm_and(llm, "").await
+}
+
+/// As [`crew_with_llm`], with more config appended.
+async fn crew_with_llm_and(llm: &ScriptedLlm, extra: &'static str) -> CrewEnv {
     let upstream = llm.url();
     CrewEnv::start_with(move |config: &Path| {
         // Outside the data directory, so that a scan of what crew stored finds only crew's writing.
@@ -32,6 +37,7 @@ async fn crew_with_llm(llm: &ScriptedLlm) -> CrewEnv {
             "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\nmax_retries = 0\n",
             key_file.display()
         ));
+        text.push_str(extra);
         std::fs::write(config, text).unwrap();
     })
     .await
@@ -375,4 +381,99 @@ async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
             .find(|e| e["content"]["msgtype"] == "m.file")
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
+    let llm = ScriptedLlm::start().await;
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    llm.on(
+        move |b| has_tool_result(b) && is_manager(b),
+        Reply::text("Done."),
+    );
+    llm.on(
+        move |b| is_manager(b) && last_user_text(b).contains("create a worker named alice"),
+        Reply::tool_call(
+            "c1",
+            "create_worker",
+            json!({"name": "alice", "role": "frontend"}),
+        ),
+    );
+    llm.on(
+        move |b| is_manager(b) && last_user_text(b).contains("give alice the login task"),
+        Reply::tool_call(
+            "c2",
+            "assign_task",
+            json!({"worker": "alice", "title": "Login page"}),
+        ),
+    );
+    // alice answers but never records progress.
+    llm.set_default(Reply::text("looking into it"));
+    // The shortest settings: a beat a minute, one quiet minute allowed.
+    let env = crew_with_llm_and(
+        &llm,
+        "\n[tasks]\nheartbeat_minutes = 1\ndefault_quiet_minutes = 1\n",
+    )
+    .await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let bob = env.synapse.register_user("bob").await;
+    let hq = admin.create_room("hq", &[&manager, &bob.user_id]).await;
+    bob.join(&hq).await;
+    admin.wait_joined(&hq, &manager).await;
+    admin
+        .send_mention(&hq, "create a worker named alice", &[&manager])
+        .await;
+    let alice_room = tools::wait_for("alice's room", WAIT, || async {
+        admin
+            .invites_named("Worker: Alice")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    admin.join(&alice_room).await;
+    admin
+        .send_mention(&hq, "give alice the login task", &[&manager])
+        .await;
+
+    let said_by_manager = |needle: &'static str| {
+        let admin = admin.clone();
+        let room = alice_room.clone();
+        let manager = manager.clone();
+        async move {
+            admin
+                .messages_from(&room, &manager)
+                .await
+                .into_iter()
+                .filter(|e| e["content"]["body"].as_str().unwrap_or("").contains(needle))
+                .count()
+        }
+    };
+    // Up to two beats for the nudge, two more for telling the human.
+    let beats = Duration::from_secs(4 * 60 + 30);
+    tools::wait_for("the nudge", beats, || async {
+        (said_by_manager("has been quiet").await > 0).then_some(())
+    })
+    .await;
+    let told = tools::wait_for("the human to be told", beats, || async {
+        let said = admin.messages_from(&alice_room, &manager).await;
+        said.into_iter().find(|e| {
+            e["content"]["body"]
+                .as_str()
+                .unwrap_or("")
+                .contains("stayed quiet after a nudge")
+        })
+    })
+    .await;
+    assert!(
+        told["content"]["m.mentions"]["user_ids"]
+            .to_string()
+            .contains("@admin:crew.test")
+    );
+    assert_eq!(
+        said_by_manager("has been quiet").await,
+        1,
+        "one nudge per silence"
+    );
 }

@@ -4,6 +4,7 @@
 //! Not for: domain decisions. Who wakes lives in [`crate::dispatch`], what agents do in
 //! [`crate::agent`]; this module only wires them together and owns the tasks' lifetimes.
 
+mod heartbeat;
 mod pump;
 mod startup;
 mod turns;
@@ -325,6 +326,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.spawn(startup::greet_admins(crew.clone()));
     background.spawn(startup::refresh_rooms(crew.clone()));
     background.spawn(pump::run(crew.clone(), shutdown.clone()));
+    background.spawn(heartbeat::run(crew.clone(), shutdown.clone()));
     // Wakes that a previous run acknowledged but did not finish run now.
     match crew.queue.agents_with_pending() {
         Ok(agents) => {

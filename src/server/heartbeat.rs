@@ -1,0 +1,116 @@
+//! The Manager's heartbeat: every `tasks.heartbeat_minutes` it looks at the open tasks, nudges a
+//! Worker whose task went quiet, tells the person after a second silence, and posts a short
+//! report in each admin's DM only when something changed. An action is recorded only after it
+//! was posted, so a failed post is retried at the next beat and a posted one never repeats.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Crew;
+use crate::appservice::inbox::now_ms;
+use crate::matrix::OutgoingMessage;
+use crate::tasks::{HeartbeatAction, render_report};
+
+pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
+    let period = crew.config.tasks.heartbeat_interval();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = now_ms();
+        let actions = match crew.tasks.beat(now) {
+            Ok(actions) => actions,
+            Err(error) => {
+                tracing::error!(%error, "heartbeat cannot read the tasks");
+                continue;
+            }
+        };
+        for action in actions {
+            if post(&crew, &action).await
+                && let Err(error) = crew.tasks.apply(&action, now)
+            {
+                tracing::error!(%error, "heartbeat cannot record an action");
+            }
+        }
+    }
+}
+
+/// Posts one action; true when it reached the homeserver.
+async fn post(crew: &Crew, action: &HeartbeatAction) -> bool {
+    match action {
+        HeartbeatAction::Nudge { task, worker } => {
+            let (Ok(task), Ok(Some(worker))) =
+                (crew.tasks.get(task), crew.team.registry.get(worker))
+            else {
+                return false;
+            };
+            let Some(room) = task.room.clone() else {
+                return false;
+            };
+            let message = OutgoingMessage::text(format!(
+                "{}: task **{}** ({}) has been quiet for a while. How is it going? Record progress, complete it, or say what blocks you.",
+                worker.user_id, task.id, task.title
+            ))
+            .mention(worker.user_id.clone(), worker.display_name.clone());
+            send(
+                crew,
+                &room,
+                &format!("nudge:{}:{}", task.id, task.nudges),
+                &message,
+            )
+            .await
+        }
+        HeartbeatAction::TellHuman { task, requester } => {
+            let Ok(task) = crew.tasks.get(task) else {
+                return false;
+            };
+            let Some(room) = task.room.clone() else {
+                return false;
+            };
+            let message = OutgoingMessage::text(format!(
+                "{requester}: task **{}** ({}) assigned to {} stayed quiet after a nudge; you may want to look at it.",
+                task.id, task.title, task.assignee
+            ))
+            .mention(requester.clone(), requester.localpart());
+            send(
+                crew,
+                &room,
+                &format!("told:{}:{}", task.id, task.nudges),
+                &message,
+            )
+            .await
+        }
+        HeartbeatAction::Report { changed, until_ms } => {
+            let Ok(greeted) = crew.store.tree::<String, String>("greeted_admins") else {
+                return false;
+            };
+            let text = render_report(changed);
+            let mut posted = false;
+            for entry in greeted.iter().flatten() {
+                let (_, room) = entry;
+                if let Ok(room) = ruma::RoomId::parse(&room) {
+                    posted |= send(
+                        crew,
+                        &room,
+                        &format!("report:{until_ms}"),
+                        &OutgoingMessage::notice(text.clone()),
+                    )
+                    .await;
+                }
+            }
+            posted
+        }
+    }
+}
+
+async fn send(crew: &Crew, room: &ruma::RoomId, key: &str, message: &OutgoingMessage) -> bool {
+    match crew.client.send(&crew.manager, room, key, message).await {
+        Ok(_) => true,
+        Err(error) => {
+            super::log_matrix_error("heartbeat cannot post", &error);
+            false
+        }
+    }
+}
