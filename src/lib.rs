@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod agent;
 pub mod appservice;
+pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod gateway;

@@ -34,7 +34,7 @@ pub async fn share(
     let reference = links
         .reference(storage, &path, prefer_upload, SystemTime::now())
         .await?;
-    let txn_key = format!("share:{room}:{path}:{}", crate::appservice::inbox::now_ms());
+    let txn_key = format!("share:{room}:{path}:{}", crate::clock::now_ms());
     match reference {
         FileReference::Link { text, .. } | FileReference::PathOnly { text, .. } => Ok(client
             .send(agent, room, &txn_key, &OutgoingMessage::text(text))

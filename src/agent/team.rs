@@ -125,7 +125,7 @@ impl Team {
     /// to repeat after a failure half-way: every step is idempotent.
     #[tracing::instrument(skip(self))]
     pub async fn create_worker(&self, name: &str, role: &str) -> Result<Created, TeamError> {
-        let now = crate::appservice::inbox::now_ms();
+        let now = crate::clock::now_ms();
         let (worker, created) = self.registry.create(name, role, now)?;
         self.gateway
             .consumer_token(worker.user_id.localpart())

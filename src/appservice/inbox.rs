@@ -12,7 +12,6 @@
 //! processed, not mistaken for a retry.
 
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -241,12 +240,7 @@ fn transaction_digest(events: &[Box<RawValue>], heads: &[Option<EventHead<'_>>])
     hex::encode(hasher.finalize())
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -174,7 +174,7 @@ pub fn format_usage(rows: &[UsageRow]) -> String {
         out.push_str(&format!(
             "{:<32} {:<10} {:>9} {:>12} {:>12} {:>12}\n",
             row.consumer,
-            day_string(row.day),
+            crate::clock::format_day(row.day as i64),
             row.usage.requests,
             row.usage.prompt_tokens,
             row.usage.completion_tokens,
@@ -182,30 +182,4 @@ pub fn format_usage(rows: &[UsageRow]) -> String {
         ));
     }
     out
-}
-
-/// `YYYY-MM-DD` for days since the Unix epoch (civil-from-days, Howard Hinnant's algorithm).
-fn day_string(days: u64) -> String {
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn days_print_as_dates() {
-        assert_eq!(day_string(0), "1970-01-01");
-        assert_eq!(day_string(19_723), "2024-01-01");
-        assert_eq!(day_string(20_416), "2025-11-24");
-    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::Crew;
-use crate::appservice::inbox::now_ms;
+use crate::clock::now_ms;
 use crate::matrix::OutgoingMessage;
 use crate::tasks::{HeartbeatAction, render_report};
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Crew;
 use crate::agent::commands::{self, Command};
-use crate::appservice::inbox::now_ms;
+use crate::clock::now_ms;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
 use crate::matrix::message::ReplyTo;

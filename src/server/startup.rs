@@ -100,7 +100,7 @@ pub(super) async fn check_homeserver(
 
     // The ping proves the homeserver can reach us; a failure is reported but not fatal, since
     // the homeserver may simply not be able to reach us *yet* (the ping loop keeps trying).
-    let txn = format!("startup-{}", crate::appservice::inbox::now_ms());
+    let txn = format!("startup-{}", crate::clock::now_ms());
     match crew.client.ping(&crew.registration.id, &txn).await {
         Ok(duration_ms) => {
             let echoed = tokio::time::timeout(PING_ECHO_WAIT, async {
@@ -166,7 +166,7 @@ pub(super) async fn ping_periodically(crew: Arc<Crew>, shutdown: CancellationTok
             () = shutdown.cancelled() => return,
         }
         counter += 1;
-        let txn = format!("periodic-{}-{counter}", crate::appservice::inbox::now_ms());
+        let txn = format!("periodic-{}-{counter}", crate::clock::now_ms());
         match crew.client.ping(&crew.registration.id, &txn).await {
             Ok(_) if !healthy => {
                 healthy = true;

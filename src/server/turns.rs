@@ -510,7 +510,7 @@ async fn assign_task(
             requester.to_owned(),
             Some(room.clone()),
             &args.spec,
-            crate::appservice::inbox::now_ms(),
+            crate::clock::now_ms(),
         )
         .await
         .map_err(|error| error.to_string())?;
@@ -585,7 +585,7 @@ impl Toolbox for WorkerTools {
             }
             Err(error) => return format!("error: {error}"),
         };
-        let now = crate::appservice::inbox::now_ms();
+        let now = crate::clock::now_ms();
         let outcome = match name {
             "task_progress" => self.crew.tasks.progress(&task.id, &args.text, now).await,
             "complete_task" => self.crew.tasks.complete(&task.id, &args.text, now).await,

@@ -363,25 +363,7 @@ fn unix(time: SystemTime) -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// `YYYY-MM-DD HH:MM UTC` for a Unix time (civil-from-days, Howard Hinnant's algorithm).
-pub fn format_utc(unix_seconds: u64) -> String {
-    let days = (unix_seconds / 86_400) as i64;
-    let seconds = unix_seconds % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        seconds / 3600,
-        (seconds % 3600) / 60
-    )
-}
+pub use crate::clock::format_utc;
 
 #[cfg(test)]
 mod tests {
