@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+use crate::clock::now_ms;
 use crate::store::{Store, StoreError, Tree};
 
 /// One event waiting to be handled.
@@ -239,8 +240,6 @@ fn transaction_digest(events: &[Box<RawValue>], heads: &[Option<EventHead<'_>>])
     }
     hex::encode(hasher.finalize())
 }
-
-use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {
