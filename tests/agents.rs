@@ -309,26 +309,7 @@ async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
     let env = crew_with_llm(&llm).await;
     let admin = env.admin().await;
     let manager = env.manager_id();
-    let bob = env.synapse.register_user("bob").await;
-    let hq = admin.create_room("hq", &[&manager, &bob.user_id]).await;
-    bob.join(&hq).await;
-    admin.wait_joined(&hq, &manager).await;
-
-    admin
-        .send_mention(&hq, "create a worker named alice", &[&manager])
-        .await;
-    let alice_room = tools::wait_for("alice's room", WAIT, || async {
-        admin
-            .invites_named("Worker: Alice")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
-    admin.join(&alice_room).await;
-    admin
-        .send_mention(&hq, "give alice the login task", &[&manager])
-        .await;
+    let alice_room = alice_with_the_login_task(&env).await;
 
     // The Manager mentions alice in her room; she completes the task; we are told.
     let report = tools::wait_for("the completion report", WAIT, || async {
@@ -417,25 +398,7 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
     .await;
     let admin = env.admin().await;
     let manager = env.manager_id();
-    let bob = env.synapse.register_user("bob").await;
-    let hq = admin.create_room("hq", &[&manager, &bob.user_id]).await;
-    bob.join(&hq).await;
-    admin.wait_joined(&hq, &manager).await;
-    admin
-        .send_mention(&hq, "create a worker named alice", &[&manager])
-        .await;
-    let alice_room = tools::wait_for("alice's room", WAIT, || async {
-        admin
-            .invites_named("Worker: Alice")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
-    admin.join(&alice_room).await;
-    admin
-        .send_mention(&hq, "give alice the login task", &[&manager])
-        .await;
+    let alice_room = alice_with_the_login_task(&env).await;
 
     let said_by_manager = |needle: &'static str| {
         let admin = admin.clone();
@@ -476,4 +439,31 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
         1,
         "one nudge per silence"
     );
+}
+
+/// In a group room "hq", asks the Manager to create alice and give her the login task (the
+/// scripted LLM must answer both with tool calls); returns alice's room, which the admin joined.
+async fn alice_with_the_login_task(env: &CrewEnv) -> String {
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let bob = env.synapse.register_user("bob").await;
+    let hq = admin.create_room("hq", &[&manager, &bob.user_id]).await;
+    bob.join(&hq).await;
+    admin.wait_joined(&hq, &manager).await;
+    admin
+        .send_mention(&hq, "create a worker named alice", &[&manager])
+        .await;
+    let alice_room = tools::wait_for("alice's room", WAIT, || async {
+        admin
+            .invites_named("Worker: Alice")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    admin.join(&alice_room).await;
+    admin
+        .send_mention(&hq, "give alice the login task", &[&manager])
+        .await;
+    alice_room
 }
