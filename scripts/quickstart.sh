@@ -12,9 +12,10 @@ data=${CREW_DATA_DIR:-data}
 cache=${CREW_CACHE:-$HOME/.cache/matrix-crew}
 mkdir -p "$data" "$cache"
 
-cargo build --release --bin crew
-crew=target/release/crew
-if [ -n "${CARGO_TARGET_DIR:-}" ]; then crew="$CARGO_TARGET_DIR/release/crew"; fi
+# A debug build compiles in a few minutes; CREW_PROFILE=release for a long-running install.
+profile=${CREW_PROFILE:-debug}
+if [ "$profile" = release ]; then cargo build --release --bin crew; else cargo build --bin crew; fi
+crew="${CARGO_TARGET_DIR:-target}/$profile/crew"
 
 if [ -z "${CREW_HOMESERVER:-}" ]; then
   hs="$data/synapse"
@@ -78,4 +79,5 @@ else
   fi
 fi
 
-exec "$crew" serve --config "$data/config.toml"
+# Not exec: the EXIT trap stops the local Synapse when crew stops.
+"$crew" serve --config "$data/config.toml"
