@@ -28,6 +28,23 @@ pub enum TurnOutcome {
     StepLimit,
 }
 
+/// The user message of a turn: what was said since the agent's last turn (already bounded by the
+/// dispatcher's per-room buffer), then the message to answer. Its size does not grow with the
+/// room's history.
+pub fn conversation(earlier: &[String], from: &str, body: &str) -> String {
+    let mut conversation = String::new();
+    if !earlier.is_empty() {
+        conversation.push_str("Said in this room since your last turn:\n");
+        for line in earlier {
+            conversation.push_str(line);
+            conversation.push('\n');
+        }
+        conversation.push('\n');
+    }
+    conversation.push_str(&format!("Message for you from {from}:\n{body}"));
+    conversation
+}
+
 /// Runs one turn.
 pub async fn run(
     llm: &LlmClient,

@@ -274,18 +274,7 @@ async fn llm_answer(
         .pointer("/content/body")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let mut conversation = String::new();
-    if !earlier.is_empty() {
-        conversation.push_str("Said in this room since your last turn:\n");
-        for line in &earlier {
-            conversation.push_str(line);
-            conversation.push('\n');
-        }
-        conversation.push('\n');
-    }
-    conversation.push_str(&format!(
-        "Message for you from {sender_name} ({sender}):\n{body}"
-    ));
+    let conversation = llm_turn::conversation(&earlier, &format!("{sender_name} ({sender})"), body);
     let reply = |text: String, notice: bool| {
         let message = if notice {
             OutgoingMessage::notice(text)
