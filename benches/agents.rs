@@ -5,6 +5,9 @@
 //! rule of thumb for English with OpenAI tokenizers); the figure to watch is that they do not
 //! grow with history.
 
+#[path = "support/process.rs"]
+mod process;
+
 use matrix_crew::agent::llm_turn::conversation;
 use matrix_crew::agent::registry::Registry;
 use matrix_crew::dispatch::{Agent, Crew, DispatchConfig, Dispatcher, Membership, NoHistory, Role};
@@ -13,18 +16,6 @@ use ruma::{OwnedUserId, RoomId, UserId};
 use serde_json::json;
 
 const WORKERS: usize = 1_000;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("VmRSS:"))
-                .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn dir_size(path: &std::path::Path) -> u64 {
     std::fs::read_dir(path)
@@ -51,7 +42,7 @@ fn user(id: &str) -> OwnedUserId {
 fn idle_workers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("db")).expect("store");
-    let before = rss_kib();
+    let before = process::status_kib("VmRSS");
     let registry = Registry::open(&store, "crew_", "example.org").expect("registry");
     for n in 0..WORKERS {
         registry
@@ -79,7 +70,7 @@ fn idle_workers() {
     let config = DispatchConfig::default();
     let crew = Crew::new(agents, [user("@human:example.org")], [], &config).expect("crew");
     let dispatcher = Dispatcher::new(config, crew).expect("dispatcher");
-    let after = rss_kib();
+    let after = process::status_kib("VmRSS");
     let _ = store.db().flush();
     let disk = dir_size(dir.path());
     println!(

@@ -7,6 +7,8 @@
 //!
 //! Run: `cargo bench --bench gateway` (optionally `GATEWAY_BENCH_REQUESTS=20000`).
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "../tests/support/scripted_llm.rs"]
 mod scripted_llm;
 
@@ -22,12 +24,7 @@ use scripted_llm::ScriptedLlm;
 const ROUNDS: usize = 10;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run());
+    process::two_core_runtime().block_on(run());
 }
 
 async fn run() {
@@ -37,7 +34,7 @@ async fn run() {
         .unwrap_or(10_000);
     let upstream = ScriptedLlm::start().await;
     upstream.set_recording(false);
-    let rss_before = rss_kib();
+    let rss_before = process::status_kib("VmRSS");
 
     let data_dir = tempfile::tempdir().expect("temp dir");
     let config = GatewayConfig {
@@ -160,7 +157,7 @@ async fn run() {
             through.len() as f64 / gateway_time.as_secs_f64(),
         );
     }
-    let rss_after = rss_kib();
+    let rss_after = process::status_kib("VmRSS");
     println!(
         "resident memory: {:.1} MiB before the gateway started (upstream + client), {:.1} MiB after the load ({:+.1} MiB)",
         rss_before as f64 / 1024.0,
@@ -229,16 +226,4 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

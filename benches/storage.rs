@@ -12,6 +12,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+#[path = "support/process.rs"]
+mod process;
+
 use futures::StreamExt;
 use matrix_crew::storage::{
     Backend, BodyStream, LocalBackend, S3Backend, S3Config, Storage, StoragePath,
@@ -21,12 +24,7 @@ const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run());
+    process::two_core_runtime().block_on(run());
 }
 
 async fn run() {
@@ -84,14 +82,14 @@ async fn run() {
 async fn big_transfer(name: &str, storage: &Storage, total: usize) {
     let path = StoragePath::parse("bench/big.bin").expect("valid path");
     reset_peak();
-    let before = vm_hwm_kib();
+    let before = process::status_kib("VmHWM") as usize;
     let started = Instant::now();
     storage
         .put(&path, generated(total, 64 * KIB))
         .await
         .expect("put big file");
     let put = started.elapsed();
-    let after_put = vm_hwm_kib();
+    let after_put = process::status_kib("VmHWM") as usize;
     let started = Instant::now();
     let mut body = storage.get(&path).await.expect("get big file").body;
     let mut read = 0usize;
@@ -100,7 +98,7 @@ async fn big_transfer(name: &str, storage: &Storage, total: usize) {
     }
     let get = started.elapsed();
     assert_eq!(read, total);
-    let after_get = vm_hwm_kib();
+    let after_get = process::status_kib("VmHWM") as usize;
     storage.delete(&path).await.expect("delete");
     println!(
         "{name:>5} 1 file of {} MiB: put {:.0} MB/s, get {:.0} MB/s; VmHWM before {} MiB, after put {} MiB, after get {} MiB (growth {} MiB)",
@@ -178,16 +176,6 @@ fn generated(total: usize, chunk: usize) -> BodyStream {
             Some((Ok(Bytes::from(buf)), (x, remaining - n)))
         },
     ))
-}
-
-/// Peak resident set size so far, in KiB.
-fn vm_hwm_kib() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
 }
 
 /// Resets VmHWM to the current RSS (Linux: writing 5 to clear_refs), so each phase is measured
