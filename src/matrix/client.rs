@@ -121,10 +121,7 @@ impl MatrixClient {
     }
 
     pub async fn set_display_name(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
-        let path = format!(
-            "/_matrix/client/v3/profile/{}/displayname",
-            enc(user.as_str())
-        );
+        let path = profile_path(user, "displayname");
         self.call(
             Method::PUT,
             &path,
@@ -137,10 +134,7 @@ impl MatrixClient {
     }
 
     pub async fn display_name(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
-        let path = format!(
-            "/_matrix/client/v3/profile/{}/displayname",
-            enc(user.as_str())
-        );
+        let path = profile_path(user, "displayname");
         match self.call(Method::GET, &path, Some(user), None, &[]).await {
             Ok(answer) => Ok(answer
                 .get("displayname")
@@ -152,10 +146,7 @@ impl MatrixClient {
     }
 
     pub async fn set_avatar_url(&self, user: &UserId, mxc: &str) -> Result<(), MatrixError> {
-        let path = format!(
-            "/_matrix/client/v3/profile/{}/avatar_url",
-            enc(user.as_str())
-        );
+        let path = profile_path(user, "avatar_url");
         self.call(
             Method::PUT,
             &path,
@@ -550,6 +541,11 @@ fn transaction_id(sender: &str, key: &str) -> String {
     hasher.update([0]);
     hasher.update(key.as_bytes());
     format!("crew.{}", &hex::encode(hasher.finalize())[..32])
+}
+
+/// `/_matrix/client/v3/profile/{user}/{field}`.
+fn profile_path(user: &UserId, field: &str) -> String {
+    format!("/_matrix/client/v3/profile/{}/{field}", enc(user.as_str()))
 }
 
 /// Characters escaped in a path segment: everything but RFC 3986's unreserved characters.
