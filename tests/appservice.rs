@@ -441,15 +441,8 @@ async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
     let mut env = CrewEnv::start().await;
     let (admin, room) = room_with_manager(&env).await;
     let manager = env.manager_id();
-    let replay = tuwunel_replay::TuwunelReplay::start(
-        &env.synapse.url,
-        &env.appservice_url(),
-        &env.hs_token(),
-    )
-    .await;
-    env.kill_crew();
     // crew now talks to the homeserver through the Tuwunel-style relay.
-    env.homeserver_url = replay.url.clone();
+    let replay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
     replay
         .push(vec![mention_event(
             &room,

@@ -200,14 +200,7 @@ async fn agents_pinging_each_other_stop_at_the_depth_budget() {
 async fn a_wake_pending_at_kill_runs_once_after_restart() {
     let mut env = CrewEnv::start().await;
     let (admin, room) = team_room(&env).await;
-    let relay = tuwunel_replay::TuwunelReplay::start(
-        &env.synapse.url,
-        &env.appservice_url(),
-        &env.hs_token(),
-    )
-    .await;
-    env.kill_crew();
-    env.homeserver_url = relay.url.clone();
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
     env.start_crew().await;
     relay.hold_sends();
     let asked = admin.send_mention(&room, "are you there?", &[ALICE]).await;

@@ -57,6 +57,15 @@ impl TuwunelReplay {
         TuwunelReplay { inner, url }
     }
 
+    /// Stops `env`'s crew and puts a relay between it and its Synapse: crew uses the relay as
+    /// its homeserver from its next start, and the relay delivers to crew Tuwunel-style.
+    pub async fn between(env: &mut super::crew::CrewEnv) -> TuwunelReplay {
+        let relay = Self::start(&env.synapse.url, &env.appservice_url(), &env.hs_token()).await;
+        env.kill_crew();
+        env.homeserver_url = relay.url.clone();
+        relay
+    }
+
     /// Queues events as one transaction (id = hash of the events) and tries to deliver the
     /// backlog once, as Tuwunel does when a new event arrives.
     pub async fn push(&self, events: Vec<Value>) {
