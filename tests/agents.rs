@@ -272,31 +272,11 @@ fn system_prompt(body: &Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
     let llm = ScriptedLlm::start().await;
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    script_the_manager(&llm);
     let is_alice = |body: &Value| system_prompt(body).contains("You are Alice");
-    llm.on(
-        move |b| has_tool_result(b) && is_manager(b),
-        Reply::text("Done."),
-    );
     llm.on(
         move |b| has_tool_result(b) && is_alice(b),
         Reply::text("Finished the login page."),
-    );
-    llm.on(
-        move |b| is_manager(b) && last_user_text(b).contains("create a worker named alice"),
-        Reply::tool_call(
-            "c1",
-            "create_worker",
-            json!({"name": "alice", "role": "frontend"}),
-        ),
-    );
-    llm.on(
-        move |b| is_manager(b) && last_user_text(b).contains("give alice the login task"),
-        Reply::tool_call(
-            "c2",
-            "assign_task",
-            json!({"worker": "alice", "title": "Login page", "spec": "Build the login page."}),
-        ),
     );
     llm.on(
         move |b| is_alice(b) && last_user_text(b).contains("new task"),
@@ -367,27 +347,7 @@ async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
     let llm = ScriptedLlm::start().await;
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
-    llm.on(
-        move |b| has_tool_result(b) && is_manager(b),
-        Reply::text("Done."),
-    );
-    llm.on(
-        move |b| is_manager(b) && last_user_text(b).contains("create a worker named alice"),
-        Reply::tool_call(
-            "c1",
-            "create_worker",
-            json!({"name": "alice", "role": "frontend"}),
-        ),
-    );
-    llm.on(
-        move |b| is_manager(b) && last_user_text(b).contains("give alice the login task"),
-        Reply::tool_call(
-            "c2",
-            "assign_task",
-            json!({"worker": "alice", "title": "Login page"}),
-        ),
-    );
+    script_the_manager(&llm);
     // alice answers but never records progress.
     llm.set_default(Reply::text("looking into it"));
     // The shortest settings: a beat a minute, one quiet minute allowed.
@@ -438,6 +398,32 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
         said_by_manager("has been quiet").await,
         1,
         "one nudge per silence"
+    );
+}
+
+/// Scripts the Manager's side of [`alice_with_the_login_task`]: `create_worker` for "create a
+/// worker named alice", `assign_task` for "give alice the login task", "Done." after a tool ran.
+fn script_the_manager(llm: &ScriptedLlm) {
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    llm.on(
+        move |b| has_tool_result(b) && is_manager(b),
+        Reply::text("Done."),
+    );
+    llm.on(
+        move |b| is_manager(b) && last_user_text(b).contains("create a worker named alice"),
+        Reply::tool_call(
+            "c1",
+            "create_worker",
+            json!({"name": "alice", "role": "frontend"}),
+        ),
+    );
+    llm.on(
+        move |b| is_manager(b) && last_user_text(b).contains("give alice the login task"),
+        Reply::tool_call(
+            "c2",
+            "assign_task",
+            json!({"worker": "alice", "title": "Login page", "spec": "Build the login page."}),
+        ),
     );
 }
 
