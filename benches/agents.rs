@@ -8,7 +8,7 @@
 #[path = "support/process.rs"]
 mod process;
 
-use matrix_crew::agent::llm_turn::conversation;
+use matrix_crew::agent::llm_turn::{RECENT_MESSAGES, TurnContext, conversation};
 use matrix_crew::agent::registry::Registry;
 use matrix_crew::dispatch::{Agent, Crew, DispatchConfig, Dispatcher, Membership, NoHistory, Role};
 use matrix_crew::store::Store;
@@ -120,18 +120,22 @@ fn prompt_size_by_history() {
         let decision = dispatcher.dispatch(&waking, &NoHistory, history as u64 + 1);
         assert_eq!(decision.wakes.len(), 1, "alice wakes");
         let missed = dispatcher.context.take(&alice, &room);
-        let earlier: Vec<String> = missed
-            .messages
-            .iter()
-            .filter(|said| said.event_id.as_str() != "$wake")
-            .map(|said| format!("{}: {}", said.sender, said.body))
-            .collect();
-        let prompt = conversation(&earlier, "human (@human:example.org)", "please summarise");
+        let recent = dispatcher.context.recent(&room, RECENT_MESSAGES + 1);
+        let (context, said_since) = TurnContext::assemble(
+            &alice,
+            &missed,
+            &recent,
+            "$wake",
+            |user| user.localpart().to_owned(),
+            "human (@human:example.org)".into(),
+            "please summarise".into(),
+        );
+        let prompt = conversation(&context);
         println!(
             "{history:>18}   {:>12}   {:>7}   {:>16}",
             prompt.len(),
             prompt.len() / 4,
-            earlier.len()
+            said_since
         );
     }
 }

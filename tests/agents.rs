@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crew::CrewEnv;
-use scripted_llm::{Reply, ScriptedLlm, last_user_text};
+use scripted_llm::{Reply, ScriptedLlm, last_user_text, waking_text};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -27,7 +27,11 @@ async fn crew_with_llm(llm: &ScriptedLlm) -> CrewEnv {
 
 /// As [`crew_with_llm`], with more config appended.
 async fn crew_with_llm_and(llm: &ScriptedLlm, extra: &'static str) -> CrewEnv {
-    let upstream = llm.url();
+    crew_with_upstream(llm.url(), extra).await
+}
+
+/// crew with an `llm` route to `upstream` (the real key in a file) and `extra` config.
+async fn crew_with_upstream(upstream: String, extra: &'static str) -> CrewEnv {
     CrewEnv::start_with(move |config: &Path| {
         // Outside the data directory, so that a scan of what crew stored finds only crew's writing.
         let key_file = config.parent().unwrap().parent().unwrap().join("llm.key");
@@ -63,7 +67,7 @@ async fn a_worker_is_created_by_conversation() {
         Reply::text("Alice is ready. Mention her in her room."),
     );
     llm.on(
-        |body| last_user_text(body).contains("create a worker named alice"),
+        |body| waking_text(body).contains("create a worker named alice"),
         Reply::tool_call(
             "call-1",
             "create_worker",
@@ -279,7 +283,7 @@ async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
         Reply::text("Finished the login page."),
     );
     llm.on(
-        move |b| is_alice(b) && last_user_text(b).contains("new task"),
+        move |b| is_alice(b) && waking_text(b).contains("new task"),
         Reply::tool_call(
             "c3",
             "complete_task",
@@ -410,7 +414,7 @@ fn script_the_manager(llm: &ScriptedLlm) {
         Reply::text("Done."),
     );
     llm.on(
-        move |b| is_manager(b) && last_user_text(b).contains("create a worker named alice"),
+        move |b| is_manager(b) && waking_text(b).contains("create a worker named alice"),
         Reply::tool_call(
             "c1",
             "create_worker",
@@ -418,7 +422,7 @@ fn script_the_manager(llm: &ScriptedLlm) {
         ),
     );
     llm.on(
-        move |b| is_manager(b) && last_user_text(b).contains("give alice the login task"),
+        move |b| is_manager(b) && waking_text(b).contains("give alice the login task"),
         Reply::tool_call(
             "c2",
             "assign_task",
@@ -452,4 +456,515 @@ async fn alice_with_the_login_task(env: &CrewEnv) -> String {
         .send_mention(&hq, "give alice the login task", &[&manager])
         .await;
     alice_room
+}
+
+const ALICE: &str = "@crew_alice:crew.test";
+
+fn is_alice(body: &Value) -> bool {
+    system_prompt(body).contains("You are Alice")
+}
+
+/// alice (created with the CLI) in a group room "work" with the admin and carol; returns the
+/// room.
+async fn alice_in_a_group_room(env: &CrewEnv) -> String {
+    cli(env, &["workers", "add", "alice"]);
+    let admin = env.admin().await;
+    let carol = env.synapse.register_user("carol").await;
+    let room = admin.create_room("work", &[ALICE, &carol.user_id]).await;
+    carol.join(&room).await;
+    admin.wait_joined(&room, ALICE).await;
+    room
+}
+
+/// alice's messages in `room` of msgtype `msgtype` whose body contains `needle`.
+async fn alice_said(
+    admin: &synapse::TestUser,
+    room: &str,
+    msgtype: &str,
+    needle: &str,
+) -> Vec<Value> {
+    admin
+        .messages_from(room, ALICE)
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["content"]["msgtype"] == msgtype
+                && e["content"]["body"].as_str().unwrap_or("").contains(needle)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_for_a_busy_worker_reaches_its_running_turn() {
+    let llm = ScriptedLlm::start().await;
+    let thinking = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && has_tool_result(b),
+        Reply::text("Summary written, in British spelling."),
+    );
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("write the summary"),
+        Reply::tool_call(
+            "w1",
+            "write_file",
+            json!({"path": "agents/alice/summary.md", "content": "Colour palette: draft"}),
+        )
+        .hold(&thinking),
+    );
+    let env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+
+    admin
+        .send_mention(&room, "please write the summary", &[ALICE])
+        .await;
+    thinking.reached().await;
+    // While alice's model is thinking, the admin corrects her.
+    let correction = admin
+        .send_mention(&room, "use British spelling, please", &[ALICE])
+        .await;
+    env.wait_queued(ALICE, &correction).await;
+    thinking.release();
+
+    tools::wait_for("alice's answer", WAIT, || async {
+        alice_said(&admin, &room, "m.text", "British spelling")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    // The correction went into the running turn, after the tool result, as a user message.
+    let requests = llm.requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "one turn of two steps, no turn of its own for the correction"
+    );
+    let messages = requests[1].json()["messages"].as_array().unwrap().clone();
+    let tool_at = messages.iter().position(|m| m["role"] == "tool").unwrap();
+    assert!(
+        messages[tool_at]["content"]
+            .as_str()
+            .unwrap()
+            .contains("wrote agents/alice/summary.md"),
+        "{}",
+        messages[tool_at]
+    );
+    assert!(
+        messages[tool_at + 1..].iter().any(|m| m["role"] == "user"
+            && m["content"]
+                .as_str()
+                .unwrap_or("")
+                .contains("use British spelling")),
+        "the correction follows the tool result: {messages:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.data_dir.join("files/agents/alice/summary.md")).unwrap(),
+        "Colour palette: draft"
+    );
+    // Handled, so it leaves the queue and is not answered again.
+    tools::wait_for("an empty wake queue", WAIT, || async {
+        let queue = env.admin_api("/dispatch/queue").await?;
+        queue.as_object()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
+    let llm = ScriptedLlm::start().await;
+    let thinking = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("rewrite everything"),
+        Reply::tool_call(
+            "w1",
+            "write_file",
+            json!({"path": "agents/alice/rewrite.md", "content": "everything"}),
+        )
+        .hold(&thinking),
+    );
+    llm.set_default(Reply::text("continuing"));
+    let env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+
+    admin
+        .send_mention(&room, "rewrite everything in Rust", &[ALICE])
+        .await;
+    thinking.reached().await;
+    let stop = admin.send_mention(&room, "alice: stop", &[ALICE]).await;
+    env.wait_queued(ALICE, &stop).await;
+    thinking.release();
+
+    let notice = tools::wait_for("the stop notice", WAIT, || async {
+        alice_said(&admin, &room, "m.notice", "Stopped")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        notice["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("@admin:crew.test"),
+        "says who stopped it: {notice}"
+    );
+    assert_eq!(llm.received(), 1, "no further step after the stop");
+    assert!(
+        !env.data_dir.join("files/agents/alice/rewrite.md").exists(),
+        "the tool call that came with the stop did not run"
+    );
+    // The stop was consumed by the turn: no second answer.
+    tools::wait_for("an empty wake queue", WAIT, || async {
+        let queue = env.admin_api("/dispatch/queue").await?;
+        queue.as_object()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(llm.received(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_cut_by_a_crash_replays_its_finished_steps() {
+    let llm = ScriptedLlm::start().await;
+    let answering = scripted_llm::Gate::new();
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    llm.on(
+        move |b| is_manager(b) && has_tool_result(b),
+        Reply::text("Dave is ready.").hold(&answering),
+    );
+    llm.on(
+        move |b| is_manager(b) && waking_text(b).contains("create a worker named dave"),
+        Reply::tool_call(
+            "c1",
+            "create_worker",
+            json!({"name": "dave", "role": "ops"}),
+        ),
+    );
+    let mut env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("hq", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    admin
+        .send_mention(&room, "create a worker named dave", &[&manager])
+        .await;
+    // The tool ran and the model was asked for the next step: kill crew there.
+    answering.reached().await;
+    env.kill_crew();
+    env.start_crew().await;
+    answering.release();
+
+    tools::wait_for("the Manager's answer after the restart", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Dave is ready")
+            })
+    })
+    .await;
+    let first_steps = llm
+        .requests()
+        .iter()
+        .filter(|r| !has_tool_result(&r.json()))
+        .count();
+    assert_eq!(
+        first_steps, 1,
+        "the finished first step (create_worker) was replayed from the journal, not asked again"
+    );
+    let answers = admin
+        .messages_from(&room, &manager)
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["content"]["body"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Dave is ready")
+        })
+        .count();
+    assert_eq!(answers, 1, "answered once");
+    assert_eq!(
+        cli(&env, &["workers", "list"]).matches("crew_dave").count(),
+        1
+    );
+    assert_eq!(
+        admin.invites_named("Worker: Dave").await.len(),
+        1,
+        "one room"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_sent_to_a_worker_is_saved_and_named_in_its_context() {
+    let llm = ScriptedLlm::start().await;
+    llm.set_default(Reply::text("Got your file."));
+    let env = crew_with_llm(&llm).await;
+    cli(&env, &["workers", "add", "alice"]);
+    let admin = env.admin().await;
+    // A DM: alice wakes on every message, files included.
+    let room = admin.create_room("alice dm", &[ALICE]).await;
+    admin.wait_joined(&room, ALICE).await;
+    let mxc = admin
+        .upload(b"line one\nline two\n".to_vec(), "text/plain", "notes.txt")
+        .await;
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.file", "body": "notes.txt", "filename": "notes.txt", "url": mxc,
+                   "info": {"size": 18, "mimetype": "text/plain"}}),
+        )
+        .await;
+    tools::wait_for("alice's answer", WAIT, || async {
+        alice_said(&admin, &room, "m.text", "Got your file")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let inbox = env.data_dir.join("files/agents/alice/inbox");
+    let saved: Vec<_> = std::fs::read_dir(&inbox)
+        .unwrap_or_else(|error| panic!("no inbox folder {}: {error}", inbox.display()))
+        .flatten()
+        .collect();
+    assert_eq!(saved.len(), 1);
+    let name = saved[0].file_name().to_string_lossy().to_string();
+    assert!(name.ends_with("-notes.txt"), "{name}");
+    assert_eq!(
+        std::fs::read_to_string(saved[0].path()).unwrap(),
+        "line one\nline two\n"
+    );
+    let said = waking_text(&llm.requests()[0].json());
+    assert!(
+        said.contains(&format!("saved at `agents/alice/inbox/{name}`")),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_remembers_uses_skills_and_stays_in_its_folders() {
+    let llm = ScriptedLlm::start().await;
+    llm.on(|b| is_alice(b) && has_tool_result(b), Reply::text("Noted."));
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("remember the staging host"),
+        Reply::tool_calls(vec![
+            (
+                "m1".into(),
+                "remember".into(),
+                json!({"note": "staging is staging.example.org"}).to_string(),
+            ),
+            (
+                "m2".into(),
+                "read_file".into(),
+                json!({"path": "agents/bob/secrets.md"}).to_string(),
+            ),
+            (
+                "m3".into(),
+                "read_skill".into(),
+                json!({"name": "code-review"}).to_string(),
+            ),
+        ]),
+    );
+    llm.set_default(Reply::text("Hello."));
+    let env = crew_with_llm(&llm).await;
+    let skill = env.root.path().join("SKILL.md");
+    std::fs::write(
+        &skill,
+        "---\nname: code-review\ndescription: Review a diff for bugs\n---\nRead the diff twice.\n",
+    )
+    .unwrap();
+    let secret = env.root.path().join("secrets.md");
+    std::fs::write(&secret, "bob's secret").unwrap();
+    cli(
+        &env,
+        &[
+            "files",
+            "put",
+            "agents/alice/skills/code-review/SKILL.md",
+            skill.to_str().unwrap(),
+        ],
+    );
+    cli(
+        &env,
+        &[
+            "files",
+            "put",
+            "agents/bob/secrets.md",
+            secret.to_str().unwrap(),
+        ],
+    );
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+
+    admin
+        .send_mention(&room, "remember the staging host", &[ALICE])
+        .await;
+    tools::wait_for("alice's answer", WAIT, || async {
+        alice_said(&admin, &room, "m.text", "Noted")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let results: Vec<String> = llm.requests()[1].json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(results[0].contains("agents/alice/memory.md"), "{results:?}");
+    assert!(
+        results[1].contains("may not read"),
+        "another Worker's folder is refused: {results:?}"
+    );
+    assert!(!results.concat().contains("bob's secret"));
+    assert!(results[2].contains("Read the diff twice"), "{results:?}");
+
+    // The next turn's prompt carries the skills index and the memory.
+    admin.send_mention(&room, "hello again", &[ALICE]).await;
+    tools::wait_for("alice's second answer", WAIT, || async {
+        alice_said(&admin, &room, "m.text", "Hello.")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let system = system_prompt(&llm.requests()[2].json());
+    assert!(
+        system.contains("code-review: Review a diff for bugs"),
+        "{system}"
+    );
+    assert!(
+        system.contains("staging is staging.example.org"),
+        "{system}"
+    );
+    // And its recent conversation, its own reply included.
+    let context = last_user_text(&llm.requests()[2].json());
+    assert!(context.contains("you: Noted."), "{context}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_manager_invites_a_worker_and_only_admins_change_it() {
+    let llm = ScriptedLlm::start().await;
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    llm.on(
+        move |b| is_manager(b) && has_tool_result(b),
+        Reply::text("Done."),
+    );
+    llm.on(
+        move |b| is_manager(b) && waking_text(b).contains("invite alice here"),
+        Reply::tool_call("i1", "invite_worker", json!({"worker": "alice"})),
+    );
+    llm.on(
+        move |b| is_manager(b) && waking_text(b).contains("make alice a backend developer"),
+        Reply::tool_call(
+            "u1",
+            "update_worker",
+            json!({"name": "alice", "role": "backend development", "model": "big-model"}),
+        ),
+    );
+    let env = crew_with_llm(&llm).await;
+    cli(&env, &["workers", "add", "alice"]);
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let carol = env.synapse.register_user("carol").await;
+    let room = admin
+        .create_room("project", &[&manager, &carol.user_id])
+        .await;
+    carol.join(&room).await;
+    admin.wait_joined(&room, &manager).await;
+
+    admin
+        .send_mention(&room, "invite alice here", &[&manager])
+        .await;
+    admin.wait_joined(&room, ALICE).await;
+
+    // carol is not an admin: her change is refused in code.
+    carol
+        .send_mention(&room, "make alice a backend developer", &[&manager])
+        .await;
+    tools::wait_for("the refused tool call", WAIT, || async {
+        llm.requests().into_iter().find_map(|r| {
+            let body = r.json();
+            body["messages"].as_array()?.iter().find_map(|m| {
+                let text = m["content"].as_str()?;
+                (m["role"] == "tool" && text.contains("only the crew's admins")).then_some(())
+            })
+        })
+    })
+    .await;
+    assert!(!cli(&env, &["workers", "list"]).contains("backend development"));
+
+    admin
+        .send_mention(&room, "make alice a backend developer", &[&manager])
+        .await;
+    tools::wait_for("the new role", WAIT, || async {
+        cli(&env, &["workers", "list"])
+            .contains("backend development")
+            .then_some(())
+    })
+    .await;
+    // alice's next turn uses her new role and model.
+    llm.set_default(Reply::text("on it"));
+    admin.send_mention(&room, "status?", &[ALICE]).await;
+    tools::wait_for("alice's answer", WAIT, || async {
+        alice_said(&admin, &room, "m.text", "on it")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let last = llm.requests().last().unwrap().json();
+    assert_eq!(last["model"], "big-model");
+    assert!(system_prompt(&last).contains("Your role: backend development"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_work_while_the_llm_provider_is_down() {
+    // Nothing listens on the upstream: every LLM call fails.
+    let dead = format!("http://127.0.0.1:{}", tools::free_port());
+    let env = crew_with_upstream(dead, "").await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("hq", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    admin.send_mention(&room, "hello?", &[&manager]).await;
+    let notice = tools::wait_for("the failure notice", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.notice")
+    })
+    .await;
+    assert!(
+        notice["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("I could not finish this"),
+        "{notice}"
+    );
+    admin
+        .send(&room, json!({"msgtype": "m.text", "body": "!crew workers"}))
+        .await;
+    tools::wait_for("the command's answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("No workers")
+            })
+    })
+    .await;
 }

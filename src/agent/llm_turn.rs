@@ -1,14 +1,27 @@
 //! The LLM-driven turn: a bounded tool-calling loop through the gateway.
 //!
-//! The context is small and flat: a stable system prompt (persona and role, so providers can
-//! cache the prefix), the messages said since the agent's last turn (bounded by the dispatcher's
-//! buffer), and the message that woke it. Tools run in the caller's [`Toolbox`]; the loop stops
-//! after [`MAX_TOOL_STEPS`] rounds and says so rather than going silent.
+//! The context is small and flat: a stable system prompt (persona, role, skills index, memory
+//! summary, so providers can cache the prefix), the room's recent conversation and what was
+//! said since the agent's last turn (both bounded), and the message that woke it. Tools run in
+//! the caller's [`Toolbox`]. Between steps a [`Supervisor`] delivers what people said to the
+//! agent meanwhile, or stops the turn. Each step is written to a [`StepJournal`] before its
+//! effects, so a turn run again after a crash replays finished steps instead of repeating them.
+//! The loop stops at the step and token limits and says so rather than going silent.
 
+use std::collections::HashSet;
+
+use ruma::UserId;
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::{Missed, Said};
 use crate::llm::{ChatRequest, LlmClient, LlmError, Message, Tool};
 
-/// Rounds of tool calls in one turn before the agent stops and says so.
-pub const MAX_TOOL_STEPS: usize = 8;
+/// Rounds of tool calls and tokens one turn may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnLimits {
+    pub max_steps: usize,
+    pub max_tokens: u64,
+}
 
 /// Runs the tools an agent may call.
 #[async_trait::async_trait]
@@ -19,60 +32,374 @@ pub trait Toolbox: Send + Sync {
     async fn call(&self, name: &str, arguments: &str) -> String;
 }
 
+/// What the supervisor says between two steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Between {
+    /// Carry on; these messages arrived for the agent meanwhile (delivered as user messages).
+    Continue(Vec<String>),
+    /// End the turn now; `by` says who asked.
+    Stop { by: String },
+}
+
+/// Watches the world while a turn runs: people's messages for the agent and stop requests.
+#[async_trait::async_trait]
+pub trait Supervisor: Send + Sync {
+    async fn between_steps(&self) -> Between;
+}
+
+/// A supervisor that never interjects (benchmarks, one-shot calls).
+pub struct Unsupervised;
+
+#[async_trait::async_trait]
+impl Supervisor for Unsupervised {
+    async fn between_steps(&self) -> Between {
+        Between::Continue(Vec::new())
+    }
+}
+
+/// One finished (or half-finished) step, as journalled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournaledStep {
+    /// The model's message of this step (its tool calls, or the final answer).
+    pub reply: Message,
+    /// Results of the tool calls that finished, in call order.
+    pub results: Vec<String>,
+    /// Tokens the step used, as the provider reported.
+    pub tokens: u64,
+}
+
+/// Where steps are recorded durably. `save` must not return before the record is on disk: a
+/// tool call runs only after its step is saved, and its result is saved before the next one.
+#[async_trait::async_trait]
+pub trait StepJournal: Send + Sync {
+    async fn load(&self, step: usize) -> Option<JournaledStep>;
+    async fn save(&self, step: usize, entry: &JournaledStep);
+}
+
+/// A journal that keeps nothing (benchmarks, one-shot calls).
+pub struct NoJournal;
+
+#[async_trait::async_trait]
+impl StepJournal for NoJournal {
+    async fn load(&self, _step: usize) -> Option<JournaledStep> {
+        None
+    }
+    async fn save(&self, _step: usize, _entry: &JournaledStep) {}
+}
+
 /// How a turn ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TurnOutcome {
     /// The model's final answer.
     Answer(String),
     /// The tool-step limit was reached.
-    StepLimit,
+    StepLimit { steps: usize },
+    /// The token limit was reached.
+    TokenLimit { used: u64, limit: u64 },
+    /// Someone stopped the turn; `steps` were done.
+    Stopped { by: String, steps: usize },
 }
 
-/// The user message of a turn: what was said since the agent's last turn (already bounded by the
-/// dispatcher's per-room buffer), then the message to answer. Its size does not grow with the
-/// room's history.
-pub fn conversation(earlier: &[String], from: &str, body: &str) -> String {
+impl TurnOutcome {
+    /// What the agent says in the room about how its turn ended (`None` for an answer).
+    pub fn notice(&self) -> Option<String> {
+        match self {
+            TurnOutcome::Answer(_) => None,
+            TurnOutcome::StepLimit { steps } => Some(format!(
+                "I stopped after {steps} rounds of tool calls without an answer (the limit is llm.max_tool_steps); tell me how to continue."
+            )),
+            TurnOutcome::TokenLimit { used, limit } => Some(format!(
+                "I stopped this turn after using {used} tokens (the limit is {limit}, llm.max_turn_tokens); tell me how to continue."
+            )),
+            TurnOutcome::Stopped { by, steps } => Some(format!(
+                "Stopped, as {by} asked, after {steps} step(s). What was done so far stays done."
+            )),
+        }
+    }
+}
+
+/// What goes into the user message of a turn. Every part is bounded by its producer, so the
+/// message does not grow with the room's history.
+#[derive(Debug, Default, Clone)]
+pub struct TurnContext {
+    /// The room's recent conversation before what is new to the agent ("Name: text", the
+    /// agent's own replies as "you: text").
+    pub recent: Vec<String>,
+    /// Said in the room since the agent's last turn, that did not wake it.
+    pub said_since: Vec<String>,
+    /// Who wrote the waking message.
+    pub from: String,
+    /// The waking message (with notes about files it carried).
+    pub body: String,
+}
+
+/// Messages of the room's recent conversation shown in a turn.
+pub const RECENT_MESSAGES: usize = 10;
+/// "Said since your last turn" messages shown at most (the rest are counted).
+pub const SAID_SINCE_SHOWN: usize = 20;
+/// Characters of one message shown in a turn's context.
+pub const LINE_CHARS: usize = 500;
+
+impl TurnContext {
+    /// Assembles the context of one waking message from what the dispatcher kept: `missed`
+    /// (said since the agent's last turn) and `recent` (the room's last messages, everyone's).
+    /// Messages appear once (recent ones that are new to the agent are listed as new), each is
+    /// cut to [`LINE_CHARS`], and both lists are bounded, so the size is flat in the history.
+    /// Also returns how many messages were said since, shown or not.
+    pub fn assemble(
+        agent: &UserId,
+        missed: &Missed,
+        recent: &[Said],
+        waking_event: &str,
+        name_of: impl Fn(&UserId) -> String,
+        from: String,
+        body: String,
+    ) -> (TurnContext, usize) {
+        let new: HashSet<&str> = missed
+            .messages
+            .iter()
+            .map(|said| said.event_id.as_str())
+            .collect();
+        let line = |said: &Said| {
+            let name = if said.sender == agent {
+                "you".to_owned()
+            } else {
+                name_of(&said.sender)
+            };
+            let body: String = said.body.chars().take(LINE_CHARS).collect();
+            format!("{name}: {body}")
+        };
+        let old: Vec<&Said> = recent
+            .iter()
+            .filter(|said| {
+                said.event_id.as_str() != waking_event && !new.contains(said.event_id.as_str())
+            })
+            .collect();
+        let earlier: Vec<&Said> = missed
+            .messages
+            .iter()
+            .filter(|said| said.event_id.as_str() != waking_event)
+            .collect();
+        let count = earlier.len() + missed.dropped as usize;
+        let hidden = earlier.len().saturating_sub(SAID_SINCE_SHOWN) + missed.dropped as usize;
+        let mut said_since = Vec::new();
+        if hidden > 0 {
+            said_since.push(format!("({hidden} earlier messages not shown)"));
+        }
+        said_since.extend(
+            earlier[earlier.len().saturating_sub(SAID_SINCE_SHOWN)..]
+                .iter()
+                .map(|said| line(said)),
+        );
+        let context = TurnContext {
+            recent: old[old.len().saturating_sub(RECENT_MESSAGES)..]
+                .iter()
+                .map(|said| line(said))
+                .collect(),
+            said_since,
+            from,
+            body,
+        };
+        (context, count)
+    }
+}
+
+/// The user message of a turn.
+pub fn conversation(context: &TurnContext) -> String {
     let mut conversation = String::new();
-    if !earlier.is_empty() {
-        conversation.push_str("Said in this room since your last turn:\n");
-        for line in earlier {
+    let mut section = |title: &str, lines: &[String]| {
+        if lines.is_empty() {
+            return;
+        }
+        conversation.push_str(title);
+        conversation.push('\n');
+        for line in lines {
             conversation.push_str(line);
             conversation.push('\n');
         }
         conversation.push('\n');
-    }
-    conversation.push_str(&format!("Message for you from {from}:\n{body}"));
+    };
+    section("Recent conversation in this room:", &context.recent);
+    section(
+        "Said in this room since your last turn:",
+        &context.said_since,
+    );
+    conversation.push_str(&format!(
+        "Message for you from {}:\n{}",
+        context.from, context.body
+    ));
     conversation
 }
 
-/// Runs one turn.
+/// Whether `body`, addressed to an agent, only asks it to stop ("stop", "@alice stop!",
+/// "Alice: abort please"). Names of the agent are removed first; a longer sentence that merely
+/// contains "stop" is not a stop request.
+pub fn is_stop_request(body: &str, names: &[&str]) -> bool {
+    let mut text = body.to_lowercase();
+    for name in names {
+        text = text.replace(&name.to_lowercase(), " ");
+    }
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .collect();
+    let is_stop = |word: &str| matches!(word, "stop" | "abort" | "halt");
+    match words.as_slice() {
+        [word] => is_stop(word),
+        [first, rest @ ..] if rest.len() <= 2 => {
+            is_stop(first)
+                && rest
+                    .iter()
+                    .all(|word| matches!(*word, "now" | "please" | "it" | "that"))
+        }
+        _ => false,
+    }
+}
+
+/// Everything one turn runs with.
+pub struct Turn<'a> {
+    pub llm: &'a LlmClient,
+    pub model: &'a str,
+    pub limits: TurnLimits,
+    pub toolbox: &'a dyn Toolbox,
+    pub supervisor: &'a dyn Supervisor,
+    pub journal: &'a dyn StepJournal,
+}
+
+/// Runs one turn: `system` is the agent's prompt, `conversation` the first user message.
 pub async fn run(
-    llm: &LlmClient,
-    model: &str,
+    turn: Turn<'_>,
     system: String,
     conversation: String,
-    toolbox: &dyn Toolbox,
 ) -> Result<TurnOutcome, LlmError> {
+    let Turn {
+        llm,
+        model,
+        limits,
+        toolbox,
+        supervisor,
+        journal,
+    } = turn;
     let mut messages = vec![Message::system(system), Message::user(conversation)];
     let tools = toolbox.tools();
-    for _ in 0..MAX_TOOL_STEPS {
-        let mut request = ChatRequest::new(model, messages.clone());
-        request.tools = tools.clone();
-        let response = llm.chat(request).await?;
-        let Some(message) = response.message().cloned() else {
-            return Ok(TurnOutcome::Answer(String::new()));
-        };
-        if message.tool_calls.is_empty() {
-            return Ok(TurnOutcome::Answer(message.content.unwrap_or_default()));
+    let mut tokens = 0;
+    // Messages that arrived while tools ran: they follow the tool results.
+    let mut arrived: Vec<String> = Vec::new();
+    for step in 0..limits.max_steps {
+        let recorded = journal.load(step).await;
+        if recorded.is_none() && step > 0 {
+            match supervisor.between_steps().await {
+                Between::Stop { by } => return Ok(TurnOutcome::Stopped { by, steps: step }),
+                Between::Continue(said) => arrived.extend(said),
+            }
         }
-        let calls = message.tool_calls.clone();
-        messages.push(message);
-        for call in calls {
-            let result = toolbox
-                .call(&call.function.name, &call.function.arguments)
-                .await;
+        messages.extend(arrived.drain(..).map(Message::user));
+        if tokens >= limits.max_tokens {
+            return Ok(TurnOutcome::TokenLimit {
+                used: tokens,
+                limit: limits.max_tokens,
+            });
+        }
+        let mut entry = match recorded {
+            Some(entry) => entry,
+            None => {
+                let mut request = ChatRequest::new(model, messages.clone());
+                request.tools = tools.clone();
+                let response = llm.chat(request).await?;
+                let Some(reply) = response.message().cloned() else {
+                    return Ok(TurnOutcome::Answer(String::new()));
+                };
+                let entry = JournaledStep {
+                    reply,
+                    results: Vec::new(),
+                    tokens: response.usage.map(|usage| usage.total_tokens).unwrap_or(0),
+                };
+                journal.save(step, &entry).await;
+                if !entry.reply.tool_calls.is_empty() {
+                    // A stop that came while the model was thinking prevents its tool calls.
+                    match supervisor.between_steps().await {
+                        Between::Stop { by } => {
+                            return Ok(TurnOutcome::Stopped { by, steps: step });
+                        }
+                        Between::Continue(said) => arrived.extend(said),
+                    }
+                }
+                entry
+            }
+        };
+        tokens += entry.tokens;
+        if entry.reply.tool_calls.is_empty() {
+            return Ok(TurnOutcome::Answer(
+                entry.reply.content.clone().unwrap_or_default(),
+            ));
+        }
+        let calls = entry.reply.tool_calls.clone();
+        messages.push(entry.reply.clone());
+        for (index, call) in calls.into_iter().enumerate() {
+            let result = match entry.results.get(index) {
+                Some(done) => done.clone(),
+                None => {
+                    let result = toolbox
+                        .call(&call.function.name, &call.function.arguments)
+                        .await;
+                    entry.results.push(result.clone());
+                    journal.save(step, &entry).await;
+                    result
+                }
+            };
             messages.push(Message::tool_result(call.id, result));
         }
     }
-    Ok(TurnOutcome::StepLimit)
+    Ok(TurnOutcome::StepLimit {
+        steps: limits.max_steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_requests_are_short_and_explicit() {
+        let names = ["@crew_alice:example.org", "Alice"];
+        for yes in [
+            "stop",
+            "STOP!",
+            "@crew_alice:example.org stop",
+            "Alice: stop now",
+            "abort please",
+            "halt",
+        ] {
+            assert!(is_stop_request(yes, &names), "{yes}");
+        }
+        for no in [
+            "don't stop until it is done",
+            "stop using tabs in the CSS",
+            "Alice: please continue",
+            "",
+            "the bus stop",
+        ] {
+            assert!(!is_stop_request(no, &names), "{no}");
+        }
+    }
+
+    #[test]
+    fn the_conversation_leaves_out_empty_sections() {
+        let context = TurnContext {
+            from: "Ann (@ann:x)".into(),
+            body: "hello".into(),
+            ..TurnContext::default()
+        };
+        assert_eq!(
+            conversation(&context),
+            "Message for you from Ann (@ann:x):\nhello"
+        );
+        let context = TurnContext {
+            recent: vec!["Bob: earlier".into(), "you: my answer".into()],
+            said_since: vec!["Bob: new".into()],
+            ..context
+        };
+        let text = conversation(&context);
+        assert!(text.starts_with("Recent conversation in this room:\nBob: earlier\nyou: my answer\n\nSaid in this room since your last turn:\nBob: new\n\n"));
+    }
 }

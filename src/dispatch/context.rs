@@ -104,6 +104,16 @@ impl SaidSince {
         missed
     }
 
+    /// The last `limit` messages of `room`, everyone's (agents' own included), oldest first:
+    /// the recent conversation a turn is shown.
+    pub fn recent(&self, room: &RoomId, limit: usize) -> Vec<Said> {
+        let Some(log) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        let skip = log.said.len().saturating_sub(limit);
+        log.said.iter().skip(skip).cloned().collect()
+    }
+
     /// Forgets a room.
     pub fn remove_room(&mut self, room: &RoomId) {
         self.rooms.remove(room);

@@ -41,6 +41,11 @@ pub struct LlmConfig {
     pub max_backoff_ms: u64,
     /// Longest time for one attempt, headers and whole body (streams included).
     pub request_timeout_secs: u64,
+    /// Rounds of tool calls one agent turn may make before it stops and says so.
+    pub max_tool_steps: usize,
+    /// Tokens (prompt + completion, as the provider reports them) one turn may use before it
+    /// stops and says so.
+    pub max_turn_tokens: u64,
 }
 
 impl Default for LlmConfig {
@@ -53,6 +58,8 @@ impl Default for LlmConfig {
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
             request_timeout_secs: 600,
+            max_tool_steps: 8,
+            max_turn_tokens: 200_000,
         }
     }
 }

@@ -200,6 +200,17 @@ impl MatrixClient {
         .map(drop)
     }
 
+    /// The room an alias (`#name:server`) points to.
+    pub async fn resolve_alias(&self, alias: &str) -> Result<OwnedRoomId, MatrixError> {
+        let path = format!("/_matrix/client/v3/directory/room/{}", enc(alias));
+        let answer = self.call(Method::GET, &path, None, None, &[]).await?;
+        answer
+            .get("room_id")
+            .and_then(Value::as_str)
+            .and_then(|id| RoomId::parse(id).ok())
+            .ok_or_else(|| bad(&path, "no room_id in the alias answer"))
+    }
+
     /// Creates a room as `user`. Rooms crew creates are never encrypted: agents cannot read
     /// encrypted rooms.
     pub async fn create_room(
@@ -376,6 +387,62 @@ impl MatrixClient {
             .and_then(Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| bad(path, "no content_uri in upload answer"))
+    }
+
+    /// Downloads an `mxc://` file as `user` through the authenticated media API (Matrix 1.11),
+    /// refusing more than `max_bytes` so a huge upload cannot fill memory. Returns the bytes and
+    /// the content type the homeserver gave.
+    pub async fn download(
+        &self,
+        user: &UserId,
+        mxc: &str,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, String), MatrixError> {
+        let (server, media_id) = mxc
+            .strip_prefix("mxc://")
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(server, id)| !server.is_empty() && !id.is_empty() && !id.contains('/'))
+            .ok_or_else(|| bad("media download", "not an mxc:// URI"))?;
+        let path = format!(
+            "/_matrix/client/v1/media/download/{}/{}",
+            enc(server),
+            enc(media_id)
+        );
+        let mut response = self
+            .http
+            .get(self.url(&path, Some(user), &[]))
+            .bearer_auth(self.as_token.expose())
+            .send()
+            .await
+            .map_err(|error| self.unreachable(error))?;
+        if !response.status().is_success() {
+            return Err(Self::answer(Method::GET, &path, response)
+                .await
+                .err()
+                .unwrap_or_else(|| bad(&path, "download failed")));
+        }
+        let too_big = || bad(&path, &format!("the file is larger than {max_bytes} bytes"));
+        if response.content_length().is_some_and(|len| len > max_bytes) {
+            return Err(too_big());
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|error| self.unreachable(error))?
+        {
+            if bytes.len() as u64 + chunk.len() as u64 > max_bytes {
+                return Err(too_big());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((bytes, content_type))
     }
 
     /// `POST /_matrix/client/v1/appservice/{id}/ping`: asks the homeserver to call us back. A

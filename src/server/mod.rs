@@ -75,6 +75,10 @@ pub struct Crew {
     pub links: crate::storage::links::Links,
     /// Task records, their folders, and the heartbeat's bookkeeping.
     pub tasks: crate::tasks::Tasks,
+    /// What agents' tools act on (the same services, handed to the agent module).
+    pub agents: Arc<crate::agent::services::AgentServices>,
+    /// Turn steps, so a turn re-run after a crash replays instead of repeating.
+    pub journal: crate::agent::journal::TurnJournal,
     /// Who wakes. A std mutex: dispatching is synchronous and never awaits under the lock.
     pub dispatcher: std::sync::Mutex<DispatchState>,
     pub history: SledHistory,
@@ -249,6 +253,17 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             }
         })?;
 
+    let agents = Arc::new(crate::agent::services::AgentServices {
+        client: client.clone(),
+        team: team.clone(),
+        tasks: tasks.clone(),
+        storage: storage.clone(),
+        links: links.clone(),
+        manager: manager.clone(),
+        manager_name: config.appservice.manager_display_name.clone(),
+        admins: config.admins.clone(),
+    });
+    let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
     let crew = Arc::new(Crew {
         config,
@@ -262,6 +277,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         storage: storage.clone(),
         links: links.clone(),
         tasks,
+        agents,
+        journal,
         dispatcher: std::sync::Mutex::new(DispatchState {
             dispatcher,
             roster_generation,

@@ -1,28 +1,37 @@
 //! Running agents' turns: one turn per agent at a time, fed from the durable wake queue.
 //!
 //! A turn takes every wake pending for its agent, so messages that arrive while it works are
-//! coalesced into its next turn, never dropped. A wake leaves the queue only after the turn
-//! that handled it has finished; after a crash the turn runs again and its sends, keyed by the
-//! waking event, are deduplicated by the homeserver.
+//! coalesced into its next turn, never dropped; a message for the agent in the room it is
+//! working in is delivered into the running turn at its next step instead, and an admin's
+//! "stop" (or `!crew stop`) ends the turn there. A wake leaves the queue only after the turn
+//! that handled it has finished; after a crash the turn runs again, replaying its journalled
+//! steps, and its sends, keyed by the waking event, are deduplicated by the homeserver.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use ruma::{OwnedRoomId, OwnedUserId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
 use super::Crew;
-use crate::agent::llm_turn::{self, Toolbox, TurnOutcome};
+use crate::agent::llm_turn::{
+    self, Between, Supervisor, Toolbox, TurnContext, TurnLimits, TurnOutcome,
+};
+use crate::agent::manager_tools::{self, ManagerTools};
+use crate::agent::registry::WorkerState;
 use crate::agent::turn::{WakingMessage, acknowledge};
+use crate::agent::worker_tools::WorkerTools;
+use crate::agent::workspace::Workspace;
 use crate::dispatch::DEPTH_KEY;
 use crate::dispatch::queue::{PendingWake, QueuedWake};
-use crate::llm::{LlmClient, Tool};
+use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
+use crate::storage::access::Role;
 
 /// The turn loop of one agent; ends when its queue is empty.
 pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
@@ -57,9 +66,15 @@ pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
             }
             continue;
         }
-        run_turn(&crew, &agent, &pending).await;
-        if let Err(error) = crew.queue.finish(&pending) {
+        let mut finished = pending.clone();
+        finished.extend(run_turn(&crew, &agent, &pending).await);
+        if let Err(error) = crew.queue.finish(&finished) {
             tracing::error!(%error, %agent, "cannot remove finished wakes");
+        }
+        for queued in &finished {
+            if let Err(error) = crew.journal.forget(&agent, event_id(&queued.wake.event)) {
+                tracing::error!(%error, "cannot clear the turn journal");
+            }
         }
         if let Err(error) = crew.store.flush().await {
             tracing::error!(%error, "cannot flush after a turn");
@@ -74,62 +89,62 @@ fn release(crew: &Crew, agent: &UserId) {
         .remove(agent);
 }
 
+fn event_id(event: &Value) -> &str {
+    event.get("event_id").and_then(Value::as_str).unwrap_or("")
+}
+
+fn sender_of(event: &Value) -> Option<OwnedUserId> {
+    event
+        .get("sender")
+        .and_then(Value::as_str)
+        .and_then(|id| UserId::parse(id).ok())
+}
+
+fn body_of(event: &Value) -> &str {
+    event
+        .pointer("/content/body")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
 /// One turn: typing on in every room involved, one answer per waking message, typing off.
+/// Returns the wakes it took in while running (delivered mid-turn or a stop), which are
+/// finished with it.
 #[tracing::instrument(skip_all, fields(agent = %agent, wakes = wakes.len()))]
-async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
+async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec<QueuedWake> {
     let rooms: BTreeSet<OwnedRoomId> = wakes.iter().map(|w| w.wake.room.clone()).collect();
     for room in &rooms {
         if let Err(error) = crew.client.typing(agent, room, true).await {
             tracing::debug!(%error, "cannot set typing");
         }
     }
+    let watch = TurnWatch {
+        crew: crew.clone(),
+        agent: agent.to_owned(),
+        known: Mutex::new(wakes.iter().map(|w| w.key.clone()).collect()),
+        adopted: Mutex::new(Vec::new()),
+    };
     for queued in wakes {
         let wake = &queued.wake;
-        let Some(sender) = wake
-            .event
-            .get("sender")
-            .and_then(Value::as_str)
-            .and_then(|id| UserId::parse(id).ok())
-        else {
+        let Some(sender) = sender_of(&wake.event) else {
             continue;
         };
-        let said_since = {
-            let mut state = crew
-                .dispatcher
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let missed = state.dispatcher.context.take(agent, &wake.room);
-            let waking = wake.event.get("event_id").and_then(Value::as_str);
-            let earlier: Vec<String> = missed
-                .messages
-                .iter()
-                .filter(|said| Some(said.event_id.as_str()) != waking)
-                .map(|said| format!("{}: {}", said.sender, said.body))
-                .collect();
-            // The waking message itself is in the buffer too; it is not "earlier".
-            (earlier.len() + missed.dropped as usize, earlier)
-        };
-        let also_mentioned: Vec<(OwnedUserId, String)> = wake
-            .event
-            .pointer("/content/m.mentions/user_ids")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| id.as_str().and_then(|id| UserId::parse(id).ok()))
-            .filter(|id| id != agent && *id != sender && crew.is_ours(id))
-            .map(|id| {
-                let name = super::pump::display_name(crew, &wake.room, &id);
-                (id, name)
-            })
-            .collect();
         let sender_name = super::pump::display_name(crew, &wake.room, &sender);
-        let event_id = wake
-            .event
-            .get("event_id")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let (context, said_since_count) = turn_context(crew, agent, wake, &sender, &sender_name);
+        let mut context = context;
+        // Files a person sends are saved before anything else, LLM or not.
+        if let Some(note) = incoming_workspace(crew, agent)
+            .save_incoming(&crew.client, agent, &wake.event)
+            .await
+        {
+            context.body.push_str(&format!("\n{note}"));
+        }
         let message = match crew.llm_base_url() {
             Some(base) => {
+                let supervisor = WakeSupervisor {
+                    watch: &watch,
+                    room: &wake.room,
+                };
                 llm_answer(
                     crew,
                     agent,
@@ -137,7 +152,8 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
                     wake,
                     &sender,
                     &sender_name,
-                    said_since.1,
+                    context,
+                    &supervisor,
                 )
                 .await
             }
@@ -147,15 +163,20 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
                     event: &wake.event,
                     sender: &sender,
                     sender_name: &sender_name,
-                    also_mentioned,
+                    also_mentioned: also_mentioned(crew, agent, &sender, wake),
                     depth: wake.depth,
-                    said_since: said_since.0,
+                    said_since: said_since_count,
                 })
             }
         };
         if let Err(error) = crew
             .client
-            .send(agent, &wake.room, &format!("turn:{event_id}"), &message)
+            .send(
+                agent,
+                &wake.room,
+                &format!("turn:{}", event_id(&wake.event)),
+                &message,
+            )
             .await
         {
             super::log_matrix_error("cannot answer in a turn", &error);
@@ -172,6 +193,251 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .entry(agent.to_owned())
         .or_default() += 1;
+    watch
+        .adopted
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Where files sent to `agent` are saved.
+fn incoming_workspace(crew: &Crew, agent: &UserId) -> Workspace {
+    let storage = crew.storage.clone();
+    match crew.team.registry.by_user(agent).ok().flatten() {
+        Some(worker) => Workspace::new(storage, &worker.name, Role::Worker, Vec::new()),
+        None => Workspace::new(storage, "manager", Role::Manager, Vec::new()),
+    }
+}
+
+/// Our other agents a message mentioned (the acknowledgement without an LLM loops them in).
+fn also_mentioned(
+    crew: &Crew,
+    agent: &UserId,
+    sender: &UserId,
+    wake: &PendingWake,
+) -> Vec<(OwnedUserId, String)> {
+    wake.event
+        .pointer("/content/m.mentions/user_ids")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().and_then(|id| UserId::parse(id).ok()))
+        .filter(|id| id != agent && *id != sender && crew.is_ours(id))
+        .map(|id| {
+            let name = super::pump::display_name(crew, &wake.room, &id);
+            (id, name)
+        })
+        .collect()
+}
+
+/// The context of one waking message (moving the agent's "said since" cursor), and how many
+/// messages were said since its last turn.
+fn turn_context(
+    crew: &Crew,
+    agent: &UserId,
+    wake: &PendingWake,
+    sender: &UserId,
+    sender_name: &str,
+) -> (TurnContext, usize) {
+    let (missed, recent) = {
+        let mut state = crew
+            .dispatcher
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let missed = state.dispatcher.context.take(agent, &wake.room);
+        let recent = state
+            .dispatcher
+            .context
+            .recent(&wake.room, llm_turn::RECENT_MESSAGES + 1);
+        (missed, recent)
+    };
+    TurnContext::assemble(
+        agent,
+        &missed,
+        &recent,
+        event_id(&wake.event),
+        |user| super::pump::display_name(crew, &wake.room, user),
+        format!("{sender_name} ({sender})"),
+        crate::dispatch::text::strip_quotes(body_of(&wake.event)).into_owned(),
+    )
+}
+
+/// What a running turn knows about the queue: the wakes it has taken (its own and those it
+/// adopted mid-turn).
+struct TurnWatch {
+    crew: Arc<Crew>,
+    agent: OwnedUserId,
+    known: Mutex<HashSet<Vec<u8>>>,
+    adopted: Mutex<Vec<QueuedWake>>,
+}
+
+/// The supervisor of one waking message's LLM run, in its room.
+struct WakeSupervisor<'a> {
+    watch: &'a TurnWatch,
+    room: &'a RoomId,
+}
+
+#[async_trait::async_trait]
+impl Supervisor for WakeSupervisor<'_> {
+    async fn between_steps(&self) -> Between {
+        let crew = &self.watch.crew;
+        let agent = &self.watch.agent;
+        let worker = crew.team.registry.by_user(agent).ok().flatten();
+        if let Some(worker) = &worker
+            && worker.state != WorkerState::Active
+        {
+            return Between::Stop {
+                by: "an admin (the Worker was stopped)".to_owned(),
+            };
+        }
+        let display = worker
+            .map(|worker| worker.display_name)
+            .unwrap_or_else(|| crew.config.appservice.manager_display_name.clone());
+        let names = [agent.as_str(), display.as_str(), agent.localpart()];
+        let pending = match crew.queue.pending_for(agent) {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the wake queue mid-turn");
+                return Between::Continue(Vec::new());
+            }
+        };
+        let mut known = self
+            .watch
+            .known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut adopted = self
+            .watch
+            .adopted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut said = Vec::new();
+        for queued in pending {
+            if known.contains(&queued.key) {
+                continue;
+            }
+            let Some(sender) = sender_of(&queued.wake.event) else {
+                continue;
+            };
+            let body =
+                crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
+            let name = super::pump::display_name(crew, &queued.wake.room, &sender);
+            if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
+                known.insert(queued.key.clone());
+                adopted.push(queued);
+                return Between::Stop {
+                    by: format!("{name} ({sender})"),
+                };
+            }
+            if queued.wake.room == self.room {
+                known.insert(queued.key.clone());
+                adopted.push(queued);
+                said.push(format!(
+                    "{name} ({sender}) wrote to you while you were working:\n{body}"
+                ));
+            }
+        }
+        Between::Continue(said)
+    }
+}
+
+/// The answer of an LLM-driven turn to one waking message (or, when the LLM fails, a notice
+/// that says what went wrong).
+#[allow(clippy::too_many_arguments)]
+async fn llm_answer(
+    crew: &Arc<Crew>,
+    agent: &UserId,
+    base: &url::Url,
+    wake: &PendingWake,
+    sender: &UserId,
+    sender_name: &str,
+    context: TurnContext,
+    supervisor: &WakeSupervisor<'_>,
+) -> OutgoingMessage {
+    let reply = |text: String, notice: bool| {
+        let message = if notice {
+            OutgoingMessage::notice(text)
+        } else {
+            OutgoingMessage::text(text)
+        };
+        message
+            .mention(sender.to_owned(), sender_name)
+            .reply_to(ReplyTo::event(&wake.event))
+            .with_field(DEPTH_KEY, Value::from(wake.depth + 1))
+    };
+    let token = match crew.gateway.consumer_token(agent.localpart()).await {
+        Ok(token) => token,
+        Err(error) => return reply(format!("I cannot get my gateway token: {error}"), true),
+    };
+    let llm = match LlmClient::new(base, token, crew.config.llm.clone()) {
+        Ok(llm) => llm,
+        Err(error) => return reply(format!("My LLM is not usable: {error}"), true),
+    };
+    let services = crew.agents.clone();
+    let (system, toolbox, model): (String, Box<dyn Toolbox>, String) = if *agent == crew.manager {
+        (
+            manager_tools::persona(&services.manager_name),
+            Box::new(ManagerTools::new(
+                services,
+                sender.to_owned(),
+                wake.room.clone(),
+                wake.depth,
+            )),
+            crew.config.llm.model.clone(),
+        )
+    } else {
+        match crew.team.registry.by_user(agent).ok().flatten() {
+            Some(worker) => {
+                let model = worker
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| crew.config.llm.model.clone());
+                let tools = WorkerTools::new(services, worker, wake.room.clone(), wake.depth);
+                (tools.persona().await, Box::new(tools), model)
+            }
+            None => return reply(format!("{agent} is not an agent of this crew."), true),
+        }
+    };
+    let limits = TurnLimits {
+        max_steps: crew.config.llm.max_tool_steps,
+        max_tokens: crew.config.llm.max_turn_tokens,
+    };
+    let journal = crew.journal.for_wake(agent, event_id(&wake.event));
+    let conversation = llm_turn::conversation(&context);
+    let turn = llm_turn::Turn {
+        llm: &llm,
+        model: &model,
+        limits,
+        toolbox: toolbox.as_ref(),
+        supervisor,
+        journal: &journal,
+    };
+    match llm_turn::run(turn, system, conversation).await {
+        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => reply(text, false),
+        Ok(TurnOutcome::Answer(_)) => reply("(I have nothing to add.)".into(), true),
+        Ok(outcome) => reply(outcome.notice().unwrap_or_default(), true),
+        Err(error) => reply(format!("I could not finish this: {error}"), true),
+    }
+}
+
+/// Says once per room that no LLM is configured, and what to configure.
+async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
+    let Ok(noted) = crew.store.tree::<String, bool>("llm_missing_noted") else {
+        return;
+    };
+    if !matches!(noted.insert_new(&room.to_string(), &true), Ok(true)) {
+        return;
+    }
+    let notice = OutgoingMessage::notice(format!(
+        "No LLM is configured yet, so I can only acknowledge messages. Add a `[[gateway.routes]]` named `{}` with your provider's base URL and key (see config/crew.example.toml), then restart crew. `!crew help` works meanwhile.",
+        crew.config.llm.route
+    ));
+    if let Err(error) = crew
+        .client
+        .send(agent, room, &format!("llm-missing:{room}"), &notice)
+        .await
+    {
+        super::log_matrix_error("cannot say that no LLM is configured", &error);
+    }
 }
 
 /// What `crew share` asks for.
@@ -224,11 +490,13 @@ async fn share(
     }
 }
 
-/// `/dispatch/why/{event_id}` (the dispatcher's reasons) and `/dispatch/turns` (turns per agent).
+/// `/dispatch/why/{event_id}` (the dispatcher's reasons), `/dispatch/turns` (turns per agent)
+/// and `/dispatch/queue` (wakes not yet answered, per agent).
 pub(super) fn admin_router(crew: Arc<Crew>) -> axum::Router {
     axum::Router::new()
         .route("/why/{event_id}", get(why))
         .route("/turns", get(turns))
+        .route("/queue", get(queue))
         .with_state(crew)
 }
 
@@ -258,423 +526,26 @@ async fn turns(State(crew): State<Arc<Crew>>) -> Response {
     axum::Json(turns).into_response()
 }
 
-/// The answer of an LLM-driven turn to one waking message (or, when the LLM fails, a notice
-/// that says what went wrong).
-async fn llm_answer(
-    crew: &Arc<Crew>,
-    agent: &UserId,
-    base: &url::Url,
-    wake: &PendingWake,
-    sender: &UserId,
-    sender_name: &str,
-    earlier: Vec<String>,
-) -> OutgoingMessage {
-    let body = wake
-        .event
-        .pointer("/content/body")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let conversation = llm_turn::conversation(&earlier, &format!("{sender_name} ({sender})"), body);
-    let reply = |text: String, notice: bool| {
-        let message = if notice {
-            OutgoingMessage::notice(text)
-        } else {
-            OutgoingMessage::text(text)
-        };
-        message
-            .mention(sender.to_owned(), sender_name)
-            .reply_to(ReplyTo::event(&wake.event))
-            .with_field(DEPTH_KEY, Value::from(wake.depth + 1))
-    };
-    let token = match crew.gateway.consumer_token(agent.localpart()).await {
-        Ok(token) => token,
-        Err(error) => return reply(format!("I cannot get my gateway token: {error}"), true),
-    };
-    let llm = match LlmClient::new(base, token, crew.config.llm.clone()) {
-        Ok(llm) => llm,
-        Err(error) => return reply(format!("My LLM is not usable: {error}"), true),
-    };
-    let (system, toolbox): (String, Box<dyn Toolbox>) = if *agent == crew.manager {
-        (
-            manager_persona(crew),
-            Box::new(ManagerTools {
-                crew: crew.clone(),
-                requester: sender.to_owned(),
-                depth: wake.depth,
-            }),
-        )
-    } else {
-        match crew.team.registry.by_user(agent).ok().flatten() {
-            Some(worker) => (
-                format!(
-                    "You are {}, a Worker agent in a Matrix team led by the Manager. Your role: {}. \
-                     Work on your tasks with your task tools and answer briefly and concretely.",
-                    worker.display_name, worker.role
-                ),
-                Box::new(WorkerTools {
-                    crew: crew.clone(),
-                    worker,
-                }),
-            ),
-            None => (
-                format!("You are {}, an agent in a Matrix team.", agent.localpart()),
-                Box::new(NoTools),
-            ),
+async fn queue(State(crew): State<Arc<Crew>>) -> Response {
+    let agents = match crew.queue.agents_with_pending() {
+        Ok(agents) => agents,
+        Err(error) => {
+            return crate::admin::error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error.to_string(),
+            );
         }
     };
-    let model = crew.config.llm.model.clone();
-    match llm_turn::run(&llm, &model, system, conversation, toolbox.as_ref()).await {
-        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => reply(text, false),
-        Ok(TurnOutcome::Answer(_)) => reply("(I have nothing to add.)".into(), true),
-        Ok(TurnOutcome::StepLimit) => reply(
-            format!(
-                "I stopped after {} rounds of tool calls without an answer; tell me how to continue.",
-                llm_turn::MAX_TOOL_STEPS
-            ),
-            true,
-        ),
-        Err(error) => reply(format!("I could not finish this: {error}"), true),
+    let mut pending = serde_json::Map::new();
+    for agent in agents {
+        let events: Vec<Value> = crew
+            .queue
+            .pending_for(&agent)
+            .unwrap_or_default()
+            .iter()
+            .map(|queued| Value::from(event_id(&queued.wake.event)))
+            .collect();
+        pending.insert(agent.to_string(), Value::Array(events));
     }
-}
-
-fn manager_persona(crew: &Crew) -> String {
-    format!(
-        "You are {}, the Manager of a team of AI agents that live in Matrix rooms. \
-         You create Workers when asked (tool create_worker), list them (tool list_workers), \
-         and answer briefly. After creating a Worker, tell the person its name and remind them \
-         to @-mention it in its room.",
-        crew.config.appservice.manager_display_name
-    )
-}
-
-/// The Manager's tools.
-struct ManagerTools {
-    crew: Arc<Crew>,
-    /// The person whose message started the turn (invited into new Workers' rooms).
-    requester: OwnedUserId,
-    /// Depth of the wake this turn handles; what the Manager says wakes others one deeper.
-    depth: u32,
-}
-
-#[derive(serde::Deserialize)]
-struct AssignTaskArgs {
-    worker: String,
-    title: String,
-    #[serde(default)]
-    spec: String,
-}
-
-#[derive(serde::Deserialize)]
-struct TaskNoteArgs {
-    task: String,
-    #[serde(alias = "note", alias = "result", alias = "question")]
-    text: String,
-}
-
-#[derive(serde::Deserialize)]
-struct CreateWorkerArgs {
-    name: String,
-    #[serde(default)]
-    role: String,
-}
-
-#[async_trait::async_trait]
-impl Toolbox for ManagerTools {
-    fn tools(&self) -> Vec<Tool> {
-        vec![
-            Tool::function(
-                "create_worker",
-                "Create a Worker agent (or return the existing one of that name) with its own room.",
-                serde_json::json!({
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string", "description": "lowercase name, e.g. alice"},
-                        "role": {"type": "string", "description": "what the worker is for"}
-                    },
-                    "required": ["name"]
-                }),
-            ),
-            Tool::function(
-                "list_workers",
-                "List every Worker with its state and role.",
-                serde_json::json!({"type": "object", "properties": {}}),
-            ),
-            Tool::function(
-                "assign_task",
-                "Give a Worker a task: records it, writes tasks/<id>/spec.md, and mentions the Worker in its room.",
-                serde_json::json!({
-                    "type": "object",
-                    "properties": {
-                        "worker": {"type": "string", "description": "the Worker's name"},
-                        "title": {"type": "string", "description": "one line"},
-                        "spec": {"type": "string", "description": "what to do, in Markdown"}
-                    },
-                    "required": ["worker", "title"]
-                }),
-            ),
-            Tool::function(
-                "list_tasks",
-                "List the open tasks with their state and assignee.",
-                serde_json::json!({"type": "object", "properties": {}}),
-            ),
-        ]
-    }
-
-    async fn call(&self, name: &str, arguments: &str) -> String {
-        match name {
-            "create_worker" => {
-                let args: CreateWorkerArgs = match serde_json::from_str(arguments) {
-                    Ok(args) => args,
-                    Err(error) => return format!("error: arguments are not valid: {error}"),
-                };
-                match self
-                    .crew
-                    .team
-                    .provision(&args.name, &args.role, &self.requester)
-                    .await
-                {
-                    Ok(created) => serde_json::json!({
-                        "created": created.created,
-                        "name": created.worker.name,
-                        "user_id": created.worker.user_id,
-                        "room": created.worker.room,
-                    })
-                    .to_string(),
-                    Err(error) => {
-                        tracing::warn!(%error, "create_worker failed");
-                        format!("error: {error}")
-                    }
-                }
-            }
-            "list_workers" => match self.crew.team.registry.list() {
-                Ok(workers) => serde_json::to_string(&workers).unwrap_or_default(),
-                Err(error) => format!("error: {error}"),
-            },
-            "assign_task" => {
-                let args: AssignTaskArgs = match serde_json::from_str(arguments) {
-                    Ok(args) => args,
-                    Err(error) => return format!("error: arguments are not valid: {error}"),
-                };
-                match assign_task(&self.crew, &self.requester, &args, self.depth).await {
-                    Ok(task) => serde_json::json!({ "task": task.id, "spec": format!("tasks/{}/spec.md", task.id) }).to_string(),
-                    Err(error) => {
-                        tracing::warn!(%error, "assign_task failed");
-                        format!("error: {error}")
-                    }
-                }
-            }
-            "list_tasks" => match self.crew.tasks.list(&crate::tasks::TaskFilter::open()) {
-                Ok(tasks) => serde_json::to_string(&tasks).unwrap_or_default(),
-                Err(error) => format!("error: {error}"),
-            },
-            other => format!("error: there is no tool named {other}"),
-        }
-    }
-}
-
-/// Records a task, writes its spec and mentions the Worker about it in the Worker's room.
-async fn assign_task(
-    crew: &Crew,
-    requester: &UserId,
-    args: &AssignTaskArgs,
-    depth: u32,
-) -> Result<crate::tasks::Task, String> {
-    let worker = crew
-        .team
-        .registry
-        .get(&args.worker)
-        .map_err(|error| error.to_string())?
-        .ok_or_else(|| format!("there is no worker named {}; create it first", args.worker))?;
-    let room = worker.room.clone().ok_or_else(|| {
-        format!(
-            "{} has no room yet; create the worker again to give it one",
-            worker.name
-        )
-    })?;
-    let task = crew
-        .tasks
-        .create(
-            &args.title,
-            &worker.name,
-            requester.to_owned(),
-            Some(room.clone()),
-            &args.spec,
-            crate::clock::now_ms(),
-        )
-        .await
-        .map_err(|error| error.to_string())?;
-    let message = OutgoingMessage::text(format!(
-        "{}: new task **{}**: {}. The spec is in `tasks/{}/spec.md`; report progress on it and complete it with your task tools.",
-        worker.user_id, task.id, task.title, task.id
-    ))
-    .mention(worker.user_id.clone(), worker.display_name.clone())
-    .with_field(DEPTH_KEY, Value::from(depth + 1));
-    crew.client
-        .send(
-            &crew.manager,
-            &room,
-            &format!("assign:{}", task.id),
-            &message,
-        )
-        .await
-        .map_err(|error| error.to_string())?;
-    Ok(task)
-}
-
-/// A Worker's tools: its tasks.
-struct WorkerTools {
-    crew: Arc<Crew>,
-    worker: crate::agent::registry::Worker,
-}
-
-#[async_trait::async_trait]
-impl Toolbox for WorkerTools {
-    fn tools(&self) -> Vec<Tool> {
-        let task_text = |what: &str| {
-            serde_json::json!({
-                "type": "object",
-                "properties": {
-                    "task": {"type": "string", "description": "the task id, e.g. t-1"},
-                    "text": {"type": "string", "description": what}
-                },
-                "required": ["task", "text"]
-            })
-        };
-        vec![
-            Tool::function(
-                "task_progress",
-                "Record progress on one of your tasks.",
-                task_text("what you did"),
-            ),
-            Tool::function(
-                "complete_task",
-                "Complete one of your tasks with its result (saved as result.md).",
-                task_text("the result, in Markdown"),
-            ),
-            Tool::function(
-                "block_task",
-                "Mark one of your tasks blocked with a question for the Manager and the person.",
-                task_text("your question"),
-            ),
-        ]
-    }
-
-    async fn call(&self, name: &str, arguments: &str) -> String {
-        let args: TaskNoteArgs = match serde_json::from_str(arguments) {
-            Ok(args) => args,
-            Err(error) => return format!("error: arguments are not valid: {error}"),
-        };
-        let task = match self.crew.tasks.get(&args.task) {
-            Ok(task) if task.assignee == self.worker.name => task,
-            Ok(task) => {
-                return format!(
-                    "error: {} is assigned to {}, not to you",
-                    task.id, task.assignee
-                );
-            }
-            Err(error) => return format!("error: {error}"),
-        };
-        let now = crate::clock::now_ms();
-        let outcome = match name {
-            "task_progress" => self.crew.tasks.progress(&task.id, &args.text, now).await,
-            "complete_task" => self.crew.tasks.complete(&task.id, &args.text, now).await,
-            "block_task" => self.crew.tasks.block(&task.id, &args.text, now),
-            other => return format!("error: there is no tool named {other}"),
-        };
-        match outcome {
-            Ok(task) => {
-                if matches!(name, "complete_task" | "block_task") {
-                    report_to_requester(&self.crew, &self.worker, &task).await;
-                }
-                serde_json::json!({ "task": task.id, "state": task.state }).to_string()
-            }
-            Err(error) => format!("error: {error}"),
-        }
-    }
-}
-
-/// Tells the person who asked for a task (and the Manager) that it finished or blocked.
-async fn report_to_requester(
-    crew: &Crew,
-    worker: &crate::agent::registry::Worker,
-    task: &crate::tasks::Task,
-) {
-    let Some(room) = &task.room else { return };
-    let text = match &task.blocked_question {
-        Some(question) if task.state == crate::tasks::TaskState::Blocked => format!(
-            "{} {}: task **{}** is blocked: {}",
-            task.requester, crew.manager, task.id, question
-        ),
-        _ => format!(
-            "{} {}: task **{}** ({}) is done. The result is in `tasks/{}/result.md`.",
-            task.requester, crew.manager, task.id, task.title, task.id
-        ),
-    };
-    let requester_name = task.requester.localpart().to_owned();
-    let message = OutgoingMessage::notice(text)
-        .mention(task.requester.clone(), requester_name)
-        .mention(
-            crew.manager.clone(),
-            crew.config.appservice.manager_display_name.clone(),
-        );
-    let key = format!("report:{}:{:?}", task.id, task.state);
-    if let Err(error) = crew
-        .client
-        .send(&worker.user_id, room, &key, &message)
-        .await
-    {
-        super::log_matrix_error("cannot report a task", &error);
-        return;
-    }
-    if task.state == crate::tasks::TaskState::Done {
-        let result = format!("tasks/{}/result.md", task.id);
-        if let Err(error) = crate::agent::files::share(
-            &crew.storage,
-            &crew.links,
-            &crew.client,
-            &worker.user_id,
-            room,
-            &result,
-            false,
-        )
-        .await
-        {
-            tracing::warn!(%error, "cannot share a task result");
-        }
-    }
-}
-
-/// Workers have no tools yet.
-struct NoTools;
-
-#[async_trait::async_trait]
-impl Toolbox for NoTools {
-    fn tools(&self) -> Vec<Tool> {
-        Vec::new()
-    }
-
-    async fn call(&self, name: &str, _arguments: &str) -> String {
-        format!("error: there is no tool named {name}")
-    }
-}
-
-/// Says once per room that no LLM is configured, and what to configure.
-async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
-    let Ok(noted) = crew.store.tree::<String, bool>("llm_missing_noted") else {
-        return;
-    };
-    if !matches!(noted.insert_new(&room.to_string(), &true), Ok(true)) {
-        return;
-    }
-    let notice = OutgoingMessage::notice(format!(
-        "No LLM is configured yet, so I can only acknowledge messages. Add a `[[gateway.routes]]` named `{}` with your provider's base URL and key (see config/crew.example.toml), then restart crew. `!crew help` works meanwhile.",
-        crew.config.llm.route
-    ));
-    if let Err(error) = crew
-        .client
-        .send(agent, room, &format!("llm-missing:{room}"), &notice)
-        .await
-    {
-        super::log_matrix_error("cannot say that no LLM is configured", &error);
-    }
+    axum::Json(Value::Object(pending)).into_response()
 }

@@ -153,6 +153,40 @@ impl CrewEnv {
         (output.status.success(), text)
     }
 
+    /// `GET` on crew's loopback admin API (with the token from the data directory); `None`
+    /// while crew is not answering or answers an error.
+    pub async fn admin_api(&self, path: &str) -> Option<serde_json::Value> {
+        let token = std::fs::read_to_string(self.data_dir.join("admin.token")).ok()?;
+        let response = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}{path}", self.admin_port))
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
+    /// Waits until `event_id` is queued for `agent` (a message for a busy agent has reached
+    /// crew's durable wake queue).
+    pub async fn wait_queued(&self, agent: &str, event_id: &str) {
+        tools::wait_for(
+            "the message in the agent's wake queue",
+            Duration::from_secs(30),
+            || async {
+                let queue = self.admin_api("/dispatch/queue").await?;
+                queue[agent]
+                    .as_array()?
+                    .iter()
+                    .any(|queued| queued == event_id)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Everything crew logged in every run so far.
     pub fn all_logs(&self) -> String {
         let mut text = String::new();

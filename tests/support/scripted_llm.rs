@@ -339,6 +339,24 @@ pub fn last_user_text(body: &Value) -> String {
         .to_owned()
 }
 
+/// The message that woke the agent in a turn's request: what follows crew's
+/// "Message for you from …:" line in the first user message (the rest of that message is the
+/// room's context, which must not steer matchers).
+pub fn waking_text(body: &Value) -> String {
+    let first = body["messages"]
+        .as_array()
+        .and_then(|messages| messages.iter().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default();
+    match first.rfind("Message for you from ") {
+        Some(at) => first[at..]
+            .split_once('\n')
+            .map(|(_, text)| text.to_owned())
+            .unwrap_or_default(),
+        None => first.to_owned(),
+    }
+}
+
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024)

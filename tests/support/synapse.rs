@@ -172,6 +172,26 @@ impl TestUser {
         value
     }
 
+    /// Uploads `bytes` to the media repository; returns the `mxc://` URI.
+    pub async fn upload(&self, bytes: Vec<u8>, content_type: &str, filename: &str) -> String {
+        let response = self
+            .http
+            .post(format!(
+                "{}/_matrix/media/v3/upload?filename={}",
+                self.url,
+                enc(filename)
+            ))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "upload failed");
+        let answer: Value = response.json().await.unwrap();
+        answer["content_uri"].as_str().unwrap().to_owned()
+    }
+
     /// Creates an unencrypted group room and invites `invite`.
     pub async fn create_room(&self, name: &str, invite: &[&str]) -> String {
         let answer = self

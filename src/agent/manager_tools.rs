@@ -1,0 +1,484 @@
+//! The Manager's tools: the team (create, list, change, stop, start, remove, invite Workers)
+//! and the tasks (assign, list, cancel), plus the files, which the Manager may all read.
+//!
+//! Changes that take something away (stop, remove, cancel, re-role) are for admins only, checked
+//! here in code whatever the model decides. Every tool answers the model in JSON or with an
+//! `error: …` line it can relay.
+
+use std::sync::Arc;
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::llm_turn::Toolbox;
+use super::registry::WorkerState;
+use super::services::AgentServices;
+use super::workspace::Workspace;
+use crate::dispatch::DEPTH_KEY;
+use crate::llm::Tool;
+use crate::matrix::OutgoingMessage;
+use crate::storage::access::Role;
+use crate::tasks::{Schedule, Task, TaskFilter};
+
+/// The Manager's tools for one turn.
+pub struct ManagerTools {
+    services: Arc<AgentServices>,
+    /// The person whose message started the turn (invited into new Workers' rooms).
+    requester: OwnedUserId,
+    /// The room the turn runs in ("invite alice here").
+    room: OwnedRoomId,
+    /// Depth of the wake this turn handles; what the Manager says wakes others one deeper.
+    depth: u32,
+    files: Workspace,
+}
+
+impl ManagerTools {
+    pub fn new(
+        services: Arc<AgentServices>,
+        requester: OwnedUserId,
+        room: OwnedRoomId,
+        depth: u32,
+    ) -> Self {
+        let files = Workspace::new(
+            services.storage.clone(),
+            "manager",
+            Role::Manager,
+            Vec::new(),
+        );
+        Self {
+            services,
+            requester,
+            room,
+            depth,
+            files,
+        }
+    }
+
+    fn admin_only(&self, what: &str) -> Option<String> {
+        (!self.services.is_admin(&self.requester)).then(|| {
+            format!(
+                "error: only the crew's admins may {what}; {} is not one. Tell them politely.",
+                self.requester
+            )
+        })
+    }
+}
+
+/// The Manager's system prompt: who it is, what it can do, and how to onboard a new person.
+pub fn persona(manager_name: &str) -> String {
+    format!(
+        "You are {manager_name}, the Manager of a team of AI agents that live in Matrix rooms. \
+         A person commands the team from any Matrix client by talking to you.\n\
+         What you do, with your tools:\n\
+         - create Workers (create_worker; each gets its own room \"Worker: <Name>\" with the person invited), \
+         list them (list_workers), change their role or model (update_worker), stop, start or remove them, \
+         and invite them into other rooms (invite_worker);\n\
+         - assign tasks (assign_task writes tasks/<id>/spec.md and mentions the Worker; `every` makes it \
+         recurring with a cron expression), list and cancel them;\n\
+         - read and write the shared files (list_files, read_file, write_file). Refer to files by path; \
+         never paste a whole file into the chat.\n\
+         If the person is new or asks what you can do, explain this in three or four short lines and \
+         suggest a first step, e.g. \"create a worker named alice for frontend development\". \
+         In group rooms agents wake only when mentioned, so remind people to @-mention the Worker they want. \
+         Answer briefly; after a tool call, say what was done."
+    )
+}
+
+#[derive(Deserialize)]
+struct NameArgs {
+    name: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AssignArgs {
+    worker: String,
+    title: String,
+    #[serde(default)]
+    spec: String,
+    /// A cron expression for a recurring task.
+    #[serde(default)]
+    every: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InviteArgs {
+    worker: String,
+    #[serde(default)]
+    room: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TaskArgs {
+    task: String,
+}
+
+fn object(properties: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": properties, "required": required})
+}
+
+fn parse<T: serde::de::DeserializeOwned>(arguments: &str) -> Result<T, String> {
+    serde_json::from_str(arguments)
+        .map_err(|error| format!("error: arguments are not valid: {error}"))
+}
+
+#[async_trait::async_trait]
+impl Toolbox for ManagerTools {
+    fn tools(&self) -> Vec<Tool> {
+        let name = json!({"type": "string", "description": "the Worker's name, e.g. alice"});
+        let mut tools = vec![
+            Tool::function(
+                "create_worker",
+                "Create a Worker agent (or return the existing one of that name) with its own room.",
+                object(
+                    json!({"name": {"type": "string", "description": "lowercase name, e.g. alice"},
+                           "role": {"type": "string", "description": "what the worker is for"}}),
+                    &["name"],
+                ),
+            ),
+            Tool::function(
+                "list_workers",
+                "List every Worker with its state, role, model and room.",
+                object(json!({}), &[]),
+            ),
+            Tool::function(
+                "update_worker",
+                "Change a Worker's role and/or model (admins only).",
+                object(
+                    json!({"name": name, "role": {"type": "string"}, "model": {"type": "string"}}),
+                    &["name"],
+                ),
+            ),
+            Tool::function(
+                "stop_worker",
+                "Stop a Worker: it wakes for nothing, its data stays (admins only).",
+                object(json!({"name": name}), &["name"]),
+            ),
+            Tool::function(
+                "start_worker",
+                "Start a stopped Worker again (admins only).",
+                object(json!({"name": name}), &["name"]),
+            ),
+            Tool::function(
+                "remove_worker",
+                "Remove a Worker: revokes its token and it leaves its rooms; files and history stay (admins only).",
+                object(json!({"name": name}), &["name"]),
+            ),
+            Tool::function(
+                "invite_worker",
+                "Invite a Worker into a room: this room when no room is given, else a room id (!…) or alias (#…) where you are a member.",
+                object(
+                    json!({"worker": name, "room": {"type": "string", "description": "room id or alias; empty for this room"}}),
+                    &["worker"],
+                ),
+            ),
+            Tool::function(
+                "assign_task",
+                "Give a Worker a task: records it, writes tasks/<id>/spec.md, and mentions the Worker in its room.",
+                object(
+                    json!({
+                        "worker": name,
+                        "title": {"type": "string", "description": "one line"},
+                        "spec": {"type": "string", "description": "what to do, in Markdown"},
+                        "every": {"type": "string", "description": "optional cron expression (minute hour day month weekday) to repeat the task, e.g. `0 9 * * mon-fri`"},
+                        "timezone": {"type": "string", "description": "IANA zone for `every`, default UTC"}
+                    }),
+                    &["worker", "title"],
+                ),
+            ),
+            Tool::function(
+                "list_tasks",
+                "List the open tasks with their state and assignee.",
+                object(json!({}), &[]),
+            ),
+            Tool::function(
+                "cancel_task",
+                "Cancel a task (admins only).",
+                object(json!({"task": {"type": "string"}}), &["task"]),
+            ),
+        ];
+        tools.extend(self.files.tools());
+        tools
+    }
+
+    async fn call(&self, name: &str, arguments: &str) -> String {
+        let outcome = match name {
+            "create_worker" => self.create_worker(arguments).await,
+            "list_workers" => self
+                .services
+                .team
+                .registry
+                .list()
+                .map(|workers| json!(workers).to_string())
+                .map_err(|error| format!("error: {error}")),
+            "update_worker" => self.update_worker(arguments),
+            "stop_worker" | "start_worker" => self.set_state(name, arguments),
+            "remove_worker" => self.remove_worker(arguments).await,
+            "invite_worker" => self.invite_worker(arguments).await,
+            "assign_task" => self.assign_task(arguments).await,
+            "list_tasks" => self
+                .services
+                .tasks
+                .list(&TaskFilter::open())
+                .map(|tasks| json!(tasks).to_string())
+                .map_err(|error| format!("error: {error}")),
+            "cancel_task" => self.cancel_task(arguments),
+            other => {
+                let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+                match self.files.call(other, &arguments).await {
+                    Some(answer) => Ok(answer),
+                    None => Err(format!("error: there is no tool named {other}")),
+                }
+            }
+        };
+        outcome.unwrap_or_else(|error| error)
+    }
+}
+
+impl ManagerTools {
+    async fn create_worker(&self, arguments: &str) -> Result<String, String> {
+        let args: NameArgs = parse(arguments)?;
+        let role = args.role.unwrap_or_default();
+        let created = self
+            .services
+            .team
+            .provision(&args.name, &role, &self.requester)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "create_worker failed");
+                format!("error: {error}")
+            })?;
+        Ok(json!({
+            "created": created.created,
+            "name": created.worker.name,
+            "user_id": created.worker.user_id,
+            "room": created.worker.room,
+        })
+        .to_string())
+    }
+
+    fn update_worker(&self, arguments: &str) -> Result<String, String> {
+        if let Some(refusal) = self.admin_only("change a Worker") {
+            return Err(refusal);
+        }
+        let args: NameArgs = parse(arguments)?;
+        let worker = self
+            .services
+            .team
+            .registry
+            .update(&args.name, |worker| {
+                if let Some(role) = args.role.as_ref().filter(|role| !role.trim().is_empty()) {
+                    worker.role = role.trim().to_owned();
+                }
+                if let Some(model) = args.model.as_ref() {
+                    let model = model.trim();
+                    worker.model = (!model.is_empty()).then(|| model.to_owned());
+                }
+            })
+            .map_err(|error| format!("error: {error}"))?;
+        Ok(json!({"name": worker.name, "role": worker.role, "model": worker.model}).to_string())
+    }
+
+    fn set_state(&self, tool: &str, arguments: &str) -> Result<String, String> {
+        let (state, verb) = if tool == "stop_worker" {
+            (WorkerState::Stopped, "stop")
+        } else {
+            (WorkerState::Active, "start")
+        };
+        if let Some(refusal) = self.admin_only(&format!("{verb} Workers")) {
+            return Err(refusal);
+        }
+        let args: NameArgs = parse(arguments)?;
+        Ok(super::commands::set_state(
+            &self.services.team.registry,
+            &args.name,
+            state,
+        ))
+    }
+
+    async fn remove_worker(&self, arguments: &str) -> Result<String, String> {
+        if let Some(refusal) = self.admin_only("remove Workers") {
+            return Err(refusal);
+        }
+        let args: NameArgs = parse(arguments)?;
+        let worker = self
+            .services
+            .team
+            .remove(&args.name)
+            .await
+            .map_err(|error| format!("error: {error}"))?;
+        Ok(format!(
+            "removed {}: token revoked, left its rooms; files and history stay",
+            worker.name
+        ))
+    }
+
+    async fn invite_worker(&self, arguments: &str) -> Result<String, String> {
+        let args: InviteArgs = parse(arguments)?;
+        let services = &self.services;
+        let worker = services
+            .team
+            .registry
+            .get(&args.worker)
+            .map_err(|error| format!("error: {error}"))?
+            .ok_or_else(|| format!("error: there is no worker named {}", args.worker))?;
+        if worker.state == WorkerState::Removed {
+            return Err(format!(
+                "error: {} was removed; create it again first",
+                worker.name
+            ));
+        }
+        let room = match args
+            .room
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+        {
+            None => self.room.clone(),
+            Some(alias) if alias.starts_with('#') => services
+                .client
+                .resolve_alias(alias)
+                .await
+                .map_err(|error| format!("error: cannot find the room {alias}: {error}"))?,
+            Some(id) => RoomId::parse(id).map_err(|_| {
+                format!("error: `{id}` is neither a room id (!…) nor an alias (#…)")
+            })?,
+        };
+        let joined = services
+            .client
+            .joined_rooms(&services.manager)
+            .await
+            .map_err(|error| format!("error: {error}"))?;
+        if !joined.contains(&room) {
+            return Err(format!(
+                "error: I am not in {room}, so I cannot invite anyone there. Ask the person to invite me, or to invite {} directly (it accepts invites from them).",
+                worker.user_id
+            ));
+        }
+        match services
+            .client
+            .invite(&services.manager, &room, &worker.user_id)
+            .await
+        {
+            Ok(()) => Ok(json!({"invited": worker.user_id, "room": room}).to_string()),
+            // Already in the room (or invited): nothing to do.
+            Err(error)
+                if error.errcode() == Some("M_FORBIDDEN")
+                    && error.to_string().contains("already") =>
+            {
+                Ok(
+                    json!({"invited": worker.user_id, "room": room, "already_member": true})
+                        .to_string(),
+                )
+            }
+            Err(error) => Err(format!("error: {error}")),
+        }
+    }
+
+    async fn assign_task(&self, arguments: &str) -> Result<String, String> {
+        let args: AssignArgs = parse(arguments)?;
+        let schedule = match args
+            .every
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            Some(cron) => Some(
+                Schedule::parse(cron, args.timezone.as_deref().unwrap_or("UTC"))
+                    .map_err(|error| format!("error: {error}"))?,
+            ),
+            None => None,
+        };
+        let task = assign_task(
+            &self.services,
+            &self.requester,
+            &args.worker,
+            &args.title,
+            &args.spec,
+            self.depth,
+        )
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "assign_task failed");
+            format!("error: {error}")
+        })?;
+        if let Some(schedule) = schedule {
+            self.services
+                .tasks
+                .set_schedule(&task.id, Some(schedule), crate::clock::now_ms())
+                .map_err(|error| format!("error: {error}"))?;
+        }
+        Ok(json!({ "task": task.id, "spec": format!("tasks/{}/spec.md", task.id), "recurring": args.every }).to_string())
+    }
+
+    fn cancel_task(&self, arguments: &str) -> Result<String, String> {
+        if let Some(refusal) = self.admin_only("cancel tasks") {
+            return Err(refusal);
+        }
+        let args: TaskArgs = parse(arguments)?;
+        let task = self
+            .services
+            .tasks
+            .cancel(&args.task, crate::clock::now_ms())
+            .map_err(|error| format!("error: {error}"))?;
+        Ok(json!({"task": task.id, "state": task.state}).to_string())
+    }
+}
+
+/// Records a task, writes its spec and mentions the Worker about it in the Worker's room.
+pub async fn assign_task(
+    services: &AgentServices,
+    requester: &ruma::UserId,
+    worker: &str,
+    title: &str,
+    spec: &str,
+    depth: u32,
+) -> Result<Task, String> {
+    let worker = services
+        .team
+        .registry
+        .get(worker)
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| format!("there is no worker named {worker}; create it first"))?;
+    let room = worker.room.clone().ok_or_else(|| {
+        format!(
+            "{} has no room yet; create the worker again to give it one",
+            worker.name
+        )
+    })?;
+    let task = services
+        .tasks
+        .create(
+            title,
+            &worker.name,
+            requester.to_owned(),
+            Some(room.clone()),
+            spec,
+            crate::clock::now_ms(),
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+    let message = OutgoingMessage::text(format!(
+        "{}: new task **{}**: {}. The spec is in `tasks/{}/spec.md`; report progress on it and complete it with your task tools.",
+        worker.user_id, task.id, task.title, task.id
+    ))
+    .mention(worker.user_id.clone(), worker.display_name.clone())
+    .with_field(DEPTH_KEY, Value::from(depth + 1));
+    services
+        .client
+        .send(
+            &services.manager,
+            &room,
+            &format!("assign:{}", task.id),
+            &message,
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(task)
+}
