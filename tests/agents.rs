@@ -605,7 +605,7 @@ async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
     })
     .await;
     assert!(
-        notice["content"]["body"]
+        notice["content"]["formatted_body"]
             .as_str()
             .unwrap()
             .contains("@admin:crew.test"),
@@ -870,7 +870,8 @@ async fn the_manager_invites_a_worker_and_only_admins_change_it() {
             json!({"name": "alice", "role": "backend development", "model": "big-model"}),
         ),
     );
-    let env = crew_with_llm(&llm).await;
+    // carol may talk to the crew, but she is not an admin.
+    let env = crew_with_llm_and(&llm, "\n[invites]\nallow_users = [\"@carol:crew.test\"]\n").await;
     cli(&env, &["workers", "add", "alice"]);
     let admin = env.admin().await;
     let manager = env.manager_id();

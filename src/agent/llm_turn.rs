@@ -111,6 +111,9 @@ impl TurnOutcome {
             TurnOutcome::TokenLimit { used, limit } => Some(format!(
                 "I stopped this turn after using {used} tokens (the limit is {limit}, llm.max_turn_tokens); tell me how to continue."
             )),
+            TurnOutcome::Stopped { by, steps: 0 } => Some(format!(
+                "Stopped, as {by} asked, before doing anything more."
+            )),
             TurnOutcome::Stopped { by, steps } => Some(format!(
                 "Stopped, as {by} asked, after {steps} step(s). What was done so far stays done."
             )),

@@ -208,9 +208,8 @@ impl Workspace {
     /// The agent's skills: the front matter (`name`, `description`) of each
     /// `agents/<name>/skills/<skill>/SKILL.md`, sorted by name.
     pub async fn skills(&self) -> Vec<Skill> {
-        let Ok(prefix) = access::agent_path(&self.name, "skills/")
-            .map(|path| path.to_string())
-            .and_then(|path| StoragePrefix::parse(&path))
+        let Ok(prefix) = access::agent_folder(&self.name)
+            .and_then(|folder| StoragePrefix::parse(&format!("{}skills/", folder.as_str())))
         else {
             return Vec::new();
         };
