@@ -1,6 +1,7 @@
 //! Tasks against a real sled database and real local file storage in a temp dir: the state
 //! machine, the files each step writes, the heartbeat end to end through `Tasks::beat`/`apply`,
-//! unique ids, and persistence across reopening the database.
+//! recurring tasks (runs started on schedule, once each), unique ids, and persistence across
+//! reopening the database.
 
 use std::path::Path;
 
@@ -351,7 +352,7 @@ async fn heartbeat_through_the_service_nudges_once_then_tells_the_human_once() {
         matches!(beat.as_slice(), [HeartbeatAction::Report { changed, .. }] if changed.len() == 2)
     );
     for action in &beat {
-        f.tasks.apply(action, T0 + 15 * MIN).expect("apply");
+        f.tasks.apply(action, T0 + 15 * MIN).await.expect("apply");
     }
     assert!(
         f.tasks.beat(T0 + 30 * MIN).expect("beat").is_empty(),
@@ -380,8 +381,9 @@ async fn heartbeat_through_the_service_nudges_once_then_tells_the_human_once() {
                     reports += 1;
                     assert!(changed.iter().all(|t| t.id == busy), "{changed:?}");
                 }
+                HeartbeatAction::StartRecurrence { .. } => panic!("no task recurs: {action:?}"),
             }
-            f.tasks.apply(&action, now).expect("apply");
+            f.tasks.apply(&action, now).await.expect("apply");
         }
         now += 15 * MIN;
     }
@@ -452,6 +454,286 @@ async fn tasks_survive_reopening_the_database() {
     let third = new_task(&tasks, "after restart", "alice", T0).await;
     assert_eq!(third.id, "t-3", "the counter continues, no gaps");
     assert_eq!(third.quiet_minutes, 5);
+}
+
+/// Tuesday 2026-09-22 09:00 in Berlin (CEST, UTC+2): the first weekday 09:00 after T0, which
+/// is Monday 2026-09-21 16:13 there.
+const TUE_0900_BERLIN: u64 = 1_790_060_400_000;
+/// Friday 2026-09-25 09:00 in Berlin.
+const FRI_0900_BERLIN: u64 = 1_790_319_600_000;
+const DAY: u64 = 24 * 60 * MIN;
+
+/// A weekday-morning report for bob in his room, made recurring at T0.
+async fn weekday_template(tasks: &Tasks) -> Task {
+    let template = tasks
+        .create(
+            "Morning digest",
+            "bob",
+            human(),
+            Some(owned_room_id!("!worker-bob:example.org")),
+            "Summarise yesterday's commits.\n",
+            T0,
+        )
+        .await
+        .expect("create");
+    let schedule = Schedule::parse("0 9 * * mon-fri", "Europe/Berlin").expect("valid");
+    tasks
+        .set_schedule(&template.id, Some(schedule), T0)
+        .expect("schedule")
+}
+
+/// The StartRecurrence actions of a beat.
+fn starts(actions: &[HeartbeatAction]) -> Vec<(String, u64)> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            HeartbeatAction::StartRecurrence { template, due_ms } => {
+                Some((template.clone(), *due_ms))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every instance of `template`.
+fn runs_of(tasks: &Tasks, template: &str) -> Vec<Task> {
+    tasks
+        .all()
+        .expect("list")
+        .into_iter()
+        .filter(|task| task.recurrence_of.as_deref() == Some(template))
+        .collect()
+}
+
+#[tokio::test]
+async fn next_run_of_a_template_is_computed_in_its_time_zone() {
+    let f = fixture().await;
+    let template = weekday_template(&f.tasks).await;
+    assert_eq!(template.next_run_ms(), Some(TUE_0900_BERLIN));
+    let schedule = template.schedule.clone().expect("set");
+    assert_eq!(
+        schedule.next_after(TUE_0900_BERLIN),
+        Some(TUE_0900_BERLIN + DAY)
+    );
+    // Friday's run is followed by Monday's: two days skipped, and still 07:00 UTC in summer.
+    assert_eq!(
+        schedule.next_after(FRI_0900_BERLIN),
+        Some(FRI_0900_BERLIN + 3 * DAY)
+    );
+    let note = template.recurrence_note().expect("a template");
+    assert_eq!(
+        note,
+        "repeats `0 9 * * mon-fri` (Europe/Berlin), next run 2026-09-22 07:00 UTC"
+    );
+}
+
+#[tokio::test]
+async fn a_due_template_starts_an_instance_that_is_watched_like_any_task() {
+    let f = fixture().await;
+    let template = weekday_template(&f.tasks).await;
+    // Report the template's creation so only the runs matter below.
+    for action in f.tasks.beat(T0).expect("beat") {
+        f.tasks.apply(&action, T0).await.expect("apply");
+    }
+    assert!(f.tasks.beat(TUE_0900_BERLIN - 1).expect("beat").is_empty());
+
+    // The template has been quiet far longer than its quiet time: no nudge, only the run.
+    let beat = f.tasks.beat(TUE_0900_BERLIN).expect("beat");
+    assert_eq!(beat.len(), 1, "{beat:?}");
+    assert_eq!(starts(&beat), [(template.id.clone(), TUE_0900_BERLIN)]);
+    let now = TUE_0900_BERLIN + MIN;
+    f.tasks.apply(&beat[0], now).await.expect("apply");
+
+    let runs = runs_of(&f.tasks, &template.id);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let run = &runs[0];
+    assert_eq!(run.id, "t-2");
+    assert_eq!(run.title, "Morning digest (2026-09-22)");
+    assert_eq!(run.state, TaskState::Assigned);
+    assert_eq!(run.assignee, "bob");
+    assert_eq!(run.requester, human());
+    assert_eq!(run.room, template.room);
+    assert_eq!(run.schedule, None, "an instance does not recur itself");
+    assert_eq!(
+        run.recurrence_note().as_deref(),
+        Some("run of recurring task t-1")
+    );
+    let spec = read(&f.storage, &run.id, TaskFile::Spec).await;
+    assert_eq!(
+        spec,
+        "# t-2: Morning digest (2026-09-22)\n\nThis is the run due 2026-09-22 07:00 UTC of recurring task t-1, which repeats `0 9 * * mon-fri` (Europe/Berlin).\n\nSummarise yesterday's commits.\n"
+    );
+    // The Worker may read and write its run's files like any task's.
+    assert!(f.tasks.task_ids_of("bob").expect("ids").contains(&run.id));
+    let template_now = f.tasks.get(&template.id).expect("stored");
+    assert_eq!(template_now.last_run_ms, Some(TUE_0900_BERLIN));
+    assert_eq!(template_now.next_run_ms(), Some(TUE_0900_BERLIN + DAY));
+
+    // The next beat reports the new task and starts nothing.
+    let beat = f.tasks.beat(now + 15 * MIN).expect("beat");
+    assert!(starts(&beat).is_empty(), "{beat:?}");
+    assert!(matches!(
+        beat.as_slice(),
+        [HeartbeatAction::Report { changed, .. }] if changed.len() == 1 && changed[0].id == run.id
+    ));
+    for action in &beat {
+        f.tasks.apply(action, now + 15 * MIN).await.expect("apply");
+    }
+    // An hour without progress: the instance is nudged, the template is not.
+    let beat = f.tasks.beat(now + 61 * MIN).expect("beat");
+    assert_eq!(
+        beat,
+        vec![HeartbeatAction::Nudge {
+            task: run.id.clone(),
+            worker: "bob".into()
+        }]
+    );
+}
+
+#[tokio::test]
+async fn missed_runs_are_caught_up_once_not_one_by_one() {
+    let f = fixture().await;
+    let template = weekday_template(&f.tasks).await;
+    // Crew was down from Monday to Saturday noon: four weekday runs missed.
+    let saturday_noon = FRI_0900_BERLIN + 5 * 60 * MIN;
+    let beat = f.tasks.beat(saturday_noon).expect("beat");
+    assert_eq!(starts(&beat), [(template.id.clone(), FRI_0900_BERLIN)]);
+    for action in &beat {
+        f.tasks.apply(action, saturday_noon).await.expect("apply");
+    }
+    let runs = runs_of(&f.tasks, &template.id);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].title, "Morning digest (2026-09-25)");
+    // Nothing more on the weekend; Monday's run on Monday.
+    let sunday = saturday_noon + DAY;
+    assert!(starts(&f.tasks.beat(sunday).expect("beat")).is_empty());
+    let monday = FRI_0900_BERLIN + 3 * DAY;
+    assert_eq!(
+        starts(&f.tasks.beat(monday).expect("beat")),
+        [(template.id.clone(), monday)]
+    );
+}
+
+#[tokio::test]
+async fn a_run_is_created_once_however_often_it_is_started() {
+    let f = fixture().await;
+    let template = weekday_template(&f.tasks).await;
+    let action = HeartbeatAction::StartRecurrence {
+        template: template.id.clone(),
+        due_ms: TUE_0900_BERLIN,
+    };
+    // The server creates the instance to announce it, then crashes before recording the run:
+    // the next beat yields the same run, and starting it again finds the same instance.
+    let created = f
+        .tasks
+        .start_recurrence(&template.id, TUE_0900_BERLIN, TUE_0900_BERLIN)
+        .await
+        .expect("start");
+    let beat = f.tasks.beat(TUE_0900_BERLIN + 15 * MIN).expect("beat");
+    assert_eq!(starts(&beat), [(template.id.clone(), TUE_0900_BERLIN)]);
+    let again = f
+        .tasks
+        .start_recurrence(&template.id, TUE_0900_BERLIN, TUE_0900_BERLIN + 15 * MIN)
+        .await
+        .expect("start again");
+    assert_eq!(again, created);
+    // Recording it (which starts it once more) and recording it twice change nothing either.
+    f.tasks
+        .apply(&action, TUE_0900_BERLIN + 15 * MIN)
+        .await
+        .expect("apply");
+    f.tasks
+        .apply(&action, TUE_0900_BERLIN + 30 * MIN)
+        .await
+        .expect("apply twice");
+    assert_eq!(runs_of(&f.tasks, &template.id), vec![created.clone()]);
+
+    // Many attempts at the same run at once still make one instance.
+    let attempts = (0..8).map(|n| {
+        let tasks = f.tasks.clone();
+        let template = template.id.clone();
+        tokio::spawn(async move {
+            tasks
+                .start_recurrence(&template, FRI_0900_BERLIN, FRI_0900_BERLIN + n)
+                .await
+        })
+    });
+    let mut ids = Vec::new();
+    for joined in futures::future::join_all(attempts).await {
+        ids.push(joined.expect("join").expect("start").id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(
+        runs_of(&f.tasks, &template.id).len(),
+        2,
+        "Tuesday's and Friday's"
+    );
+}
+
+#[tokio::test]
+async fn cancelled_or_unscheduled_templates_start_no_runs() {
+    let f = fixture().await;
+    let cancelled = weekday_template(&f.tasks).await;
+    f.tasks.cancel(&cancelled.id, T0 + MIN).expect("cancel");
+    let plain = new_task(&f.tasks, "one-off", "alice", T0).await;
+    let unscheduled = weekday_template(&f.tasks).await;
+    f.tasks
+        .set_schedule(&unscheduled.id, None, T0 + MIN)
+        .expect("unschedule");
+    let beat = f.tasks.beat(FRI_0900_BERLIN).expect("beat");
+    assert!(starts(&beat).is_empty(), "{beat:?}");
+    assert_eq!(
+        f.tasks.get(&cancelled.id).expect("stored").next_run_ms(),
+        None
+    );
+    assert!(
+        f.tasks
+            .get(&cancelled.id)
+            .expect("stored")
+            .recurrence_note()
+            .expect("still a template")
+            .ends_with("stopped")
+    );
+    for id in [&cancelled.id, &plain.id, &unscheduled.id] {
+        assert!(matches!(
+            f.tasks
+                .start_recurrence(id, FRI_0900_BERLIN, FRI_0900_BERLIN)
+                .await,
+            Err(TaskError::NotRecurring { .. })
+        ));
+    }
+    assert_eq!(
+        f.tasks.all().expect("list").len(),
+        3,
+        "no instance was made"
+    );
+}
+
+#[tokio::test]
+async fn records_from_before_recurrence_still_load() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(&dir.path().join("db")).expect("open");
+    let old_record = serde_json::json!({
+        "id": "t-1", "title": "old", "assignee": "alice", "room": null,
+        "requester": "@ann:example.org", "state": "assigned", "created_ms": T0,
+        "updated_ms": T0, "last_progress_ms": T0, "quiet_minutes": 60, "nudges": 0,
+        "last_nudge_ms": null, "told_human_ms": null,
+        "schedule": {"cron": "0 9 * * mon-fri", "timezone": "Europe/Berlin"},
+        "result_path": null, "blocked_question": null
+    });
+    store
+        .tree::<String, serde_json::Value>("tasks")
+        .expect("tree")
+        .insert(&"t-1".to_owned(), &old_record)
+        .expect("insert");
+    let tasks =
+        Tasks::open(&store, storage_in(dir.path()).await, &TaskConfig::default()).expect("tasks");
+    let old = tasks.get("t-1").expect("loads");
+    assert_eq!(old.recurrence_of, None);
+    assert_eq!(old.last_run_ms, None);
+    // Its first run counts from its creation.
+    assert_eq!(old.next_run_ms(), Some(TUE_0900_BERLIN));
 }
 
 #[test]

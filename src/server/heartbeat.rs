@@ -1,14 +1,19 @@
 //! The Manager's heartbeat: every `tasks.heartbeat_minutes` it looks at the open tasks, nudges a
-//! Worker whose task went quiet, tells the person after a second silence, and posts a short
+//! Worker whose task went quiet, tells the person after a second silence, starts the due runs of
+//! recurring tasks (a new task, announced to its Worker like an assignment), and posts a short
 //! report in each admin's DM only when something changed. An action is recorded only after it
-//! was posted, so a failed post is retried at the next beat and a posted one never repeats.
+//! was posted, so a failed post is retried at the next beat and a posted one never repeats; the
+//! run of a recurring task is created idempotently and sent under a key of its own, so a retry
+//! neither makes a second task nor a second message.
 
 use std::sync::Arc;
 
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Crew;
 use crate::clock::now_ms;
+use crate::dispatch::DEPTH_KEY;
 use crate::matrix::OutgoingMessage;
 use crate::tasks::{HeartbeatAction, render_report};
 
@@ -28,8 +33,8 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
             }
         };
         for action in actions {
-            if post(&crew, &action).await
-                && let Err(error) = crew.tasks.apply(&action, now)
+            if post(&crew, &action, now).await
+                && let Err(error) = crew.tasks.apply(&action, now).await
             {
                 tracing::error!(%error, "heartbeat cannot record an action");
             }
@@ -38,7 +43,7 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
 }
 
 /// Posts one action; true when it reached the homeserver.
-async fn post(crew: &Crew, action: &HeartbeatAction) -> bool {
+async fn post(crew: &Crew, action: &HeartbeatAction, now: u64) -> bool {
     match action {
         HeartbeatAction::Nudge { task, worker } => {
             let (Ok(task), Ok(Some(worker))) =
@@ -81,6 +86,31 @@ async fn post(crew: &Crew, action: &HeartbeatAction) -> bool {
                 &message,
             )
             .await
+        }
+        HeartbeatAction::StartRecurrence { template, due_ms } => {
+            let task = match crew.tasks.start_recurrence(template, *due_ms, now).await {
+                Ok(task) => task,
+                Err(error) => {
+                    tracing::warn!(%error, template, "heartbeat cannot start a recurring task's run");
+                    return false;
+                }
+            };
+            let Ok(Some(worker)) = crew.team.registry.get(&task.assignee) else {
+                tracing::warn!(task = %task.id, worker = %task.assignee, "the Worker of a recurring task's run is gone");
+                return false;
+            };
+            let Some(room) = task.room.clone() else {
+                return false;
+            };
+            // Worded like an assignment by the Manager (see `assign_task` in turns.rs), so the
+            // Worker treats the run like any task; the depth marks it as one hop from a person.
+            let message = OutgoingMessage::text(format!(
+                "{}: new task **{}**: {}. The spec is in `tasks/{}/spec.md`; report progress on it and complete it with your task tools.",
+                worker.user_id, task.id, task.title, task.id
+            ))
+            .mention(worker.user_id.clone(), worker.display_name.clone())
+            .with_field(DEPTH_KEY, Value::from(1));
+            send(crew, &room, &format!("recur:{template}:{due_ms}"), &message).await
         }
         HeartbeatAction::Report { changed, until_ms } => {
             let Ok(greeted) = crew.store.tree::<String, String>("greeted_admins") else {

@@ -1,5 +1,5 @@
-//! The heartbeat: what the Manager should do about quiet tasks, as a pure function of the task
-//! records and the time.
+//! The heartbeat: what the Manager should do about quiet tasks and due recurring tasks, as a
+//! pure function of the task records and the time.
 //!
 //! The caller (the heartbeat loop in the server) posts each action and then records it with
 //! [`Tasks::apply`](super::Tasks::apply), so a beat that fails to post is simply repeated by the
@@ -26,6 +26,14 @@ pub enum HeartbeatAction {
         /// Who asked for the task.
         requester: OwnedUserId,
     },
+    /// A run of a recurring template is due: create the instance
+    /// ([`Tasks::start_recurrence`](super::Tasks::start_recurrence)) and mention its Worker.
+    StartRecurrence {
+        /// The template's task id.
+        template: String,
+        /// The run's due time; with the template it names the run, so it is started once.
+        due_ms: u64,
+    },
     /// Tasks changed since the last report; post a summary (see [`render_report`]) in the
     /// admin's DM.
     Report {
@@ -44,9 +52,22 @@ const MS_PER_MINUTE: u64 = 60_000;
 /// Only tasks that are assigned or in progress are watched: a blocked task waits for a human,
 /// and done or cancelled tasks are over. A task is nudged once per silence (no nudge since its
 /// last progress) and the human is told once per nudge; new progress starts the cycle again.
+///
+/// A recurring template is never nudged (its instances are the work). When one of its runs is
+/// due it yields one [`HeartbeatAction::StartRecurrence`] for the newest due run, however many
+/// were missed while crew was down; a cancelled template yields none.
 pub fn heartbeat(tasks: &[Task], reported_until_ms: u64, now_ms: u64) -> Vec<HeartbeatAction> {
     let mut actions = Vec::new();
     for task in tasks {
+        if task.schedule.is_some() {
+            if let Some(due_ms) = task.due_run(now_ms) {
+                actions.push(HeartbeatAction::StartRecurrence {
+                    template: task.id.clone(),
+                    due_ms,
+                });
+            }
+            continue;
+        }
         if !matches!(task.state, TaskState::Assigned | TaskState::InProgress) {
             continue;
         }
@@ -101,6 +122,9 @@ pub fn render_report(changed: &[Task]) -> String {
         if let (TaskState::Done, Some(result)) = (task.state, &task.result_path) {
             out.push_str(&format!(", result in {result}"));
         }
+        if let Some(note) = task.recurrence_note() {
+            out.push_str(&format!("; {note}"));
+        }
         out.push('\n');
     }
     out
@@ -128,6 +152,9 @@ mod tests {
             last_nudge_ms: None,
             told_human_ms: None,
             schedule: None,
+            schedule_set_ms: None,
+            last_run_ms: None,
+            recurrence_of: None,
             result_path: None,
             blocked_question: None,
         }
@@ -152,6 +179,11 @@ mod tests {
                     }
                     HeartbeatAction::TellHuman { task: id, .. } if *id == task.id => {
                         task.told_human_ms = Some(now);
+                    }
+                    HeartbeatAction::StartRecurrence { template, due_ms }
+                        if *template == task.id =>
+                    {
+                        task.last_run_ms = Some(*due_ms);
                     }
                     _ => {}
                 }
@@ -261,5 +293,92 @@ mod tests {
             actions.as_slice(),
             [HeartbeatAction::Report { changed, until_ms: 35 }] if changed.len() == 1 && changed[0].id == "t-1"
         ));
+    }
+
+    fn template(id: &str, cron: &str, created_ms: u64) -> Task {
+        let mut template = task(id, TaskState::Assigned, created_ms);
+        template.created_ms = created_ms;
+        template.schedule = Some(super::super::Schedule::parse(cron, "UTC").expect("valid"));
+        template.schedule_set_ms = Some(created_ms);
+        template
+    }
+
+    fn starts(actions: &[HeartbeatAction]) -> Vec<(String, u64)> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                HeartbeatAction::StartRecurrence { template, due_ms } => {
+                    Some((template.clone(), *due_ms))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_due_template_starts_its_newest_run_once_and_is_never_nudged() {
+        const HOUR: u64 = 60 * MIN;
+        // Every day at 09:00 UTC; created on day 0 at 00:00.
+        let mut tasks = vec![template("t-1", "0 9 * * *", 0)];
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 8 * HOUR)).is_empty());
+        // Due at 09:00 on the dot, though the template has been "quiet" for hours.
+        let actions = alerts(heartbeat(&tasks, u64::MAX, 9 * HOUR));
+        assert_eq!(starts(&actions), [("t-1".to_owned(), 9 * HOUR)]);
+        assert_eq!(actions.len(), 1, "no nudge for a template: {actions:?}");
+        apply(&mut tasks, &actions, 9 * HOUR);
+        assert!(alerts(heartbeat(&tasks, u64::MAX, 10 * HOUR)).is_empty());
+        // Three days of outage: one start, for the newest missed run.
+        let late = 3 * 24 * HOUR + 12 * HOUR;
+        let actions = alerts(heartbeat(&tasks, u64::MAX, late));
+        assert_eq!(
+            starts(&actions),
+            [("t-1".to_owned(), 3 * 24 * HOUR + 9 * HOUR)]
+        );
+        apply(&mut tasks, &actions, late);
+        assert!(alerts(heartbeat(&tasks, u64::MAX, late + HOUR)).is_empty());
+    }
+
+    #[test]
+    fn cancelled_templates_do_not_fire_and_instances_are_watched_like_tasks() {
+        let mut cancelled = template("t-1", "* * * * *", 0);
+        cancelled.state = TaskState::Cancelled;
+        let mut instance = task("t-2", TaskState::Assigned, 0);
+        instance.recurrence_of = Some("t-1".to_owned());
+        let actions = alerts(heartbeat(&[cancelled, instance], u64::MAX, 61 * MIN));
+        assert_eq!(
+            actions,
+            vec![HeartbeatAction::Nudge {
+                task: "t-2".into(),
+                worker: "alice".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn first_run_is_after_the_schedule_was_set_not_before() {
+        // A task created at 00:00, made recurring at 10:00: the 09:00 run that day is not due.
+        let mut late_schedule = template("t-1", "0 9 * * *", 0);
+        late_schedule.schedule_set_ms = Some(600 * MIN);
+        assert!(starts(&heartbeat(&[late_schedule.clone()], u64::MAX, 700 * MIN)).is_empty());
+        // The next morning it is.
+        let next_morning = (24 * 60 + 9 * 60) * MIN;
+        assert_eq!(
+            starts(&heartbeat(&[late_schedule], u64::MAX, next_morning)),
+            [("t-1".to_owned(), next_morning)]
+        );
+    }
+
+    #[test]
+    fn the_report_says_how_tasks_recur() {
+        let mut template = template("t-1", "0 9 * * *", 0);
+        template.title = "daily digest".into();
+        let mut instance = task("t-2", TaskState::Assigned, 0);
+        instance.recurrence_of = Some("t-1".into());
+        let text = render_report(&[template, instance]);
+        assert!(
+            text.contains("repeats `0 9 * * *` (UTC), next run 1970-01-01 09:00 UTC"),
+            "{text}"
+        );
+        assert!(text.contains("run of recurring task t-1"), "{text}");
     }
 }

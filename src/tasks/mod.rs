@@ -8,10 +8,17 @@
 //! [`TaskState::allowed_next`]; anything else is refused with an error that lists what is allowed.
 //! The heartbeat is a pure function ([`heartbeat::heartbeat`]) over the records.
 //!
+//! A task with a [`Schedule`] is a recurring *template*: it is not worked on itself, and the
+//! heartbeat does not nudge it. When one of its runs falls due the heartbeat starts it
+//! ([`HeartbeatAction::StartRecurrence`]): [`Tasks::start_recurrence`] creates a task *instance*
+//! (same Worker, room and requester, the template's spec, [`Task::recurrence_of`] pointing back)
+//! that is then nudged like any task. Creating the instance is idempotent per template and due
+//! time, so a crash between creating, announcing and recording a run never makes two instances.
+//! Cancelling the template stops its runs.
+//!
 //! Not for: talking to Matrix or the LLM (the agent tools and the heartbeat loop do that and call
-//! in here), the access rules for files (see [`crate::storage::access`], which takes
-//! [`Tasks::task_ids_of`]), or running recurring tasks (their schedule is stored and its syntax
-//! checked; computing the next run is still to do).
+//! in here), or the access rules for files (see [`crate::storage::access`], which takes
+//! [`Tasks::task_ids_of`]).
 
 pub mod heartbeat;
 pub mod schedule;
@@ -35,8 +42,12 @@ const TASKS_TREE: &str = "tasks";
 const META_TREE: &str = "tasks_meta";
 const COUNTER_KEY: &str = "next_number";
 const REPORTED_KEY: &str = "reported_until_ms";
+/// Prefix of the keys (`run:<template>:<due_ms>`) that remember which task number the run of a
+/// template due at a given time got, so that run is created once however often it is started.
+const RUN_KEY_PREFIX: &str = "run:";
 /// Titles are one line in lists and reports; longer text belongs in the spec.
 const MAX_TITLE_CHARS: usize = 200;
+const MS_PER_DAY: u64 = 86_400_000;
 
 /// Settings for tasks and the heartbeat (`[tasks]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,8 +194,17 @@ pub struct Task {
     pub last_nudge_ms: Option<u64>,
     /// When the human was last told that the task went quiet.
     pub told_human_ms: Option<u64>,
-    /// Set for recurring tasks.
+    /// Set for recurring templates: the heartbeat starts an instance of the task at each run.
     pub schedule: Option<Schedule>,
+    /// When the schedule was last set; runs due before it are not started.
+    #[serde(default)]
+    pub schedule_set_ms: Option<u64>,
+    /// Due time of the newest run started from this template.
+    #[serde(default)]
+    pub last_run_ms: Option<u64>,
+    /// For an instance of a recurring task: the template's id.
+    #[serde(default)]
+    pub recurrence_of: Option<String>,
     /// `tasks/<id>/result.md` once done.
     pub result_path: Option<String>,
     /// The open question while blocked.
@@ -203,6 +223,51 @@ impl Task {
     /// Path of one of this task's well-known files.
     pub fn file_path(&self, file: TaskFile) -> String {
         format!("tasks/{}/{}", self.id, file.file_name())
+    }
+
+    /// Runs of a template due after this instant are still to start: its newest run, or else
+    /// when the schedule was set (or the task created, for records older than that field).
+    pub fn runs_pending_after_ms(&self) -> u64 {
+        self.created_ms
+            .max(self.schedule_set_ms.unwrap_or(0))
+            .max(self.last_run_ms.unwrap_or(0))
+    }
+
+    /// The run of this template to start at `now_ms`, if one is due (see
+    /// [`Schedule::due_run`]). Tasks without a schedule and cancelled templates have none.
+    pub fn due_run(&self, now_ms: u64) -> Option<u64> {
+        if self.state == TaskState::Cancelled {
+            return None;
+        }
+        self.schedule
+            .as_ref()?
+            .due_run(self.runs_pending_after_ms(), now_ms)
+    }
+
+    /// The next run of this template not started yet (it may be overdue until the next beat).
+    pub fn next_run_ms(&self) -> Option<u64> {
+        if self.state == TaskState::Cancelled {
+            return None;
+        }
+        self.schedule
+            .as_ref()?
+            .next_after(self.runs_pending_after_ms())
+    }
+
+    /// A few words on how the task recurs, for lists and reports: the schedule and next run of a
+    /// template, or which template an instance is a run of. `None` for a plain task.
+    pub fn recurrence_note(&self) -> Option<String> {
+        if let Some(schedule) = &self.schedule {
+            let next = match self.next_run_ms() {
+                Some(next) => format!("next run {}", schedule::format_utc(next)),
+                None if self.state == TaskState::Cancelled => "stopped".to_owned(),
+                None => "no further run".to_owned(),
+            };
+            return Some(format!("repeats {schedule}, {next}"));
+        }
+        self.recurrence_of
+            .as_ref()
+            .map(|template| format!("run of recurring task {template}"))
     }
 }
 
@@ -246,6 +311,11 @@ pub enum TaskError {
     /// The time zone of a recurring task is not a zone name.
     #[error("invalid time zone `{timezone}`; use an IANA name such as Europe/Berlin, or UTC")]
     InvalidTimezone { timezone: String },
+    /// A run was asked of a task that has no schedule or was cancelled.
+    #[error(
+        "task {id} is not a recurring task (it has no schedule or was cancelled), so it starts no runs"
+    )]
+    NotRecurring { id: String },
     /// The allowed quiet time must be positive.
     #[error("a task's allowed quiet time must be at least 1 minute")]
     ZeroQuietTime,
@@ -371,13 +441,24 @@ impl Tasks {
                 }
             })?;
         let number = self.next_number()?;
-        let id = format!("t-{number}");
-        let spec = format!("# {id}: {title}\n\n{}\n", spec_text.trim_end());
-        self.storage
-            .put_bytes(&task_file(&id, TaskFile::Spec)?, spec.into_bytes())
-            .await?;
-        let task = Task {
-            id: id.clone(),
+        let task = self.new_record(number, title, assignee, requester, room, now_ms);
+        self.write_spec(&task, spec_text).await?;
+        self.tasks.insert(&task.id, &task)?;
+        Ok(task)
+    }
+
+    /// A fresh assigned record with the configured defaults.
+    fn new_record(
+        &self,
+        number: u64,
+        title: &str,
+        assignee: String,
+        requester: OwnedUserId,
+        room: Option<OwnedRoomId>,
+        now_ms: u64,
+    ) -> Task {
+        Task {
+            id: format!("t-{number}"),
             title: title.to_owned(),
             assignee,
             room,
@@ -391,11 +472,22 @@ impl Tasks {
             last_nudge_ms: None,
             told_human_ms: None,
             schedule: None,
+            schedule_set_ms: None,
+            last_run_ms: None,
+            recurrence_of: None,
             result_path: None,
             blocked_question: None,
-        };
-        self.tasks.insert(&id, &task)?;
-        Ok(task)
+        }
+    }
+
+    /// Writes `spec.md` with the task's heading. Done before the record is stored, so a record
+    /// never points at a missing spec.
+    async fn write_spec(&self, task: &Task, body: &str) -> Result<(), TaskError> {
+        let spec = format!("# {}: {}\n\n{}\n", task.id, task.title, body.trim_end());
+        self.storage
+            .put_bytes(&task_file(&task.id, TaskFile::Spec)?, spec.into_bytes())
+            .await?;
+        Ok(())
     }
 
     /// The task with this id (typed leniently, see [`normalize_id`]).
@@ -556,8 +648,9 @@ impl Tasks {
         })
     }
 
-    /// Makes the task recurring (or not, with `None`). The syntax is checked here; running it on
-    /// schedule is not implemented yet.
+    /// Makes the task a recurring template (or a plain task again, with `None`). Its first run
+    /// is the first time the schedule matches after `now_ms`; the heartbeat starts each run as a
+    /// new task (see [`Tasks::start_recurrence`]).
     pub fn set_schedule(
         &self,
         id: &str,
@@ -565,8 +658,102 @@ impl Tasks {
         now_ms: u64,
     ) -> Result<Task, TaskError> {
         self.change(id, |task| {
+            task.schedule_set_ms = schedule.as_ref().map(|_| now_ms);
             task.schedule = schedule.clone();
             task.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+
+    /// Creates the run of recurring task `template` due at `due_ms`: a new task for the same
+    /// Worker, requester and room, titled with the run's UTC date, whose spec is the template's.
+    /// Idempotent per (template, due time): called again, even after a crash half-way, it
+    /// returns the same instance instead of making a second one. The heartbeat loop calls it to
+    /// learn the instance's id before announcing it; [`Tasks::apply`] calls it again and then
+    /// records the run on the template.
+    #[tracing::instrument(skip(self))]
+    pub async fn start_recurrence(
+        &self,
+        template: &str,
+        due_ms: u64,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
+        let template = self.get(template)?;
+        let run_key = format!("{RUN_KEY_PREFIX}{}:{due_ms}", template.id);
+        let number = match self.meta.get(&run_key)? {
+            Some(number) => number,
+            None => {
+                if template.schedule.is_none() || template.state == TaskState::Cancelled {
+                    return Err(TaskError::NotRecurring { id: template.id });
+                }
+                let number = self.next_number()?;
+                // Reserve the number for this run before anything is written: whoever gets the
+                // key first owns the run, and a later attempt finds the number here. (A loser of
+                // that race leaves a gap in the numbering, which is harmless.)
+                if self.meta.insert_new(&run_key, &number)? {
+                    number
+                } else {
+                    self.meta.get(&run_key)?.expect(
+                        "insert_new failed because the key exists, and keys are never removed",
+                    )
+                }
+            }
+        };
+        if let Some(existing) = self.tasks.get(&format!("t-{number}"))? {
+            return Ok(existing);
+        }
+        let day = crate::clock::format_day((due_ms / MS_PER_DAY) as i64);
+        let base_title: String = template
+            .title
+            .chars()
+            .take(MAX_TITLE_CHARS - " (YYYY-MM-DD)".len())
+            .collect();
+        let mut instance = self.new_record(
+            number,
+            &format!("{base_title} ({day})"),
+            template.assignee.clone(),
+            template.requester.clone(),
+            template.room.clone(),
+            now_ms,
+        );
+        instance.quiet_minutes = template.quiet_minutes;
+        instance.recurrence_of = Some(template.id.clone());
+        let template_spec = match self
+            .storage
+            .get_bytes(
+                &task_file(&template.id, TaskFile::Spec)?,
+                self.storage.max_file_bytes(),
+            )
+            .await
+        {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(StorageError::NotFound { .. }) => String::new(),
+            Err(other) => return Err(other.into()),
+        };
+        let schedule = template
+            .schedule
+            .as_ref()
+            .map(|schedule| format!(", which repeats {schedule}"))
+            .unwrap_or_default();
+        let body = format!(
+            "This is the run due {} of recurring task {}{schedule}.\n\n{}",
+            schedule::format_utc(due_ms),
+            template.id,
+            spec_body(&template_spec, &template.id)
+        );
+        self.write_spec(&instance, &body).await?;
+        if !self.tasks.insert_new(&instance.id, &instance)? {
+            // Another attempt at the same run stored it first.
+            return self.get(&instance.id);
+        }
+        Ok(instance)
+    }
+
+    /// The run of `template` due at `due_ms` was started and announced: the next beat looks
+    /// for runs after it.
+    pub fn record_run(&self, template: &str, due_ms: u64) -> Result<Task, TaskError> {
+        self.change(template, |task| {
+            task.last_run_ms = Some(task.last_run_ms.unwrap_or(0).max(due_ms));
             Ok(())
         })
     }
@@ -581,14 +768,20 @@ impl Tasks {
         Ok(heartbeat(&self.all()?, self.reported_until_ms()?, now_ms))
     }
 
-    /// Records that an action was carried out, so the next beat does not repeat it.
-    pub fn apply(&self, action: &HeartbeatAction, now_ms: u64) -> Result<(), TaskError> {
+    /// Records that an action was carried out, so the next beat does not repeat it. For a run
+    /// of a recurring task this also creates the instance if the caller did not already (see
+    /// [`Tasks::start_recurrence`], which is idempotent).
+    pub async fn apply(&self, action: &HeartbeatAction, now_ms: u64) -> Result<(), TaskError> {
         match action {
             HeartbeatAction::Nudge { task, .. } => self.record_nudge(task, now_ms).map(drop),
             HeartbeatAction::TellHuman { task, .. } => {
                 self.record_told_human(task, now_ms).map(drop)
             }
             HeartbeatAction::Report { until_ms, .. } => self.record_report(*until_ms),
+            HeartbeatAction::StartRecurrence { template, due_ms } => {
+                self.start_recurrence(template, *due_ms, now_ms).await?;
+                self.record_run(template, *due_ms).map(drop)
+            }
         }
     }
 
@@ -658,6 +851,16 @@ impl Tasks {
                 return Ok(task);
             }
         }
+    }
+}
+
+/// The template's spec without its `# t-N: title` heading, which the instance replaces by its own.
+fn spec_body<'a>(spec: &'a str, template_id: &str) -> &'a str {
+    let heading = format!("# {template_id}:");
+    match spec.split_once('\n') {
+        Some((first, rest)) if first.starts_with(&heading) => rest.trim_start_matches('\n'),
+        None if spec.starts_with(&heading) => "",
+        _ => spec,
     }
 }
 
