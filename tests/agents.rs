@@ -452,10 +452,30 @@ async fn alice_with_the_login_task(env: &CrewEnv) -> String {
     })
     .await;
     admin.join(&alice_room).await;
+    // As a person would, wait for the answer: a message sent while the Manager's turn runs
+    // would join that turn instead of starting its own.
+    manager_done(&admin, &hq, &manager).await;
     admin
         .send_mention(&hq, "give alice the login task", &[&manager])
         .await;
     alice_room
+}
+
+/// Waits for the Manager's "Done." in `room` (the end of a scripted turn).
+async fn manager_done(admin: &synapse::TestUser, room: &str, manager: &str) {
+    tools::wait_for("the Manager's answer", WAIT, || async {
+        admin
+            .messages_from(room, manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Done.")
+            })
+    })
+    .await;
 }
 
 const ALICE: &str = "@crew_alice:crew.test";
@@ -965,6 +985,92 @@ async fn commands_work_while_the_llm_provider_is_down() {
                     .as_str()
                     .unwrap_or("")
                     .contains("No workers")
+            })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
+    let llm = ScriptedLlm::start().await;
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    llm.on(
+        move |b| is_manager(b) && !has_tool_result(b) && waking_text(b).contains("every minute"),
+        Reply::tool_call(
+            "r1",
+            "assign_task",
+            json!({"worker": "alice", "title": "Check the build", "spec": "Look at CI.", "every": "* * * * *"}),
+        ),
+    );
+    script_the_manager(&llm);
+    llm.set_default(Reply::text("checking"));
+    let env = crew_with_llm_and(&llm, "\n[tasks]\nheartbeat_minutes = 1\n").await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let hq = admin.create_room("hq", &[&manager]).await;
+    admin.wait_joined(&hq, &manager).await;
+    admin
+        .send_mention(&hq, "create a worker named alice", &[&manager])
+        .await;
+    let alice_room = tools::wait_for("alice's room", WAIT, || async {
+        admin
+            .invites_named("Worker: Alice")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    admin.join(&alice_room).await;
+    manager_done(&admin, &hq, &manager).await;
+    admin
+        .send_mention(
+            &hq,
+            "alice should check the build every minute",
+            &[&manager],
+        )
+        .await;
+    // t-1 is the template; the heartbeat starts t-2, a run of it, and mentions alice.
+    let beats = Duration::from_secs(3 * 60);
+    let run = tools::wait_for("the first run of the recurring task", beats, || async {
+        admin
+            .messages_from(&alice_room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("new task **t-2**")
+            })
+    })
+    .await;
+    assert!(
+        run["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Check the build ("),
+        "{run}"
+    );
+    assert!(
+        run["content"]["m.mentions"]["user_ids"]
+            .to_string()
+            .contains(ALICE)
+    );
+    let spec = std::fs::read_to_string(env.data_dir.join("files/tasks/t-2/spec.md")).unwrap();
+    assert!(spec.contains("Look at CI."), "{spec}");
+    admin
+        .send(&hq, json!({"msgtype": "m.text", "body": "!crew tasks"}))
+        .await;
+    tools::wait_for("the task list with the schedule", WAIT, || async {
+        admin
+            .messages_from(&hq, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("repeats")
             })
     })
     .await;

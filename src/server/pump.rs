@@ -359,12 +359,16 @@ async fn answer_command(
                     let mut out = String::from("Open tasks:\n");
                     for task in tasks {
                         out.push_str(&format!(
-                            "- **{}** {} ({}): {}\n",
+                            "- **{}** {} ({}): {}",
                             task.id,
                             task.title,
                             task.assignee,
                             wire_name(&task.state)
                         ));
+                        if let Some(note) = task.recurrence_note() {
+                            out.push_str(&format!(", {note}"));
+                        }
+                        out.push('\n');
                     }
                     out
                 }
