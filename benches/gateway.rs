@@ -19,6 +19,7 @@ use matrix_crew::gateway::{
     ConsumerPolicy, Gateway, GatewayConfig, Injection, RouteConfig, RouteKind, SecretSource,
 };
 use matrix_crew::store::Store;
+use process::{ms, percentile};
 use scripted_llm::ScriptedLlm;
 
 const ROUNDS: usize = 10;
@@ -217,13 +218,4 @@ async fn measure(
         all.extend(task.await.expect("task"));
     }
     (all, started.elapsed())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

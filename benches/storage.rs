@@ -5,20 +5,18 @@
 //! 10 MB objects, and the process's peak resident memory (VmHWM) before and after moving a
 //! 1 GB generated file through each backend: it must stay bounded, not grow with the file.
 
+#[path = "support/process.rs"]
+mod process;
+#[path = "../tests/support/s3.rs"]
+mod s3s_fs;
 #[path = "../tests/support/tools.rs"]
 mod tools;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-#[path = "support/process.rs"]
-mod process;
-
 use futures::StreamExt;
-use matrix_crew::storage::{
-    Backend, BodyStream, LocalBackend, S3Backend, S3Config, Storage, StoragePath,
-};
+use matrix_crew::storage::{Backend, BodyStream, LocalBackend, S3Backend, Storage, StoragePath};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -41,23 +39,12 @@ async fn run() {
         ),
         u64::MAX,
     );
-    let s3 = S3sFs::start().await;
+    let s3_server = s3s_fs::start_s3().await;
     let s3_storage = Storage::new(
         Backend::S3(
             S3Backend::connect(
-                &S3Config {
-                    endpoint: Some(s3.endpoint.parse().expect("endpoint url")),
-                    region: "us-east-1".into(),
-                    bucket: "bench".into(),
-                    path_style: true,
-                    access_key_env: "AK".into(),
-                    secret_key_env: "SK".into(),
-                },
-                |name| match name {
-                    "AK" => Some("bench-ak".into()),
-                    "SK" => Some("bench-sk".into()),
-                    _ => None,
-                },
+                &s3s_fs::s3_config(&s3_server.endpoint, s3s_fs::BUCKET),
+                s3s_fs::s3_env(s3s_fs::SECRET_KEY),
             )
             .expect("s3 client"),
         ),
@@ -182,63 +169,4 @@ fn generated(total: usize, chunk: usize) -> BodyStream {
 /// on its own; where that is refused, before/after still bound the growth.
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-struct S3sFs {
-    child: std::process::Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl S3sFs {
-    async fn start() -> Self {
-        let binary = tools::cache_dir().join("s3s/bin/s3s-fs");
-        if !binary.exists() {
-            let root = tools::cache_dir().join("s3s");
-            tools::install_once("s3s-fs", &root.join("installed"), || {
-                tools::run(
-                    Command::new("cargo")
-                        .args([
-                            "install",
-                            "s3s-fs@0.14.1",
-                            "--locked",
-                            "--features",
-                            "binary",
-                        ])
-                        .arg("--root")
-                        .arg(&root),
-                )
-            });
-        }
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir(dir.path().join("bench")).expect("bucket folder");
-        let port = tools::free_port();
-        let child = Command::new(&binary)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", "bench-ak", "--secret-key", "bench-sk"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        tools::wait_for("s3s-fs to listen", Duration::from_secs(20), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(drop)
-        })
-        .await;
-        Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for S3sFs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

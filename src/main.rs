@@ -76,6 +76,10 @@ enum WorkersCommand {
         /// What the Worker is for, e.g. "frontend development".
         #[arg(long, default_value = "")]
         role: String,
+        /// Also make the Worker's room "Worker: <Name>" and invite this person, as the
+        /// Manager does when asked in chat (e.g. `@alice:example.org`).
+        #[arg(long)]
+        invite: Option<ruma::OwnedUserId>,
     },
 }
 
@@ -178,11 +182,11 @@ async fn workers(
                 );
             }
         }
-        WorkersCommand::Add { name, role } => {
+        WorkersCommand::Add { name, role, invite } => {
             let created: Created = admin
                 .post(
                     "/workers",
-                    &serde_json::json!({ "name": name, "role": role }),
+                    &serde_json::json!({ "name": name, "role": role, "invite": invite }),
                 )
                 .await?;
             let verb = if created.created {
@@ -190,8 +194,13 @@ async fn workers(
             } else {
                 "exists:"
             };
+            let room = created
+                .worker
+                .room
+                .map(|room| format!(", room {room}"))
+                .unwrap_or_default();
             println!(
-                "{verb} {} ({})",
+                "{verb} {} ({}{room})",
                 created.worker.name, created.worker.user_id
             );
         }

@@ -24,3 +24,15 @@ pub fn two_core_runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// The figure below which `p` per cent of `sorted` lie (nearest rank), so every latency table
+/// reads its percentiles the same way.
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    let index = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// A duration in milliseconds, the unit of the latency tables.
+pub fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}

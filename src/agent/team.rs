@@ -146,9 +146,14 @@ struct CreateRequest {
     name: String,
     #[serde(default)]
     role: String,
+    /// The person to invite: when given, the Worker is provisioned in full, as the Manager's
+    /// create_worker tool does it (its room "Worker: <Name>" with this person invited).
+    #[serde(default)]
+    invite: Option<ruma::OwnedUserId>,
 }
 
-/// `/workers`: list (GET) and create (POST) for `crew workers`.
+/// `/workers`: list (GET) and create (POST, with `invite` to also make the Worker's room) for
+/// `crew workers`.
 pub fn admin_router(team: Arc<Team>) -> axum::Router {
     axum::Router::new()
         .route("/", get(list).post(create))
@@ -168,7 +173,14 @@ async fn create(
     State(team): State<Arc<Team>>,
     axum::Json(request): axum::Json<CreateRequest>,
 ) -> Response {
-    match team.create_worker(&request.name, &request.role).await {
+    let created = match &request.invite {
+        Some(requester) => {
+            team.provision(&request.name, &request.role, requester)
+                .await
+        }
+        None => team.create_worker(&request.name, &request.role).await,
+    };
+    match created {
         Ok(created) => axum::Json(created).into_response(),
         Err(TeamError::Registry(error @ RegistryError::InvalidName(_))) => {
             crate::admin::error_response(StatusCode::BAD_REQUEST, error.to_string())
