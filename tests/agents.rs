@@ -972,6 +972,16 @@ async fn commands_work_while_the_llm_provider_is_down() {
             .contains("I could not finish this"),
         "{notice}"
     );
+    // Workers can still be made from the CLI, with their room and the person invited.
+    let out = cli(
+        &env,
+        &["workers", "add", "bob", "--invite", "@admin:crew.test"],
+    );
+    assert!(out.contains('!'), "the room is printed: {out}");
+    tools::wait_for("the invite to bob's room", WAIT, || async {
+        admin.invites_named("Worker: Bob").await.into_iter().next()
+    })
+    .await;
     admin
         .send(&room, json!({"msgtype": "m.text", "body": "!crew workers"}))
         .await;
@@ -984,7 +994,7 @@ async fn commands_work_while_the_llm_provider_is_down() {
                 e["content"]["body"]
                     .as_str()
                     .unwrap_or("")
-                    .contains("No workers")
+                    .contains("Bob")
             })
     })
     .await;
