@@ -32,13 +32,26 @@ async fn crew_with_llm_and(llm: &ScriptedLlm, extra: &'static str) -> CrewEnv {
 
 /// crew with an `llm` route to `upstream` (the real key in a file) and `extra` config.
 async fn crew_with_upstream(upstream: String, extra: &'static str) -> CrewEnv {
+    crew_with_upstream_and(upstream, "", extra).await
+}
+
+/// As [`crew_with_upstream`], with more lines in the `[llm]` section.
+async fn crew_with_upstream_and_llm(upstream: String, llm_lines: &'static str) -> CrewEnv {
+    crew_with_upstream_and(upstream, llm_lines, "").await
+}
+
+async fn crew_with_upstream_and(
+    upstream: String,
+    llm_lines: &'static str,
+    extra: &'static str,
+) -> CrewEnv {
     CrewEnv::start_with(move |config: &Path| {
         // Outside the data directory, so that a scan of what crew stored finds only crew's writing.
         let key_file = config.parent().unwrap().parent().unwrap().join("llm.key");
         std::fs::write(&key_file, REAL_KEY).unwrap();
         let mut text = std::fs::read_to_string(config).unwrap();
         text.push_str(&format!(
-            "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\nmax_retries = 0\n",
+            "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\nmax_retries = 0\n{llm_lines}",
             key_file.display()
         ));
         text.push_str(extra);
@@ -114,6 +127,21 @@ async fn a_worker_is_created_by_conversation() {
     })
     .await;
     admin.join(&invited).await;
+    let welcome = tools::wait_for("the Manager's welcome in alice's room", WAIT, || async {
+        admin
+            .messages_from(&invited, &manager)
+            .await
+            .into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.notice")
+    })
+    .await;
+    assert!(
+        welcome["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Welcome, Alice! Your role: frontend development."),
+        "{welcome}"
+    );
     let (_, name) = admin
         .request(
             reqwest::Method::GET,
@@ -363,6 +391,27 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
     let admin = env.admin().await;
     let manager = env.manager_id();
     let alice_room = alice_with_the_login_task(&env).await;
+
+    // "What is everyone doing?" without the LLM: alice, her open task.
+    admin
+        .send(
+            &alice_room,
+            json!({"msgtype": "m.text", "body": "!crew workers"}),
+        )
+        .await;
+    tools::wait_for("alice's status with her task", WAIT, || async {
+        admin
+            .messages_from(&alice_room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("tasks: t-1 Login page")
+            })
+    })
+    .await;
 
     let said_by_manager = |needle: &'static str| {
         let admin = admin.clone();
@@ -990,11 +1039,25 @@ async fn commands_work_while_the_llm_provider_is_down() {
             .messages_from(&room, &manager)
             .await
             .into_iter()
+            .find(|e| e["content"]["body"].as_str().unwrap_or("").contains("Bob"))
+    })
+    .await;
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "!crew model bob big-model"}),
+        )
+        .await;
+    tools::wait_for("the model command's answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
             .find(|e| {
                 e["content"]["body"]
                     .as_str()
                     .unwrap_or("")
-                    .contains("Bob")
+                    .contains("Bob now uses `big-model`")
             })
     })
     .await;
@@ -1084,4 +1147,105 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
             })
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_manager_is_introduced_once_and_keeps_its_persona() {
+    let llm = ScriptedLlm::start().await;
+    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
+    llm.on(
+        move |b| is_manager(b) && has_tool_result(b),
+        Reply::text("Gern, ich bin Max."),
+    );
+    llm.on(
+        move |b| is_manager(b) && waking_text(b).contains("call yourself Max"),
+        Reply::tool_call(
+            "p1",
+            "set_persona",
+            json!({"name": "Max", "style": "brief and warm", "language": "German"}),
+        ),
+    );
+    llm.set_default(Reply::text("Hallo!"));
+    let env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("hq", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    admin
+        .send_mention(&room, "call yourself Max, answer in German", &[&manager])
+        .await;
+    tools::wait_for("the Manager's answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("ich bin Max")
+            })
+    })
+    .await;
+    // Before: the onboarding instructions. After: the persona, and the new display name.
+    assert!(system_prompt(&llm.requests()[0].json()).contains("You have not been introduced yet"));
+    let (_, profile) = admin
+        .request(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                synapse::enc(&manager)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(profile["displayname"], "Max");
+    admin.send_mention(&room, "hello", &[&manager]).await;
+    tools::wait_for("the second answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| e["content"]["body"].as_str().unwrap_or("") == "Hallo!")
+    })
+    .await;
+    let system = system_prompt(&llm.requests().last().unwrap().json());
+    assert!(system.starts_with("You are Max, the Manager"), "{system}");
+    assert!(system.contains("Always answer in German"), "{system}");
+    assert!(!system.contains("not been introduced"), "{system}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_over_its_token_budget_stops_and_says_so() {
+    let llm = ScriptedLlm::start().await;
+    // Each step reports 700 tokens; the turn may use 1,000.
+    llm.set_default(
+        Reply::tool_call("l1", "list_files", json!({"prefix": "shared/"})).usage(600, 100),
+    );
+    let env = crew_with_upstream_and_llm(llm.url(), "max_turn_tokens = 1000\n").await;
+    cli(&env, &["workers", "add", "alice"]);
+    let admin = env.admin().await;
+    let room = admin.create_room("alice dm", &[ALICE]).await;
+    admin.wait_joined(&room, ALICE).await;
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "list everything, forever"}),
+        )
+        .await;
+    let notice = tools::wait_for("the limit notice", WAIT, || async {
+        alice_said(&admin, &room, "m.notice", "tokens")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        notice["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("after using 1400 tokens (the limit is 1000"),
+        "{notice}"
+    );
+    assert_eq!(llm.received(), 2, "the third step was not asked for");
 }

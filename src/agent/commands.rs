@@ -1,7 +1,7 @@
 //! `!crew` commands: deterministic, answered by the Manager without an LLM, so they work when
 //! the provider is down or not configured. Commands that change anything are for admins only.
 
-use crate::agent::registry::{Registry, Worker, WorkerState};
+use crate::agent::registry::{Registry, WorkerState};
 
 /// One parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +12,8 @@ pub enum Command {
     Stop(String),
     Start(String),
     Remove(String),
+    /// `!crew model <name> <model>`: the Worker's model (`default` goes back to the configured one).
+    Model(String, String),
     Cancel(String),
     Why(String),
     /// Something after `!crew` that is not a command; the answer says what is.
@@ -31,7 +33,11 @@ impl Command {
         let mut words = rest.split_whitespace();
         let verb = words.next().unwrap_or("help").to_lowercase();
         let argument = words.next().map(str::to_owned);
+        let second = words.next().map(str::to_owned);
         Some(match (verb.as_str(), argument) {
+            ("model", Some(name)) if second.is_some() => {
+                Command::Model(name, second.unwrap_or_default())
+            }
             ("help", _) => Command::Help,
             ("workers", _) => Command::Workers,
             ("tasks", _) => Command::Tasks,
@@ -48,7 +54,11 @@ impl Command {
     pub fn changes_state(&self) -> bool {
         matches!(
             self,
-            Command::Stop(_) | Command::Start(_) | Command::Cancel(_)
+            Command::Stop(_)
+                | Command::Start(_)
+                | Command::Remove(_)
+                | Command::Model(..)
+                | Command::Cancel(_)
         )
     }
 }
@@ -61,36 +71,22 @@ pub fn help() -> String {
      - `!crew tasks`: open tasks\n\
      - `!crew stop <name>` / `!crew start <name>`: stop a Worker (its data is kept) or start it again (admins)\n\
      - `!crew remove <name>`: remove a Worker: its token is revoked, it leaves its rooms (admins)\n\
+     - `!crew model <name> <model>`: the model a Worker uses (`default` for the configured one; admins)\n\
      - `!crew cancel <task>`: cancel a task (admins)\n\
      - `!crew why <event id>`: why a message did or did not wake an agent"
         .to_owned()
 }
 
-/// `!crew workers`: one line per Worker.
-pub fn list_workers(workers: &[Worker], is_busy: impl Fn(&Worker) -> bool) -> String {
-    if workers.is_empty() {
-        return "No workers yet. Ask me to create one: \"create a worker named alice for frontend\"."
-            .to_owned();
+/// `!crew model`: sets or clears a Worker's model.
+pub fn set_model(registry: &Registry, name: &str, model: &str) -> String {
+    let model = (model != "default").then(|| model.to_owned());
+    match registry.update(name, |worker| worker.model = model.clone()) {
+        Ok(worker) => match &worker.model {
+            Some(model) => format!("{} now uses `{model}`.", worker.display_name),
+            None => format!("{} now uses the configured model.", worker.display_name),
+        },
+        Err(error) => format!("{error}. `!crew workers` lists them."),
     }
-    let mut out = String::from("Workers:\n");
-    for worker in workers {
-        let state = match worker.state {
-            WorkerState::Active if is_busy(worker) => "working",
-            WorkerState::Active => "idle",
-            WorkerState::Stopped => "stopped",
-            WorkerState::Removed => "removed",
-        };
-        let role = if worker.role.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", worker.role)
-        };
-        out.push_str(&format!(
-            "- **{}** {}{}: {}\n",
-            worker.display_name, worker.user_id, role, state
-        ));
-    }
-    out
 }
 
 /// `!crew stop` / `!crew start`.
@@ -139,6 +135,15 @@ mod tests {
         assert_eq!(Command::parse("!crewmate hi"), None);
         assert_eq!(Command::parse("hello !crew"), None);
         assert!(Command::Stop("a".into()).changes_state());
+        assert!(Command::Remove("a".into()).changes_state());
+        assert_eq!(
+            Command::parse("!crew model alice gpt-4o"),
+            Some(Command::Model("alice".into(), "gpt-4o".into()))
+        );
+        assert_eq!(
+            Command::parse("!crew model alice"),
+            Some(Command::Unknown("model".into()))
+        );
         assert!(!Command::Workers.changes_state());
     }
 }

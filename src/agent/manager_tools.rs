@@ -12,8 +12,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::llm_turn::Toolbox;
+use super::manager::ManagerProfile;
 use super::registry::WorkerState;
 use super::services::AgentServices;
+use super::status;
 use super::workspace::Workspace;
 use crate::dispatch::DEPTH_KEY;
 use crate::llm::Tool;
@@ -63,26 +65,6 @@ impl ManagerTools {
             )
         })
     }
-}
-
-/// The Manager's system prompt: who it is, what it can do, and how to onboard a new person.
-pub fn persona(manager_name: &str) -> String {
-    format!(
-        "You are {manager_name}, the Manager of a team of AI agents that live in Matrix rooms. \
-         A person commands the team from any Matrix client by talking to you.\n\
-         What you do, with your tools:\n\
-         - create Workers (create_worker; each gets its own room \"Worker: <Name>\" with the person invited), \
-         list them (list_workers), change their role or model (update_worker), stop, start or remove them, \
-         and invite them into other rooms (invite_worker);\n\
-         - assign tasks (assign_task writes tasks/<id>/spec.md and mentions the Worker; `every` makes it \
-         recurring with a cron expression), list and cancel them;\n\
-         - read and write the shared files (list_files, read_file, write_file). Refer to files by path; \
-         never paste a whole file into the chat.\n\
-         If the person is new or asks what you can do, explain this in three or four short lines and \
-         suggest a first step, e.g. \"create a worker named alice for frontend development\". \
-         In group rooms agents wake only when mentioned, so remind people to @-mention the Worker they want. \
-         Answer briefly; after a tool call, say what was done."
-    )
 }
 
 #[derive(Deserialize)]
@@ -144,8 +126,16 @@ impl Toolbox for ManagerTools {
             ),
             Tool::function(
                 "list_workers",
-                "List every Worker with its state, role, model and room.",
+                "What everyone is doing: every Worker with its state (working, idle, stopped, removed), role, model, open tasks and last activity.",
                 object(json!({}), &[]),
+            ),
+            Tool::function(
+                "set_persona",
+                "Save how the admin wants you to be: your name, your style, the language to answer in (admins only).",
+                object(
+                    json!({"name": {"type": "string"}, "style": {"type": "string"}, "language": {"type": "string"}}),
+                    &[],
+                ),
             ),
             Tool::function(
                 "update_worker",
@@ -210,13 +200,15 @@ impl Toolbox for ManagerTools {
     async fn call(&self, name: &str, arguments: &str) -> String {
         let outcome = match name {
             "create_worker" => self.create_worker(arguments).await,
-            "list_workers" => self
-                .services
-                .team
-                .registry
-                .list()
-                .map(|workers| json!(workers).to_string())
-                .map_err(|error| format!("error: {error}")),
+            "list_workers" => status::team_status(
+                &self.services.team.registry,
+                &self.services.tasks,
+                &self.services.activity,
+                &self.services.busy,
+            )
+            .map(|workers| json!(workers).to_string())
+            .map_err(|error| format!("error: {error}")),
+            "set_persona" => self.set_persona(arguments).await,
             "update_worker" => self.update_worker(arguments),
             "stop_worker" | "start_worker" => self.set_state(name, arguments),
             "remove_worker" => self.remove_worker(arguments).await,
@@ -261,6 +253,34 @@ impl ManagerTools {
             "room": created.worker.room,
         })
         .to_string())
+    }
+
+    async fn set_persona(&self, arguments: &str) -> Result<String, String> {
+        if let Some(refusal) = self.admin_only("change who I am") {
+            return Err(refusal);
+        }
+        let given: ManagerProfile = parse(arguments)?;
+        let clean = |value: Option<String>| {
+            value
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+        };
+        let mut profile = self.services.manager_profile().unwrap_or_default();
+        if let Some(name) = clean(given.name) {
+            self.services
+                .client
+                .set_display_name(&self.services.manager, &name)
+                .await
+                .map_err(|error| format!("error: cannot change my display name: {error}"))?;
+            profile.name = Some(name);
+        }
+        profile.style = clean(given.style).or(profile.style);
+        profile.language = clean(given.language).or(profile.language);
+        self.services
+            .manager_profile
+            .insert(&ManagerProfile::KEY.to_owned(), &profile)
+            .map_err(|error| format!("error: {error}"))?;
+        Ok(json!(profile).to_string())
     }
 
     fn update_worker(&self, arguments: &str) -> Result<String, String> {

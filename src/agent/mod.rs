@@ -13,6 +13,7 @@ pub mod manager;
 pub mod manager_tools;
 pub mod registry;
 pub mod services;
+pub mod status;
 pub mod team;
 pub mod turn;
 pub mod worker_tools;

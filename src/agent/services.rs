@@ -8,10 +8,13 @@ use std::sync::Arc;
 
 use ruma::{OwnedUserId, UserId};
 
+use super::manager::ManagerProfile;
+use super::status::{Activity, Busy};
 use super::team::Team;
 use crate::matrix::MatrixClient;
 use crate::storage::Storage;
 use crate::storage::links::Links;
+use crate::store::Tree;
 use crate::tasks::Tasks;
 
 /// The services a turn's tools use. Cheap to share: everything inside is a handle.
@@ -26,10 +29,24 @@ pub struct AgentServices {
     pub manager_name: String,
     /// People who may change the team (stop, remove, re-role Workers; cancel tasks).
     pub admins: Vec<OwnedUserId>,
+    /// When each agent last finished a turn.
+    pub activity: Activity,
+    /// Agents whose turn is running.
+    pub busy: Busy,
+    /// The Manager's name, style and language, as the admin set them in onboarding.
+    pub manager_profile: Tree<String, ManagerProfile>,
 }
 
 impl AgentServices {
     pub fn is_admin(&self, user: &UserId) -> bool {
         self.admins.iter().any(|admin| admin == user)
+    }
+
+    /// The Manager's profile, once onboarding set one.
+    pub fn manager_profile(&self) -> Option<ManagerProfile> {
+        self.manager_profile
+            .get(&ManagerProfile::KEY.to_owned())
+            .ok()
+            .flatten()
     }
 }

@@ -92,7 +92,8 @@ impl Team {
             .consumer_token(created.worker.user_id.localpart())
             .await?;
         if created.worker.room.is_none() {
-            let worker = &created.worker;
+            let worker = created.worker.clone();
+            let worker = &worker;
             let mut power_levels = std::collections::BTreeMap::new();
             power_levels.insert(requester.to_owned(), 100);
             power_levels.insert(worker.user_id.clone(), 10);
@@ -117,6 +118,32 @@ impl Team {
             created.worker = self.registry.update(&worker.name, |worker| {
                 worker.room = Some(room.clone());
             })?;
+            // A notice: it introduces the Worker without waking it.
+            let welcome = crate::matrix::OutgoingMessage::notice(format!(
+                "Welcome, {}! {}\n{}: this is {}'s room. Mention {} here to give it work (it wakes only when mentioned), or ask me to assign it a task.",
+                worker.display_name,
+                if worker.role.is_empty() {
+                    String::new()
+                } else {
+                    format!("Your role: {}.", worker.role)
+                },
+                requester,
+                worker.display_name,
+                worker.display_name,
+            ))
+            .mention(requester.to_owned(), requester.localpart());
+            if let Err(error) = self
+                .client
+                .send(
+                    &self.manager,
+                    &room,
+                    &format!("welcome:{}", worker.name),
+                    &welcome,
+                )
+                .await
+            {
+                tracing::warn!(%error, "cannot welcome a new Worker");
+            }
         }
         Ok(created)
     }

@@ -86,7 +86,7 @@ pub struct Crew {
     /// Room state as the dispatcher sees it, persisted per room.
     room_states: Tree<String, RoomState>,
     /// Agents whose turn loop is running (one turn per agent at a time).
-    running: std::sync::Mutex<std::collections::HashSet<OwnedUserId>>,
+    running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
     pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
     background: tokio_util::task::TaskTracker,
@@ -253,6 +253,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             }
         })?;
 
+    let busy = crate::agent::status::Busy::default();
     let agents = Arc::new(crate::agent::services::AgentServices {
         client: client.clone(),
         team: team.clone(),
@@ -262,6 +263,9 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         manager: manager.clone(),
         manager_name: config.appservice.manager_display_name.clone(),
         admins: config.admins.clone(),
+        activity: crate::agent::status::Activity::open(&store)?,
+        busy: busy.clone(),
+        manager_profile: store.tree("manager_profile")?,
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
@@ -286,7 +290,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         history,
         queue,
         room_states,
-        running: Default::default(),
+        running: busy,
         turns: Default::default(),
         background: background.clone(),
         shutdown: shutdown.clone(),

@@ -347,10 +347,13 @@ async fn answer_command(
     } else {
         match command {
             Command::Help => commands::help(),
-            Command::Workers => match crew.team.registry.list() {
-                Ok(workers) => {
-                    commands::list_workers(&workers, |worker| crew.is_busy(&worker.user_id))
-                }
+            Command::Workers => match crate::agent::status::team_status(
+                &crew.team.registry,
+                &crew.tasks,
+                &crew.agents.activity,
+                &crew.agents.busy,
+            ) {
+                Ok(statuses) => crate::agent::status::render(&statuses, now_ms()),
                 Err(error) => format!("I cannot read the roster: {error}"),
             },
             Command::Tasks => match crew.tasks.list(&crate::tasks::TaskFilter::open()) {
@@ -381,6 +384,7 @@ async fn answer_command(
             Command::Stop(name) => {
                 commands::set_state(&crew.team.registry, &name, WorkerState::Stopped)
             }
+            Command::Model(name, model) => commands::set_model(&crew.team.registry, &name, &model),
             Command::Start(name) => {
                 commands::set_state(&crew.team.registry, &name, WorkerState::Active)
             }

@@ -21,7 +21,7 @@ use super::Crew;
 use crate::agent::llm_turn::{
     self, Between, Supervisor, Toolbox, TurnContext, TurnLimits, TurnOutcome,
 };
-use crate::agent::manager_tools::{self, ManagerTools};
+use crate::agent::manager_tools::ManagerTools;
 use crate::agent::registry::WorkerState;
 use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::agent::worker_tools::WorkerTools;
@@ -187,6 +187,7 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
             tracing::debug!(%error, "cannot clear typing");
         }
     }
+    crew.agents.activity.touch(agent, crate::clock::now_ms());
     *crew
         .turns
         .lock()
@@ -375,7 +376,10 @@ async fn llm_answer(
     let services = crew.agents.clone();
     let (system, toolbox, model): (String, Box<dyn Toolbox>, String) = if *agent == crew.manager {
         (
-            manager_tools::persona(&services.manager_name),
+            crate::agent::manager::persona(
+                &services.manager_name,
+                services.manager_profile().as_ref(),
+            ),
             Box::new(ManagerTools::new(
                 services,
                 sender.to_owned(),
