@@ -768,6 +768,30 @@ async fn a_turn_cut_by_a_crash_replays_its_finished_steps() {
         1,
         "one room"
     );
+
+    // The room's conversation survived the restart: the next turn still sees it.
+    llm.set_default(Reply::text("Nothing else."));
+    admin
+        .send_mention(&room, "anything else?", &[&manager])
+        .await;
+    tools::wait_for("the next answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Nothing else.")
+            })
+    })
+    .await;
+    let context = last_user_text(&llm.requests().last().unwrap().json());
+    assert!(
+        context.contains("create a worker named dave") && context.contains("you: Dave is ready."),
+        "{context}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

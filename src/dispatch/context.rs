@@ -20,8 +20,10 @@ pub struct Said {
     pub body: String,
 }
 
+/// One room's kept messages and the agents' cursors; persisted per room by the server so the
+/// context survives a restart.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct RoomLog {
+pub struct RoomLog {
     next_seq: u64,
     said: VecDeque<Said>,
     /// Per agent: the first seq it has not seen.
@@ -112,6 +114,19 @@ impl SaidSince {
         };
         let skip = log.said.len().saturating_sub(limit);
         log.said.iter().skip(skip).cloned().collect()
+    }
+
+    /// One room's log, to persist it.
+    pub fn room_log(&self, room: &RoomId) -> Option<&RoomLog> {
+        self.rooms.get(room)
+    }
+
+    /// Puts back a persisted room log (at start-up), trimmed to this buffer's size.
+    pub fn restore_room(&mut self, room: &RoomId, mut log: RoomLog) {
+        while log.said.len() > self.per_room {
+            log.said.pop_front();
+        }
+        self.rooms.insert(room.to_owned(), log);
     }
 
     /// Forgets a room.

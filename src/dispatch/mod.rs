@@ -25,7 +25,7 @@ use ruma::RoomId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use context::{Missed, Said, SaidSince};
+pub use context::{Missed, RoomLog, Said, SaidSince};
 pub use crew::{Agent, Crew, History, MemoryHistory, NoHistory, Remember, Role};
 pub use decide::{
     DEPTH_KEY, Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth,

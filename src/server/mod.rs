@@ -4,6 +4,7 @@
 //! Not for: domain decisions. Who wakes lives in [`crate::dispatch`], what agents do in
 //! [`crate::agent`]; this module only wires them together and owns the tasks' lifetimes.
 
+mod admin_routes;
 mod heartbeat;
 mod pump;
 mod startup;
@@ -21,7 +22,7 @@ use crate::appservice::inbox::Inbox;
 use crate::appservice::{self, AppserviceState};
 use crate::config::{Config, Loaded};
 use crate::dispatch::queue::WakeQueue;
-use crate::dispatch::{Dispatcher, RoomState, SledHistory};
+use crate::dispatch::{Dispatcher, RoomLog, RoomState, SledHistory};
 use crate::matrix::{MatrixClient, MatrixError};
 use crate::registration::Registration;
 use crate::store::Tree;
@@ -85,6 +86,8 @@ pub struct Crew {
     pub queue: WakeQueue,
     /// Room state as the dispatcher sees it, persisted per room.
     room_states: Tree<String, RoomState>,
+    /// The dispatcher's "said since" log per room (the turns' recent conversation).
+    room_context: Tree<String, RoomLog>,
     /// Agents whose turn loop is running (one turn per agent at a time).
     running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
@@ -139,6 +142,15 @@ impl Crew {
     fn persist_room(&self, room: &ruma::RoomId, state: &RoomState) {
         if let Err(error) = self.room_states.insert(&room.to_string(), state) {
             tracing::error!(%error, %room, "cannot store room state");
+        }
+    }
+
+    /// Saves one room's conversation log (messages and agents' cursors).
+    fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
+        if let Some(log) = dispatcher.context.room_log(room)
+            && let Err(error) = self.room_context.insert(&room.to_string(), log)
+        {
+            tracing::error!(%error, %room, "cannot store the room's conversation log");
         }
     }
 }
@@ -225,6 +237,13 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             *dispatcher.rooms.entry(&room) = state;
         }
     }
+    let room_context: Tree<String, RoomLog> = store.tree("room_context")?;
+    for entry in room_context.iter() {
+        let (room, log) = entry?;
+        if let Ok(room) = ruma::RoomId::parse(&room) {
+            dispatcher.context.restore_room(&room, log);
+        }
+    }
     let history = SledHistory::open(&store)?;
     let queue = WakeQueue::open(&store)?;
 
@@ -290,6 +309,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         history,
         queue,
         room_states,
+        room_context,
         running: busy,
         turns: Default::default(),
         background: background.clone(),
@@ -317,8 +337,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         .nest("/workers", crate::agent::team::admin_router(team))
         .nest("/gateway", crate::gateway::admin_router(gateway.clone()))
         .nest("/files", crate::storage::admin::admin_router(storage))
-        .nest("/dispatch", turns::admin_router(crew.clone()))
-        .nest("/share", turns::share_router(crew.clone()));
+        .nest("/dispatch", admin_routes::dispatch_router(crew.clone()))
+        .nest("/share", admin_routes::share_router(crew.clone()));
     background.spawn(gateway.serve(gateway_listener, shutdown.clone()));
     background.spawn(crate::admin::serve(
         admin_listener,

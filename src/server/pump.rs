@@ -131,6 +131,9 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
             .map(|state| (room.clone(), state))
     }) {
         crew.persist_room(&room, room_state);
+        if decision.message {
+            crew.persist_context(&room, &state.dispatcher);
+        }
     }
     tracing::debug!(
         woken = ?decision.wakes.iter().map(|w| w.agent.as_str()).collect::<Vec<_>>(),

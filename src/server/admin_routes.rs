@@ -1,0 +1,132 @@
+//! The server's own admin routes (next to those the services bring): `/share` posts a file
+//! reference as an agent, `/dispatch` shows the dispatcher's reasons, turns and wake queue.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use ruma::OwnedUserId;
+use serde_json::Value;
+
+use super::Crew;
+
+/// What `crew share` asks for.
+#[derive(serde::Deserialize)]
+pub(super) struct ShareRequest {
+    path: String,
+    room: ruma::OwnedRoomId,
+    /// The agent that posts it (default: the Manager).
+    #[serde(default)]
+    agent: Option<OwnedUserId>,
+    /// Upload small files as `m.file` even when links are available.
+    #[serde(default)]
+    upload: bool,
+}
+
+/// `POST /share`: an agent posts a file reference (link or `m.file`) in a room.
+pub(super) fn share_router(crew: Arc<Crew>) -> axum::Router {
+    axum::Router::new()
+        .route("/", axum::routing::post(share))
+        .with_state(crew)
+}
+
+async fn share(
+    State(crew): State<Arc<Crew>>,
+    axum::Json(request): axum::Json<ShareRequest>,
+) -> Response {
+    let agent = request.agent.unwrap_or_else(|| crew.manager.clone());
+    if !crew.is_ours(&agent) {
+        return crate::admin::error_response(
+            StatusCode::BAD_REQUEST,
+            format!("{agent} is not one of our agents"),
+        );
+    }
+    match crate::agent::files::share(
+        &crew.storage,
+        &crew.links,
+        &crew.client,
+        &agent,
+        &request.room,
+        &request.path,
+        request.upload,
+    )
+    .await
+    {
+        Ok(event_id) => axum::Json(serde_json::json!({ "event_id": event_id })).into_response(),
+        Err(crate::agent::files::ShareError::Storage(error)) => {
+            crate::storage::admin::storage_error(error)
+        }
+        Err(error) => crate::admin::error_response(StatusCode::BAD_GATEWAY, error.to_string()),
+    }
+}
+
+/// `/dispatch/why/{event_id}` (the dispatcher's reasons), `/dispatch/turns` (turns per agent)
+/// and `/dispatch/queue` (wakes not yet answered, per agent).
+pub(super) fn dispatch_router(crew: Arc<Crew>) -> axum::Router {
+    axum::Router::new()
+        .route("/why/{event_id}", get(why))
+        .route("/turns", get(turns))
+        .route("/queue", get(queue))
+        .with_state(crew)
+}
+
+async fn why(State(crew): State<Arc<Crew>>, Path(event_id): Path<String>) -> Response {
+    let Ok(event_id) = ruma::EventId::parse(&event_id) else {
+        return crate::admin::error_response(StatusCode::BAD_REQUEST, "not an event id");
+    };
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match state.dispatcher.reasons.get(&event_id) {
+        Some(kept) => axum::Json(kept.clone()).into_response(),
+        None => crate::admin::error_response(
+            StatusCode::NOT_FOUND,
+            "no decision kept for that event (unknown, or older than the retention)",
+        ),
+    }
+}
+
+async fn turns(State(crew): State<Arc<Crew>>) -> Response {
+    let turns = crew
+        .turns
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    axum::Json(turns).into_response()
+}
+
+async fn queue(State(crew): State<Arc<Crew>>) -> Response {
+    let agents = match crew.queue.agents_with_pending() {
+        Ok(agents) => agents,
+        Err(error) => {
+            return crate::admin::error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error.to_string(),
+            );
+        }
+    };
+    let mut pending = serde_json::Map::new();
+    for agent in agents {
+        let events: Vec<Value> = crew
+            .queue
+            .pending_for(&agent)
+            .unwrap_or_default()
+            .iter()
+            .map(|queued| {
+                Value::from(
+                    queued
+                        .wake
+                        .event
+                        .get("event_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                )
+            })
+            .collect();
+        pending.insert(agent.to_string(), Value::Array(events));
+    }
+    axum::Json(Value::Object(pending)).into_response()
+}
