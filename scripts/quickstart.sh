@@ -6,6 +6,10 @@
 #   scripts/quickstart.sh                 # local Synapse on 127.0.0.1:8008 + crew serve
 #   CREW_HOMESERVER=http://hs:8008 CREW_SERVER_NAME=example.org CREW_ADMIN=@me:example.org \
 #     scripts/quickstart.sh               # your own homeserver (register data/registration.yaml there)
+#
+# The agents' LLM, on first run: OPENAI_BASE_URL (any OpenAI-compatible /v1 URL), OPENAI_API_KEY
+# and optionally OPENAI_MODEL. The key goes to crew's credential gateway only: the config names
+# the variable, and crew reads it when it starts, so keep it set for later runs too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${CREW_DATA_DIR:-data}
@@ -16,6 +20,16 @@ mkdir -p "$data" "$cache"
 profile=${CREW_PROFILE:-debug}
 if [ "$profile" = release ]; then cargo build --release --bin crew; else cargo build --bin crew; fi
 crew="${CARGO_TARGET_DIR:-target}/$profile/crew"
+
+llm_args=()
+if [ -n "${OPENAI_BASE_URL:-}" ]; then
+  llm_args=(--llm-url "$OPENAI_BASE_URL" --llm-key-env OPENAI_API_KEY)
+  if [ -n "${OPENAI_MODEL:-}" ]; then llm_args+=(--llm-model "$OPENAI_MODEL"); fi
+  if [ -z "${OPENAI_API_KEY:-}" ]; then echo "OPENAI_BASE_URL is set but OPENAI_API_KEY is not: the agents will be refused by the provider" >&2; fi
+  if [ -f "$data/config.toml" ] && ! grep -q '^name = "llm"' "$data/config.toml"; then
+    echo "note: $data/config.toml exists without an LLM route; add one as README.md shows (or remove the file to start over)" >&2
+  fi
+fi
 
 if [ -z "${CREW_HOMESERVER:-}" ]; then
   hs="$data/synapse"
@@ -28,7 +42,7 @@ if [ -z "${CREW_HOMESERVER:-}" ]; then
   server_name=localhost
   admin="@admin:$server_name"
   if [ ! -f "$data/config.toml" ]; then
-    "$crew" init --homeserver http://127.0.0.1:8008 --server-name "$server_name" --admin "$admin" --data-dir "$data"
+    "$crew" init --homeserver http://127.0.0.1:8008 --server-name "$server_name" --admin "$admin" --data-dir "$data" ${llm_args[@]+"${llm_args[@]}"}
   fi
   if [ ! -f "$hs/homeserver.yaml" ]; then
     cat > "$hs/homeserver.yaml" <<YAML
@@ -73,7 +87,7 @@ TXT
 else
   if [ ! -f "$data/config.toml" ]; then
     : "${CREW_SERVER_NAME:?set CREW_SERVER_NAME}" "${CREW_ADMIN:?set CREW_ADMIN}"
-    "$crew" init --homeserver "$CREW_HOMESERVER" --server-name "$CREW_SERVER_NAME" --admin "$CREW_ADMIN" --data-dir "$data"
+    "$crew" init --homeserver "$CREW_HOMESERVER" --server-name "$CREW_SERVER_NAME" --admin "$CREW_ADMIN" --data-dir "$data" ${llm_args[@]+"${llm_args[@]}"}
     echo "Register $data/registration.yaml with your homeserver (docs/homeservers.md), restart it, then run this again."
     exit 0
   fi

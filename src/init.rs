@@ -25,6 +25,19 @@ pub struct InitOptions {
     pub bind: std::net::SocketAddr,
     pub admin_bind: std::net::SocketAddr,
     pub force: bool,
+    /// An OpenAI-compatible provider for the agents, reached through the gateway.
+    pub llm: Option<LlmProvider>,
+}
+
+/// The LLM provider `crew init` configures: a gateway route named `llm` whose key is read from
+/// an environment variable when crew starts, so the key itself is never written anywhere.
+#[derive(Debug, Clone)]
+pub struct LlmProvider {
+    /// The provider's OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: url::Url,
+    /// The environment variable that holds the key, e.g. `OPENAI_API_KEY`.
+    pub key_env: String,
+    pub model: Option<String>,
 }
 
 /// Why `crew init` refused or failed.
@@ -71,6 +84,27 @@ pub fn init(options: &InitOptions) -> Result<Written, InitError> {
             )));
         }
     }
+    if let Some(llm) = &options.llm {
+        let valid_name = llm
+            .key_env
+            .starts_with(|c: char| c.is_ascii_uppercase() || c == '_')
+            && llm
+                .key_env
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !valid_name {
+            return Err(InitError::Invalid(format!(
+                "--llm-key-env `{}` must name an environment variable (A-Z, 0-9, _), e.g. OPENAI_API_KEY; pass the key itself in that variable",
+                llm.key_env
+            )));
+        }
+        if !matches!(llm.base_url.scheme(), "http" | "https") {
+            return Err(InitError::Invalid(format!(
+                "--llm-url `{}` must be an http(s) URL such as https://api.openai.com/v1",
+                llm.base_url
+            )));
+        }
+    }
     let config_path = options.data_dir.join("config.toml");
     let registration_path = options.data_dir.join("registration.yaml");
     for path in [&config_path, &registration_path] {
@@ -107,6 +141,34 @@ fn write(path: &Path, contents: &[u8]) -> Result<(), InitError> {
 }
 
 fn config_text(options: &InitOptions) -> String {
+    let mut text = base_config_text(options);
+    if let Some(llm) = &options.llm {
+        text.push_str(&format!(
+            r#"
+# The agents' LLM, reached only through crew's credential gateway. The key is read from
+# ${key_env} when crew starts and is never written to disk.
+[[gateway.routes]]
+name = "llm"
+prefix = "/llm"
+upstream = "{url}"
+kind = "openai"
+credentials = [{{ env = "{key_env}" }}]
+
+[llm]
+model = "{model}"
+"#,
+            url = llm.base_url.as_str().trim_end_matches('/'),
+            key_env = llm.key_env,
+            model = llm
+                .model
+                .as_deref()
+                .unwrap_or(&crate::llm::LlmConfig::default().model),
+        ));
+    }
+    text
+}
+
+fn base_config_text(options: &InitOptions) -> String {
     let admins = options
         .admins
         .iter()

@@ -118,6 +118,16 @@ struct InitArgs {
     /// Replace existing files (new tokens: register the new file with the homeserver).
     #[arg(long)]
     force: bool,
+    /// An OpenAI-compatible base URL for the agents' LLM (OpenAI, DeepSeek, vLLM, Ollama's /v1…).
+    #[arg(long)]
+    llm_url: Option<url::Url>,
+    /// The environment variable crew reads the LLM key from when it starts (the key is never
+    /// written to a file).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    llm_key_env: String,
+    /// The model agents use.
+    #[arg(long)]
+    llm_model: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -225,6 +235,11 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         bind: args.bind,
         admin_bind: args.admin_bind,
         force: args.force,
+        llm: args.llm_url.map(|base_url| matrix_crew::init::LlmProvider {
+            base_url,
+            key_env: args.llm_key_env,
+            model: args.llm_model,
+        }),
     })?;
     println!(
         "wrote {} and {}\nnext: register {} with your homeserver (docs/homeservers.md), then run `crew serve --config {}`",

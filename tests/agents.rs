@@ -1273,3 +1273,51 @@ async fn a_turn_over_its_token_budget_stops_and_says_so() {
     );
     assert_eq!(llm.received(), 2, "the third step was not asked for");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_with_an_llm_url_reads_the_key_from_the_environment_only() {
+    let llm = ScriptedLlm::start().await;
+    llm.set_default(Reply::text("Hello from the provider."));
+    let url = format!("{}/v1", llm.url());
+    let env = CrewEnv::start_with_init(
+        &[
+            "--llm-url",
+            &url,
+            "--llm-key-env",
+            "TEST_PROVIDER_KEY",
+            "--llm-model",
+            "scripted-model",
+        ],
+        |_| {},
+    )
+    .await;
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    assert!(config.contains("env = \"TEST_PROVIDER_KEY\""), "{config}");
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("hq", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    admin.send_mention(&room, "hello", &[&manager]).await;
+    tools::wait_for("the Manager's answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Hello from the provider")
+            })
+    })
+    .await;
+    let key = crew::TEST_PROVIDER_KEY;
+    assert_eq!(
+        llm.requests()[0].header("authorization"),
+        Some(format!("Bearer {key}").as_str()),
+        "the provider got the key from the environment"
+    );
+    assert!(!env.all_logs().contains(key), "never logged");
+    let stored = files_containing(&env.data_dir, key.as_bytes());
+    assert!(stored.is_empty(), "never written: {stored:?}");
+}

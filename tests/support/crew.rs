@@ -39,6 +39,11 @@ impl CrewEnv {
 
     /// As [`CrewEnv::start`], with a chance to edit the config file before `crew serve`.
     pub async fn start_with(edit_config: impl FnOnce(&Path)) -> CrewEnv {
+        Self::start_with_init(&[], edit_config).await
+    }
+
+    /// As [`CrewEnv::start_with`], with more arguments for `crew init`.
+    pub async fn start_with_init(init_args: &[&str], edit_config: impl FnOnce(&Path)) -> CrewEnv {
         let root = tempfile::tempdir().unwrap();
         let data_dir = root.path().join("data");
         let appservice_port = tools::free_port();
@@ -56,6 +61,7 @@ impl CrewEnv {
             .arg(&data_dir)
             .args(["--bind", &format!("127.0.0.1:{appservice_port}")])
             .args(["--admin-bind", &format!("127.0.0.1:{admin_port}")])
+            .args(init_args)
             .output()
             .unwrap();
         assert!(output.status.success(), "crew init: {output:?}");
@@ -200,6 +206,10 @@ impl CrewEnv {
     }
 }
 
+/// A provider key every test `crew serve` finds in its environment as `TEST_PROVIDER_KEY`, for
+/// configs that read the LLM key from the environment (`crew init --llm-key-env`).
+pub const TEST_PROVIDER_KEY: &str = "sk-from-the-environment-only-the-gateway-sends-it";
+
 /// A running `crew serve`; killed on drop.
 pub struct CrewProcess {
     child: Child,
@@ -219,6 +229,7 @@ impl CrewProcess {
             .env("CREW_APPSERVICE__PING_INTERVAL_SECS", "1")
             .env("RUST_LOG", "info,matrix_crew=debug")
             .env("NO_COLOR", "1")
+            .env("TEST_PROVIDER_KEY", TEST_PROVIDER_KEY)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
