@@ -6,6 +6,7 @@
 //! prompt cannot talk it into another Worker's folder. Reads are bounded so a file never floods
 //! a context; chat and prompts carry paths, the bodies stay in storage.
 
+use futures::StreamExt;
 use ruma::UserId;
 use serde_json::Value;
 
@@ -131,12 +132,23 @@ impl Workspace {
     async fn read(&self, path: &str) -> Result<String, StorageError> {
         let path = StoragePath::parse(path.trim_start_matches('/'))?;
         access::check(self.scope(), &path, Operation::Read)?;
-        let meta = self.storage.head(&path).await?;
-        let bytes = self
-            .storage
-            .get_bytes(&path, meta.size.min(READ_LIMIT_BYTES as u64 * 4))
-            .await?;
-        Ok(bounded_text(&bytes, meta.size))
+        // Only the start is read, however large the file: the rest is announced, not loaded.
+        let mut object = self.storage.get(&path).await?;
+        let mut start = Vec::with_capacity(READ_LIMIT_BYTES + 4);
+        while start.len() <= READ_LIMIT_BYTES {
+            match object.body.next().await {
+                Some(Ok(chunk)) => start.extend_from_slice(&chunk),
+                Some(Err(source)) => {
+                    return Err(StorageError::Io {
+                        action: "reading",
+                        path: path.to_string(),
+                        source,
+                    });
+                }
+                None => break,
+            }
+        }
+        Ok(bounded_text(&start, object.meta.size))
     }
 
     async fn write(&self, path: &str, content: &str) -> Result<String, StorageError> {
