@@ -19,7 +19,7 @@ mod tools;
 
 use std::time::{Duration, Instant};
 
-use matrix_crew::agent::llm_turn::{RECENT_MESSAGES, TurnContext, conversation};
+use matrix_crew::agent::llm_turn::{TurnContext, conversation};
 use matrix_crew::agent::registry::Registry;
 use matrix_crew::dispatch::{Agent, Crew, DispatchConfig, Dispatcher, Membership, NoHistory, Role};
 use matrix_crew::store::Store;
@@ -103,7 +103,9 @@ fn prompt_size_by_history() {
     let room = RoomId::parse("!room:example.org").expect("room id");
     let human = user("@human:example.org");
     let alice = user("@crew_alice:example.org");
-    println!("history (messages)   prompt chars   ~tokens   said-since lines");
+    println!(
+        "history (messages)   prompt chars   ~tokens   said since (lines shown)   recent lines"
+    );
     for history in [1usize, 100, 10_000] {
         let config = DispatchConfig::default();
         let agents = vec![
@@ -126,7 +128,13 @@ fn prompt_size_by_history() {
         for member in [&human, &alice, &user("@bob:example.org")] {
             state.set_member(member.clone(), Membership::Join, None);
         }
+        // alice's previous turn was 5 messages ago: older messages are "recent conversation",
+        // the last 5 are "said since".
+        let previous_turn = history.saturating_sub(5);
         for n in 0..history {
+            if n == previous_turn {
+                dispatcher.context.take(&alice, &room);
+            }
             let event = json!({"type": "m.room.message", "event_id": format!("$h{n}"), "room_id": room,
                 "sender": human, "origin_server_ts": n,
                 "content": {"msgtype": "m.text", "body": format!("message {n} about the project, nobody mentioned"), "m.mentions": {}}});
@@ -137,7 +145,9 @@ fn prompt_size_by_history() {
         let decision = dispatcher.dispatch(&waking, &NoHistory, history as u64 + 1);
         assert_eq!(decision.wakes.len(), 1, "alice wakes");
         let missed = dispatcher.context.take(&alice, &room);
-        let recent = dispatcher.context.recent(&room, RECENT_MESSAGES + 1);
+        let recent = dispatcher
+            .context
+            .recent(&room, TurnContext::recent_window(&missed));
         let (context, said_since) = TurnContext::assemble(
             &alice,
             &missed,
@@ -149,10 +159,11 @@ fn prompt_size_by_history() {
         );
         let prompt = conversation(&context);
         println!(
-            "{history:>18}   {:>12}   {:>7}   {:>16}",
+            "{history:>18}   {:>12}   {:>7}   {:>24}   {:>12}",
             prompt.len(),
             prompt.len() / 4,
-            said_since
+            format!("{said_since} ({})", context.said_since.len()),
+            context.recent.len()
         );
     }
 }

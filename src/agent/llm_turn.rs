@@ -144,6 +144,12 @@ pub const SAID_SINCE_SHOWN: usize = 20;
 pub const LINE_CHARS: usize = 500;
 
 impl TurnContext {
+    /// How many of the room's last messages to fetch for [`TurnContext::assemble`]: the new
+    /// ones, the waking one, and [`RECENT_MESSAGES`] before them.
+    pub fn recent_window(missed: &Missed) -> usize {
+        RECENT_MESSAGES + 1 + missed.messages.len()
+    }
+
     /// Assembles the context of one waking message from what the dispatcher kept: `missed`
     /// (said since the agent's last turn) and `recent` (the room's last messages, everyone's).
     /// Messages appear once (recent ones that are new to the agent are listed as new), each is

@@ -244,7 +244,7 @@ fn turn_context(
         let recent = state
             .dispatcher
             .context
-            .recent(&wake.room, llm_turn::RECENT_MESSAGES + 1);
+            .recent(&wake.room, TurnContext::recent_window(&missed));
         (missed, recent)
     };
     TurnContext::assemble(
