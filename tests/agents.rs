@@ -324,19 +324,9 @@ async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
     let alice_room = alice_with_the_login_task(&env).await;
 
     // The Manager mentions alice in her room; she completes the task; we are told.
-    let report = tools::wait_for("the completion report", WAIT, || async {
-        admin
-            .messages_from(&alice_room, "@crew_alice:crew.test")
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("is done")
-            })
-    })
-    .await;
+    let report = admin
+        .wait_for_message(&alice_room, "@crew_alice:crew.test", "is done")
+        .await;
     assert!(
         report["content"]["m.mentions"]["user_ids"]
             .to_string()
@@ -399,19 +389,9 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
             json!({"msgtype": "m.text", "body": "!crew workers"}),
         )
         .await;
-    tools::wait_for("alice's status with her task", WAIT, || async {
-        admin
-            .messages_from(&alice_room, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("tasks: t-1 Login page")
-            })
-    })
-    .await;
+    admin
+        .wait_for_message(&alice_room, &manager, "tasks: t-1 Login page")
+        .await;
 
     let said_by_manager = |needle: &'static str| {
         let admin = admin.clone();
@@ -489,8 +469,19 @@ async fn alice_with_the_login_task(env: &CrewEnv) -> String {
     let hq = admin.create_room("hq", &[&manager, &bob.user_id]).await;
     bob.join(&hq).await;
     admin.wait_joined(&hq, &manager).await;
+    let alice_room = alice_created_by_chat(&admin, &hq, &manager).await;
     admin
-        .send_mention(&hq, "create a worker named alice", &[&manager])
+        .send_mention(&hq, "give alice the login task", &[&manager])
+        .await;
+    alice_room
+}
+
+/// Asks the Manager in `hq` to create alice (scripted by [`script_the_manager`]), joins her
+/// room and waits for the Manager's answer, as a person would: a message sent while the
+/// Manager's turn runs would join that turn instead of starting its own. Returns alice's room.
+async fn alice_created_by_chat(admin: &synapse::TestUser, hq: &str, manager: &str) -> String {
+    admin
+        .send_mention(hq, "create a worker named alice", &[manager])
         .await;
     let alice_room = tools::wait_for("alice's room", WAIT, || async {
         admin
@@ -501,30 +492,13 @@ async fn alice_with_the_login_task(env: &CrewEnv) -> String {
     })
     .await;
     admin.join(&alice_room).await;
-    // As a person would, wait for the answer: a message sent while the Manager's turn runs
-    // would join that turn instead of starting its own.
-    manager_done(&admin, &hq, &manager).await;
-    admin
-        .send_mention(&hq, "give alice the login task", &[&manager])
-        .await;
+    manager_done(admin, hq, manager).await;
     alice_room
 }
 
 /// Waits for the Manager's "Done." in `room` (the end of a scripted turn).
 async fn manager_done(admin: &synapse::TestUser, room: &str, manager: &str) {
-    tools::wait_for("the Manager's answer", WAIT, || async {
-        admin
-            .messages_from(room, manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Done.")
-            })
-    })
-    .await;
+    admin.wait_for_message(room, manager, "Done.").await;
 }
 
 const ALICE: &str = "@crew_alice:crew.test";
@@ -725,19 +699,9 @@ async fn a_turn_cut_by_a_crash_replays_its_finished_steps() {
     env.start_crew().await;
     answering.release();
 
-    tools::wait_for("the Manager's answer after the restart", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Dave is ready")
-            })
-    })
-    .await;
+    admin
+        .wait_for_message(&room, &manager, "Dave is ready")
+        .await;
     let first_steps = llm
         .requests()
         .iter()
@@ -774,19 +738,9 @@ async fn a_turn_cut_by_a_crash_replays_its_finished_steps() {
     admin
         .send_mention(&room, "anything else?", &[&manager])
         .await;
-    tools::wait_for("the next answer", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Nothing else.")
-            })
-    })
-    .await;
+    admin
+        .wait_for_message(&room, &manager, "Nothing else.")
+        .await;
     let context = last_user_text(&llm.requests().last().unwrap().json());
     assert!(
         context.contains("create a worker named dave") && context.contains("you: Dave is ready."),
@@ -1058,33 +1012,16 @@ async fn commands_work_while_the_llm_provider_is_down() {
     admin
         .send(&room, json!({"msgtype": "m.text", "body": "!crew workers"}))
         .await;
-    tools::wait_for("the command's answer", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| e["content"]["body"].as_str().unwrap_or("").contains("Bob"))
-    })
-    .await;
+    admin.wait_for_message(&room, &manager, "Bob").await;
     admin
         .send(
             &room,
             json!({"msgtype": "m.text", "body": "!crew model bob big-model"}),
         )
         .await;
-    tools::wait_for("the model command's answer", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Bob now uses `big-model`")
-            })
-    })
-    .await;
+    admin
+        .wait_for_message(&room, &manager, "Bob now uses `big-model`")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1106,19 +1043,7 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
     let manager = env.manager_id();
     let hq = admin.create_room("hq", &[&manager]).await;
     admin.wait_joined(&hq, &manager).await;
-    admin
-        .send_mention(&hq, "create a worker named alice", &[&manager])
-        .await;
-    let alice_room = tools::wait_for("alice's room", WAIT, || async {
-        admin
-            .invites_named("Worker: Alice")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
-    admin.join(&alice_room).await;
-    manager_done(&admin, &hq, &manager).await;
+    let alice_room = alice_created_by_chat(&admin, &hq, &manager).await;
     admin
         .send_mention(
             &hq,
@@ -1158,19 +1083,7 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
     admin
         .send(&hq, json!({"msgtype": "m.text", "body": "!crew tasks"}))
         .await;
-    tools::wait_for("the task list with the schedule", WAIT, || async {
-        admin
-            .messages_from(&hq, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("repeats")
-            })
-    })
-    .await;
+    admin.wait_for_message(&hq, &manager, "repeats").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1198,19 +1111,7 @@ async fn the_manager_is_introduced_once_and_keeps_its_persona() {
     admin
         .send_mention(&room, "call yourself Max, answer in German", &[&manager])
         .await;
-    tools::wait_for("the Manager's answer", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("ich bin Max")
-            })
-    })
-    .await;
+    admin.wait_for_message(&room, &manager, "ich bin Max").await;
     // Before: the onboarding instructions. After: the persona, and the new display name.
     assert!(system_prompt(&llm.requests()[0].json()).contains("You have not been introduced yet"));
     let (_, profile) = admin
@@ -1298,19 +1199,9 @@ async fn init_with_an_llm_url_reads_the_key_from_the_environment_only() {
     let room = admin.create_room("hq", &[&manager]).await;
     admin.wait_joined(&room, &manager).await;
     admin.send_mention(&room, "hello", &[&manager]).await;
-    tools::wait_for("the Manager's answer", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Hello from the provider")
-            })
-    })
-    .await;
+    admin
+        .wait_for_message(&room, &manager, "Hello from the provider")
+        .await;
     let key = crew::TEST_PROVIDER_KEY;
     assert_eq!(
         llm.requests()[0].header("authorization"),

@@ -245,19 +245,9 @@ async fn encrypted_rooms_and_missed_mentions_get_one_notice_each() {
         .await;
     let decision = why(&env, &first).await;
     assert!(woken(&decision).is_empty());
-    let hint = tools::wait_for("alice's hint", WAIT, || async {
-        admin
-            .messages_from(&room, ALICE)
-            .await
-            .into_iter()
-            .find(|e| {
-                e["content"]["body"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("I only wake up when")
-            })
-    })
-    .await;
+    let hint = admin
+        .wait_for_message(&room, ALICE, "I only wake up when")
+        .await;
     assert!(
         hint["content"]["body"]
             .as_str()

@@ -284,6 +284,27 @@ impl TestUser {
         found
     }
 
+    /// Waits (30 s at most) for a message from `sender` in `room` whose body contains `needle`,
+    /// and returns the first one.
+    pub async fn wait_for_message(&self, room: &str, sender: &str, needle: &str) -> Value {
+        tools::wait_for(
+            &format!("a message from {sender} containing {needle:?}"),
+            Duration::from_secs(30),
+            || async {
+                self.messages_from(room, sender)
+                    .await
+                    .into_iter()
+                    .find(|event| {
+                        event["content"]["body"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains(needle)
+                    })
+            },
+        )
+        .await
+    }
+
     /// The membership of `user` in `room` (from the room state), if any.
     pub async fn membership(&self, room: &str, user: &str) -> Option<Value> {
         let (status, value) = self
