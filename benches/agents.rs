@@ -152,7 +152,7 @@ fn prompt_size_by_history() {
             &alice,
             &missed,
             &recent,
-            "$wake",
+            &["$wake"],
             |user| user.localpart().to_owned(),
             "human (@human:example.org)".into(),
             "please summarise".into(),

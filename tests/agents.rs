@@ -1212,3 +1212,56 @@ async fn init_with_an_llm_url_reads_the_key_from_the_environment_only() {
     let stored = files_containing(&env.data_dir, key.as_bytes());
     assert!(stored.is_empty(), "never written: {stored:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_waiting_for_a_busy_worker_are_answered_in_one_run() {
+    let llm = ScriptedLlm::start().await;
+    let busy = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("the long job"),
+        Reply::text("Long job done.").hold(&busy),
+    );
+    llm.set_default(Reply::text("Both answered."));
+    let env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let work = alice_in_a_group_room(&env).await;
+    let dm = admin.create_room("alice dm", &[ALICE]).await;
+    admin.wait_joined(&dm, ALICE).await;
+
+    admin
+        .send_mention(&work, "please do the long job", &[ALICE])
+        .await;
+    busy.reached().await;
+    // While alice works in the other room, two messages wait for her in the DM.
+    for text in ["first question", "second question"] {
+        let event = admin
+            .send(&dm, json!({"msgtype": "m.text", "body": text}))
+            .await;
+        env.wait_queued(ALICE, &event).await;
+    }
+    busy.release();
+
+    let answer = admin.wait_for_message(&dm, ALICE, "Both answered.").await;
+    let requests = llm.requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "one run for the job, one for both questions"
+    );
+    let asked = waking_text(&requests[1].json());
+    assert!(
+        asked.contains("first question") && asked.contains("second question"),
+        "{asked}"
+    );
+    assert_eq!(alice_said(&admin, &dm, "m.text", "").await.len(), 1);
+    let second = admin
+        .messages_from(&dm, "@admin:crew.test")
+        .await
+        .into_iter()
+        .find(|e| e["content"]["body"] == "second question")
+        .unwrap();
+    assert_eq!(
+        answer["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], second["event_id"],
+        "the answer replies to the newest message"
+    );
+}

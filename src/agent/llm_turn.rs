@@ -134,6 +134,9 @@ pub struct TurnContext {
     pub from: String,
     /// The waking message (with notes about files it carried).
     pub body: String,
+    /// Further messages for the agent in the same room, answered in the same turn
+    /// ("Name (id): text").
+    pub more: Vec<String>,
 }
 
 /// Messages of the room's recent conversation shown in a turn.
@@ -145,13 +148,14 @@ pub const LINE_CHARS: usize = 500;
 
 impl TurnContext {
     /// How many of the room's last messages to fetch for [`TurnContext::assemble`]: the new
-    /// ones, the waking one, and [`RECENT_MESSAGES`] before them.
+    /// ones (the waking ones among them) and [`RECENT_MESSAGES`] before them.
     pub fn recent_window(missed: &Missed) -> usize {
         RECENT_MESSAGES + 1 + missed.messages.len()
     }
 
-    /// Assembles the context of one waking message from what the dispatcher kept: `missed`
-    /// (said since the agent's last turn) and `recent` (the room's last messages, everyone's).
+    /// Assembles the context of the waking messages (`waking_events`, answered in this turn and
+    /// so left out of the lists) from what the dispatcher kept: `missed` (said since the agent's
+    /// last turn) and `recent` (the room's last messages, everyone's).
     /// Messages appear once (recent ones that are new to the agent are listed as new), each is
     /// cut to [`LINE_CHARS`], and both lists are bounded, so the size is flat in the history.
     /// Also returns how many messages were said since, shown or not.
@@ -159,7 +163,7 @@ impl TurnContext {
         agent: &UserId,
         missed: &Missed,
         recent: &[Said],
-        waking_event: &str,
+        waking_events: &[&str],
         name_of: impl Fn(&UserId) -> String,
         from: String,
         body: String,
@@ -178,16 +182,15 @@ impl TurnContext {
             let body: String = said.body.chars().take(LINE_CHARS).collect();
             format!("{name}: {body}")
         };
+        let waking = |said: &Said| waking_events.contains(&said.event_id.as_str());
         let old: Vec<&Said> = recent
             .iter()
-            .filter(|said| {
-                said.event_id.as_str() != waking_event && !new.contains(said.event_id.as_str())
-            })
+            .filter(|said| !waking(said) && !new.contains(said.event_id.as_str()))
             .collect();
         let earlier: Vec<&Said> = missed
             .messages
             .iter()
-            .filter(|said| said.event_id.as_str() != waking_event)
+            .filter(|said| !waking(said))
             .collect();
         let count = earlier.len() + missed.dropped as usize;
         let hidden = earlier.len().saturating_sub(SAID_SINCE_SHOWN) + missed.dropped as usize;
@@ -208,6 +211,7 @@ impl TurnContext {
             said_since,
             from,
             body,
+            more: Vec::new(),
         };
         (context, count)
     }
@@ -237,6 +241,13 @@ pub fn conversation(context: &TurnContext) -> String {
         "Message for you from {}:\n{}",
         context.from, context.body
     ));
+    if !context.more.is_empty() {
+        conversation.push_str("\n\nMore messages for you, answer them together:");
+        for message in &context.more {
+            conversation.push('\n');
+            conversation.push_str(message);
+        }
+    }
     conversation
 }
 
@@ -406,9 +417,13 @@ mod tests {
         let context = TurnContext {
             recent: vec!["Bob: earlier".into(), "you: my answer".into()],
             said_since: vec!["Bob: new".into()],
+            more: vec!["Bob (@bob:x): and this".into()],
             ..context
         };
         let text = conversation(&context);
+        assert!(text.ends_with(
+            "hello\n\nMore messages for you, answer them together:\nBob (@bob:x): and this"
+        ));
         assert!(text.starts_with("Recent conversation in this room:\nBob: earlier\nyou: my answer\n\nSaid in this room since your last turn:\nBob: new\n\n"));
     }
 }

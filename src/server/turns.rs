@@ -103,9 +103,10 @@ fn body_of(event: &Value) -> &str {
         .unwrap_or("")
 }
 
-/// One turn: typing on in every room involved, one answer per waking message, typing off.
-/// Returns the wakes it took in while running (delivered mid-turn or a stop), which are
-/// finished with it.
+/// One turn: typing on in every room involved, an answer per room (with an LLM: the room's
+/// waking messages are answered together, in one run that sees them all) or per message
+/// (without), typing off. Returns the wakes it took in while running (delivered mid-turn or a
+/// stop), which are finished with it.
 #[tracing::instrument(skip_all, fields(agent = %agent, wakes = wakes.len()))]
 async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec<QueuedWake> {
     let rooms: BTreeSet<OwnedRoomId> = wakes.iter().map(|w| w.wake.room.clone()).collect();
@@ -120,62 +121,23 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
         known: Mutex::new(wakes.iter().map(|w| w.key.clone()).collect()),
         adopted: Mutex::new(Vec::new()),
     };
-    for queued in wakes {
-        let wake = &queued.wake;
-        let Some(sender) = sender_of(&wake.event) else {
-            continue;
-        };
-        let sender_name = super::pump::display_name(crew, &wake.room, &sender);
-        let (context, said_since_count) = turn_context(crew, agent, wake, &sender, &sender_name);
-        let mut context = context;
-        // Files a person sends are saved before anything else, LLM or not.
-        if let Some(note) = incoming_workspace(crew, agent)
-            .save_incoming(&crew.client, agent, &wake.event)
-            .await
-        {
-            context.body.push_str(&format!("\n{note}"));
+    match crew.llm_base_url() {
+        Some(base) => {
+            for room in &rooms {
+                let group: Vec<&PendingWake> = wakes
+                    .iter()
+                    .map(|queued| &queued.wake)
+                    .filter(|wake| wake.room == *room && sender_of(&wake.event).is_some())
+                    .collect();
+                if !group.is_empty() {
+                    answer_with_llm(crew, agent, &base, &group, &watch).await;
+                }
+            }
         }
-        let message = match crew.llm_base_url() {
-            Some(base) => {
-                let supervisor = WakeSupervisor {
-                    watch: &watch,
-                    room: &wake.room,
-                };
-                llm_answer(
-                    crew,
-                    agent,
-                    &base,
-                    wake,
-                    &sender,
-                    &sender_name,
-                    context,
-                    &supervisor,
-                )
-                .await
+        None => {
+            for queued in wakes {
+                acknowledge_without_llm(crew, agent, &queued.wake).await;
             }
-            None => {
-                note_missing_llm(crew, agent, &wake.room).await;
-                acknowledge(&WakingMessage {
-                    event: &wake.event,
-                    sender: &sender,
-                    sender_name: &sender_name,
-                    also_mentioned: also_mentioned(crew, agent, &sender, wake),
-                    depth: wake.depth,
-                    said_since: said_since_count,
-                })
-            }
-        };
-        if let Err(error) = crew
-            .client
-            .send(
-                agent,
-                &wake.room,
-                &format!("turn:{}", event_id(&wake.event)),
-                &message,
-            )
-            .await
-        {
-            super::log_matrix_error("cannot answer in a turn", &error);
         }
     }
     for room in &rooms {
@@ -194,6 +156,107 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
         .adopted
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Without an LLM: saves files sent, says once what to configure, and acknowledges.
+async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &PendingWake) {
+    let Some(sender) = sender_of(&wake.event) else {
+        return;
+    };
+    let sender_name = super::pump::display_name(crew, &wake.room, &sender);
+    let (_, said_since) = turn_context(crew, agent, &wake.room, &[wake], &sender, &sender_name);
+    incoming_workspace(crew, agent)
+        .save_incoming(&crew.client, agent, &wake.event)
+        .await;
+    note_missing_llm(crew, agent, &wake.room).await;
+    let message = acknowledge(&WakingMessage {
+        event: &wake.event,
+        sender: &sender,
+        sender_name: &sender_name,
+        also_mentioned: also_mentioned(crew, agent, &sender, wake),
+        depth: wake.depth,
+        said_since,
+    });
+    send_answer(crew, agent, wake, &message).await;
+}
+
+/// With an LLM: one run answers the waking messages of one room (`group`, oldest first, never
+/// empty), replying to the newest and mentioning everyone who wrote.
+async fn answer_with_llm(
+    crew: &Arc<Crew>,
+    agent: &UserId,
+    base: &url::Url,
+    group: &[&PendingWake],
+    watch: &TurnWatch,
+) {
+    let first = group[0];
+    let room = &first.room;
+    let mut senders: Vec<(OwnedUserId, String)> = Vec::new();
+    for wake in group {
+        if let Some(sender) = sender_of(&wake.event)
+            && !senders.iter().any(|(known, _)| *known == sender)
+        {
+            let name = super::pump::display_name(crew, room, &sender);
+            senders.push((sender, name));
+        }
+    }
+    let (sender, sender_name) = senders[0].clone();
+    let (mut context, _) = turn_context(crew, agent, room, group, &sender, &sender_name);
+    // Files a person sends are saved before anything else.
+    let workspace = incoming_workspace(crew, agent);
+    for (index, wake) in group.iter().enumerate() {
+        let note = workspace
+            .save_incoming(&crew.client, agent, &wake.event)
+            .await;
+        let note = note.map(|note| format!("\n{note}")).unwrap_or_default();
+        if index == 0 {
+            context.body.push_str(&note);
+        } else if let Some(from) = sender_of(&wake.event) {
+            let name = super::pump::display_name(crew, room, &from);
+            let body: String = crate::dispatch::text::strip_quotes(body_of(&wake.event))
+                .chars()
+                .take(llm_turn::LINE_CHARS)
+                .collect();
+            context.more.push(format!("{name} ({from}): {body}{note}"));
+        }
+    }
+    let answering = Answering {
+        first,
+        newest: group[group.len() - 1],
+        depth: group.iter().map(|wake| wake.depth).max().unwrap_or(0),
+        senders,
+    };
+    let supervisor = WakeSupervisor { watch, room };
+    let message = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
+    send_answer(crew, agent, first, &message).await;
+}
+
+/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
+async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &OutgoingMessage) {
+    if let Err(error) = crew
+        .client
+        .send(
+            agent,
+            &wake.room,
+            &format!("turn:{}", event_id(&wake.event)),
+            message,
+        )
+        .await
+    {
+        super::log_matrix_error("cannot answer in a turn", &error);
+    }
+}
+
+/// What one LLM run answers.
+struct Answering<'a> {
+    /// The oldest waking message: its sender is the requester, its id keys the journal.
+    first: &'a PendingWake,
+    /// The newest: the answer replies to it.
+    newest: &'a PendingWake,
+    /// The deepest wake of the group; what the agent says is one deeper.
+    depth: u32,
+    /// Everyone who wrote, first one first, with display names.
+    senders: Vec<(OwnedUserId, String)>,
 }
 
 /// Where files sent to `agent` are saved.
@@ -226,12 +289,13 @@ fn also_mentioned(
         .collect()
 }
 
-/// The context of one waking message (moving the agent's "said since" cursor), and how many
-/// messages were said since its last turn.
+/// The context of the waking messages `group` (all in `room`), moving the agent's "said since"
+/// cursor; also returns how many messages were said since its last turn.
 fn turn_context(
     crew: &Crew,
     agent: &UserId,
-    wake: &PendingWake,
+    room: &RoomId,
+    group: &[&PendingWake],
     sender: &UserId,
     sender_name: &str,
 ) -> (TurnContext, usize) {
@@ -240,21 +304,23 @@ fn turn_context(
             .dispatcher
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let missed = state.dispatcher.context.take(agent, &wake.room);
+        let missed = state.dispatcher.context.take(agent, room);
         let recent = state
             .dispatcher
             .context
-            .recent(&wake.room, TurnContext::recent_window(&missed));
+            .recent(room, TurnContext::recent_window(&missed));
+        crew.persist_context(room, &state.dispatcher);
         (missed, recent)
     };
+    let waking: Vec<&str> = group.iter().map(|wake| event_id(&wake.event)).collect();
     TurnContext::assemble(
         agent,
         &missed,
         &recent,
-        event_id(&wake.event),
-        |user| super::pump::display_name(crew, &wake.room, user),
+        &waking,
+        |user| super::pump::display_name(crew, room, user),
         format!("{sender_name} ({sender})"),
-        crate::dispatch::text::strip_quotes(body_of(&wake.event)).into_owned(),
+        crate::dispatch::text::strip_quotes(body_of(&group[0].event)).into_owned(),
     )
 }
 
@@ -337,29 +403,28 @@ impl Supervisor for WakeSupervisor<'_> {
     }
 }
 
-/// The answer of an LLM-driven turn to one waking message (or, when the LLM fails, a notice
-/// that says what went wrong).
-#[allow(clippy::too_many_arguments)]
+/// The answer of an LLM-driven turn (or, when the LLM fails, a notice that says what went
+/// wrong).
 async fn llm_answer(
     crew: &Arc<Crew>,
     agent: &UserId,
     base: &url::Url,
-    wake: &PendingWake,
-    sender: &UserId,
-    sender_name: &str,
+    answering: &Answering<'_>,
     context: TurnContext,
     supervisor: &WakeSupervisor<'_>,
 ) -> OutgoingMessage {
     let reply = |text: String, notice: bool| {
-        let message = if notice {
+        let mut message = if notice {
             OutgoingMessage::notice(text)
         } else {
             OutgoingMessage::text(text)
         };
+        for (sender, name) in &answering.senders {
+            message = message.mention(sender.clone(), name.clone());
+        }
         message
-            .mention(sender.to_owned(), sender_name)
-            .reply_to(ReplyTo::event(&wake.event))
-            .with_field(DEPTH_KEY, Value::from(wake.depth + 1))
+            .reply_to(ReplyTo::event(&answering.newest.event))
+            .with_field(DEPTH_KEY, Value::from(answering.depth + 1))
     };
     let token = match crew.gateway.consumer_token(agent.localpart()).await {
         Ok(token) => token,
@@ -370,7 +435,9 @@ async fn llm_answer(
         Err(error) => return reply(format!("My LLM is not usable: {error}"), true),
     };
     let services = crew.agents.clone();
+    let room = answering.first.room.clone();
     let (system, toolbox, model): (String, Box<dyn Toolbox>, String) = if *agent == crew.manager {
+        let requester = answering.senders[0].0.clone();
         (
             crate::agent::manager::persona(
                 &services.manager_name,
@@ -378,9 +445,9 @@ async fn llm_answer(
             ),
             Box::new(ManagerTools::new(
                 services,
-                sender.to_owned(),
-                wake.room.clone(),
-                wake.depth,
+                requester,
+                room,
+                answering.depth,
             )),
             crew.config.llm.model.clone(),
         )
@@ -391,7 +458,7 @@ async fn llm_answer(
                     .model
                     .clone()
                     .unwrap_or_else(|| crew.config.llm.model.clone());
-                let tools = WorkerTools::new(services, worker, wake.room.clone(), wake.depth);
+                let tools = WorkerTools::new(services, worker, room, answering.depth);
                 (tools.persona().await, Box::new(tools), model)
             }
             None => return reply(format!("{agent} is not an agent of this crew."), true),
@@ -401,7 +468,9 @@ async fn llm_answer(
         max_steps: crew.config.llm.max_tool_steps,
         max_tokens: crew.config.llm.max_turn_tokens,
     };
-    let journal = crew.journal.for_wake(agent, event_id(&wake.event));
+    let journal = crew
+        .journal
+        .for_wake(agent, event_id(&answering.first.event));
     let conversation = llm_turn::conversation(&context);
     let turn = llm_turn::Turn {
         llm: &llm,
