@@ -127,14 +127,7 @@ async fn a_worker_is_created_by_conversation() {
     })
     .await;
     admin.join(&invited).await;
-    let welcome = tools::wait_for("the Manager's welcome in alice's room", WAIT, || async {
-        admin
-            .messages_from(&invited, &manager)
-            .await
-            .into_iter()
-            .find(|e| e["content"]["msgtype"] == "m.notice")
-    })
-    .await;
+    let welcome = admin.wait_for_notice(&invited, &manager).await;
     assert!(
         welcome["content"]["body"]
             .as_str()
@@ -984,14 +977,7 @@ async fn commands_work_while_the_llm_provider_is_down() {
     let room = admin.create_room("hq", &[&manager]).await;
     admin.wait_joined(&room, &manager).await;
     admin.send_mention(&room, "hello?", &[&manager]).await;
-    let notice = tools::wait_for("the failure notice", WAIT, || async {
-        admin
-            .messages_from(&room, &manager)
-            .await
-            .into_iter()
-            .find(|e| e["content"]["msgtype"] == "m.notice")
-    })
-    .await;
+    let notice = admin.wait_for_notice(&room, &manager).await;
     assert!(
         notice["content"]["body"]
             .as_str()

@@ -311,14 +311,7 @@ async fn encrypted_rooms_and_missed_mentions_get_one_notice_each() {
             .await;
         assert_eq!(status, 200);
     }
-    let notice = tools::wait_for("the Manager's encrypted-room notice", WAIT, || async {
-        admin
-            .messages_from(&secret_room, &manager)
-            .await
-            .into_iter()
-            .find(|e| e["content"]["msgtype"] == "m.notice")
-    })
-    .await;
+    let notice = admin.wait_for_notice(&secret_room, &manager).await;
     assert!(
         notice["content"]["body"]
             .as_str()

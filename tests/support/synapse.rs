@@ -305,6 +305,21 @@ impl TestUser {
         .await
     }
 
+    /// Waits (30 s at most) for the first `m.notice` from `sender` in `room`.
+    pub async fn wait_for_notice(&self, room: &str, sender: &str) -> Value {
+        tools::wait_for(
+            &format!("a notice from {sender}"),
+            Duration::from_secs(30),
+            || async {
+                self.messages_from(room, sender)
+                    .await
+                    .into_iter()
+                    .find(|event| event["content"]["msgtype"] == "m.notice")
+            },
+        )
+        .await
+    }
+
     /// The membership of `user` in `room` (from the room state), if any.
     pub async fn membership(&self, room: &str, user: &str) -> Option<Value> {
         let (status, value) = self
