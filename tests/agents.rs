@@ -1251,3 +1251,39 @@ async fn messages_waiting_for_a_busy_worker_are_answered_in_one_run() {
         "the answer replies to the newest message"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_answer_is_kept_as_a_file_and_referenced() {
+    let llm = ScriptedLlm::start().await;
+    let long = "All work and no play. ".repeat(2_000);
+    llm.set_default(Reply::text(long.clone()));
+    let env = crew_with_llm(&llm).await;
+    cli(&env, &["workers", "add", "alice"]);
+    let admin = env.admin().await;
+    let room = admin.create_room("alice dm", &[ALICE]).await;
+    admin.wait_joined(&room, ALICE).await;
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "write it all out"}),
+        )
+        .await;
+    let answer = admin
+        .wait_for_message(&room, ALICE, "The whole answer (44000 characters) is in")
+        .await;
+    let body = answer["content"]["body"].as_str().unwrap();
+    assert!(body.starts_with("All work and no play."), "{body}");
+    assert!(body.len() < 4_000, "only the start is posted");
+    let folder = env.data_dir.join("files/agents/alice/answers");
+    let kept: Vec<_> = std::fs::read_dir(&folder)
+        .unwrap_or_else(|error| panic!("no answers folder {}: {error}", folder.display()))
+        .flatten()
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(std::fs::read_to_string(kept[0].path()).unwrap(), long);
+    let name = kept[0].file_name().to_string_lossy().to_string();
+    assert!(
+        body.contains(&format!("agents/alice/answers/{name}")),
+        "{body}"
+    );
+}

@@ -25,6 +25,11 @@ const MEMORY_IN_PROMPT_BYTES: usize = 2 * 1024;
 const SKILLS_IN_INDEX: usize = 30;
 /// Entries one `list_files` returns at most.
 const LIST_LIMIT: usize = 200;
+/// Answers longer than this are kept as a file and referenced: a Matrix event holds 64 KiB at
+/// most (the HTML copy doubles the text), and chat carries references, not bodies.
+pub const LONG_ANSWER_CHARS: usize = 12_000;
+/// How much of a long answer is shown in the room.
+pub const ANSWER_PREVIEW_CHARS: usize = 1_500;
 
 /// One agent's view of storage.
 pub struct Workspace {
@@ -263,6 +268,24 @@ impl Workspace {
                     .join(", ")
             )),
         }
+    }
+
+    /// Keeps a long answer as `answers/<id>.md` in the agent's folder (`shared/answers/` for
+    /// the Manager) and returns its path.
+    pub async fn keep_answer(
+        &self,
+        event_id: &str,
+        text: &str,
+    ) -> Result<StoragePath, StorageError> {
+        let relative = format!("answers/{}.md", short_id(event_id));
+        let path = match self.role {
+            Role::Worker => access::agent_path(&self.name, &relative)?,
+            Role::Manager => access::shared_path(&relative)?,
+        };
+        self.storage
+            .put_bytes(&path, text.as_bytes().to_vec())
+            .await?;
+        Ok(path)
     }
 
     /// Saves a file a person sent (an `m.file`, `m.image`, `m.audio` or `m.video` event) into

@@ -21,13 +21,14 @@ use crate::agent::manager_tools::ManagerTools;
 use crate::agent::registry::WorkerState;
 use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::agent::worker_tools::WorkerTools;
-use crate::agent::workspace::Workspace;
+use crate::agent::workspace::{ANSWER_PREVIEW_CHARS, LONG_ANSWER_CHARS, Workspace};
 use crate::dispatch::DEPTH_KEY;
 use crate::dispatch::queue::{PendingWake, QueuedWake};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
 use crate::storage::access::Role;
+use crate::storage::links::FileReference;
 
 /// The turn loop of one agent; ends when its queue is empty.
 pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
@@ -481,11 +482,50 @@ async fn llm_answer(
         journal: &journal,
     };
     match llm_turn::run(turn, system, conversation).await {
+        Ok(TurnOutcome::Answer(text)) if text.chars().count() > LONG_ANSWER_CHARS => {
+            reply(keep_long_answer(crew, agent, answering, &text).await, false)
+        }
         Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => reply(text, false),
         Ok(TurnOutcome::Answer(_)) => reply("(I have nothing to add.)".into(), true),
         Ok(outcome) => reply(outcome.notice().unwrap_or_default(), true),
         Err(error) => reply(format!("I could not finish this: {error}"), true),
     }
+}
+
+/// A long answer goes to a file; the room gets its start and a reference (a signed link when
+/// crew has a public base URL, else the path).
+async fn keep_long_answer(
+    crew: &Crew,
+    agent: &UserId,
+    answering: &Answering<'_>,
+    text: &str,
+) -> String {
+    let preview: String = text.chars().take(ANSWER_PREVIEW_CHARS).collect();
+    let total = text.chars().count();
+    let kept = incoming_workspace(crew, agent)
+        .keep_answer(event_id(&answering.first.event), text)
+        .await;
+    let reference = match kept {
+        Ok(path) => match crew
+            .links
+            .reference(&crew.storage, &path, false, std::time::SystemTime::now())
+            .await
+        {
+            Ok(FileReference::Link { text, .. } | FileReference::PathOnly { text, .. }) => text,
+            Ok(FileReference::UploadAsFile { caption, .. }) => caption,
+            Err(error) => {
+                tracing::warn!(%error, "cannot reference a long answer");
+                format!("`{path}`")
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot keep a long answer");
+            return format!(
+                "{preview}…\n\n(My answer has {total} characters, too long for one message, and I could not save it to a file: {error}.)"
+            );
+        }
+    };
+    format!("{preview}…\n\nThe whole answer ({total} characters) is in {reference}")
 }
 
 /// Says once per room that no LLM is configured, and what to configure.
