@@ -1089,7 +1089,7 @@ async fn the_manager_is_introduced_once_and_keeps_its_persona() {
         ),
     );
     llm.set_default(Reply::text("Hallo!"));
-    let env = crew_with_llm(&llm).await;
+    let mut env = crew_with_llm(&llm).await;
     let admin = env.admin().await;
     let manager = env.manager_id();
     let room = admin.create_room("hq", &[&manager]).await;
@@ -1111,6 +1111,20 @@ async fn the_manager_is_introduced_once_and_keeps_its_persona() {
         )
         .await;
     assert_eq!(profile["displayname"], "Max");
+    // A restart keeps the name the admin gave (the configured one does not come back).
+    env.kill_crew();
+    env.start_crew().await;
+    let (_, profile) = admin
+        .request(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                synapse::enc(&manager)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(profile["displayname"], "Max", "after a restart");
     admin.send_mention(&room, "hello", &[&manager]).await;
     tools::wait_for("the second answer", WAIT, || async {
         admin

@@ -280,6 +280,8 @@ impl ManagerTools {
             .manager_profile
             .insert(&ManagerProfile::KEY.to_owned(), &profile)
             .map_err(|error| format!("error: {error}"))?;
+        // The dispatcher knows agents by name too.
+        self.services.team.registry.mark_changed();
         Ok(json!(profile).to_string())
     }
 

@@ -138,6 +138,12 @@ impl Registry {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Marks the roster changed without changing a Worker (the Manager's name changed), so the
+    /// dispatcher reloads it.
+    pub fn mark_changed(&self) {
+        self.bump();
+    }
+
     fn bump(&self) {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -26,7 +26,9 @@ pub struct AgentServices {
     pub links: Links,
     /// The Manager: the appservice's own user.
     pub manager: OwnedUserId,
-    pub manager_name: String,
+    /// The Manager's configured display name (`appservice.manager_display_name`); onboarding
+    /// may give it another (see [`AgentServices::manager_name`]).
+    pub default_manager_name: String,
     /// People who may change the team (stop, remove, re-role Workers; cancel tasks).
     pub admins: Vec<OwnedUserId>,
     /// When each agent last finished a turn.
@@ -40,6 +42,13 @@ pub struct AgentServices {
 impl AgentServices {
     pub fn is_admin(&self, user: &UserId) -> bool {
         self.admins.iter().any(|admin| admin == user)
+    }
+
+    /// The Manager's display name: the one the admin gave it, else the configured one.
+    pub fn manager_name(&self) -> String {
+        self.manager_profile()
+            .and_then(|profile| profile.name)
+            .unwrap_or_else(|| self.default_manager_name.clone())
     }
 
     /// The Manager's profile, once onboarding set one.

@@ -251,7 +251,7 @@ pub async fn report_to_requester(services: &AgentServices, worker: &Worker, task
     let requester_name = task.requester.localpart().to_owned();
     let message = OutgoingMessage::notice(text)
         .mention(task.requester.clone(), requester_name)
-        .mention(services.manager.clone(), services.manager_name.clone());
+        .mention(services.manager.clone(), services.manager_name());
     let key = format!("report:{}:{:?}", task.id, task.state);
     if let Err(error) = services
         .client

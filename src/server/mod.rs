@@ -159,6 +159,7 @@ impl Crew {
 fn dispatch_roster(
     config: &Config,
     manager: &UserId,
+    manager_name: String,
     team: &Team,
 ) -> Result<crate::dispatch::Crew, String> {
     use crate::agent::registry::WorkerState;
@@ -166,7 +167,7 @@ fn dispatch_roster(
     let mut agents = vec![Agent {
         user_id: manager.to_owned(),
         role: Role::Manager,
-        display_name: config.appservice.manager_display_name.clone(),
+        display_name: manager_name,
         keywords: Vec::new(),
     }];
     let workers = team.registry.list().map_err(|error| error.to_string())?;
@@ -226,7 +227,14 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         gateway.clone(),
         manager.clone(),
     ));
-    let roster = dispatch_roster(&config, &manager, &team).map_err(StartupError::Config)?;
+    let manager_profile: Tree<String, crate::agent::manager::ManagerProfile> =
+        store.tree("manager_profile")?;
+    let manager_name = manager_profile
+        .get(&crate::agent::manager::ManagerProfile::KEY.to_owned())?
+        .and_then(|profile| profile.name)
+        .unwrap_or_else(|| config.appservice.manager_display_name.clone());
+    let roster =
+        dispatch_roster(&config, &manager, manager_name, &team).map_err(StartupError::Config)?;
     let roster_generation = team.registry.generation();
     let mut dispatcher = Dispatcher::new(config.dispatch.clone(), roster)
         .map_err(|error| StartupError::Config(error.to_string()))?;
@@ -280,11 +288,11 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         storage: storage.clone(),
         links: links.clone(),
         manager: manager.clone(),
-        manager_name: config.appservice.manager_display_name.clone(),
+        default_manager_name: config.appservice.manager_display_name.clone(),
         admins: config.admins.clone(),
         activity: crate::agent::status::Activity::open(&store)?,
         busy: busy.clone(),
-        manager_profile: store.tree("manager_profile")?,
+        manager_profile,
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();

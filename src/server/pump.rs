@@ -110,7 +110,12 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let generation = crew.team.registry.generation();
     if generation != state.roster_generation {
-        match super::dispatch_roster(&crew.config, &crew.manager, &crew.team) {
+        match super::dispatch_roster(
+            &crew.config,
+            &crew.manager,
+            crew.agents.manager_name(),
+            &crew.team,
+        ) {
             Ok(roster) => {
                 state.dispatcher.set_crew(roster);
                 state.roster_generation = generation;

@@ -85,7 +85,8 @@ pub(super) async fn check_homeserver(
                 .map_err(|error| manager_error(crew, error))?;
         }
     }
-    let name = &crew.config.appservice.manager_display_name;
+    // The name the admin gave the Manager in onboarding wins over the configured one.
+    let name = &crew.agents.manager_name();
     let current = crew
         .client
         .display_name(&crew.manager)

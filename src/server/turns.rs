@@ -355,7 +355,7 @@ impl Supervisor for WakeSupervisor<'_> {
         }
         let display = worker
             .map(|worker| worker.display_name)
-            .unwrap_or_else(|| crew.config.appservice.manager_display_name.clone());
+            .unwrap_or_else(|| crew.agents.manager_name());
         let names = [agent.as_str(), display.as_str(), agent.localpart()];
         let pending = match crew.queue.pending_for(agent) {
             Ok(pending) => pending,
@@ -441,7 +441,7 @@ async fn llm_answer(
         let requester = answering.senders[0].0.clone();
         (
             crate::agent::manager::persona(
-                &services.manager_name,
+                &services.default_manager_name,
                 services.manager_profile().as_ref(),
             ),
             Box::new(ManagerTools::new(
