@@ -70,6 +70,8 @@ enum Command {
 enum WorkersCommand {
     /// Lists every Worker and its state.
     List,
+    /// What everyone is doing: state, open tasks, last activity (as `!crew workers` says it).
+    Status,
     /// Creates a Worker (or shows the existing one of that name).
     Add {
         name: String,
@@ -191,6 +193,11 @@ async fn workers(
                     worker.name, worker.user_id, worker.state, worker.role
                 );
             }
+        }
+        WorkersCommand::Status => {
+            use matrix_crew::agent::status::{WorkerStatus, render};
+            let statuses: Vec<WorkerStatus> = admin.get("/dispatch/team").await?;
+            print!("{}", render(&statuses, matrix_crew::clock::now_ms()));
         }
         WorkersCommand::Add { name, role, invite } => {
             let created: Created = admin

@@ -386,6 +386,9 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
         .wait_for_message(&alice_room, &manager, "tasks: t-1 Login page")
         .await;
 
+    let status = cli(&env, &["workers", "status"]);
+    assert!(status.contains("tasks: t-1 Login page"), "{status}");
+
     let said_by_manager = |needle: &'static str| {
         let admin = admin.clone();
         let room = alice_room.clone();

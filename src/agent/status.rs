@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use ruma::{OwnedUserId, UserId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::registry::{Registry, RegistryError, Worker, WorkerState};
 use crate::store::{Store, StoreError, Tree};
@@ -42,15 +42,15 @@ impl Activity {
 pub type Busy = Arc<Mutex<HashSet<OwnedUserId>>>;
 
 /// One open task, as the status shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenTask {
     pub id: String,
     pub title: String,
-    pub state: &'static str,
+    pub state: String,
 }
 
 /// One Worker's status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub name: String,
     pub user_id: OwnedUserId,
@@ -58,7 +58,7 @@ pub struct WorkerStatus {
     pub role: String,
     pub model: Option<String>,
     /// `working`, `idle`, `stopped` or `removed`.
-    pub state: &'static str,
+    pub state: String,
     pub open_tasks: Vec<OpenTask>,
     pub last_active_ms: Option<u64>,
 }
@@ -84,14 +84,15 @@ pub fn team_status(
                 WorkerState::Active => "idle",
                 WorkerState::Stopped => "stopped",
                 WorkerState::Removed => "removed",
-            },
+            }
+            .to_owned(),
             open_tasks: open
                 .iter()
                 .filter(|task| task.assignee == worker.name)
                 .map(|task| OpenTask {
                     id: task.id.clone(),
                     title: task.title.clone(),
-                    state: task.state.as_str(),
+                    state: task.state.as_str().to_owned(),
                 })
                 .collect(),
             last_active_ms: activity.last(&worker.user_id),
@@ -163,11 +164,11 @@ mod tests {
             display_name: "Alice".into(),
             role: "frontend".into(),
             model: None,
-            state: "working",
+            state: "working".into(),
             open_tasks: vec![OpenTask {
                 id: "t-3".into(),
                 title: "Login page".into(),
-                state: "in_progress",
+                state: "in_progress".into(),
             }],
             last_active_ms: Some(1_000),
         };

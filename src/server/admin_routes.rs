@@ -62,13 +62,15 @@ async fn share(
     }
 }
 
-/// `/dispatch/why/{event_id}` (the dispatcher's reasons), `/dispatch/turns` (turns per agent)
-/// and `/dispatch/queue` (wakes not yet answered, per agent).
+/// `/dispatch/why/{event_id}` (the dispatcher's reasons), `/dispatch/turns` (turns per agent),
+/// `/dispatch/queue` (wakes not yet answered, per agent) and `/dispatch/team` (what every
+/// Worker is doing, for `crew workers status`).
 pub(super) fn dispatch_router(crew: Arc<Crew>) -> axum::Router {
     axum::Router::new()
         .route("/why/{event_id}", get(why))
         .route("/turns", get(turns))
         .route("/queue", get(queue))
+        .route("/team", get(team))
         .with_state(crew)
 }
 
@@ -129,4 +131,18 @@ async fn queue(State(crew): State<Arc<Crew>>) -> Response {
         pending.insert(agent.to_string(), Value::Array(events));
     }
     axum::Json(Value::Object(pending)).into_response()
+}
+
+async fn team(State(crew): State<Arc<Crew>>) -> Response {
+    match crate::agent::status::team_status(
+        &crew.team.registry,
+        &crew.tasks,
+        &crew.agents.activity,
+        &crew.agents.busy,
+    ) {
+        Ok(statuses) => axum::Json(statuses).into_response(),
+        Err(error) => {
+            crate::admin::error_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+        }
+    }
 }
