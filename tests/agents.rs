@@ -812,6 +812,16 @@ async fn a_worker_remembers_uses_skills_and_stays_in_its_folders() {
                 "read_skill".into(),
                 json!({"name": "code-review"}).to_string(),
             ),
+            (
+                "m4".into(),
+                "share_file".into(),
+                json!({"path": "agents/bob/secrets.md", "upload": true}).to_string(),
+            ),
+            (
+                "m5".into(),
+                "share_file".into(),
+                json!({"path": "agents/alice/memory.md", "upload": true}).to_string(),
+            ),
         ]),
     );
     llm.set_default(Reply::text("Hello."));
@@ -869,6 +879,16 @@ async fn a_worker_remembers_uses_skills_and_stays_in_its_folders() {
     );
     assert!(!results.concat().contains("bob's secret"));
     assert!(results[2].contains("Read the diff twice"), "{results:?}");
+    assert!(results[3].contains("may not read"), "{results:?}");
+    assert!(results[4].contains("\"shared\""), "{results:?}");
+    tools::wait_for("alice's memory file in the room", WAIT, || async {
+        admin
+            .messages_from(&room, ALICE)
+            .await
+            .into_iter()
+            .find(|e| e["content"]["msgtype"] == "m.file" && e["content"]["body"] == "memory.md")
+    })
+    .await;
 
     // The next turn's prompt carries the skills index and the memory.
     admin.send_mention(&room, "hello again", &[ALICE]).await;

@@ -72,3 +72,55 @@ pub async fn share(
         }
     }
 }
+
+/// The `share_file` tool both kinds of agent have.
+pub fn share_tool() -> crate::llm::Tool {
+    crate::llm::Tool::function(
+        "share_file",
+        "Post a file in this room for the people here: a signed link, or the file itself (as a Matrix attachment) when `upload` is true and it is small.",
+        json!({
+            "type": "object",
+            "properties": {
+                "path": {"type": "string", "description": "e.g. tasks/t-1/result.md"},
+                "upload": {"type": "boolean"}
+            },
+            "required": ["path"]
+        }),
+    )
+}
+
+/// Runs `share_file` for `agent` in `room`, if its workspace may read the path.
+pub async fn share_tool_call(
+    services: &super::services::AgentServices,
+    workspace: &super::workspace::Workspace,
+    agent: &UserId,
+    room: &RoomId,
+    arguments: &serde_json::Value,
+) -> String {
+    let path = arguments
+        .get("path")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let upload = arguments
+        .get("upload")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    let path = match workspace.readable_path(path) {
+        Ok(path) => path,
+        Err(error) => return format!("error: {error}"),
+    };
+    match share(
+        &services.storage,
+        &services.links,
+        &services.client,
+        agent,
+        room,
+        path.as_str(),
+        upload,
+    )
+    .await
+    {
+        Ok(event) => json!({"shared": path.as_str(), "event_id": event}).to_string(),
+        Err(error) => format!("error: {error}"),
+    }
+}

@@ -193,6 +193,7 @@ impl Toolbox for ManagerTools {
                 object(json!({"task": {"type": "string"}}), &["task"]),
             ),
         ];
+        tools.push(super::files::share_tool());
         tools.extend(self.files.tools());
         tools
     }
@@ -221,6 +222,17 @@ impl Toolbox for ManagerTools {
                 .map(|tasks| json!(tasks).to_string())
                 .map_err(|error| format!("error: {error}")),
             "cancel_task" => self.cancel_task(arguments),
+            "share_file" => {
+                let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+                Ok(super::files::share_tool_call(
+                    &self.services,
+                    &self.files,
+                    &self.services.manager,
+                    &self.room,
+                    &arguments,
+                )
+                .await)
+            }
             other => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 match self.files.call(other, &arguments).await {

@@ -144,6 +144,7 @@ impl Toolbox for WorkerTools {
                 }),
             ),
         ];
+        tools.push(super::files::share_tool());
         tools.extend(self.files.tools());
         tools
     }
@@ -154,6 +155,17 @@ impl Toolbox for WorkerTools {
                 self.task_tool(name, arguments).await
             }
             "message_worker" => self.message_worker(arguments).await,
+            "share_file" => {
+                let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+                super::files::share_tool_call(
+                    &self.services,
+                    &self.files,
+                    &self.worker.user_id,
+                    &self.room,
+                    &arguments,
+                )
+                .await
+            }
             other => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 match self.files.call(other, &arguments).await {

@@ -115,6 +115,13 @@ impl Workspace {
         Some(outcome.unwrap_or_else(|error| format!("error: {error}")))
     }
 
+    /// `path` as a storage path this agent may read, or why not.
+    pub fn readable_path(&self, path: &str) -> Result<StoragePath, StorageError> {
+        let path = StoragePath::parse(path.trim_start_matches('/'))?;
+        access::check(self.scope(), &path, Operation::Read)?;
+        Ok(path)
+    }
+
     async fn list(&self, prefix: &str) -> Result<String, StorageError> {
         let prefix = StoragePrefix::parse(prefix.trim_start_matches('/'))?;
         let listed = access::readable(self.scope(), self.storage.list(&prefix).await?);
@@ -135,8 +142,7 @@ impl Workspace {
     }
 
     async fn read(&self, path: &str) -> Result<String, StorageError> {
-        let path = StoragePath::parse(path.trim_start_matches('/'))?;
-        access::check(self.scope(), &path, Operation::Read)?;
+        let path = self.readable_path(path)?;
         // Only the start is read, however large the file: the rest is announced, not loaded.
         let mut object = self.storage.get(&path).await?;
         let mut start = Vec::with_capacity(READ_LIMIT_BYTES + 4);
