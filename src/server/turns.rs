@@ -116,6 +116,12 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
             tracing::debug!(%error, "cannot set typing");
         }
     }
+    // Typing lasts 30 s on the homeserver; a turn can take longer.
+    let typing_renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_typing(
+        crew.clone(),
+        agent.to_owned(),
+        rooms.clone(),
+    )));
     let watch = TurnWatch {
         crew: crew.clone(),
         agent: agent.to_owned(),
@@ -141,6 +147,7 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
             }
         }
     }
+    drop(typing_renewal);
     for room in &rooms {
         if let Err(error) = crew.client.typing(agent, room, false).await {
             tracing::debug!(%error, "cannot clear typing");
@@ -157,6 +164,18 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
         .adopted
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Renews the typing notice in `rooms` every 20 s until aborted (when the turn ends).
+async fn keep_typing(crew: Arc<Crew>, agent: OwnedUserId, rooms: BTreeSet<OwnedRoomId>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+        for room in &rooms {
+            if let Err(error) = crew.client.typing(&agent, room, true).await {
+                tracing::debug!(%error, "cannot renew typing");
+            }
+        }
+    }
 }
 
 /// Without an LLM: saves files sent, says once what to configure, and acknowledges.
