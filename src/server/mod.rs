@@ -263,8 +263,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         server_name: config.homeserver.server_name.to_string(),
         pings,
     });
-    let gateway =
-        crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
     let env = |name: &str| std::env::var(name).ok();
     let storage = crate::storage::Storage::open(&config.storage, &config.data_dir, env).await?;
     let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;

@@ -127,6 +127,7 @@ impl CrewEnv {
             &self.data_dir,
             run,
         );
+        let mut crew = crew;
         crew.wait_for_log("crew is ready", Duration::from_secs(60))
             .await;
         self.crew = Some(crew);
@@ -241,11 +242,17 @@ impl CrewProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub async fn wait_for_log(&self, needle: &str, deadline: Duration) {
+    pub async fn wait_for_log(&mut self, needle: &str, deadline: Duration) {
         let until = std::time::Instant::now() + deadline;
         loop {
             if self.log_text().contains(needle) {
                 return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "crew exited ({status}) before logging {needle:?}:\n{}",
+                    tail(&self.log)
+                );
             }
             if std::time::Instant::now() > until {
                 panic!(

@@ -408,7 +408,15 @@ fn rand_suffix() -> String {
 
 pub fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    // Backtrace frames would push the message they belong to out of view.
+    let is_frame = |line: &&str| {
+        let line = line.trim_start();
+        line.starts_with("at ")
+            || line
+                .split_once(": ")
+                .is_some_and(|(number, _)| number.parse::<u32>().is_ok())
+    };
+    let lines: Vec<&str> = text.lines().filter(|line| !is_frame(line)).collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
