@@ -65,7 +65,10 @@ pub(super) async fn check_homeserver(
     }
 
     let registration = crew.config.appservice.registration.display().to_string();
-    match crew.client.whoami(Some(&crew.manager)).await {
+    // Past the version check the homeserver is up; a transient failure (it is busy, a proxy
+    // hiccups) is retried until the start-up deadline rather than ending crew.
+    let whoami = until_deadline(deadline, || crew.client.whoami(Some(&crew.manager))).await;
+    match whoami {
         Ok(_) => {}
         Err(error) if error.errcode() == Some("M_UNKNOWN_TOKEN") || error.status() == Some(401) => {
             return Err(StartupError::TokenRejected {
@@ -73,30 +76,30 @@ pub(super) async fn check_homeserver(
                 error: error.to_string(),
             });
         }
-        // Not registered yet (403 "not registered"): register it.
+        // Not registered yet (Synapse: 403 "not registered"; other servers word it their
+        // own way): register it.
         Err(_) => {
-            crew.client
-                .register(&crew.registration.sender_localpart)
-                .await
-                .map_err(|error| manager_error(crew, error))?;
-            crew.client
-                .whoami(Some(&crew.manager))
+            until_deadline(deadline, || {
+                crew.client.register(&crew.registration.sender_localpart)
+            })
+            .await
+            .map_err(|error| manager_error(crew, error))?;
+            until_deadline(deadline, || crew.client.whoami(Some(&crew.manager)))
                 .await
                 .map_err(|error| manager_error(crew, error))?;
         }
     }
     // The name the admin gave the Manager in onboarding wins over the configured one.
     let name = &crew.agents.manager_name();
-    let current = crew
-        .client
-        .display_name(&crew.manager)
+    let current = until_deadline(deadline, || crew.client.display_name(&crew.manager))
         .await
         .map_err(|error| manager_error(crew, error))?;
     if current.as_deref() != Some(name.as_str()) {
-        crew.client
-            .set_display_name(&crew.manager, name)
-            .await
-            .map_err(|error| manager_error(crew, error))?;
+        until_deadline(deadline, || {
+            crew.client.set_display_name(&crew.manager, name)
+        })
+        .await
+        .map_err(|error| manager_error(crew, error))?;
     }
 
     // The ping proves the homeserver can reach us; a failure is reported but not fatal, since
@@ -121,6 +124,35 @@ pub(super) async fn check_homeserver(
         Err(error) => tracing::warn!("{}", explain_ping_failure(crew, &error)),
     }
     Ok(())
+}
+
+/// Runs `call` again after transient failures (unreachable, 429, 5xx) until `deadline`; the
+/// client's own retries come first, so this only matters for longer trouble.
+async fn until_deadline<T, F, Fut>(
+    deadline: tokio::time::Instant,
+    mut call: F,
+) -> Result<T, MatrixError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, MatrixError>>,
+{
+    loop {
+        match call().await {
+            Err(error) if is_transient(&error) && tokio::time::Instant::now() < deadline => {
+                tracing::info!(%error, "the homeserver is not ready yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_transient(error: &MatrixError) -> bool {
+    match error {
+        MatrixError::Unreachable { .. } => true,
+        MatrixError::Api { status, .. } => *status == 429 || *status >= 500,
+        MatrixError::BadResponse { .. } => false,
+    }
 }
 
 fn manager_error(crew: &Crew, error: MatrixError) -> StartupError {
