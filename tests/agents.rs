@@ -515,6 +515,21 @@ async fn alice_in_a_group_room(env: &CrewEnv) -> String {
     room
 }
 
+/// Waits for alice's first message in `room` of msgtype `msgtype` whose body contains `needle`.
+async fn alice_says(admin: &synapse::TestUser, room: &str, msgtype: &str, needle: &str) -> Value {
+    tools::wait_for(
+        &format!("alice's {msgtype} containing {needle:?}"),
+        WAIT,
+        || async {
+            alice_said(admin, room, msgtype, needle)
+                .await
+                .into_iter()
+                .next()
+        },
+    )
+    .await
+}
+
 /// alice's messages in `room` of msgtype `msgtype` whose body contains `needle`.
 async fn alice_said(
     admin: &synapse::TestUser,
@@ -565,13 +580,7 @@ async fn a_message_for_a_busy_worker_reaches_its_running_turn() {
     env.wait_queued(ALICE, &correction).await;
     thinking.release();
 
-    tools::wait_for("alice's answer", WAIT, || async {
-        alice_said(&admin, &room, "m.text", "British spelling")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    alice_says(&admin, &room, "m.text", "British spelling").await;
     // The correction went into the running turn, after the tool result, as a user message.
     let requests = llm.requests();
     assert_eq!(
@@ -636,13 +645,7 @@ async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
     env.wait_queued(ALICE, &stop).await;
     thinking.release();
 
-    let notice = tools::wait_for("the stop notice", WAIT, || async {
-        alice_said(&admin, &room, "m.notice", "Stopped")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    let notice = alice_says(&admin, &room, "m.notice", "Stopped").await;
     assert!(
         notice["content"]["formatted_body"]
             .as_str()
@@ -764,13 +767,7 @@ async fn a_file_sent_to_a_worker_is_saved_and_named_in_its_context() {
                    "info": {"size": 18, "mimetype": "text/plain"}}),
         )
         .await;
-    tools::wait_for("alice's answer", WAIT, || async {
-        alice_said(&admin, &room, "m.text", "Got your file")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    alice_says(&admin, &room, "m.text", "Got your file").await;
     let inbox = env.data_dir.join("files/agents/alice/inbox");
     let saved: Vec<_> = std::fs::read_dir(&inbox)
         .unwrap_or_else(|error| panic!("no inbox folder {}: {error}", inbox.display()))
@@ -858,13 +855,7 @@ async fn a_worker_remembers_uses_skills_and_stays_in_its_folders() {
     admin
         .send_mention(&room, "remember the staging host", &[ALICE])
         .await;
-    tools::wait_for("alice's answer", WAIT, || async {
-        alice_said(&admin, &room, "m.text", "Noted")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    alice_says(&admin, &room, "m.text", "Noted").await;
     let results: Vec<String> = llm.requests()[1].json()["messages"]
         .as_array()
         .unwrap()
@@ -892,13 +883,7 @@ async fn a_worker_remembers_uses_skills_and_stays_in_its_folders() {
 
     // The next turn's prompt carries the skills index and the memory.
     admin.send_mention(&room, "hello again", &[ALICE]).await;
-    tools::wait_for("alice's second answer", WAIT, || async {
-        alice_said(&admin, &room, "m.text", "Hello.")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    alice_says(&admin, &room, "m.text", "Hello.").await;
     let system = system_prompt(&llm.requests()[2].json());
     assert!(
         system.contains("code-review: Review a diff for bugs"),
@@ -978,13 +963,7 @@ async fn the_manager_invites_a_worker_and_only_admins_change_it() {
     // alice's next turn uses her new role and model.
     llm.set_default(Reply::text("on it"));
     admin.send_mention(&room, "status?", &[ALICE]).await;
-    tools::wait_for("alice's answer", WAIT, || async {
-        alice_said(&admin, &room, "m.text", "on it")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    alice_says(&admin, &room, "m.text", "on it").await;
     let last = llm.requests().last().unwrap().json();
     assert_eq!(last["model"], "big-model");
     assert!(system_prompt(&last).contains("Your role: backend development"));
@@ -1181,13 +1160,7 @@ async fn a_turn_over_its_token_budget_stops_and_says_so() {
             json!({"msgtype": "m.text", "body": "list everything, forever"}),
         )
         .await;
-    let notice = tools::wait_for("the limit notice", WAIT, || async {
-        alice_said(&admin, &room, "m.notice", "tokens")
-            .await
-            .into_iter()
-            .next()
-    })
-    .await;
+    let notice = alice_says(&admin, &room, "m.notice", "tokens").await;
     assert!(
         notice["content"]["body"]
             .as_str()
