@@ -298,7 +298,6 @@ fn system_prompt(body: &Value) -> String {
 async fn a_task_is_assigned_by_chat_completed_by_the_worker_and_reported() {
     let llm = ScriptedLlm::start().await;
     script_the_manager(&llm);
-    let is_alice = |body: &Value| system_prompt(body).contains("You are Alice");
     llm.on(
         move |b| has_tool_result(b) && is_alice(b),
         Reply::text("Finished the login page."),
@@ -433,7 +432,6 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
 /// Scripts the Manager's side of [`alice_with_the_login_task`]: `create_worker` for "create a
 /// worker named alice", `assign_task` for "give alice the login task", "Done." after a tool ran.
 fn script_the_manager(llm: &ScriptedLlm) {
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
     llm.on(
         move |b| has_tool_result(b) && is_manager(b),
         Reply::text("Done."),
@@ -501,6 +499,10 @@ const ALICE: &str = "@crew_alice:crew.test";
 
 fn is_alice(body: &Value) -> bool {
     system_prompt(body).contains("You are Alice")
+}
+
+fn is_manager(body: &Value) -> bool {
+    system_prompt(body).contains("the Manager of a team")
 }
 
 /// alice (created with the CLI) in a group room "work" with the admin and carol; returns the
@@ -671,7 +673,6 @@ async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
 async fn a_turn_cut_by_a_crash_replays_its_finished_steps() {
     let llm = ScriptedLlm::start().await;
     let answering = scripted_llm::Gate::new();
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
     llm.on(
         move |b| is_manager(b) && has_tool_result(b),
         Reply::text("Dave is ready.").hold(&answering),
@@ -901,7 +902,6 @@ async fn a_worker_remembers_uses_skills_and_stays_in_its_folders() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_manager_invites_a_worker_and_only_admins_change_it() {
     let llm = ScriptedLlm::start().await;
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
     llm.on(
         move |b| is_manager(b) && has_tool_result(b),
         Reply::text("Done."),
@@ -1015,7 +1015,6 @@ async fn commands_work_while_the_llm_provider_is_down() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
     let llm = ScriptedLlm::start().await;
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
     llm.on(
         move |b| is_manager(b) && !has_tool_result(b) && waking_text(b).contains("every minute"),
         Reply::tool_call(
@@ -1077,7 +1076,6 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_manager_is_introduced_once_and_keeps_its_persona() {
     let llm = ScriptedLlm::start().await;
-    let is_manager = |body: &Value| system_prompt(body).contains("the Manager of a team");
     llm.on(
         move |b| is_manager(b) && has_tool_result(b),
         Reply::text("Gern, ich bin Max."),

@@ -21,25 +21,8 @@ const ALICE: &str = "@crew_alice:crew.test";
 
 /// The dispatcher's kept decision for an event, once it has been made.
 async fn why(env: &CrewEnv, event_id: &str) -> Value {
-    let token = std::fs::read_to_string(env.data_dir.join("admin.token")).unwrap();
-    let url = format!(
-        "http://127.0.0.1:{}/dispatch/why/{}",
-        env.admin_port,
-        synapse::enc(event_id)
-    );
-    tools::wait_for("the dispatcher's decision", WAIT, || async {
-        let response = reqwest::Client::new()
-            .get(&url)
-            .bearer_auth(token.trim())
-            .send()
-            .await
-            .ok()?;
-        if response.status() != 200 {
-            return None;
-        }
-        response.json::<Value>().await.ok()
-    })
-    .await["decision"]
+    let path = format!("/dispatch/why/{}", synapse::enc(event_id));
+    tools::wait_for("the dispatcher's decision", WAIT, || env.admin_api(&path)).await["decision"]
         .clone()
 }
 
