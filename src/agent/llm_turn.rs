@@ -192,7 +192,7 @@ impl TurnContext {
             .iter()
             .filter(|said| !waking(said))
             .collect();
-        let count = earlier.len() + missed.dropped as usize;
+        let count = missed.count_besides(waking_events);
         let hidden = earlier.len().saturating_sub(SAID_SINCE_SHOWN) + missed.dropped as usize;
         let mut said_since = Vec::new();
         if hidden > 0 {

@@ -46,6 +46,18 @@ pub struct Missed {
     pub dropped: u64,
 }
 
+impl Missed {
+    /// How many messages were said since the agent's last turn, kept or dropped, besides
+    /// `events` (the ones that woke it).
+    pub fn count_besides(&self, events: &[&str]) -> usize {
+        self.messages
+            .iter()
+            .filter(|said| !events.contains(&said.event_id.as_str()))
+            .count()
+            + self.dropped as usize
+    }
+}
+
 impl SaidSince {
     /// Keeps the last `per_room` messages of each room (at least one).
     pub fn new(per_room: usize) -> Self {

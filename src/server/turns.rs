@@ -22,8 +22,8 @@ use crate::agent::registry::WorkerState;
 use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::agent::worker_tools::WorkerTools;
 use crate::agent::workspace::{ANSWER_PREVIEW_CHARS, LONG_ANSWER_CHARS, Workspace};
-use crate::dispatch::DEPTH_KEY;
 use crate::dispatch::queue::{PendingWake, QueuedWake};
+use crate::dispatch::{DEPTH_KEY, Missed, Said};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
@@ -184,7 +184,8 @@ async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &Pendin
         return;
     };
     let sender_name = super::pump::display_name(crew, &wake.room, &sender);
-    let (_, said_since) = turn_context(crew, agent, &wake.room, &[wake], &sender, &sender_name);
+    let (missed, _) = take_said_since(crew, agent, &wake.room);
+    let said_since = missed.count_besides(&[event_id(&wake.event)]);
     incoming_workspace(crew, agent)
         .save_incoming(&crew.client, agent, &wake.event)
         .await;
@@ -221,7 +222,17 @@ async fn answer_with_llm(
         }
     }
     let (sender, sender_name) = senders[0].clone();
-    let (mut context, _) = turn_context(crew, agent, room, group, &sender, &sender_name);
+    let (missed, recent) = take_said_since(crew, agent, room);
+    let waking: Vec<&str> = group.iter().map(|wake| event_id(&wake.event)).collect();
+    let (mut context, _) = TurnContext::assemble(
+        agent,
+        &missed,
+        &recent,
+        &waking,
+        |user| super::pump::display_name(crew, room, user),
+        format!("{sender_name} ({sender})"),
+        crate::dispatch::text::strip_quotes(body_of(&first.event)).into_owned(),
+    );
     // Files a person sends are saved before anything else.
     let workspace = incoming_workspace(crew, agent);
     for (index, wake) in group.iter().enumerate() {
@@ -309,39 +320,20 @@ fn also_mentioned(
         .collect()
 }
 
-/// The context of the waking messages `group` (all in `room`), moving the agent's "said since"
-/// cursor; also returns how many messages were said since its last turn.
-fn turn_context(
-    crew: &Crew,
-    agent: &UserId,
-    room: &RoomId,
-    group: &[&PendingWake],
-    sender: &UserId,
-    sender_name: &str,
-) -> (TurnContext, usize) {
-    let (missed, recent) = {
-        let mut state = crew
-            .dispatcher
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let missed = state.dispatcher.context.take(agent, room);
-        let recent = state
-            .dispatcher
-            .context
-            .recent(room, TurnContext::recent_window(&missed));
-        crew.persist_context(room, &state.dispatcher);
-        (missed, recent)
-    };
-    let waking: Vec<&str> = group.iter().map(|wake| event_id(&wake.event)).collect();
-    TurnContext::assemble(
-        agent,
-        &missed,
-        &recent,
-        &waking,
-        |user| super::pump::display_name(crew, room, user),
-        format!("{sender_name} ({sender})"),
-        crate::dispatch::text::strip_quotes(body_of(&group[0].event)).into_owned(),
-    )
+/// What was said in `room` since `agent`'s last turn, and the room's recent messages (enough
+/// for [`TurnContext::assemble`]); moves the agent's "said since" cursor to now.
+fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<Said>) {
+    let mut state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let missed = state.dispatcher.context.take(agent, room);
+    let recent = state
+        .dispatcher
+        .context
+        .recent(room, TurnContext::recent_window(&missed));
+    crew.persist_context(room, &state.dispatcher);
+    (missed, recent)
 }
 
 /// What a running turn knows about the queue: the wakes it has taken (its own and those it
