@@ -32,6 +32,12 @@ pub trait Toolbox: Send + Sync {
     async fn call(&self, name: &str, arguments: &str) -> String;
 }
 
+/// A tool call's JSON arguments, or the error line the model gets back when they do not fit.
+pub fn parse_arguments<T: serde::de::DeserializeOwned>(arguments: &str) -> Result<T, String> {
+    serde_json::from_str(arguments)
+        .map_err(|error| format!("error: arguments are not valid: {error}"))
+}
+
 /// What the supervisor says between two steps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Between {

@@ -11,7 +11,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::llm_turn::Toolbox;
+use super::llm_turn::{Toolbox, parse_arguments as parse};
 use super::manager::ManagerProfile;
 use super::registry::WorkerState;
 use super::services::AgentServices;
@@ -103,11 +103,6 @@ struct TaskArgs {
 
 fn object(properties: Value, required: &[&str]) -> Value {
     json!({"type": "object", "properties": properties, "required": required})
-}
-
-fn parse<T: serde::de::DeserializeOwned>(arguments: &str) -> Result<T, String> {
-    serde_json::from_str(arguments)
-        .map_err(|error| format!("error: arguments are not valid: {error}"))
 }
 
 #[async_trait::async_trait]

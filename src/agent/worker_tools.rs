@@ -10,7 +10,7 @@ use ruma::OwnedRoomId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::llm_turn::Toolbox;
+use super::llm_turn::{Toolbox, parse_arguments};
 use super::registry::{Worker, WorkerState};
 use super::services::AgentServices;
 use super::workspace::Workspace;
@@ -179,9 +179,9 @@ impl Toolbox for WorkerTools {
 
 impl WorkerTools {
     async fn task_tool(&self, name: &str, arguments: &str) -> String {
-        let args: TaskNoteArgs = match serde_json::from_str(arguments) {
+        let args: TaskNoteArgs = match parse_arguments(arguments) {
             Ok(args) => args,
-            Err(error) => return format!("error: arguments are not valid: {error}"),
+            Err(error) => return error,
         };
         let tasks = &self.services.tasks;
         let task = match tasks.get(&args.task) {
@@ -212,9 +212,9 @@ impl WorkerTools {
     }
 
     async fn message_worker(&self, arguments: &str) -> String {
-        let args: MessageArgs = match serde_json::from_str(arguments) {
+        let args: MessageArgs = match parse_arguments(arguments) {
             Ok(args) => args,
-            Err(error) => return format!("error: arguments are not valid: {error}"),
+            Err(error) => return error,
         };
         let other = match self.services.team.registry.get(&args.worker) {
             Ok(Some(other)) if other.state == WorkerState::Active => other,
