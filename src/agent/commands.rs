@@ -2,6 +2,7 @@
 //! the provider is down or not configured. Commands that change anything are for admins only.
 
 use crate::agent::registry::{Registry, WorkerState};
+use crate::tasks::Task;
 
 /// One parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +76,28 @@ pub fn help() -> String {
      - `!crew cancel <task>`: cancel a task (admins)\n\
      - `!crew why <event id>`: why a message did or did not wake an agent"
         .to_owned()
+}
+
+/// `!crew tasks`: one line per open task, with its schedule when it recurs.
+pub fn list_tasks(tasks: &[Task]) -> String {
+    if tasks.is_empty() {
+        return "No open tasks.".to_owned();
+    }
+    let mut out = String::from("Open tasks:\n");
+    for task in tasks {
+        out.push_str(&format!(
+            "- **{}** {} ({}): {}",
+            task.id,
+            task.title,
+            task.assignee,
+            task.state.as_str()
+        ));
+        if let Some(note) = task.recurrence_note() {
+            out.push_str(&format!(", {note}"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// `!crew model`: sets or clears a Worker's model.

@@ -365,24 +365,7 @@ async fn answer_command(
                 Err(error) => format!("I cannot read the roster: {error}"),
             },
             Command::Tasks => match crew.tasks.list(&crate::tasks::TaskFilter::open()) {
-                Ok(tasks) if tasks.is_empty() => "No open tasks.".to_owned(),
-                Ok(tasks) => {
-                    let mut out = String::from("Open tasks:\n");
-                    for task in tasks {
-                        out.push_str(&format!(
-                            "- **{}** {} ({}): {}",
-                            task.id,
-                            task.title,
-                            task.assignee,
-                            wire_name(&task.state)
-                        ));
-                        if let Some(note) = task.recurrence_note() {
-                            out.push_str(&format!(", {note}"));
-                        }
-                        out.push('\n');
-                    }
-                    out
-                }
+                Ok(tasks) => commands::list_tasks(&tasks),
                 Err(error) => format!("I cannot read the tasks: {error}"),
             },
             Command::Cancel(task) => match crew.tasks.cancel(&task, now_ms()) {
