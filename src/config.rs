@@ -63,6 +63,8 @@ pub struct Config {
     #[serde(default)]
     pub tasks: crate::tasks::TaskConfig,
     #[serde(default)]
+    pub sandbox: crate::sandbox::SandboxConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 

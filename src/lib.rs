@@ -21,6 +21,7 @@ pub mod init;
 pub mod llm;
 pub mod matrix;
 pub mod registration;
+pub mod sandbox;
 pub mod secret;
 pub mod server;
 pub mod storage;

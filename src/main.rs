@@ -64,6 +64,21 @@ enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// Workers' Docker sandboxes: build the image, remove this crew's containers.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Builds the sandbox image from Debian's packages (debootstrap + docker import), without
+    /// any image registry. Needs root (debootstrap) and Docker.
+    Build,
+    /// Removes every container and the network this crew made (Workers' containers are made
+    /// again on their next command).
+    Clean,
 }
 
 #[derive(Subcommand)]
@@ -164,8 +179,43 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", command.run(&admin(&cli.config)?).await?);
                 Ok(())
             }
+            Command::Sandbox { command } => sandbox(&cli.config, command).await,
         }
     })
+}
+
+async fn sandbox(config_path: &std::path::Path, command: SandboxCommand) -> anyhow::Result<()> {
+    match command {
+        SandboxCommand::Build => {
+            // Without a config (a fresh machine), the default image is built.
+            let (settings, work_dir) = if config_path.exists() {
+                let loaded = Config::load(config_path)
+                    .with_context(|| format!("loading {}", config_path.display()))?;
+                (loaded.config.sandbox.clone(), loaded.config.data_dir.clone())
+            } else {
+                (Default::default(), std::env::temp_dir().join("crew-sandbox-build"))
+            };
+            matrix_crew::sandbox::image::build(&settings, &work_dir, |line| println!("{line}"))
+                .await?;
+        }
+        SandboxCommand::Clean => {
+            let loaded = Config::load(config_path)
+                .with_context(|| format!("loading {}", config_path.display()))?;
+            let config = loaded.config;
+            let env = |name: &str| std::env::var(name).ok();
+            let storage =
+                matrix_crew::storage::Storage::open(&config.storage, &config.data_dir, env)
+                    .await?;
+            let sandboxes = matrix_crew::sandbox::Sandboxes::new(
+                config.sandbox.clone(),
+                storage,
+                &config.data_dir,
+            );
+            let removed = sandboxes.remove_all().await?;
+            println!("removed {removed} container(s) and the sandbox network");
+        }
+    }
+    Ok(())
 }
 
 fn admin(config: &std::path::Path) -> anyhow::Result<matrix_crew::admin::AdminClient> {

@@ -51,6 +51,11 @@ pub enum Between {
 #[async_trait::async_trait]
 pub trait Supervisor: Send + Sync {
     async fn between_steps(&self) -> Between;
+    /// While a tool runs: whether someone asked to stop (who), without taking in anything
+    /// else. The stop itself is taken by the next [`Supervisor::between_steps`].
+    async fn peek_stop(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A supervisor that never interjects (benchmarks, one-shot calls).
@@ -365,9 +370,22 @@ pub async fn run(
             let result = match entry.results.get(index) {
                 Some(done) => done.clone(),
                 None => {
-                    let result = toolbox
-                        .call(&call.function.name, &call.function.arguments)
-                        .await;
+                    let call = toolbox.call(&call.function.name, &call.function.arguments);
+                    let result = match supervised(call, supervisor).await {
+                        Some(result) => result,
+                        // Stopped while the tool ran: dropping its call ends it (a command's
+                        // process group is killed).
+                        None => {
+                            let by = match supervisor.between_steps().await {
+                                Between::Stop { by } => by,
+                                Between::Continue(said) => {
+                                    arrived.extend(said);
+                                    "someone".to_owned()
+                                }
+                            };
+                            return Ok(TurnOutcome::Stopped { by, steps: step });
+                        }
+                    };
                     entry.results.push(result.clone());
                     journal.save(step, &entry).await;
                     result
@@ -379,6 +397,28 @@ pub async fn run(
     Ok(TurnOutcome::StepLimit {
         steps: limits.max_steps,
     })
+}
+
+/// How often a long tool call (a command in a sandbox) looks for a stop.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Runs one tool call while watching for a stop; `None` when a stop came first (the call is
+/// dropped). Other messages wait for the next step.
+async fn supervised(
+    call: impl std::future::Future<Output = String>,
+    supervisor: &dyn Supervisor,
+) -> Option<String> {
+    let mut call = std::pin::pin!(call);
+    loop {
+        tokio::select! {
+            result = &mut call => return Some(result),
+            () = tokio::time::sleep(STOP_POLL) => {
+                if supervisor.peek_stop().await.is_some() {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

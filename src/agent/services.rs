@@ -37,6 +37,10 @@ pub struct AgentServices {
     pub busy: Busy,
     /// The Manager's name, style and language, as the admin set them in onboarding.
     pub manager_profile: Tree<String, ManagerProfile>,
+    /// The credential gateway: Workers' consumer tokens and routes (`http_request`).
+    pub gateway: Arc<crate::gateway::Gateway>,
+    /// Workers' Docker sandboxes (`run_command`).
+    pub sandboxes: Arc<crate::sandbox::Sandboxes>,
 }
 
 impl AgentServices {

@@ -32,6 +32,8 @@ pub struct Team {
     client: MatrixClient,
     gateway: Arc<crate::gateway::Gateway>,
     manager: ruma::OwnedUserId,
+    /// Removing a Worker removes its sandbox.
+    sandboxes: Option<Arc<crate::sandbox::Sandboxes>>,
 }
 
 /// The answer to a create request.
@@ -54,7 +56,14 @@ impl Team {
             client,
             gateway,
             manager,
+            sandboxes: None,
         }
+    }
+
+    /// The sandboxes to remove a Worker's container from when it is removed.
+    pub fn with_sandboxes(mut self, sandboxes: Arc<crate::sandbox::Sandboxes>) -> Self {
+        self.sandboxes = Some(sandboxes);
+        self
     }
 
     /// Removes a Worker: its gateway token stops working on the next request, it leaves every
@@ -67,6 +76,13 @@ impl Team {
         match self.gateway.revoke(worker.user_id.localpart()).await {
             Ok(_) | Err(crate::gateway::GatewayError::UnknownConsumer(_)) => {}
             Err(error) => return Err(error.into()),
+        }
+        // Its container goes now; if Docker is down, the sandboxes' housekeeping removes it
+        // once Docker is back.
+        if let Some(sandboxes) = &self.sandboxes
+            && let Err(error) = sandboxes.remove(name).await
+        {
+            tracing::warn!(%error, worker = name, "cannot remove the Worker's sandbox yet");
         }
         for room in self.client.joined_rooms(&worker.user_id).await? {
             self.client

@@ -28,6 +28,8 @@ pub struct WorkerTools {
     room: OwnedRoomId,
     depth: u32,
     files: Workspace,
+    /// The tasks assigned to the Worker when the turn started (their folders are its).
+    task_ids: Vec<String>,
 }
 
 impl WorkerTools {
@@ -43,7 +45,7 @@ impl WorkerTools {
             services.storage.clone(),
             &worker.name,
             Role::Worker,
-            task_ids,
+            task_ids.clone(),
         );
         Self {
             services,
@@ -51,6 +53,7 @@ impl WorkerTools {
             room,
             depth,
             files,
+            task_ids,
         }
     }
 
@@ -66,7 +69,9 @@ impl WorkerTools {
             "You are {}, a Worker agent in a Matrix team led by the Manager ({}). Your role: {}.\n\
              Work on your tasks with your task tools (task_progress, complete_task, block_task) and \
              answer briefly and concretely. Keep your working files in agents/{}/ or the task's folder, \
-             and refer to files by path in chat; never paste a whole file.",
+             and refer to files by path in chat; never paste a whole file. Run commands and your skills' \
+             scripts with run_command (in your sandbox, in the task's folder when you name the task), \
+             and call APIs with http_request.",
             worker.display_name,
             self.services.manager,
             if worker.role.is_empty() {
@@ -144,6 +149,7 @@ impl Toolbox for WorkerTools {
                 }),
             ),
         ];
+        tools.extend(super::sandbox_tools::tools());
         tools.push(super::files::share_tool());
         tools.extend(self.files.tools());
         tools
@@ -155,6 +161,18 @@ impl Toolbox for WorkerTools {
                 self.task_tool(name, arguments).await
             }
             "message_worker" => self.message_worker(arguments).await,
+            "run_command" => {
+                super::sandbox_tools::run_command(
+                    &self.services,
+                    &self.worker,
+                    &self.task_ids,
+                    arguments,
+                )
+                .await
+            }
+            "http_request" => {
+                super::sandbox_tools::http_request(&self.services, &self.worker, arguments).await
+            }
             "share_file" => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 super::files::share_tool_call(

@@ -266,6 +266,18 @@ impl Gateway {
             .await
     }
 
+    /// Serves the proxy on a Unix socket (the sandboxes' relay reaches it there) until
+    /// `shutdown` is cancelled.
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }
+
     /// The proxy as a router (every path goes to the proxy handler).
     pub fn router(self: &Arc<Self>) -> axum::Router {
         proxy::router(Arc::clone(self))

@@ -221,12 +221,17 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     )?;
     let gateway =
         crate::gateway::Gateway::new(config.gateway.clone(), store.clone(), &config.data_dir)?;
-    let team = Arc::new(Team::new(
-        registry,
-        client.clone(),
-        gateway.clone(),
-        manager.clone(),
+    let env = |name: &str| std::env::var(name).ok();
+    let storage = crate::storage::Storage::open(&config.storage, &config.data_dir, env).await?;
+    let sandboxes = Arc::new(crate::sandbox::Sandboxes::new(
+        config.sandbox.clone(),
+        storage.clone(),
+        &config.data_dir,
     ));
+    let team = Arc::new(
+        Team::new(registry, client.clone(), gateway.clone(), manager.clone())
+            .with_sandboxes(sandboxes.clone()),
+    );
     let manager_profile: Tree<String, crate::agent::manager::ManagerProfile> =
         store.tree("manager_profile")?;
     let manager_name = manager_profile
@@ -263,8 +268,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         server_name: config.homeserver.server_name.to_string(),
         pings,
     });
-    let env = |name: &str| std::env::var(name).ok();
-    let storage = crate::storage::Storage::open(&config.storage, &config.data_dir, env).await?;
     let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;
     let tasks = crate::tasks::Tasks::open(&store, storage.clone(), &config.tasks)?;
     let appservice_listener = bind("appservice API", config.appservice.bind).await?;
@@ -291,6 +294,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         activity: crate::agent::status::Activity::open(&store)?,
         busy: busy.clone(),
         manager_profile,
+        gateway: gateway.clone(),
+        sandboxes: sandboxes.clone(),
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
@@ -335,17 +340,42 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             tracing::error!(%error, "appservice listener stopped");
         }
     });
+    let status_sandboxes = sandboxes.clone();
     let admin_routes = axum::Router::new()
         .route(
             "/status",
-            axum::routing::get(|| async { axum::Json(serde_json::json!({ "running": true })) }),
+            axum::routing::get(move || {
+                let sandboxes = status_sandboxes.clone();
+                async move {
+                    axum::Json(
+                        serde_json::json!({ "running": true, "sandbox": sandboxes.status().await }),
+                    )
+                }
+            }),
         )
-        .nest("/workers", crate::agent::team::admin_router(team))
+        .nest("/workers", crate::agent::team::admin_router(team.clone()))
         .nest("/gateway", crate::gateway::admin_router(gateway.clone()))
         .nest("/files", crate::storage::admin::admin_router(storage))
         .nest("/dispatch", admin_routes::dispatch_router(crew.clone()))
         .nest("/share", admin_routes::share_router(crew.clone()));
-    background.spawn(gateway.serve(gateway_listener, shutdown.clone()));
+    background.spawn(gateway.clone().serve(gateway_listener, shutdown.clone()));
+    if crew.config.sandbox.enabled {
+        let socket = sandboxes.gateway_socket();
+        match bind_unix(&socket) {
+            Ok(listener) => {
+                background.spawn(gateway.serve_unix(listener, shutdown.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, socket = %socket.display(), "sandboxes cannot reach the gateway")
+            }
+        }
+        background.spawn(crate::sandbox::keep_tidy(
+            sandboxes.clone(),
+            team.clone(),
+            crew.tasks.clone(),
+            shutdown.clone(),
+        ));
+    }
     background.spawn(crate::admin::serve(
         admin_listener,
         admin_token,
@@ -395,6 +425,19 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpLis
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// Listens on a Unix socket at `path`, replacing a stale one a previous run left.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    tokio::net::UnixListener::bind(path)
 }
 
 /// Logs a homeserver error from a background task without stopping the service.
