@@ -74,6 +74,9 @@ struct NameArgs {
     role: Option<String>,
     #[serde(default)]
     model: Option<String>,
+    /// Gateway routes the new Worker may call (admins only).
+    #[serde(default)]
+    routes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -115,7 +118,9 @@ impl Toolbox for ManagerTools {
                 "Create a Worker agent (or return the existing one of that name) with its own room.",
                 object(
                     json!({"name": {"type": "string", "description": "lowercase name, e.g. alice"},
-                           "role": {"type": "string", "description": "what the worker is for"}}),
+                           "role": {"type": "string", "description": "what the worker is for"},
+                           "routes": {"type": "array", "items": {"type": "string"},
+                                      "description": "gateway routes it may call, e.g. [\"github\"] (admins only)"}}),
                     &["name"],
                 ),
             ),
@@ -243,6 +248,11 @@ impl Toolbox for ManagerTools {
 impl ManagerTools {
     async fn create_worker(&self, arguments: &str) -> Result<String, String> {
         let args: NameArgs = parse(arguments)?;
+        if args.routes.is_some()
+            && let Some(refusal) = self.admin_only("choose which APIs a Worker may call")
+        {
+            return Err(refusal);
+        }
         let role = args.role.unwrap_or_default();
         let created = self
             .services
@@ -253,8 +263,15 @@ impl ManagerTools {
                 tracing::warn!(%error, "create_worker failed");
                 format!("error: {error}")
             })?;
+        let routes = match &args.routes {
+            Some(routes) => Some(
+                super::sandbox_tools::grant_routes(&self.services, &created.worker, routes).await?,
+            ),
+            None => None,
+        };
         Ok(json!({
             "created": created.created,
+            "routes": routes,
             "name": created.worker.name,
             "user_id": created.worker.user_id,
             "room": created.worker.room,

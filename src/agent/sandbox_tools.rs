@@ -297,6 +297,43 @@ pub async fn http_request(services: &AgentServices, worker: &Worker, arguments: 
     answer
 }
 
+/// Sets the gateway routes `worker` may call (the Manager does this for an admin when it
+/// creates the Worker); the other limits stay the configured defaults. Returns the routes.
+pub async fn grant_routes(
+    services: &AgentServices,
+    worker: &Worker,
+    routes: &[String],
+) -> Result<Vec<String>, String> {
+    let gateway = services.gateway.config();
+    let mut allowed: Vec<String> = Vec::new();
+    for route in routes {
+        let route = route.trim();
+        if !gateway.routes.iter().any(|known| known.name == route) {
+            let names: Vec<&str> = gateway.routes.iter().map(|r| r.name.as_str()).collect();
+            return Err(format!(
+                "error: the gateway has no route named `{route}` (routes: {})",
+                names.join(", ")
+            ));
+        }
+        allowed.push(route.to_owned());
+    }
+    // Its own LLM stays reachable, or it could not think.
+    let llm = services.llm_route.clone();
+    if !allowed.contains(&llm) {
+        allowed.push(llm);
+    }
+    let policy = crate::gateway::config::ConsumerPolicy {
+        allowed_routes: allowed.clone(),
+        ..gateway.consumer_defaults.clone()
+    };
+    services
+        .gateway
+        .add_consumer(worker.user_id.localpart(), Some(policy))
+        .await
+        .map_err(|error| format!("error: cannot set its routes: {error}"))?;
+    Ok(allowed)
+}
+
 fn plain(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),

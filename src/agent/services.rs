@@ -39,6 +39,8 @@ pub struct AgentServices {
     pub manager_profile: Tree<String, ManagerProfile>,
     /// The credential gateway: Workers' consumer tokens and routes (`http_request`).
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// The gateway route agents think with (`llm.route`): every Worker keeps it.
+    pub llm_route: String,
     /// Workers' Docker sandboxes (`run_command`).
     pub sandboxes: Arc<crate::sandbox::Sandboxes>,
 }

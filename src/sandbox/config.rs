@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub struct SandboxConfig {
     /// Off: `run_command` answers that sandboxes are disabled and crew never talks to Docker.
     pub enabled: bool,
+    /// The Docker engine to use, e.g. `unix:///run/user/1000/docker.sock` for rootless Docker;
+    /// unset: `DOCKER_HOST`, else the local socket.
+    pub docker_host: Option<String>,
     /// The image each Worker's container runs (`crew sandbox build` makes the default one).
     pub image: String,
     /// Memory limit per container, in MiB (swap is not given on top).
@@ -41,6 +44,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            docker_host: None,
             image: DEFAULT_IMAGE.to_owned(),
             memory_mb: 1024,
             cpus: 1.0,
@@ -54,6 +58,21 @@ impl Default for SandboxConfig {
             debian_suite: "bookworm".to_owned(),
             extra_packages: Vec::new(),
         }
+    }
+}
+
+impl SandboxConfig {
+    /// A client for the configured engine, its API version negotiated (Docker 20.10 and newer).
+    pub async fn connect(&self) -> Result<bollard::Docker, super::SandboxError> {
+        let unavailable = |error: bollard::errors::Error| {
+            super::SandboxError::DockerUnavailable(error.to_string())
+        };
+        let docker = match &self.docker_host {
+            Some(host) => bollard::Docker::connect_with_host(host),
+            None => bollard::Docker::connect_with_local_defaults(),
+        }
+        .map_err(unavailable)?;
+        docker.negotiate_version().await.map_err(unavailable)
     }
 }
 

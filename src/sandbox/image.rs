@@ -33,11 +33,7 @@ pub async fn build(
     work_dir: &Path,
     progress: impl Fn(&str),
 ) -> Result<(), SandboxError> {
-    let docker = bollard::Docker::connect_with_local_defaults()
-        .map_err(|error| SandboxError::DockerUnavailable(error.to_string()))?
-        .negotiate_version()
-        .await
-        .map_err(|error| SandboxError::DockerUnavailable(error.to_string()))?;
+    let docker = config.connect().await?;
     let debootstrap = find_debootstrap(&progress).await?;
     let rootfs = work_dir.join("sandbox-rootfs");
     if rootfs.exists() {

@@ -215,11 +215,7 @@ impl Sandboxes {
         if let Some(docker) = docker.as_ref() {
             return Ok(docker.clone());
         }
-        let connected = Docker::connect_with_local_defaults()
-            .map_err(|error| SandboxError::DockerUnavailable(error.to_string()))?
-            .negotiate_version()
-            .await
-            .map_err(|error| SandboxError::DockerUnavailable(error.to_string()))?;
+        let connected = self.config.connect().await?;
         *docker = Some(connected.clone());
         Ok(connected)
     }

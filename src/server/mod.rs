@@ -295,6 +295,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         busy: busy.clone(),
         manager_profile,
         gateway: gateway.clone(),
+        llm_route: config.llm.route.clone(),
         sandboxes: sandboxes.clone(),
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
