@@ -801,8 +801,9 @@ impl GroupKiller {
             "sh".into(),
             "-c".into(),
             // The group id is the pid the wrapper wrote; `kill -- -PGID` reaches every process
-            // in the group, children included.
-            "pg=$(cat \"$0\" 2>/dev/null) && [ -n \"$pg\" ] && kill -KILL -- \"-$pg\"; rm -f \"$0\""
+            // in the group, children included. (dash's `kill` takes no negative pid: bash's
+            // does, with Python's `os.killpg` for images without bash.)
+            "pg=$(cat \"$0\" 2>/dev/null) && [ -n \"$pg\" ] && { bash -c 'kill -KILL -- -$1' _ \"$pg\" 2>/dev/null || python3 -c 'import os,sys; os.killpg(int(sys.argv[1]), 9)' \"$pg\"; }; rm -f \"$0\""
                 .into(),
             self.pid_file.clone(),
         ]
