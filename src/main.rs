@@ -191,9 +191,15 @@ async fn sandbox(config_path: &std::path::Path, command: SandboxCommand) -> anyh
             let (settings, work_dir) = if config_path.exists() {
                 let loaded = Config::load(config_path)
                     .with_context(|| format!("loading {}", config_path.display()))?;
-                (loaded.config.sandbox.clone(), loaded.config.data_dir.clone())
+                (
+                    loaded.config.sandbox.clone(),
+                    loaded.config.data_dir.clone(),
+                )
             } else {
-                (Default::default(), std::env::temp_dir().join("crew-sandbox-build"))
+                (
+                    Default::default(),
+                    std::env::temp_dir().join("crew-sandbox-build"),
+                )
             };
             matrix_crew::sandbox::image::build(&settings, &work_dir, |line| println!("{line}"))
                 .await?;
@@ -204,8 +210,7 @@ async fn sandbox(config_path: &std::path::Path, command: SandboxCommand) -> anyh
             let config = loaded.config;
             let env = |name: &str| std::env::var(name).ok();
             let storage =
-                matrix_crew::storage::Storage::open(&config.storage, &config.data_dir, env)
-                    .await?;
+                matrix_crew::storage::Storage::open(&config.storage, &config.data_dir, env).await?;
             let sandboxes = matrix_crew::sandbox::Sandboxes::new(
                 config.sandbox.clone(),
                 storage,

@@ -101,7 +101,11 @@ async fn tool_result_with(llm: &ScriptedLlm, needle: &str) -> String {
 fn alice_on(llm: &ScriptedLlm, trigger: &'static str, name: &str, arguments: Value) {
     llm.on(
         move |b| is_alice(b) && last_tool_result(b).is_none() && waking_text(b).contains(trigger),
-        Reply::tool_call(&format!("call-{}", trigger.replace(' ', "-")), name, arguments),
+        Reply::tool_call(
+            &format!("call-{}", trigger.replace(' ', "-")),
+            name,
+            arguments,
+        ),
     );
 }
 
@@ -187,7 +191,7 @@ async fn a_worker_computes_fibonacci_with_a_script_in_its_sandbox() {
         ),
     );
     llm.on(
-        |b| is_alice(b),
+        is_alice,
         Reply::tool_call(
             "a1",
             "write_file",
@@ -214,7 +218,10 @@ async fn a_worker_computes_fibonacci_with_a_script_in_its_sandbox() {
     };
     assert!(ran.starts_with("exit code: 0"), "{ran}");
     assert!(ran.contains(&format!("proof {proof}")), "{ran}");
-    assert!(!script.contains(&proof), "the proof comes from the run only");
+    assert!(
+        !script.contains(&proof),
+        "the proof comes from the run only"
+    );
 
     let files = env.data_dir.join("files/tasks/t-1");
     tools::wait_for("the task's result", WAIT, || async {
@@ -261,7 +268,9 @@ async fn commands_are_killed_at_their_time_limit_cut_when_long_and_stopped_on_re
     let admin = env.admin().await;
 
     // The time limit kills the command and every process it started.
-    admin.send_mention(&room, "run the sleepers", &[ALICE]).await;
+    admin
+        .send_mention(&room, "run the sleepers", &[ALICE])
+        .await;
     let killed = tool_result_with(&llm, "killed at the time limit").await;
     assert!(!killed.contains("never"), "{killed}");
     admin.wait_for_message(&room, ALICE, "Finished.").await;
@@ -284,7 +293,9 @@ async fn commands_are_killed_at_their_time_limit_cut_when_long_and_stopped_on_re
     assert!(whole.ends_with("199999\n200000\n"));
 
     // A person's "stop" ends a running command.
-    admin.send_mention(&room, "run the long job", &[ALICE]).await;
+    admin
+        .send_mention(&room, "run the long job", &[ALICE])
+        .await;
     tools::wait_for("the long job to run", WAIT, || async {
         processes(&container).contains("sleep 600").then_some(())
     })
@@ -295,7 +306,12 @@ async fn commands_are_killed_at_their_time_limit_cut_when_long_and_stopped_on_re
             .messages_from(&room, ALICE)
             .await
             .into_iter()
-            .find(|e| e["content"]["body"].as_str().unwrap_or("").contains("Stopped"))
+            .find(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Stopped")
+            })
     })
     .await;
     tools::wait_for("the long job to end", WAIT, || async {
@@ -384,7 +400,14 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
     let (env, _cleanup) = crew_with(&llm, routes, "").await;
     let room = alice_at_work(&env).await;
     let (ok, out) = env.cli(&[
-        "gateway", "consumers", "add", "crew_alice", "--route", "llm", "--route", "github",
+        "gateway",
+        "consumers",
+        "add",
+        "crew_alice",
+        "--route",
+        "llm",
+        "--route",
+        "github",
     ]);
     assert!(ok, "{out}");
     let admin = env.admin().await;
@@ -407,7 +430,9 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
     admin.wait_for_message(&room, ALICE, "Finished.").await;
 
     // Inside: no real key anywhere; the gateway answers; the host does not.
-    admin.send_mention(&room, "inspect yourself", &[ALICE]).await;
+    admin
+        .send_mention(&room, "inspect yourself", &[ALICE])
+        .await;
     let probed = tool_result_with(&llm, "ENVIRON").await;
     assert!(probed.starts_with("exit code: 0"), "{probed}");
     assert!(probed.contains("CREW_GATEWAY_TOKEN=crewgw_"), "{probed}");
@@ -416,7 +441,7 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
         "the gateway answers from inside: {probed}"
     );
     assert!(!probed.contains("REACHED"), "{probed}");
-    assert!(probed.contains(&"unreachable 172.17.0.1"), "{probed}");
+    assert!(probed.contains("unreachable 172.17.0.1"), "{probed}");
     assert!(
         matches!(host_service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "nothing reached the host's port"
@@ -437,7 +462,11 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
     assert_eq!(host["Privileged"], false);
     assert_eq!(host["ReadonlyRootfs"], true);
     assert_eq!(host["CapDrop"], json!(["ALL"]));
-    assert!(host["SecurityOpt"].to_string().contains("no-new-privileges"));
+    assert!(
+        host["SecurityOpt"]
+            .to_string()
+            .contains("no-new-privileges")
+    );
     assert!(host["Tmpfs"]["/tmp"].is_string());
     let binds = host["Binds"].as_array().unwrap();
     assert_eq!(binds.len(), 1);
@@ -492,7 +521,8 @@ async fn sandboxes_stop_when_idle_survive_restarts_and_go_with_their_worker() {
         "run_command",
         json!({"command": "echo warm > warm.txt"}),
     );
-    let (mut env, _cleanup) = crew_with(&llm, String::new(), "\n[sandbox]\nidle_stop_secs = 2\n").await;
+    let (mut env, _cleanup) =
+        crew_with(&llm, String::new(), "\n[sandbox]\nidle_stop_secs = 2\n").await;
     let room = alice_at_work(&env).await;
     let admin = env.admin().await;
     let manager = env.manager_id();
@@ -519,7 +549,14 @@ async fn sandboxes_stop_when_idle_survive_restarts_and_go_with_their_worker() {
     env.start_crew().await;
     admin.send_mention(&room, "warm up again", &[ALICE]).await;
     tools::wait_for("the second run", WAIT, || async {
-        (admin.messages_from(&room, ALICE).await.iter().filter(|e| e["content"]["body"] == "Finished.").count() >= 2).then_some(())
+        (admin
+            .messages_from(&room, ALICE)
+            .await
+            .iter()
+            .filter(|e| e["content"]["body"] == "Finished.")
+            .count()
+            >= 2)
+            .then_some(())
     })
     .await;
     assert_eq!(the_container(&env), first, "the same container");
@@ -539,7 +576,10 @@ async fn sandboxes_stop_when_idle_survive_restarts_and_go_with_their_worker() {
 async fn without_docker_a_command_says_how_to_fix_it_and_the_rest_works() {
     let llm = ScriptedLlm::start().await;
     llm.on(
-        |b| is_alice(b) && last_tool_result(b).is_some_and(|r| r.contains("Docker is not available")),
+        |b| {
+            is_alice(b)
+                && last_tool_result(b).is_some_and(|r| r.contains("Docker is not available"))
+        },
         Reply::text("I cannot run commands: Docker is not available on crew's machine."),
     );
     alice_on(
@@ -548,7 +588,7 @@ async fn without_docker_a_command_says_how_to_fix_it_and_the_rest_works() {
         "run_command",
         json!({"command": "true"}),
     );
-    llm.on(|b| is_alice(b), Reply::text("Hello, still here."));
+    llm.on(is_alice, Reply::text("Hello, still here."));
     let (env, _cleanup) = crew_with(
         &llm,
         String::new(),

@@ -76,7 +76,12 @@ pub async fn run_command(
         Err(error) => return error,
     };
     let config = services.sandboxes.config();
-    let task = match args.task.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+    let task = match args
+        .task
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
         Some(task) if task_ids.iter().any(|id| id == task) => Some(task.to_owned()),
         Some(task) => return format!("error: {task} is not one of your tasks"),
         None => None,

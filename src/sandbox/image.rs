@@ -142,11 +142,7 @@ async fn import(docker: &bollard::Docker, rootfs: &Path, image: &str) -> Result<
             .to_vec(),
         )
         .build();
-    let mut stream = docker.create_image(
-        Some(options),
-        Some(bollard::body_try_stream(body)),
-        None,
-    );
+    let mut stream = docker.create_image(Some(options), Some(bollard::body_try_stream(body)), None);
     while let Some(step) = stream.next().await {
         step.map_err(|error| SandboxError::Build(format!("docker import: {error}")))?;
     }

@@ -293,7 +293,9 @@ impl Sandboxes {
         let mirror = sync::Mirror::new(
             self.storage.clone(),
             self.workspace_dir(&worker.name),
-            self.root.join("manifests").join(format!("{}.json", worker.name)),
+            self.root
+                .join("manifests")
+                .join(format!("{}.json", worker.name)),
         );
         mirror.pull(&worker.folders).await?;
         let limit = self.storage.max_file_bytes().min(64 * 1024 * 1024) as usize;
@@ -474,7 +476,10 @@ impl Sandboxes {
             }
         }
         match docker.remove_network(&self.network_name()).await {
-            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
             Err(error) => return Err(SandboxError::from_docker(error)),
         }
         Ok(removed)
@@ -662,9 +667,10 @@ fn owner_of(path: &Path) -> Result<String, SandboxError> {
 async fn remove_container(docker: &Docker, id: &str) -> Result<(), SandboxError> {
     let options = RemoveContainerOptionsBuilder::default().force(true).build();
     match docker.remove_container(id, Some(options)).await {
-        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-            Ok(())
-        }
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
         Err(error) => Err(SandboxError::from_docker(error)),
     }
 }

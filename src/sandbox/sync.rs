@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::SandboxError;
-use crate::storage::{StoragePath, StoragePrefix};
 use crate::storage::{Storage, StorageError};
+use crate::storage::{StoragePath, StoragePrefix};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
@@ -302,7 +302,11 @@ mod tests {
             root.path().join("tasks/t-1/leak"),
         )
         .unwrap();
-        assert!(read_regular(&root.path().join("tasks/t-1/leak")).await.is_none());
+        assert!(
+            read_regular(&root.path().join("tasks/t-1/leak"))
+                .await
+                .is_none()
+        );
         let walked = walk(root.path(), "tasks/t-1/");
         assert_eq!(walked, vec![("tasks/t-1/spec.md".to_owned(), 4)]);
     }

@@ -357,22 +357,34 @@ impl Supervisor for WakeSupervisor<'_> {
         let crew = &self.watch.crew;
         let agent = &self.watch.agent;
         let worker = crew.team.registry.by_user(agent).ok().flatten();
-        if worker.as_ref().is_some_and(|w| w.state != WorkerState::Active) {
+        if worker
+            .as_ref()
+            .is_some_and(|w| w.state != WorkerState::Active)
+        {
             return Some("an admin".to_owned());
         }
         let display = worker
             .map(|worker| worker.display_name)
             .unwrap_or_else(|| crew.agents.manager_name());
         let names = [agent.as_str(), display.as_str(), agent.localpart()];
-        let known = self.watch.known.lock().map(|k| k.clone()).unwrap_or_default();
-        crew.queue.pending_for(agent).ok()?.into_iter().find_map(|queued| {
-            let sender = sender_of(&queued.wake.event)?;
-            let body = crate::dispatch::text::strip_quotes(body_of(&queued.wake.event));
-            (!known.contains(&queued.key)
-                && crew.is_admin(&sender)
-                && llm_turn::is_stop_request(&body, &names))
-            .then(|| sender.to_string())
-        })
+        let known = self
+            .watch
+            .known
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_default();
+        crew.queue
+            .pending_for(agent)
+            .ok()?
+            .into_iter()
+            .find_map(|queued| {
+                let sender = sender_of(&queued.wake.event)?;
+                let body = crate::dispatch::text::strip_quotes(body_of(&queued.wake.event));
+                (!known.contains(&queued.key)
+                    && crew.is_admin(&sender)
+                    && llm_turn::is_stop_request(&body, &names))
+                .then(|| sender.to_string())
+            })
     }
 
     async fn between_steps(&self) -> Between {

@@ -36,11 +36,12 @@ pub fn ensure_image() {
         let work = tools::cache_dir().join("sandbox-build");
         std::fs::create_dir_all(&work).unwrap();
         // `crew sandbox build` without a config builds the default image.
-        let result = tools::run(
-            Command::new(crew_binary())
-                .current_dir(&work)
-                .args(["--config", "no-config.toml", "sandbox", "build"]),
-        );
+        let result = tools::run(Command::new(crew_binary()).current_dir(&work).args([
+            "--config",
+            "no-config.toml",
+            "sandbox",
+            "build",
+        ]));
         if let Err(message) = result {
             panic!(
                 "building the sandbox image failed (it needs root, Docker and Debian's mirror): {message}"
