@@ -149,6 +149,9 @@ pub struct Sandboxes {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Commands running per Worker, and when each Worker last used its sandbox.
     usage: Mutex<HashMap<String, Usage>>,
+    /// Containers known to run, by Worker: (id, token digest). A warm command skips the
+    /// look-ups; a container that went away (stopped, removed by hand) is found again.
+    ready: Mutex<HashMap<String, (String, String)>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +173,7 @@ impl Sandboxes {
             docker: tokio::sync::Mutex::new(None),
             locks: Mutex::default(),
             usage: Mutex::default(),
+            ready: Mutex::default(),
         }
     }
 
@@ -299,7 +303,18 @@ impl Sandboxes {
         );
         mirror.pull(&worker.folders).await?;
         let limit = self.storage.max_file_bytes().min(64 * 1024 * 1024) as usize;
-        let mut run = exec_command(&docker, &container, command, cwd, timeout, limit).await?;
+        let mut run = match exec_command(&docker, &container, command, cwd, timeout, limit).await {
+            // The container went away since it was last used (stopped or removed by hand).
+            Err(SandboxError::Docker(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            })) => {
+                self.forget_ready(&worker.name);
+                let container = self.ensure_running(&docker, worker).await?;
+                exec_command(&docker, &container, command, cwd, timeout, limit).await?
+            }
+            other => other?,
+        };
         run.sync_notes = mirror
             .push(&worker.folders, |path| worker_may_write(&worker.name, path))
             .await?;
@@ -315,13 +330,41 @@ impl Sandboxes {
     ) -> Result<String, SandboxError> {
         let lock = self.lock_of(&worker.name);
         let _guard = lock.lock().await;
-        self.ensure_relay(docker).await?;
         let digest = token_digest(&worker.token);
+        if let Some((id, known)) = self.ready_lock().get(&worker.name)
+            && *known == digest
+        {
+            return Ok(id.clone());
+        }
+        let id = self.find_or_create(docker, worker, &digest).await?;
+        self.ready_lock()
+            .insert(worker.name.clone(), (id.clone(), digest));
+        Ok(id)
+    }
+
+    fn ready_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets that `worker`'s container runs (it stopped, or is gone).
+    fn forget_ready(&self, worker: &str) {
+        self.ready_lock().remove(worker);
+    }
+
+    async fn find_or_create(
+        &self,
+        docker: &Docker,
+        worker: &SandboxWorker,
+        digest: &str,
+    ) -> Result<String, SandboxError> {
+        self.ensure_relay(docker).await?;
         let existing = self.find(docker, Some(&worker.name), "worker").await?;
         for summary in &existing {
             let labels = summary.labels.clone().unwrap_or_default();
             let id = summary.id.clone().unwrap_or_default();
-            if labels.get(LABEL_TOKEN) != Some(&digest) {
+            if labels.get(LABEL_TOKEN).map(String::as_str) != Some(digest) {
                 tracing::info!(worker = %worker.name, "recreating a sandbox whose token changed");
                 remove_container(docker, &id).await?;
                 continue;
@@ -334,7 +377,7 @@ impl Sandboxes {
             }
             return Ok(id);
         }
-        self.create_worker_container(docker, worker, &digest).await
+        self.create_worker_container(docker, worker, digest).await
     }
 
     async fn create_worker_container(
@@ -452,6 +495,7 @@ impl Sandboxes {
         let docker = self.docker().await?;
         let lock = self.lock_of(worker);
         let _guard = lock.lock().await;
+        self.forget_ready(worker);
         let found = self.find(&docker, Some(worker), "worker").await?;
         for summary in &found {
             remove_container(&docker, summary.id.as_deref().unwrap_or_default()).await?;
@@ -468,6 +512,7 @@ impl Sandboxes {
     /// Removes every container and the network this crew made (`crew sandbox clean`).
     pub async fn remove_all(&self) -> Result<usize, SandboxError> {
         let docker = self.docker().await?;
+        self.ready_lock().clear();
         let mut removed = 0;
         for role in ["worker", "relay"] {
             for summary in self.find(&docker, None, role).await? {
@@ -534,6 +579,7 @@ impl Sandboxes {
             if self.is_running_command(worker) {
                 continue;
             }
+            self.forget_ready(worker);
             let options = StopContainerOptionsBuilder::default().t(2).build();
             docker
                 .stop_container(&id, Some(options))
@@ -687,14 +733,14 @@ async fn exec_command(
 ) -> Result<CommandRun, SandboxError> {
     let run_id = format!("{:016x}", rand::random::<u64>());
     let pid_file = format!("/tmp/.crew-run-{run_id}");
-    // `setsid -w` makes the shell the leader of a new session and process group, writes its
-    // pid (the group's id) where the kill finds it, and waits for it.
+    // `setsid -w` makes the shell the leader of a new session and process group; it writes its
+    // pid (the group's id) where a kill finds it, runs the command and removes the file.
     let cmd = vec![
         "setsid".to_owned(),
         "-w".to_owned(),
         "sh".to_owned(),
         "-c".to_owned(),
-        "echo $$ > \"$0\"; exec sh -c \"$1\"".to_owned(),
+        "echo $$ > \"$0\"; sh -c \"$1\"; code=$?; rm -f \"$0\"; exit $code".to_owned(),
         pid_file.clone(),
         command.to_owned(),
     ];
@@ -755,25 +801,6 @@ async fn exec_command(
         .inspect_exec(&exec.id)
         .await
         .map_err(SandboxError::from_docker)?;
-    let _ = docker
-        .create_exec(
-            container,
-            ExecConfig {
-                cmd: Some(vec!["rm".into(), "-f".into(), killer.pid_file.clone()]),
-                ..Default::default()
-            },
-        )
-        .await
-        .map(|exec| {
-            let docker = docker.clone();
-            tokio::spawn(async move {
-                let options = bollard::exec::StartExecOptions {
-                    detach: true,
-                    ..Default::default()
-                };
-                let _ = docker.start_exec(&exec.id, Some(options)).await;
-            })
-        });
     Ok(CommandRun {
         exit_code: if timed_out {
             Some(137)
