@@ -111,6 +111,8 @@ async fn run() {
     // Idle: nothing runs in it but `sleep infinity` under docker-init.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let memory = docker(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &name]);
+    let relay = format!("crew-{}-gateway-relay", sandboxes.instance());
+    let relay_memory = docker(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &relay]);
     let size: u64 = docker(&["image", "inspect", "--format", "{{.Size}}", &image])
         .trim()
         .parse()
@@ -141,6 +143,10 @@ async fn run() {
         ms(percentile(&bare, 99.0))
     );
     println!("idle container memory (docker stats): {}", memory.trim());
+    println!(
+        "relay container memory (docker stats): {}",
+        relay_memory.trim()
+    );
     println!("image {image}: {:.0} MB", size as f64 / 1e6);
     sandboxes.remove_all().await.expect("clean up");
 }
