@@ -6,6 +6,8 @@
 
 #[path = "support/crew.rs"]
 mod crew;
+#[path = "support/s3.rs"]
+mod s3;
 #[path = "support/sandbox.rs"]
 mod sandbox;
 #[path = "support/scripted_llm.rs"]
@@ -607,4 +609,117 @@ async fn without_docker_a_command_says_how_to_fix_it_and_the_rest_works() {
     admin.wait_for_message(&room, ALICE, "still here").await;
     let status = env.cli(&["status"]).1;
     assert!(status.contains("Docker is not available"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workspace_follows_s3_storage_before_and_after_each_command() {
+    use matrix_crew::sandbox::{SandboxConfig, SandboxWorker, Sandboxes};
+    use matrix_crew::storage::{Backend, S3Backend, Storage, StoragePath, StoragePrefix};
+    sandbox::ensure_image();
+    let server = s3::start_s3().await;
+    let storage = Storage::new(
+        Backend::S3(
+            S3Backend::connect(
+                &s3::s3_config(&server.endpoint, s3::BUCKET),
+                s3::s3_env(s3::SECRET_KEY),
+            )
+            .unwrap(),
+        ),
+        1 << 30,
+    );
+    let path = |p: &str| StoragePath::parse(p).unwrap();
+    storage
+        .put_bytes(&path("agents/bob/input.txt"), "three words here")
+        .await
+        .unwrap();
+    storage
+        .put_bytes(&path("tasks/t-9/spec.md"), "count the words")
+        .await
+        .unwrap();
+    storage
+        .put_bytes(&path("agents/carol/secret.md"), "not bob's")
+        .await
+        .unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let sandboxes = Sandboxes::new(SandboxConfig::default(), storage.clone(), data_dir.path());
+    let _cleanup = SandboxesCleanup(&sandboxes);
+    let bob = SandboxWorker {
+        name: "bob".into(),
+        token: matrix_crew::secret::Secret::new("crewgw_test-token".to_owned()),
+        folders: vec![
+            StoragePrefix::parse("agents/bob/").unwrap(),
+            StoragePrefix::parse("tasks/t-9/").unwrap(),
+        ],
+    };
+    let limit = Duration::from_secs(60);
+    let run = sandboxes
+        .run(
+            &bob,
+            "cd /workspace && wc -w < agents/bob/input.txt > tasks/t-9/count.txt && cat tasks/t-9/spec.md \
+             && ls /workspace/agents && rm agents/bob/input.txt && echo changed > tasks/t-9/spec.md",
+            "/workspace",
+            limit,
+        )
+        .await
+        .unwrap();
+    let output = String::from_utf8_lossy(&run.output).into_owned();
+    assert_eq!(run.exit_code, Some(0), "{output}");
+    assert!(output.contains("count the words"), "{output}");
+    assert!(
+        !output.contains("carol"),
+        "only bob's folders are in his workspace: {output}"
+    );
+    // Results are stored; a deletion is carried; the task's spec is not the Worker's to change.
+    let count = storage
+        .get_bytes(&path("tasks/t-9/count.txt"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(&count[..], b"3\n");
+    assert!(storage.head(&path("agents/bob/input.txt")).await.is_err());
+    let spec = storage
+        .get_bytes(&path("tasks/t-9/spec.md"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(&spec[..], b"count the words");
+    assert!(
+        run.sync_notes
+            .iter()
+            .any(|note| note.contains("tasks/t-9/spec.md")),
+        "{:?}",
+        run.sync_notes
+    );
+
+    // A file changed in storage between two commands is seen by the next one.
+    storage
+        .put_bytes(&path("agents/bob/input.txt"), "now four words here")
+        .await
+        .unwrap();
+    let run = sandboxes
+        .run(
+            &bob,
+            "wc -w < /workspace/agents/bob/input.txt",
+            "/workspace",
+            limit,
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.output).trim(), "4");
+}
+
+/// Removes what a library-level test's sandboxes made.
+struct SandboxesCleanup<'a>(&'a matrix_crew::sandbox::Sandboxes);
+
+impl Drop for SandboxesCleanup<'_> {
+    fn drop(&mut self) {
+        let sandboxes = self.0;
+        let _ = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Runtime::new()
+                        .unwrap()
+                        .block_on(sandboxes.remove_all())
+                })
+                .join()
+        });
+    }
 }
