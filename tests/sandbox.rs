@@ -399,20 +399,41 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
          [[gateway.routes]]\nname = \"private\"\nprefix = \"/private\"\nupstream = \"{api}/private\"\ncredentials = [{{ file = \"{0}\" }}]\n",
         keys.path().join("github.key").display()
     );
+    // The admin asks the Manager for alice with access to github only.
+    llm.on(
+        |b| is_manager(b) && last_tool_result(b).is_some(),
+        Reply::text("Done."),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("create alice"),
+        Reply::tool_call(
+            "m1",
+            "create_worker",
+            json!({"name": "alice", "routes": ["github"]}),
+        ),
+    );
     let (env, _cleanup) = crew_with(&llm, routes, "").await;
-    let room = alice_at_work(&env).await;
-    let (ok, out) = env.cli(&[
-        "gateway",
-        "consumers",
-        "add",
-        "crew_alice",
-        "--route",
-        "llm",
-        "--route",
-        "github",
-    ]);
-    assert!(ok, "{out}");
     let admin = env.admin().await;
+    let manager = env.manager_id();
+    let hq = admin.create_room("hq", &[&manager]).await;
+    admin.wait_joined(&hq, &manager).await;
+    admin
+        .send_mention(&hq, "create alice, she may use github", &[&manager])
+        .await;
+    let room = tools::wait_for("alice's room", WAIT, || async {
+        admin
+            .invites_named("Worker: Alice")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    admin.join(&room).await;
+    admin.wait_for_message(&hq, &manager, "Done.").await;
+    let granted = tool_result_with(&llm, "\"routes\"").await;
+    assert!(granted.contains("[\"github\",\"llm\"]"), "{granted}");
+    let consumers = env.cli(&["gateway", "consumers", "list"]).1;
+    assert!(consumers.contains("github,llm"), "{consumers}");
 
     // Through the tool: the gateway adds the real key; a route not allowed is refused.
     admin.send_mention(&room, "call github", &[ALICE]).await;
