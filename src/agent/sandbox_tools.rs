@@ -113,11 +113,9 @@ pub async fn run_command(
         .timeout_secs
         .unwrap_or(config.command_timeout_secs)
         .clamp(1, config.max_command_timeout_secs);
-    // The command's folder exists before it runs in it.
-    let command = format!("mkdir -p {cwd} 2>/dev/null; cd {cwd} && {}", args.command);
     let run = match services
         .sandboxes
-        .run(&sandbox, &command, WORKSPACE, Duration::from_secs(timeout))
+        .run(&sandbox, &args.command, &cwd, Duration::from_secs(timeout))
         .await
     {
         Ok(run) => run,

@@ -262,8 +262,8 @@ impl Sandboxes {
             .is_some_and(|usage| usage.running > 0)
     }
 
-    /// Runs `command` (a shell command line) in `worker`'s sandbox, in `cwd` (inside the
-    /// workspace), for at most `timeout`. The workspace is brought up to date from storage
+    /// Runs `command` (a shell command line) in `worker`'s sandbox, in `cwd` (a folder of the
+    /// workspace, made if missing), for at most `timeout`. The workspace is brought up to date from storage
     /// before and carried back after. At the time limit, or when the returned future is dropped
     /// (a person said stop), the command's whole process group is killed.
     pub async fn run(
@@ -302,6 +302,16 @@ impl Sandboxes {
                 .join(format!("{}.json", worker.name)),
         );
         mirror.pull(&worker.folders).await?;
+        // The command's folder exists before it runs there.
+        if let Some(relative) = cwd.strip_prefix(WORKSPACE)
+            && !relative.split('/').any(|part| part == "..")
+        {
+            tokio::fs::create_dir_all(
+                self.workspace_dir(&worker.name)
+                    .join(relative.trim_start_matches('/')),
+            )
+            .await?;
+        }
         let limit = self.storage.max_file_bytes().min(64 * 1024 * 1024) as usize;
         let mut run = match exec_command(&docker, &container, command, cwd, timeout, limit).await {
             // The container went away since it was last used (stopped or removed by hand).
