@@ -744,3 +744,114 @@ impl Drop for SandboxesCleanup<'_> {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_container_stops_unless_a_command_runs_or_its_worker_has_work() {
+    use matrix_crew::sandbox::{SandboxConfig, SandboxWorker, Sandboxes};
+    use matrix_crew::storage::{Backend, LocalBackend, Storage, StoragePrefix};
+    sandbox::ensure_image();
+    let data_dir = tempfile::tempdir().unwrap();
+    let storage = Storage::new(
+        Backend::Local(
+            LocalBackend::open(&data_dir.path().join("files"))
+                .await
+                .unwrap(),
+        ),
+        1 << 20,
+    );
+    let config = SandboxConfig {
+        idle_stop_secs: 0,
+        ..SandboxConfig::default()
+    };
+    let sandboxes = Arc::new(Sandboxes::new(config, storage, data_dir.path()));
+    let _cleanup = SandboxesCleanup(&sandboxes);
+    let worker = || SandboxWorker {
+        name: "dora".into(),
+        token: matrix_crew::secret::Secret::new("crewgw_dora".to_owned()),
+        folders: vec![StoragePrefix::parse("agents/dora/").unwrap()],
+    };
+    let limit = Duration::from_secs(60);
+    sandboxes
+        .run(&worker(), "true", "/workspace", limit)
+        .await
+        .unwrap();
+    let running = || {
+        let id = sandbox::containers_of(data_dir.path(), "dora");
+        inspect(&id[0])["State"]["Running"] == true
+    };
+    assert!(running());
+
+    // A task in progress keeps it.
+    let stopped = sandboxes.housekeeping(|_| true, |_| true).await.unwrap();
+    assert!(stopped.is_empty() && running());
+
+    // So does a command that runs.
+    let long = tokio::spawn({
+        let sandboxes = sandboxes.clone();
+        async move {
+            sandboxes
+                .run(&worker(), "sleep 3", "/workspace", limit)
+                .await
+        }
+    });
+    tools::wait_for("the command to run", WAIT, || async {
+        sandboxes.is_running_command("dora").then_some(())
+    })
+    .await;
+    let stopped = sandboxes.housekeeping(|_| false, |_| true).await.unwrap();
+    assert!(stopped.is_empty() && running());
+    assert_eq!(long.await.unwrap().unwrap().exit_code, Some(0));
+
+    // Idle and without work, it stops; the next command starts it again.
+    let stopped = sandboxes.housekeeping(|_| false, |_| true).await.unwrap();
+    assert_eq!(stopped, vec!["dora".to_owned()]);
+    assert!(!running());
+    let run = sandboxes
+        .run(&worker(), "echo again", "/workspace", limit)
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.output), "again\n");
+    assert!(running());
+
+    // A Worker that no longer exists loses its container.
+    sandboxes.housekeeping(|_| false, |_| false).await.unwrap();
+    assert!(sandbox::containers_of(data_dir.path(), "dora").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_image_says_how_to_build_it() {
+    use matrix_crew::sandbox::{SandboxConfig, SandboxWorker, Sandboxes};
+    use matrix_crew::storage::{Backend, LocalBackend, Storage, StoragePrefix};
+    let data_dir = tempfile::tempdir().unwrap();
+    let storage = Storage::new(
+        Backend::Local(
+            LocalBackend::open(&data_dir.path().join("files"))
+                .await
+                .unwrap(),
+        ),
+        1 << 20,
+    );
+    let config = SandboxConfig {
+        image: "matrix-crew-sandbox-never-built:none".into(),
+        ..SandboxConfig::default()
+    };
+    let sandboxes = Sandboxes::new(config, storage, data_dir.path());
+    let _cleanup = SandboxesCleanup(&sandboxes);
+    let worker = SandboxWorker {
+        name: "eve".into(),
+        token: matrix_crew::secret::Secret::new("crewgw_eve".to_owned()),
+        folders: vec![StoragePrefix::parse("agents/eve/").unwrap()],
+    };
+    let error = sandboxes
+        .run(&worker, "true", "/workspace", Duration::from_secs(10))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("matrix-crew-sandbox-never-built:none` is missing")
+            && error.contains("crew sandbox build"),
+        "{error}"
+    );
+    let status = sandboxes.status().await;
+    assert!(!status.image_present);
+}
