@@ -60,6 +60,7 @@ impl Mirror {
     /// Brings `folders` in the workspace up to date with storage.
     pub async fn pull(&self, folders: &[StoragePrefix]) -> Result<(), SandboxError> {
         let mut manifest = self.load().await;
+        let before = manifest.clone();
         let limit = self.storage.max_file_bytes();
         for folder in folders {
             let listed = self.storage.list(folder).await?;
@@ -100,7 +101,10 @@ impl Mirror {
                 remove_inside(&self.root, &path).await;
             }
         }
-        self.save(&manifest).await
+        if manifest != before {
+            self.save(&manifest).await?;
+        }
+        Ok(())
     }
 
     /// Stores what changed in `folders` since the last sync, where `may_write` allows; returns
@@ -111,6 +115,7 @@ impl Mirror {
         may_write: impl Fn(&StoragePath) -> bool,
     ) -> Result<Vec<String>, SandboxError> {
         let mut manifest = self.load().await;
+        let before = manifest.clone();
         let mut notes = Vec::new();
         let limit = self.storage.max_file_bytes();
         for folder in folders {
@@ -171,7 +176,9 @@ impl Mirror {
                 }
             }
         }
-        self.save(&manifest).await?;
+        if manifest != before {
+            self.save(&manifest).await?;
+        }
         Ok(notes)
     }
 }
