@@ -30,6 +30,11 @@ pub trait Toolbox: Send + Sync {
     fn tools(&self) -> Vec<Tool>;
     /// Runs one call; the answer (or the error, phrased for the model) goes back as the result.
     async fn call(&self, name: &str, arguments: &str) -> String;
+    /// Whether a call of tool `name` may be dropped half-way when someone says stop (a command
+    /// in a sandbox: its process group is killed). Other calls finish before a stop applies.
+    fn interruptible(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// A tool call's JSON arguments, or the error line the model gets back when they do not fit.
@@ -370,8 +375,14 @@ pub async fn run(
             let result = match entry.results.get(index) {
                 Some(done) => done.clone(),
                 None => {
-                    let call = toolbox.call(&call.function.name, &call.function.arguments);
-                    let result = match supervised(call, supervisor).await {
+                    let name = call.function.name.as_str();
+                    let running = toolbox.call(name, &call.function.arguments);
+                    let finished = if toolbox.interruptible(name) {
+                        supervised(running, supervisor).await
+                    } else {
+                        Some(running.await)
+                    };
+                    let result = match finished {
                         Some(result) => result,
                         // Stopped while the tool ran: dropping its call ends it (a command's
                         // process group is killed).

@@ -155,6 +155,10 @@ impl Toolbox for WorkerTools {
         tools
     }
 
+    fn interruptible(&self, name: &str) -> bool {
+        matches!(name, "run_command" | "http_request")
+    }
+
     async fn call(&self, name: &str, arguments: &str) -> String {
         match name {
             "task_progress" | "complete_task" | "block_task" => {
