@@ -90,6 +90,9 @@ fn config_for(upstream: &ScriptedLlm, dir: &Path) -> GatewayConfig {
                 kind: RouteKind::Openai,
                 inject: Injection::default(),
                 credentials: vec![SecretSource::Env(LLM_KEY_VAR.into())],
+                endpoints: None,
+                forward_headers: vec![],
+                set_headers: Default::default(),
             },
             RouteConfig {
                 name: "github".into(),
@@ -101,6 +104,9 @@ fn config_for(upstream: &ScriptedLlm, dir: &Path) -> GatewayConfig {
                     format: "token {key}".into(),
                 },
                 credentials: vec![SecretSource::File(github_key)],
+                endpoints: None,
+                forward_headers: vec![],
+                set_headers: Default::default(),
             },
         ],
         ..GatewayConfig::default()

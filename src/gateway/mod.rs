@@ -11,12 +11,16 @@
 //!
 //! Not for: talking to LLMs itself (that is [`crate::llm`], which calls through this gateway).
 
+mod accounting;
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod consumers;
+mod headers;
 mod limits;
+mod path;
 mod proxy;
+mod redact;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -113,8 +117,6 @@ const TOKEN_HASHES_TREE: &str = "gateway_token_hashes";
 const USAGE_TREE: &str = "gateway_usage";
 const AUDIT_TREE: &str = "gateway_audit";
 const MS_PER_DAY: u64 = 86_400_000;
-/// Old audit records are pruned once per this many requests, so pruning costs nothing per request.
-const AUDIT_PRUNE_EVERY: u64 = 1024;
 
 /// The gateway service: consumers, policy, accounting and the proxy. Share it as `Arc<Gateway>`.
 pub struct Gateway {
@@ -126,6 +128,7 @@ pub struct Gateway {
     token_hashes: Tree<String, TokenRef>,
     usage: Tree<String, Usage>,
     audit: Tree<u64, AuditRecord>,
+    accounting: accounting::Accounting,
     clock: Clock,
     limits: limits::Limits,
     http: reqwest::Client,
@@ -137,6 +140,11 @@ struct Route {
     /// Path prefix without a trailing slash.
     prefix: String,
     keys: Vec<UpstreamKey>,
+    /// The methods and paths consumers may call; `None` allows all.
+    endpoints: Option<Vec<config::Endpoint>>,
+    headers: headers::HeaderPolicy,
+    /// Finds the keys (whole or masked) in upstream answers.
+    redactor: redact::Redactor,
 }
 
 /// One real upstream key and its health, for failover.
@@ -213,29 +221,47 @@ impl Gateway {
                     rested_until_ms: AtomicU64::new(0),
                 });
             }
+            let redactor = redact::Redactor::new(keys.iter().map(|key| key.secret.expose()));
             routes.push(Route {
                 prefix: route.prefix.trim_end_matches('/').to_owned(),
+                endpoints: route.allowed_endpoints(),
+                headers: headers::HeaderPolicy::new(route)?,
+                redactor,
                 config: route.clone(),
                 keys,
             });
         }
         // Longest prefix first, so `/a/b` wins over `/a`.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        // Redirects are never followed: the consumer gets the 3xx as it is, and the injected
+        // credential never travels to wherever the upstream points.
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(GatewayError::Client)?;
+        let clock = Clock::new();
+        let usage = store.tree(USAGE_TREE)?;
+        let audit = store.tree(AUDIT_TREE)?;
+        let accounting = accounting::Accounting::new(
+            store.clone(),
+            usage.clone(),
+            audit.clone(),
+            config.audit_retention_days,
+            clock.now_ms(),
+        )?;
         Ok(Arc::new(Self {
             consumers: store.tree(CONSUMERS_TREE)?,
             token_hashes: store.tree(TOKEN_HASHES_TREE)?,
-            usage: store.tree(USAGE_TREE)?,
-            audit: store.tree(AUDIT_TREE)?,
+            usage,
+            audit,
+            accounting,
             store,
             config,
             routes,
             secret,
-            clock: Clock::new(),
+            clock,
             limits: limits::Limits::default(),
             http,
         }))
@@ -261,9 +287,37 @@ impl Gateway {
                 tracing::debug!(%error, "cannot set TCP_NODELAY on a gateway connection");
             }
         });
-        axum::serve(listener, app)
+        let writer = tokio::spawn(Arc::clone(&self).write_accounting(shutdown.clone()));
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+            .await;
+        // Open requests are done: the last charges and audit records go to disk now.
+        writer.abort();
+        if let Err(error) = self.accounting.flush().await {
+            tracing::warn!(%error, "cannot write the last gateway usage and audit records");
+        }
+        served
+    }
+
+    /// Writes batched usage and audit records every `accounting_flush_ms` and makes them durable.
+    async fn write_accounting(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = std::time::Duration::from_millis(self.config.accounting_flush_ms);
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if let Err(error) = self.accounting.flush().await {
+                tracing::warn!(%error, "cannot write gateway usage and audit records");
+            }
+        }
+    }
+
+    /// Requests refused for a missing or unknown token since start (counted in memory only).
+    pub fn unauthenticated_refusals(&self) -> u64 {
+        self.accounting.unauthenticated()
     }
 
     /// The proxy as a router (every path goes to the proxy handler).
@@ -390,6 +444,7 @@ impl Gateway {
 
     /// Usage per consumer and day, oldest day first within each consumer.
     pub fn usage(&self) -> Result<Vec<UsageRow>, GatewayError> {
+        self.accounting.write_pending()?;
         let mut out = Vec::new();
         for entry in self.usage.iter() {
             let (key, usage) = entry?;
@@ -406,6 +461,7 @@ impl Gateway {
 
     /// The most recent audit records, newest last.
     pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, GatewayError> {
+        self.accounting.write_pending()?;
         let mut records = Vec::new();
         for entry in self.audit.raw().iter().rev().take(limit) {
             let (_, raw) = entry.map_err(StoreError::from)?;
@@ -481,26 +537,17 @@ impl Gateway {
     }
 
     fn usage_on(&self, consumer: &str, day: u64) -> Result<Usage, GatewayError> {
-        Ok(self
-            .usage
-            .get(&usage_key(consumer, day))?
-            .unwrap_or_default())
+        Ok(self.accounting.usage_on(consumer, day)?)
     }
 
-    /// Adds one request and its tokens to today's usage.
-    fn charge(&self, consumer: &str, usage: &Usage) -> Result<(), GatewayError> {
+    /// Adds one request and its tokens to today's usage (written to sled in the next batch).
+    fn charge(&self, consumer: &str, usage: &Usage) {
         let day = self.clock.now_ms() / MS_PER_DAY;
-        self.usage.update(&usage_key(consumer, day), |current| {
-            let mut current = current.unwrap_or_default();
-            current.requests += usage.requests;
-            current.prompt_tokens += usage.prompt_tokens;
-            current.completion_tokens += usage.completion_tokens;
-            current.total_tokens += usage.total_tokens;
-            Some(current)
-        })?;
-        Ok(())
+        self.accounting.charge(consumer, day, usage);
     }
 
+    /// Audits one request: to tracing now, to sled in the next batch. Refusals of requests
+    /// without a valid token are only counted in memory (see [`accounting`]).
     fn record_audit(&self, record: &AuditRecord) {
         tracing::info!(
             target: "matrix_crew::gateway::audit",
@@ -513,30 +560,11 @@ impl Gateway {
             latency_ms = record.latency_ms,
             "gateway request"
         );
-        let stored = self.store.next_id().and_then(|id| {
-            self.audit.insert(&id, record)?;
-            if id % AUDIT_PRUNE_EVERY == 0 {
-                self.prune_audit(record.at_ms)?;
-            }
-            Ok(())
-        });
-        if let Err(error) = stored {
-            tracing::warn!(%error, "cannot store a gateway audit record");
+        if record.consumer.is_none() {
+            self.accounting.count_unauthenticated();
+        } else {
+            self.accounting.audit(record.clone());
         }
-    }
-
-    /// Removes audit records older than the retention period. Keys are ids in arrival order, so
-    /// the oldest records come first.
-    fn prune_audit(&self, now_ms: u64) -> Result<(), StoreError> {
-        let cutoff = now_ms.saturating_sub(self.config.audit_retention_days * MS_PER_DAY);
-        for entry in self.audit.iter() {
-            let (id, record) = entry?;
-            if record.at_ms >= cutoff {
-                break;
-            }
-            self.audit.remove(&id)?;
-        }
-        Ok(())
     }
 }
 
@@ -590,7 +618,8 @@ mod tests {
         for day in 0..5 {
             gateway.record_audit(&audit_at(day * MS_PER_DAY));
         }
-        gateway.prune_audit(5 * MS_PER_DAY).unwrap();
+        gateway.accounting.write_pending().unwrap();
+        gateway.accounting.prune_audit(5 * MS_PER_DAY).unwrap();
         let kept: Vec<u64> = gateway
             .audit_log(10)
             .unwrap()
