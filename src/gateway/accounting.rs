@@ -27,6 +27,9 @@ pub(super) struct Accounting {
     usage: Tree<String, Usage>,
     audit: Tree<u64, AuditRecord>,
     pending: Mutex<Pending>,
+    /// Each consumer's usage on the day it last used the gateway (stored plus pending), so budget
+    /// checks read no database.
+    totals: Mutex<HashMap<String, (u64, Usage)>>,
     /// Serialises batches, so two writers never interleave their read-modify-writes.
     writing: Mutex<()>,
     /// Tokens charged across all consumers on `global_day`.
@@ -63,6 +66,7 @@ impl Accounting {
             usage,
             audit,
             pending: Mutex::new(Pending::default()),
+            totals: Mutex::new(HashMap::new()),
             writing: Mutex::new(()),
             global: Mutex::new(GlobalToday { day, total_tokens }),
             unauthenticated: AtomicU64::new(0),
@@ -79,11 +83,21 @@ impl Accounting {
 
     /// A consumer's usage on `day`: what is stored plus what is pending.
     pub(super) fn usage_on(&self, consumer: &str, day: u64) -> Result<Usage, StoreError> {
+        let mut totals = self.totals.lock().expect("totals lock is never poisoned");
+        if let Some((cached_day, usage)) = totals.get(consumer)
+            && *cached_day == day
+        {
+            return Ok(usage.clone());
+        }
+        // Not while a batch moves pending charges into the store (they would be missed or
+        // counted twice).
+        let _writing = self.writing.lock().expect("writing lock is never poisoned");
         let key = usage_key(consumer, day);
         let mut usage = self.usage.get(&key)?.unwrap_or_default();
         if let Some(delta) = self.pending().usage.get(&key) {
             add(&mut usage, delta);
         }
+        totals.insert(consumer.to_owned(), (day, usage.clone()));
         Ok(usage)
     }
 
@@ -107,13 +121,24 @@ impl Accounting {
 
     /// Adds one request and its tokens to `consumer`'s usage on `day`.
     pub(super) fn charge(&self, consumer: &str, day: u64, usage: &Usage) {
-        add(
-            self.pending()
-                .usage
-                .entry(usage_key(consumer, day))
-                .or_default(),
-            usage,
-        );
+        {
+            // Under the totals lock, so a concurrent first read cannot miss this charge.
+            let mut totals = self.totals.lock().expect("totals lock is never poisoned");
+            if let Some((cached_day, total)) = totals.get_mut(consumer) {
+                if *cached_day == day {
+                    add(total, usage);
+                } else {
+                    totals.remove(consumer);
+                }
+            }
+            add(
+                self.pending()
+                    .usage
+                    .entry(usage_key(consumer, day))
+                    .or_default(),
+                usage,
+            );
+        }
         let mut global = self.global.lock().expect("global lock is never poisoned");
         if global.day == day {
             global.total_tokens += usage.total_tokens;

@@ -72,7 +72,7 @@ pub struct Usage {
 }
 
 /// One audited request. Holds no header values, bodies or secrets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Unix ms when the request arrived.
     pub at_ms: u64,
@@ -129,6 +129,7 @@ pub struct Gateway {
     usage: Tree<String, Usage>,
     audit: Tree<u64, AuditRecord>,
     accounting: accounting::Accounting,
+    known_tokens: KnownTokens,
     clock: Clock,
     limits: limits::Limits,
     http: reqwest::Client,
@@ -140,6 +141,8 @@ struct Route {
     /// Path prefix without a trailing slash.
     prefix: String,
     keys: Vec<UpstreamKey>,
+    /// The header the credential goes in (checked by [`GatewayConfig::check`]).
+    inject_header: http::HeaderName,
     /// The methods and paths consumers may call; `None` allows all.
     endpoints: Option<Vec<config::Endpoint>>,
     headers: headers::HeaderPolicy,
@@ -154,6 +157,56 @@ struct UpstreamKey {
     header_value: http::HeaderValue,
     consecutive_failures: AtomicU32,
     rested_until_ms: AtomicU64,
+}
+
+/// Token hashes already looked up, with the consumer as it was then. Only known tokens are
+/// remembered (random guesses are not, so they cannot grow it), and every change to any consumer
+/// forgets everything; the epoch makes sure a lookup that raced a change is not remembered.
+#[derive(Default)]
+struct KnownTokens {
+    entries: std::sync::RwLock<std::collections::HashMap<String, (u64, Arc<ConsumerRecord>)>>,
+    epoch: AtomicU64,
+}
+
+/// More remembered tokens than this (consumers × live generations) means something is off; start
+/// over rather than grow.
+const MAX_KNOWN_TOKENS: usize = 10_000;
+
+impl KnownTokens {
+    fn get(&self, hash: &str) -> Option<(u64, Arc<ConsumerRecord>)> {
+        self.entries
+            .read()
+            .expect("token cache lock is never poisoned")
+            .get(hash)
+            .cloned()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn remember(&self, epoch: u64, hash: String, known: (u64, Arc<ConsumerRecord>)) {
+        let mut entries = self
+            .entries
+            .write()
+            .expect("token cache lock is never poisoned");
+        if self.epoch() != epoch {
+            return;
+        }
+        if entries.len() >= MAX_KNOWN_TOKENS {
+            entries.clear();
+        }
+        entries.insert(hash, known);
+    }
+
+    fn forget_all(&self) {
+        let mut entries = self
+            .entries
+            .write()
+            .expect("token cache lock is never poisoned");
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        entries.clear();
+    }
 }
 
 /// Wall-clock milliseconds that follow tokio's clock, so tests with paused time can move days
@@ -222,7 +275,15 @@ impl Gateway {
                 });
             }
             let redactor = redact::Redactor::new(keys.iter().map(|key| key.secret.expose()));
+            let inject_header = http::HeaderName::from_bytes(route.inject.header.as_bytes())
+                .map_err(|_| {
+                    GatewayError::Config(format!(
+                        "gateway route `{}`: inject.header is not a valid header name",
+                        route.name
+                    ))
+                })?;
             routes.push(Route {
+                inject_header,
                 prefix: route.prefix.trim_end_matches('/').to_owned(),
                 endpoints: route.allowed_endpoints(),
                 headers: headers::HeaderPolicy::new(route)?,
@@ -257,6 +318,7 @@ impl Gateway {
             usage,
             audit,
             accounting,
+            known_tokens: KnownTokens::default(),
             store,
             config,
             routes,
@@ -417,6 +479,7 @@ impl Gateway {
                 })
             })?
             .ok_or_else(|| GatewayError::UnknownConsumer(id.to_owned()))?;
+        self.known_tokens.forget_all();
         self.limits.forget(id);
         self.store.flush().await?;
         tracing::info!(consumer = id, "gateway consumer revoked");
@@ -505,7 +568,8 @@ impl Gateway {
         }
     }
 
-    /// Records the hash of the consumer's current token.
+    /// Records the hash of the consumer's current token (and forgets the remembered ones, since
+    /// the consumer changed).
     fn index_token(&self, record: &ConsumerRecord) -> Result<(), GatewayError> {
         let token = derive_token(&self.secret, &record.id, record.generation);
         self.token_hashes.insert(
@@ -515,21 +579,35 @@ impl Gateway {
                 generation: record.generation,
             },
         )?;
+        self.known_tokens.forget_all();
         Ok(())
     }
 
     /// Finds the consumer a presented token belongs to, if the token is currently accepted.
+    ///
+    /// Known tokens are remembered in memory ([`KnownTokens`]), so the request path reads no
+    /// database; any change to a consumer forgets them all before it returns.
     fn authenticate(&self, token: &str) -> Result<Authenticated, GatewayError> {
-        let Some(reference) = self.token_hashes.get(&token_hash(token))? else {
-            return Ok(Authenticated::Unknown);
-        };
-        let Some(record) = self.consumers.get(&reference.consumer)? else {
-            return Ok(Authenticated::Unknown);
+        let hash = token_hash(token);
+        let (reference, record) = match self.known_tokens.get(&hash) {
+            Some(known) => known,
+            None => {
+                let epoch = self.known_tokens.epoch();
+                let Some(reference) = self.token_hashes.get(&hash)? else {
+                    return Ok(Authenticated::Unknown);
+                };
+                let Some(record) = self.consumers.get(&reference.consumer)? else {
+                    return Ok(Authenticated::Unknown);
+                };
+                let known = (reference.generation, Arc::new(record));
+                self.known_tokens.remember(epoch, hash, known.clone());
+                known
+            }
         };
         if record.revoked {
             return Ok(Authenticated::Revoked);
         }
-        if record.accepts(reference.generation, self.clock.now_ms()) {
+        if record.accepts(reference, self.clock.now_ms()) {
             Ok(Authenticated::Consumer(record))
         } else {
             Ok(Authenticated::Expired)
@@ -569,7 +647,7 @@ impl Gateway {
 }
 
 enum Authenticated {
-    Consumer(ConsumerRecord),
+    Consumer(Arc<ConsumerRecord>),
     Unknown,
     Revoked,
     /// A rotated-out token after its grace period.

@@ -267,7 +267,7 @@ async fn forward(
     let request_bytes = body.len() as u64;
     let unanswered = Unanswered {
         gateway,
-        audit: Some(audit.clone()),
+        audit: Some(&*audit),
         started,
         request_bytes,
         llm: is_llm,
@@ -332,7 +332,7 @@ async fn forward(
         draining: false,
         finish: Some(Finish {
             gateway: Arc::clone(gateway),
-            audit: audit.clone(),
+            audit: std::mem::take(audit),
             started,
             request_bytes,
             _permit: permit,
@@ -421,7 +421,7 @@ fn check_budgets(
 struct Unanswered<'a> {
     gateway: &'a Gateway,
     /// `None` once answered.
-    audit: Option<AuditRecord>,
+    audit: Option<&'a AuditRecord>,
     started: tokio::time::Instant,
     request_bytes: u64,
     llm: bool,
@@ -435,9 +435,10 @@ impl Unanswered<'_> {
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        let Some(mut audit) = self.audit.take() else {
+        let Some(audit) = self.audit.take() else {
             return;
         };
+        let mut audit = audit.clone();
         let usage = estimate(self.llm, self.request_bytes, 0);
         audit.code = Some("consumer_went_away".into());
         audit.prompt_tokens = usage.prompt_tokens;
@@ -671,8 +672,7 @@ async fn send_with_failover(
         // Every key is resting: try them all anyway rather than refuse outright.
         order = (0..route.keys.len()).collect();
     }
-    let header_name =
-        HeaderName::from_bytes(route.config.inject.header.as_bytes()).map_err(Refusal::internal)?;
+    let header_name = &route.inject_header;
     let timeout = Duration::from_secs(gateway.config.upstream_timeout_secs);
     let last = order.len() - 1;
     let mut failure = None;
