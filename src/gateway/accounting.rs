@@ -193,7 +193,10 @@ impl Accounting {
             }
         }
         if let Some(newest) = newest
-            && self.batches.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY_BATCHES == 0
+            && self
+                .batches
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(PRUNE_EVERY_BATCHES)
         {
             self.prune_audit(newest)?;
         }
