@@ -1108,6 +1108,22 @@ async fn the_global_budget_caps_all_consumers_and_says_so() {
             "{message}"
         );
     }
+    // Agents get it as a budget error (not retried) that names the limit.
+    let error = h
+        .llm(&a)
+        .chat(ChatRequest::new("m", vec![Message::user("hi")]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, LlmError::BudgetExhausted { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("gateway.global_daily_token_budget"),
+        "{error}"
+    );
     assert_eq!(h.upstream.requests().len(), 2);
     // The next UTC day renews it.
     tokio::time::advance(Duration::from_secs(86_400)).await;
