@@ -46,6 +46,9 @@ async fn run() {
             kind: RouteKind::Openai,
             inject: Injection::default(),
             credentials: vec![SecretSource::Env("BENCH_KEY".into())],
+            endpoints: None,
+            forward_headers: vec![],
+            set_headers: Default::default(),
         }],
         ..GatewayConfig::default()
     };

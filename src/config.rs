@@ -145,12 +145,16 @@ impl InvitePolicy {
 pub struct AdminApiConfig {
     /// Loopback address; the token in `<data_dir>/admin.token` authenticates callers.
     pub bind: SocketAddr,
+    /// The admin API manages consumers and tokens, so it listens on loopback only unless this is
+    /// set: a non-loopback `bind` is refused at start-up without it.
+    pub allow_non_loopback: bool,
 }
 
 impl Default for AdminApiConfig {
     fn default() -> Self {
         Self {
             bind: "127.0.0.1:9002".parse().expect("valid literal address"),
+            allow_non_loopback: false,
         }
     }
 }
@@ -254,13 +258,23 @@ impl Config {
         config.appservice.registration = resolve(&base, &config.appservice.registration);
         config.check()?;
 
-        let mut registration = Registration::read(&config.appservice.registration)?;
+        let registration_path = config.appservice.registration.display().to_string();
+        let mut registration = Registration::read_unchecked(&config.appservice.registration)?;
         if let Some(token) = secret_from_env(&env, "CREW_AS_TOKEN")? {
             registration.as_token = token;
         }
         if let Some(token) = secret_from_env(&env, "CREW_HS_TOKEN")? {
             registration.hs_token = token;
         }
+        // Checked after the overrides: an override must not bring in what the file may not hold.
+        registration
+            .check()
+            .map_err(|message| ConfigError::Registration {
+                path: format!(
+                    "{registration_path} (or CREW_AS_TOKEN / CREW_HS_TOKEN and their _FILE forms)"
+                ),
+                message,
+            })?;
         Ok(Loaded {
             config,
             registration,
@@ -280,6 +294,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "appservice.user_prefix `{}` must be non-empty lowercase letters, digits or ._=-/",
                 self.appservice.user_prefix
+            )));
+        }
+        if !self.admin_api.bind.ip().is_loopback() && !self.admin_api.allow_non_loopback {
+            return Err(ConfigError::Invalid(format!(
+                "admin_api.bind {} is not a loopback address; the admin API manages tokens and consumers, so keep it on 127.0.0.1 or set admin_api.allow_non_loopback = true if you really mean it",
+                self.admin_api.bind
             )));
         }
         Ok(())
@@ -304,21 +324,40 @@ fn resolve(base: &Path, path: &Path) -> PathBuf {
     }
 }
 
-/// Reads `NAME` or, failing that, the file named by `NAME_FILE`.
+/// Reads `NAME` or, failing that, the file named by `NAME_FILE`. A variable that is set must
+/// hold something: an empty or blank secret (or file, or file name) refuses to start with a
+/// message naming the variable, rather than silently falling back or accepting an empty token.
 pub fn secret_from_env(
     env: &impl Fn(&str) -> Option<String>,
     name: &str,
 ) -> Result<Option<Secret>, ConfigError> {
-    if let Some(value) = env(name).filter(|v| !v.is_empty()) {
+    let file_var = format!("{name}_FILE");
+    if let Some(value) = env(name) {
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{name} is set but empty; unset it or give it the token"
+            )));
+        }
         return Ok(Some(Secret::new(value)));
     }
-    let file_var = format!("{name}_FILE");
-    if let Some(file) = env(&file_var).filter(|v| !v.is_empty()) {
+    if let Some(file) = env(&file_var) {
+        if file.trim().is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{file_var} is set but empty; unset it or name the file that holds the token"
+            )));
+        }
         let value = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
             path: format!("{file} (from {file_var})"),
             source,
         })?;
-        return Ok(Some(Secret::new(value.trim())));
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{file_var} names {file}, which is empty; put the token in it"
+            )));
+        }
+        return Ok(Some(Secret::new(value)));
     }
     Ok(None)
 }
@@ -391,6 +430,54 @@ mod tests {
             "from-a-file-0123456789-0123456789-0123456789"
         );
         assert!(!format!("{:?}", loaded).contains("from-a-file"));
+    }
+
+    #[test]
+    fn empty_or_blank_token_overrides_refuse_to_start_naming_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_example(dir.path());
+        let empty_file = dir.path().join("empty.token");
+        std::fs::write(&empty_file, " \n").unwrap();
+        let short_file = dir.path().join("short.token");
+        std::fs::write(&short_file, "short\n").unwrap();
+        let cases = [
+            ("CREW_HS_TOKEN", "  ".to_owned(), "CREW_HS_TOKEN"),
+            ("CREW_AS_TOKEN", String::new(), "CREW_AS_TOKEN"),
+            ("CREW_HS_TOKEN_FILE", String::new(), "CREW_HS_TOKEN_FILE"),
+            (
+                "CREW_HS_TOKEN_FILE",
+                empty_file.display().to_string(),
+                "CREW_HS_TOKEN_FILE",
+            ),
+            (
+                "CREW_AS_TOKEN_FILE",
+                short_file.display().to_string(),
+                "at least 32",
+            ),
+        ];
+        for (name, value, named) in cases {
+            let error = Config::load_with_env(&config, vec![(name.to_owned(), value)])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(named), "{name}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_admin_api_stays_on_loopback_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_example(dir.path());
+        let wide = vec![("CREW_ADMIN_API__BIND".to_owned(), "0.0.0.0:9002".to_owned())];
+        let error = Config::load_with_env(&config, wide.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin_api.allow_non_loopback"), "{error}");
+        let mut allowed = wide;
+        allowed.push((
+            "CREW_ADMIN_API__ALLOW_NON_LOOPBACK".to_owned(),
+            "true".to_owned(),
+        ));
+        Config::load_with_env(&config, allowed).unwrap();
     }
 
     #[test]

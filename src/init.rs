@@ -114,7 +114,7 @@ pub fn init(options: &InitOptions) -> Result<Written, InitError> {
             });
         }
     }
-    std::fs::create_dir_all(&options.data_dir).map_err(|source| InitError::Write {
+    create_private_dir(&options.data_dir).map_err(|source| InitError::Write {
         path: options.data_dir.display().to_string(),
         source,
     })?;
@@ -131,6 +131,22 @@ pub fn init(options: &InitOptions) -> Result<Written, InitError> {
         config: config_path,
         registration: registration_path,
     })
+}
+
+/// Creates the data directory readable only by its owner (0700; also when it existed): it holds
+/// the tokens, the database and every agent's files.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder.create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+    #[cfg(not(unix))]
+    builder.create(dir)
 }
 
 fn write(path: &Path, contents: &[u8]) -> Result<(), InitError> {

@@ -87,16 +87,9 @@ impl Registration {
         }
     }
 
+    /// Reads and checks the file.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let registration: Registration =
-            serde_yaml::from_str(&text).map_err(|error| ConfigError::Registration {
-                path: path.display().to_string(),
-                message: error.to_string(),
-            })?;
+        let registration = Self::read_unchecked(path)?;
         registration
             .check()
             .map_err(|message| ConfigError::Registration {
@@ -106,8 +99,31 @@ impl Registration {
         Ok(registration)
     }
 
+    /// Reads the file without [`Registration::check`], for callers that apply overrides first
+    /// and check the result.
+    pub fn read_unchecked(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let registration: Registration =
+            serde_yaml::from_str(&text).map_err(|error| ConfigError::Registration {
+                path: path.display().to_string(),
+                message: error.to_string(),
+            })?;
+        Ok(registration)
+    }
+
     /// Checks what homeservers would reject or what would make `crew` insecure.
     pub fn check(&self) -> Result<(), String> {
+        for (name, token) in [("as_token", &self.as_token), ("hs_token", &self.hs_token)] {
+            if token.expose().trim().is_empty() {
+                return Err(format!("{name} is empty"));
+            }
+            if token.expose().chars().any(char::is_whitespace) {
+                return Err(format!("{name} contains whitespace"));
+            }
+        }
         if self.as_token.expose().len() < 32 || self.hs_token.expose().len() < 32 {
             return Err("as_token and hs_token must each be at least 32 characters".into());
         }

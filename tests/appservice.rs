@@ -235,6 +235,15 @@ async fn init_writes_a_valid_registration_and_refuses_to_overwrite() {
             .unwrap()
             .contains("@me:example.org")
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700, "the data directory is private");
+        for file in ["config.toml", "registration.yaml"] {
+            assert_eq!(mode(&data.join(file)), 0o600, "{file} is private");
+        }
+    }
 
     let again = init(false);
     assert!(!again.status.success());
@@ -344,6 +353,52 @@ async fn the_appservice_api_answers_with_matrix_errors() {
     assert!(body.len() > 32 * 1024 * 1024);
     let (status, _, _) = call(http.put(txn("big")).bearer_auth(&token).body(body)).await;
     assert_eq!(status, 200);
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_token_is_refused_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: usize = 60 * 1024 * 1024;
+    const MIB: usize = 1024 * 1024;
+    let env = CrewEnv::start().await;
+    let pid = env.crew.as_ref().unwrap().pid();
+    let before = peak_kib(pid);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", env.appservice_port))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /_matrix/app/v1/transactions/huge HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong-token\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // None of the 60 MiB is sent yet: the answer must come anyway.
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(WAIT, stream.read(&mut answer))
+        .await
+        .expect("crew answers before the body is sent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("M_FORBIDDEN"), "{answer}");
+    // The body finds nobody reading it; crew's memory stays flat.
+    let chunk = vec![b' '; MIB];
+    for _ in 0..BODY / MIB {
+        if stream.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(stream);
+    let grown_mib = peak_kib(pid).saturating_sub(before) / 1024;
+    assert!(grown_mib < 30, "crew's peak memory grew by {grown_mib} MiB");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -558,6 +613,66 @@ async fn startup_says_what_is_wrong() {
     })
     .await;
     crew.kill().await.unwrap();
+}
+
+/// `crew init` into a fresh directory, without a homeserver: for start-up checks that come first.
+fn init_only() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let output = std::process::Command::new(crew::crew_binary())
+        .args(["init", "--homeserver", "http://127.0.0.1:1"])
+        .args(["--server-name", "crew.test", "--admin", "@me:crew.test"])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "crew init: {output:?}");
+    (dir, data)
+}
+
+/// `crew serve` with `vars`: (exit success, stderr). It must exit by itself.
+async fn serve_with(config: &std::path::Path, vars: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new(crew::crew_binary());
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("CREW_HOMESERVER__STARTUP_WAIT_SECS", "1")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    for (key, value) in vars {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .expect("crew serve exits")
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn empty_secrets_and_a_public_admin_api_refuse_to_start() {
+    let (dir, data) = init_only();
+    let config = data.join("config.toml");
+    let empty = dir.path().join("empty.token");
+    std::fs::write(&empty, "\n").unwrap();
+    let empty = empty.display().to_string();
+    for (name, value) in [
+        ("CREW_HS_TOKEN_FILE", empty.as_str()),
+        ("CREW_AS_TOKEN_FILE", empty.as_str()),
+        ("CREW_HS_TOKEN_FILE", ""),
+        ("CREW_HS_TOKEN", "   "),
+    ] {
+        let (ok, log) = serve_with(&config, &[(name, value)]).await;
+        assert!(!ok, "{name}={value:?} started");
+        assert!(log.contains(name), "{name}={value:?}: {log}");
+    }
+    let (ok, log) = serve_with(&config, &[("CREW_ADMIN_API__BIND", "0.0.0.0:19002")]).await;
+    assert!(!ok);
+    assert!(log.contains("admin_api.allow_non_loopback"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

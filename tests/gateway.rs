@@ -90,6 +90,9 @@ fn config_for(upstream: &ScriptedLlm, dir: &Path) -> GatewayConfig {
                 kind: RouteKind::Openai,
                 inject: Injection::default(),
                 credentials: vec![SecretSource::Env(LLM_KEY_VAR.into())],
+                endpoints: None,
+                forward_headers: vec![],
+                set_headers: Default::default(),
             },
             RouteConfig {
                 name: "github".into(),
@@ -101,6 +104,9 @@ fn config_for(upstream: &ScriptedLlm, dir: &Path) -> GatewayConfig {
                     format: "token {key}".into(),
                 },
                 credentials: vec![SecretSource::File(github_key)],
+                endpoints: None,
+                forward_headers: vec![],
+                set_headers: Default::default(),
             },
         ],
         ..GatewayConfig::default()
@@ -714,9 +720,10 @@ async fn streamed_chunks_reach_the_consumer_before_the_upstream_finishes() {
 }
 
 #[tokio::test]
-async fn a_client_that_asked_not_to_get_usage_is_respected() {
+async fn a_stream_that_opts_out_of_usage_is_still_charged() {
     let h = Harness::start(|_| {}).await;
     let token = h.token("agent-a").await;
+    h.upstream.push(Reply::text("a b c").usage(20, 7));
     let answer = h
         .chat(
             Some(&token),
@@ -724,10 +731,429 @@ async fn a_client_that_asked_not_to_get_usage_is_respected() {
         )
         .await;
     assert_eq!(answer.status, 200);
+    assert!(answer.text.contains("[DONE]"), "{}", answer.text);
     assert_eq!(
         h.upstream.requests()[0].json()["stream_options"]["include_usage"],
-        false
+        true,
+        "metering cannot be opted out of"
     );
+    let usage = h.gateway.usage().unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].usage.total_tokens, 27);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_consumer_that_hangs_up_mid_stream_is_still_charged() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token("agent-quitter").await;
+    let gate = Gate::new();
+    h.upstream.push(
+        Reply::text("one two three four five")
+            .usage(30, 12)
+            .hold_after(2, &gate),
+    );
+    let response = h
+        .http
+        .post(format!("{}/llm/chat/completions", h.base))
+        .bearer_auth(&token)
+        .json(&json!({"model": "m", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // The consumer hangs up while the upstream is still generating (and billing).
+    drop(stream);
+    gate.reached().await;
+    gate.release();
+    let charged = wait_until("the abandoned stream to be charged", || {
+        let usage = h.gateway.usage().unwrap();
+        usage
+            .iter()
+            .find(|row| row.consumer == "agent-quitter" && row.usage.requests == 1)
+            .map(|row| row.usage.clone())
+    })
+    .await;
+    assert_eq!(charged.total_tokens, 42, "the upstream's own figures");
+    let audit = h.gateway.audit_log(10).unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(last.code.as_deref(), Some("consumer_went_away"));
+    assert_eq!(last.total_tokens, 42);
+    h.stop().await;
+}
+
+/// Polls `check` until it gives a value; fails after a deadline.
+async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends one request exactly as written (no client-side normalisation of the path) and returns
+/// the status and body.
+async fn raw_request(base: &str, method: &str, path: &str, token: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn paths_that_could_leave_the_route_are_refused_before_routing() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token("agent-a").await;
+    // Each would reach `/gh/user` (the github route's upstream, with its key) through the llm
+    // route once a URL library normalised it.
+    for (path, code) in [
+        ("/llm/../gh/user", "path_dot_segment"),
+        ("/llm/%2e%2e/gh/user", "path_dot_segment"),
+        ("/llm/%2E%2e/gh/user", "path_dot_segment"),
+        ("/llm/.%2E/gh/user", "path_dot_segment"),
+        ("/llm/./../gh/user", "path_dot_segment"),
+        ("/llm/..\\gh\\user", "path_backslash"),
+        ("/llm/..%5Cgh%5Cuser", "path_backslash"),
+        ("/llm/..%2fgh%2fuser", "path_encoded_slash"),
+        ("/llm/x%2F..%2F..%2Fgh", "path_encoded_slash"),
+    ] {
+        let (status, body) = raw_request(&h.base, "GET", path, &token).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], code, "{path}: {body}");
+    }
+    assert_eq!(h.upstream.received(), 0, "nothing reached any upstream");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_goes_back_to_the_consumer_and_is_never_followed() {
+    // Another loopback server, where the upstream points: it must never be called.
+    let elsewhere = Recorder::start(|_| StatusCode::OK).await;
+    let target = format!("{}/collect", elsewhere.url);
+    let location = target.clone();
+    let redirecting = Recorder::start(move |_| StatusCode::FOUND)
+        .await
+        .with_header("location", &location);
+    let h = Harness::start(|config| {
+        config.routes[0].upstream = format!("{}/v1", redirecting.url).parse().unwrap();
+        // A header reqwest would not strip by itself on a cross-origin redirect.
+        config.routes[0].inject = Injection {
+            header: "x-api-key".into(),
+            format: "{key}".into(),
+        };
+    })
+    .await;
+    let token = h.token("agent-a").await;
+    // The consumer's own client must not follow either, to see what the gateway answered.
+    let consumer = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = consumer
+        .post(format!("{}/llm/chat/completions", h.base))
+        .bearer_auth(&token)
+        .json(&chat_body("m"))
+        .send()
+        .await
+        .unwrap();
+    let answer = Answer::read(response).await;
+    assert_eq!(answer.status.as_u16(), 302, "{}", answer.text);
+    assert_eq!(
+        answer.headers.get("location").map(|v| v.to_str().unwrap()),
+        Some(target.as_str())
+    );
+    answer.assert_no_real_key();
+    assert_eq!(redirecting.count(), 1);
+    assert_eq!(
+        redirecting.headers()[0]
+            .get("x-api-key")
+            .map(|v| v.as_bytes()),
+        Some(REAL_KEY.as_bytes())
+    );
+    assert_eq!(elsewhere.count(), 0, "the redirect was followed");
+    h.stop().await;
+}
+
+/// A loopback HTTP server that answers every request with a fixed status (and headers) and
+/// records the request headers.
+struct Recorder {
+    url: String,
+    seen: Arc<Mutex<Vec<reqwest::header::HeaderMap>>>,
+    extra: Arc<Mutex<Vec<(String, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start(status: impl Fn(&str) -> StatusCode + Clone + Send + Sync + 'static) -> Self {
+        let seen: Arc<Mutex<Vec<reqwest::header::HeaderMap>>> = Arc::default();
+        let extra: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (seen_in, extra_in) = (Arc::clone(&seen), Arc::clone(&extra));
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (seen, extra, status) =
+                (Arc::clone(&seen_in), Arc::clone(&extra_in), status.clone());
+            async move {
+                seen.lock().unwrap().push(request.headers().clone());
+                let mut response = axum::response::Response::new(axum::body::Body::from("{}"));
+                *response.status_mut() = status(request.uri().path());
+                for (name, value) in extra.lock().unwrap().iter() {
+                    response.headers_mut().insert(
+                        reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        value.parse().unwrap(),
+                    );
+                }
+                response
+            }
+        });
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            seen,
+            extra,
+            task,
+        }
+    }
+
+    fn with_header(self, name: &str, value: &str) -> Self {
+        self.extra
+            .lock()
+            .unwrap()
+            .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn headers(&self) -> Vec<reqwest::header::HeaderMap> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_openai_route_allows_only_its_listed_endpoints() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token("agent-a").await;
+    for (method, path) in [
+        ("DELETE", "/llm/files/file-abc"),
+        ("DELETE", "/llm/chat/completions"),
+        ("POST", "/llm/fine_tuning/jobs"),
+        ("GET", "/llm/organization/costs"),
+    ] {
+        let (status, body) = raw_request(&h.base, method, path, &token).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "endpoint_not_allowed", "{body}");
+    }
+    assert_eq!(h.upstream.received(), 0);
+    // The defaults still work.
+    assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
+    let models = h
+        .http
+        .get(format!("{}/llm/models", h.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    h.stop().await;
+
+    // A route that lists DELETE allows it.
+    let h = Harness::start(|config| {
+        config.routes[0].endpoints = Some(vec!["DELETE /files/*".into()]);
+    })
+    .await;
+    let token = h.token("agent-a").await;
+    let (status, _) = raw_request(&h.base, "DELETE", "/llm/files/file-abc", &token).await;
+    assert_eq!(status, 200);
+    let (status, _) = raw_request(&h.base, "POST", "/llm/chat/completions", &token).await;
+    assert_eq!(status, 403);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn billing_headers_reach_the_upstream_only_when_the_route_sets_them() {
+    let h = Harness::start(|config| {
+        config.routes[1]
+            .set_headers
+            .insert("OpenAI-Organization".into(), "org-operator".into());
+    })
+    .await;
+    let token = h.token("agent-a").await;
+    for path in ["/llm/chat/completions", "/github/x"] {
+        let answer = h
+            .http
+            .post(format!("{}{path}", h.base))
+            .bearer_auth(&token)
+            .header("OpenAI-Organization", "org-attacker")
+            .header("OpenAI-Project", "proj-attacker")
+            .header("X-Forwarded-Host", "evil.example")
+            .json(&chat_body("m"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let seen = h.upstream.requests();
+    assert_eq!(seen[0].header("openai-organization"), None);
+    assert_eq!(seen[1].header("openai-organization"), Some("org-operator"));
+    for request in &seen {
+        assert_eq!(request.header("openai-project"), None);
+        assert_eq!(request.header("x-forwarded-host"), None);
+        assert!(!request.everything().contains("attacker"));
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_masked_key_in_an_upstream_error_is_cut_out() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token("agent-a").await;
+    let masked = format!(
+        "{}****************{}",
+        &REAL_KEY[..8],
+        &REAL_KEY[REAL_KEY.len() - 4..]
+    );
+    h.upstream.push(Reply::error_body(
+        401,
+        json!({"error": {"message": format!("Incorrect API key provided: {masked}.")}}),
+    ));
+    let answer = h.chat(Some(&token), chat_body("m")).await;
+    assert_eq!(answer.status, 401);
+    assert!(!answer.text.contains(&REAL_KEY[..8]), "{}", answer.text);
+    assert!(
+        !answer.text.contains(&REAL_KEY[REAL_KEY.len() - 4..]),
+        "{}",
+        answer.text
+    );
+    assert!(answer.text.contains("[redacted]"), "{}", answer.text);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_refusals_are_counted_but_never_stored() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token("agent-a").await;
+    assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
+    let audited = h.gateway.audit_log(1000).unwrap().len();
+    for n in 0..50 {
+        let token = format!("crewgw_guess-{n}");
+        h.chat(Some(&token), chat_body("m"))
+            .await
+            .assert_refused(401, "invalid_token");
+    }
+    h.chat(None, chat_body("m"))
+        .await
+        .assert_refused(401, "missing_token");
+    assert_eq!(h.gateway.unauthenticated_refusals(), 51);
+    assert_eq!(
+        h.gateway.audit_log(1000).unwrap().len(),
+        audited,
+        "nothing was written for them"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_global_budget_caps_all_consumers_and_says_so() {
+    let h = Harness::start(|config| config.global_daily_token_budget = 40).await;
+    let a = h.token("agent-a").await;
+    let b = h.token("agent-b").await;
+    h.upstream.set_default(Reply::text("ok").usage(15, 10));
+    assert_eq!(h.chat(Some(&a), chat_body("m")).await.status, 200);
+    assert_eq!(h.chat(Some(&b), chat_body("m")).await.status, 200);
+    for token in [&a, &b] {
+        let refused = h.chat(Some(token), chat_body("m")).await;
+        refused.assert_refused(429, "global_budget_exhausted");
+        let message = refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.contains("gateway.global_daily_token_budget") && message.contains("40"),
+            "{message}"
+        );
+    }
+    // Agents get it as a budget error (not retried) that names the limit.
+    let error = h
+        .llm(&a)
+        .chat(ChatRequest::new("m", vec![Message::user("hi")]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, LlmError::BudgetExhausted { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("gateway.global_daily_token_budget"),
+        "{error}"
+    );
+    assert_eq!(h.upstream.requests().len(), 2);
+    // The next UTC day renews it.
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    assert_eq!(h.chat(Some(&a), chat_body("m")).await.status, 200);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_check_counts_the_requests_max_tokens() {
+    let h = Harness::start(|_| {}).await;
+    let token = h
+        .consumer(
+            "agent-small",
+            ConsumerPolicy {
+                daily_token_budget: 100,
+                ..policy()
+            },
+        )
+        .await;
+    h.upstream.set_default(Reply::text("ok").usage(10, 5));
+    assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
+    // 15 used: a request that may use 90 more would overshoot the 100.
+    let mut asks_too_much = chat_body("m");
+    asks_too_much["max_tokens"] = json!(90);
+    let refused = h.chat(Some(&token), asks_too_much).await;
+    refused.assert_refused(429, "budget_exhausted");
+    assert!(refused.text.contains("max_tokens"), "{}", refused.text);
+    let mut fits = chat_body("m");
+    fits["max_completion_tokens"] = json!(80);
+    assert_eq!(h.chat(Some(&token), fits).await.status, 200);
     h.stop().await;
 }
 
@@ -1066,7 +1492,9 @@ async fn no_real_key_or_consumer_token_is_logged_or_stored() {
     h.chat(Some(&restricted), chat_body("x")).await;
     h.store.flush().await.unwrap();
     let audit = h.gateway.audit_log(100).unwrap();
-    assert!(audit.len() >= 9, "every request is audited: {audit:?}");
+    // Every request with a valid token is audited; the unknown and revoked tokens only counted.
+    assert!(audit.len() >= 7, "every request is audited: {audit:?}");
+    assert_eq!(h.gateway.unauthenticated_refusals(), 2);
     assert!(
         audit
             .iter()

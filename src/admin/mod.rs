@@ -61,6 +61,10 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
 /// Reads the admin token, creating it (mode 0600) when absent.
 pub fn load_or_create_token(path: &Path) -> std::io::Result<Secret> {
     match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Err(std::io::Error::other(format!(
+            "{} is empty; delete it and crew makes a new admin token",
+            path.display()
+        ))),
         Ok(text) => Ok(Secret::new(text.trim())),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let token = Secret::random(32);
@@ -74,7 +78,7 @@ pub fn load_or_create_token(path: &Path) -> std::io::Result<Secret> {
     }
 }
 
-/// Writes a file readable only by its owner.
+/// Writes a file readable only by its owner (also when it existed with a wider mode).
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
@@ -85,6 +89,11 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         options.mode(0o600);
     }
     let mut file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(contents)?;
     file.sync_all()
 }

@@ -327,15 +327,18 @@ impl Workspace {
         };
         let saved = async {
             let path = path.map_err(|error| error.to_string())?;
-            let (bytes, content_type) = client
+            // Streamed from the homeserver into storage, never whole in memory; the storage
+            // size limit applies on the way.
+            let (body, content_type) = client
                 .download(agent, mxc, self.storage.max_file_bytes())
                 .await
                 .map_err(|error| format!("downloading it failed: {error}"))?;
-            let size = bytes.len();
-            self.storage
-                .put_bytes(&path, bytes)
+            let size = self
+                .storage
+                .put(&path, body)
                 .await
-                .map_err(|error| error.to_string())?;
+                .map_err(|error| error.to_string())?
+                .size;
             Ok::<_, String>((path, size, content_type))
         }
         .await;

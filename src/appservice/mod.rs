@@ -33,16 +33,22 @@ pub struct AppserviceState {
 }
 
 /// The homeserver-facing router, with `max_body` as the largest accepted transaction.
+///
+/// Every route checks the hs_token in a layer that runs before the handler's extractors, so a
+/// caller without the token is refused before a byte of its body is read (a wrong token with a
+/// huge body costs no memory).
 pub fn router(state: Arc<AppserviceState>, max_body: usize) -> Router {
+    let require_token = axum::middleware::from_fn_with_state(Arc::clone(&state), require_hs_token);
     let api = Router::new()
         .route("/transactions/{txn_id}", put(put_transaction))
         .route("/users/{user_id}", get(query_user))
         .route("/rooms/{alias}", get(query_alias))
-        .route("/ping", post(ping));
+        .route("/ping", post(ping))
+        .route_layer(require_token.clone());
     Router::new()
         .nest("/_matrix/app/v1", api.clone())
         // Pre-v1.1 homeservers call the unprefixed paths.
-        .merge(legacy_routes())
+        .merge(legacy_routes().route_layer(require_token))
         .fallback(|| async { ApiError::Unrecognized })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
@@ -59,6 +65,21 @@ fn legacy_routes() -> Router<Arc<AppserviceState>> {
 #[derive(Debug, Deserialize)]
 struct TokenQuery {
     access_token: Option<String>,
+}
+
+/// The token check as a layer: headers and query only, the body untouched.
+async fn require_hs_token(
+    State(state): State<Arc<AppserviceState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let query = Query::<TokenQuery>::try_from_uri(request.uri())
+        .map(|Query(query)| query)
+        .unwrap_or(TokenQuery { access_token: None });
+    match authenticate(&state, request.headers(), &query) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
 }
 
 /// Bearer header or the legacy `access_token` query parameter; when both are present both must

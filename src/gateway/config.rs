@@ -37,6 +37,12 @@ pub struct GatewayConfig {
     pub key_rest_secs: u64,
     /// Days audit records are kept in the database (older ones are pruned as new ones arrive).
     pub audit_retention_days: u64,
+    /// LLM tokens all consumers together may use per UTC day; 0 means unlimited. A spending cap
+    /// over every agent that no prompt can talk around.
+    pub global_daily_token_budget: u64,
+    /// Milliseconds between writes of usage charges and audit records to the database (they are
+    /// batched so that no request waits for a write); a crash loses at most this much accounting.
+    pub accounting_flush_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -52,6 +58,8 @@ impl Default for GatewayConfig {
             key_failure_threshold: 3,
             key_rest_secs: 60,
             audit_retention_days: 30,
+            global_daily_token_budget: 20_000_000,
+            accounting_flush_ms: 1000,
         }
     }
 }
@@ -102,6 +110,18 @@ impl GatewayConfig {
             if http::HeaderName::from_bytes(route.inject.header.as_bytes()).is_err() {
                 return invalid("inject.header is not a valid header name");
             }
+            for endpoint in route.endpoints.iter().flatten() {
+                if Endpoint::parse(endpoint).is_none() {
+                    return invalid(&format!(
+                        "endpoints: `{endpoint}` must be a method and a path under the route, e.g. `POST /chat/completions` or `GET /models/*`"
+                    ));
+                }
+            }
+        }
+        if self.accounting_flush_ms == 0 {
+            return Err(GatewayError::Config(
+                "gateway.accounting_flush_ms must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -125,6 +145,88 @@ pub struct RouteConfig {
     pub inject: Injection,
     /// Where the real keys come from; the first is used, the others are failover keys.
     pub credentials: Vec<SecretSource>,
+    /// The methods and paths (relative to the prefix) consumers may call, e.g.
+    /// `["POST /chat/completions", "GET /models/*"]`; `*` as the last segment matches one segment.
+    /// When unset: for `openai` routes chat completions, embeddings and models
+    /// ([`DEFAULT_OPENAI_ENDPOINTS`]), for `http` routes everything.
+    #[serde(default)]
+    pub endpoints: Option<Vec<String>>,
+    /// Request headers forwarded besides the route kind's own short list (see
+    /// [`super::headers`]). Billing selectors such as `OpenAI-Organization` belong in
+    /// `set_headers`, not here.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// Headers put on every forwarded request, replacing the consumer's, e.g.
+    /// `{ "OpenAI-Organization" = "org-…" }`.
+    #[serde(default)]
+    pub set_headers: std::collections::BTreeMap<String, String>,
+}
+
+/// What an `openai` route allows when its `endpoints` are not set.
+pub const DEFAULT_OPENAI_ENDPOINTS: &[&str] = &[
+    "POST /chat/completions",
+    "POST /embeddings",
+    "GET /models",
+    "GET /models/*",
+];
+
+/// One allowed method and path of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Endpoint {
+    method: http::Method,
+    /// Path segments; a `*` matches any one segment.
+    segments: Vec<String>,
+}
+
+impl Endpoint {
+    /// Parses `METHOD /path`.
+    pub(super) fn parse(text: &str) -> Option<Self> {
+        let (method, path) = text.trim().split_once(' ')?;
+        let method =
+            http::Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes()).ok()?;
+        let path = path.trim();
+        if !path.starts_with('/') || path.contains("..") {
+            return None;
+        }
+        let segments = path
+            .trim_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Some(Self { method, segments })
+    }
+
+    /// Whether `method` on `rest` (the path after the route prefix) is this endpoint.
+    pub(super) fn allows(&self, method: &http::Method, rest: &str) -> bool {
+        if *method != self.method {
+            return false;
+        }
+        let mut given = rest.trim_matches('/').split('/').filter(|s| !s.is_empty());
+        for segment in &self.segments {
+            match given.next() {
+                Some(part) if segment == "*" || segment == part => {}
+                _ => return false,
+            }
+        }
+        given.next().is_none()
+    }
+}
+
+impl RouteConfig {
+    /// The endpoints consumers may call, or `None` when every method and path is allowed.
+    pub(super) fn allowed_endpoints(&self) -> Option<Vec<Endpoint>> {
+        match (&self.endpoints, self.kind) {
+            (Some(list), _) => Some(list.iter().filter_map(|e| Endpoint::parse(e)).collect()),
+            (None, RouteKind::Openai) => Some(
+                DEFAULT_OPENAI_ENDPOINTS
+                    .iter()
+                    .filter_map(|e| Endpoint::parse(e))
+                    .collect(),
+            ),
+            (None, RouteKind::Http) => None,
+        }
+    }
 }
 
 /// The kind of upstream API behind a route.

@@ -53,17 +53,11 @@ impl Limits {
             .consumers
             .lock()
             .expect("limits lock is never poisoned");
-        let entry = consumers
-            .entry(consumer.to_owned())
-            .or_insert_with(|| ConsumerLimits {
-                bucket: Bucket {
-                    rpm: policy.requests_per_minute,
-                    tokens: f64::from(policy.requests_per_minute),
-                    last_ms: now_ms,
-                },
-                max_concurrent: policy.max_concurrent,
-                in_flight: Arc::new(Semaphore::new(policy.max_concurrent as usize)),
-            });
+        // Look up before inserting, so the common case allocates no key.
+        if !consumers.contains_key(consumer) {
+            consumers.insert(consumer.to_owned(), ConsumerLimits::new(policy, now_ms));
+        }
+        let entry = consumers.get_mut(consumer).expect("inserted just above");
         if entry.max_concurrent != policy.max_concurrent {
             entry.max_concurrent = policy.max_concurrent;
             entry.in_flight = Arc::new(Semaphore::new(policy.max_concurrent as usize));
@@ -95,6 +89,20 @@ impl Limits {
             .lock()
             .expect("limits lock is never poisoned")
             .remove(consumer);
+    }
+}
+
+impl ConsumerLimits {
+    fn new(policy: &ConsumerPolicy, now_ms: u64) -> Self {
+        Self {
+            bucket: Bucket {
+                rpm: policy.requests_per_minute,
+                tokens: f64::from(policy.requests_per_minute),
+                last_ms: now_ms,
+            },
+            max_concurrent: policy.max_concurrent,
+            in_flight: Arc::new(Semaphore::new(policy.max_concurrent as usize)),
+        }
     }
 }
 

@@ -11,12 +11,16 @@
 //!
 //! Not for: talking to LLMs itself (that is [`crate::llm`], which calls through this gateway).
 
+mod accounting;
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod consumers;
+mod headers;
 mod limits;
+mod path;
 mod proxy;
+mod redact;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -68,7 +72,7 @@ pub struct Usage {
 }
 
 /// One audited request. Holds no header values, bodies or secrets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Unix ms when the request arrived.
     pub at_ms: u64,
@@ -113,8 +117,6 @@ const TOKEN_HASHES_TREE: &str = "gateway_token_hashes";
 const USAGE_TREE: &str = "gateway_usage";
 const AUDIT_TREE: &str = "gateway_audit";
 const MS_PER_DAY: u64 = 86_400_000;
-/// Old audit records are pruned once per this many requests, so pruning costs nothing per request.
-const AUDIT_PRUNE_EVERY: u64 = 1024;
 
 /// The gateway service: consumers, policy, accounting and the proxy. Share it as `Arc<Gateway>`.
 pub struct Gateway {
@@ -126,6 +128,8 @@ pub struct Gateway {
     token_hashes: Tree<String, TokenRef>,
     usage: Tree<String, Usage>,
     audit: Tree<u64, AuditRecord>,
+    accounting: accounting::Accounting,
+    known_tokens: KnownTokens,
     clock: Clock,
     limits: limits::Limits,
     http: reqwest::Client,
@@ -137,6 +141,13 @@ struct Route {
     /// Path prefix without a trailing slash.
     prefix: String,
     keys: Vec<UpstreamKey>,
+    /// The header the credential goes in (checked by [`GatewayConfig::check`]).
+    inject_header: http::HeaderName,
+    /// The methods and paths consumers may call; `None` allows all.
+    endpoints: Option<Vec<config::Endpoint>>,
+    headers: headers::HeaderPolicy,
+    /// Finds the keys (whole or masked) in upstream answers.
+    redactor: redact::Redactor,
 }
 
 /// One real upstream key and its health, for failover.
@@ -146,6 +157,56 @@ struct UpstreamKey {
     header_value: http::HeaderValue,
     consecutive_failures: AtomicU32,
     rested_until_ms: AtomicU64,
+}
+
+/// Token hashes already looked up, with the consumer as it was then. Only known tokens are
+/// remembered (random guesses are not, so they cannot grow it), and every change to any consumer
+/// forgets everything; the epoch makes sure a lookup that raced a change is not remembered.
+#[derive(Default)]
+struct KnownTokens {
+    entries: std::sync::RwLock<std::collections::HashMap<String, (u64, Arc<ConsumerRecord>)>>,
+    epoch: AtomicU64,
+}
+
+/// More remembered tokens than this (consumers × live generations) means something is off; start
+/// over rather than grow.
+const MAX_KNOWN_TOKENS: usize = 10_000;
+
+impl KnownTokens {
+    fn get(&self, hash: &str) -> Option<(u64, Arc<ConsumerRecord>)> {
+        self.entries
+            .read()
+            .expect("token cache lock is never poisoned")
+            .get(hash)
+            .cloned()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn remember(&self, epoch: u64, hash: String, known: (u64, Arc<ConsumerRecord>)) {
+        let mut entries = self
+            .entries
+            .write()
+            .expect("token cache lock is never poisoned");
+        if self.epoch() != epoch {
+            return;
+        }
+        if entries.len() >= MAX_KNOWN_TOKENS {
+            entries.clear();
+        }
+        entries.insert(hash, known);
+    }
+
+    fn forget_all(&self) {
+        let mut entries = self
+            .entries
+            .write()
+            .expect("token cache lock is never poisoned");
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        entries.clear();
+    }
 }
 
 /// Wall-clock milliseconds that follow tokio's clock, so tests with paused time can move days
@@ -213,29 +274,56 @@ impl Gateway {
                     rested_until_ms: AtomicU64::new(0),
                 });
             }
+            let redactor = redact::Redactor::new(keys.iter().map(|key| key.secret.expose()));
+            let inject_header = http::HeaderName::from_bytes(route.inject.header.as_bytes())
+                .map_err(|_| {
+                    GatewayError::Config(format!(
+                        "gateway route `{}`: inject.header is not a valid header name",
+                        route.name
+                    ))
+                })?;
             routes.push(Route {
+                inject_header,
                 prefix: route.prefix.trim_end_matches('/').to_owned(),
+                endpoints: route.allowed_endpoints(),
+                headers: headers::HeaderPolicy::new(route)?,
+                redactor,
                 config: route.clone(),
                 keys,
             });
         }
         // Longest prefix first, so `/a/b` wins over `/a`.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        // Redirects are never followed: the consumer gets the 3xx as it is, and the injected
+        // credential never travels to wherever the upstream points.
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(GatewayError::Client)?;
+        let clock = Clock::new();
+        let usage = store.tree(USAGE_TREE)?;
+        let audit = store.tree(AUDIT_TREE)?;
+        let accounting = accounting::Accounting::new(
+            store.clone(),
+            usage.clone(),
+            audit.clone(),
+            config.audit_retention_days,
+            clock.now_ms(),
+        )?;
         Ok(Arc::new(Self {
             consumers: store.tree(CONSUMERS_TREE)?,
             token_hashes: store.tree(TOKEN_HASHES_TREE)?,
-            usage: store.tree(USAGE_TREE)?,
-            audit: store.tree(AUDIT_TREE)?,
+            usage,
+            audit,
+            accounting,
+            known_tokens: KnownTokens::default(),
             store,
             config,
             routes,
             secret,
-            clock: Clock::new(),
+            clock,
             limits: limits::Limits::default(),
             http,
         }))
@@ -261,9 +349,37 @@ impl Gateway {
                 tracing::debug!(%error, "cannot set TCP_NODELAY on a gateway connection");
             }
         });
-        axum::serve(listener, app)
+        let writer = tokio::spawn(Arc::clone(&self).write_accounting(shutdown.clone()));
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+            .await;
+        // Open requests are done: the last charges and audit records go to disk now.
+        writer.abort();
+        if let Err(error) = self.accounting.flush().await {
+            tracing::warn!(%error, "cannot write the last gateway usage and audit records");
+        }
+        served
+    }
+
+    /// Writes batched usage and audit records every `accounting_flush_ms` and makes them durable.
+    async fn write_accounting(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = std::time::Duration::from_millis(self.config.accounting_flush_ms);
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if let Err(error) = self.accounting.flush().await {
+                tracing::warn!(%error, "cannot write gateway usage and audit records");
+            }
+        }
+    }
+
+    /// Requests refused for a missing or unknown token since start (counted in memory only).
+    pub fn unauthenticated_refusals(&self) -> u64 {
+        self.accounting.unauthenticated()
     }
 
     /// Serves the proxy on a Unix socket (the sandboxes' relay reaches it there) until
@@ -375,6 +491,7 @@ impl Gateway {
                 })
             })?
             .ok_or_else(|| GatewayError::UnknownConsumer(id.to_owned()))?;
+        self.known_tokens.forget_all();
         self.limits.forget(id);
         self.store.flush().await?;
         tracing::info!(consumer = id, "gateway consumer revoked");
@@ -402,6 +519,7 @@ impl Gateway {
 
     /// Usage per consumer and day, oldest day first within each consumer.
     pub fn usage(&self) -> Result<Vec<UsageRow>, GatewayError> {
+        self.accounting.write_pending()?;
         let mut out = Vec::new();
         for entry in self.usage.iter() {
             let (key, usage) = entry?;
@@ -418,6 +536,7 @@ impl Gateway {
 
     /// The most recent audit records, newest last.
     pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, GatewayError> {
+        self.accounting.write_pending()?;
         let mut records = Vec::new();
         for entry in self.audit.raw().iter().rev().take(limit) {
             let (_, raw) = entry.map_err(StoreError::from)?;
@@ -461,7 +580,8 @@ impl Gateway {
         }
     }
 
-    /// Records the hash of the consumer's current token.
+    /// Records the hash of the consumer's current token (and forgets the remembered ones, since
+    /// the consumer changed).
     fn index_token(&self, record: &ConsumerRecord) -> Result<(), GatewayError> {
         let token = derive_token(&self.secret, &record.id, record.generation);
         self.token_hashes.insert(
@@ -471,21 +591,35 @@ impl Gateway {
                 generation: record.generation,
             },
         )?;
+        self.known_tokens.forget_all();
         Ok(())
     }
 
     /// Finds the consumer a presented token belongs to, if the token is currently accepted.
+    ///
+    /// Known tokens are remembered in memory ([`KnownTokens`]), so the request path reads no
+    /// database; any change to a consumer forgets them all before it returns.
     fn authenticate(&self, token: &str) -> Result<Authenticated, GatewayError> {
-        let Some(reference) = self.token_hashes.get(&token_hash(token))? else {
-            return Ok(Authenticated::Unknown);
-        };
-        let Some(record) = self.consumers.get(&reference.consumer)? else {
-            return Ok(Authenticated::Unknown);
+        let hash = token_hash(token);
+        let (reference, record) = match self.known_tokens.get(&hash) {
+            Some(known) => known,
+            None => {
+                let epoch = self.known_tokens.epoch();
+                let Some(reference) = self.token_hashes.get(&hash)? else {
+                    return Ok(Authenticated::Unknown);
+                };
+                let Some(record) = self.consumers.get(&reference.consumer)? else {
+                    return Ok(Authenticated::Unknown);
+                };
+                let known = (reference.generation, Arc::new(record));
+                self.known_tokens.remember(epoch, hash, known.clone());
+                known
+            }
         };
         if record.revoked {
             return Ok(Authenticated::Revoked);
         }
-        if record.accepts(reference.generation, self.clock.now_ms()) {
+        if record.accepts(reference, self.clock.now_ms()) {
             Ok(Authenticated::Consumer(record))
         } else {
             Ok(Authenticated::Expired)
@@ -493,26 +627,17 @@ impl Gateway {
     }
 
     fn usage_on(&self, consumer: &str, day: u64) -> Result<Usage, GatewayError> {
-        Ok(self
-            .usage
-            .get(&usage_key(consumer, day))?
-            .unwrap_or_default())
+        Ok(self.accounting.usage_on(consumer, day)?)
     }
 
-    /// Adds one request and its tokens to today's usage.
-    fn charge(&self, consumer: &str, usage: &Usage) -> Result<(), GatewayError> {
+    /// Adds one request and its tokens to today's usage (written to sled in the next batch).
+    fn charge(&self, consumer: &str, usage: &Usage) {
         let day = self.clock.now_ms() / MS_PER_DAY;
-        self.usage.update(&usage_key(consumer, day), |current| {
-            let mut current = current.unwrap_or_default();
-            current.requests += usage.requests;
-            current.prompt_tokens += usage.prompt_tokens;
-            current.completion_tokens += usage.completion_tokens;
-            current.total_tokens += usage.total_tokens;
-            Some(current)
-        })?;
-        Ok(())
+        self.accounting.charge(consumer, day, usage);
     }
 
+    /// Audits one request: to tracing now, to sled in the next batch. Refusals of requests
+    /// without a valid token are only counted in memory (see [`accounting`]).
     fn record_audit(&self, record: &AuditRecord) {
         tracing::info!(
             target: "matrix_crew::gateway::audit",
@@ -525,35 +650,16 @@ impl Gateway {
             latency_ms = record.latency_ms,
             "gateway request"
         );
-        let stored = self.store.next_id().and_then(|id| {
-            self.audit.insert(&id, record)?;
-            if id % AUDIT_PRUNE_EVERY == 0 {
-                self.prune_audit(record.at_ms)?;
-            }
-            Ok(())
-        });
-        if let Err(error) = stored {
-            tracing::warn!(%error, "cannot store a gateway audit record");
+        if record.consumer.is_none() {
+            self.accounting.count_unauthenticated();
+        } else {
+            self.accounting.audit(record.clone());
         }
-    }
-
-    /// Removes audit records older than the retention period. Keys are ids in arrival order, so
-    /// the oldest records come first.
-    fn prune_audit(&self, now_ms: u64) -> Result<(), StoreError> {
-        let cutoff = now_ms.saturating_sub(self.config.audit_retention_days * MS_PER_DAY);
-        for entry in self.audit.iter() {
-            let (id, record) = entry?;
-            if record.at_ms >= cutoff {
-                break;
-            }
-            self.audit.remove(&id)?;
-        }
-        Ok(())
     }
 }
 
 enum Authenticated {
-    Consumer(ConsumerRecord),
+    Consumer(Arc<ConsumerRecord>),
     Unknown,
     Revoked,
     /// A rotated-out token after its grace period.
@@ -602,7 +708,8 @@ mod tests {
         for day in 0..5 {
             gateway.record_audit(&audit_at(day * MS_PER_DAY));
         }
-        gateway.prune_audit(5 * MS_PER_DAY).unwrap();
+        gateway.accounting.write_pending().unwrap();
+        gateway.accounting.prune_audit(5 * MS_PER_DAY).unwrap();
         let kept: Vec<u64> = gateway
             .audit_log(10)
             .unwrap()

@@ -25,7 +25,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::limits::Refusal as LimitRefusal;
 use super::{
-    AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage,
+    AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage, path,
 };
 
 /// Failed upstream answers larger than this are cut (they are read whole to redact keys).
@@ -136,6 +136,12 @@ async fn forward(
 ) -> Result<Response, Refusal> {
     let (parts, body) = request.into_parts();
 
+    // Before anything looks at the path: a path a normaliser could change is never routed.
+    let path = parts.uri.path();
+    path::check(path).map_err(|refused| {
+        Refusal::new(StatusCode::BAD_REQUEST, refused.code(), refused.message())
+    })?;
+
     let token = presented_token(&parts.headers).ok_or_else(|| {
         Refusal::new(
             StatusCode::UNAUTHORIZED,
@@ -169,7 +175,6 @@ async fn forward(
     };
     audit.consumer = Some(record.id.clone());
 
-    let path = parts.uri.path();
     let route = gateway
         .routes
         .iter()
@@ -196,50 +201,29 @@ async fn forward(
             ),
         ));
     }
+    let rest = &path[route.prefix.len()..];
+    if let Some(endpoints) = &route.endpoints
+        && !endpoints
+            .iter()
+            .any(|endpoint| endpoint.allows(&parts.method, rest))
+    {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "endpoint_not_allowed",
+            format!(
+                "the route `{}` does not allow {} {}; it allows only the endpoints in its `endpoints` setting",
+                route.config.name,
+                parts.method,
+                if rest.is_empty() { "/" } else { rest }
+            ),
+        ));
+    }
 
     let now_ms = gateway.clock.now_ms();
-    let permit =
-        gateway
-            .limits
-            .admit(&record.id, policy, now_ms)
-            .map_err(|refusal| {
-                match refusal {
-            LimitRefusal::Rate { retry_after_secs } => Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "over the limit of {} requests per minute; retry after {retry_after_secs} s",
-                    policy.requests_per_minute
-                ),
-            )
-            .retry_after(retry_after_secs),
-            LimitRefusal::Concurrency { max } => Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("already {max} requests in flight for this consumer; retry shortly"),
-            )
-            .retry_after(1),
-        }
-            })?;
-
-    let is_llm = route.config.kind == RouteKind::Openai;
-    if is_llm && policy.daily_token_budget > 0 {
-        let used = gateway
-            .usage_on(&record.id, now_ms / MS_PER_DAY)
-            .map_err(Refusal::internal)?;
-        if used.total_tokens >= policy.daily_token_budget {
-            let retry_after_secs = (MS_PER_DAY - now_ms % MS_PER_DAY).div_ceil(1000);
-            return Err(Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "budget_exhausted",
-                format!(
-                    "the daily budget of {} tokens is used up ({} used); it renews at 00:00 UTC. Do not retry before then",
-                    policy.daily_token_budget, used.total_tokens
-                ),
-            )
-            .retry_after(retry_after_secs));
-        }
-    }
+    let permit = gateway
+        .limits
+        .admit(&record.id, policy, now_ms)
+        .map_err(|refusal| limit_refusal(refusal, policy))?;
 
     let mut body = axum::body::to_bytes(body, gateway.config.max_request_bytes)
         .await
@@ -254,8 +238,12 @@ async fn forward(
             )
         })?;
 
+    let is_llm = route.config.kind == RouteKind::Openai;
+    let mut max_tokens = 0;
     if is_llm && !body.is_empty() {
-        body = check_llm_body(body, policy, &record.id, audit)?;
+        let checked = check_llm_body(body, policy, &record.id, audit)?;
+        body = checked.body;
+        max_tokens = checked.max_tokens;
     } else if is_llm && !policy.any_model() && parts.method == http::Method::POST {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -263,28 +251,48 @@ async fn forward(
             "this consumer has a model allowlist, so the request body must name a `model`",
         ));
     }
+    if is_llm {
+        check_budgets(gateway, &record.id, policy, now_ms, max_tokens)?;
+    }
 
-    let url = upstream_url(route, path, parts.uri.query());
-    let headers = forwarded_request_headers(&parts.headers, route);
-    let response = send_with_failover(gateway, route, parts.method, url, headers, body).await?;
+    let url = upstream_url(route, rest, parts.uri.query());
+    if !path::stays_under(url.path(), route.config.upstream.path()) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "path_outside_route",
+            "the path would leave the route's upstream path",
+        ));
+    }
+    let headers = route.headers.forwarded(&parts.headers);
+    let request_bytes = body.len() as u64;
+    let unanswered = Unanswered {
+        gateway,
+        audit: Some(&*audit),
+        started,
+        request_bytes,
+        llm: is_llm,
+    };
+    let sent = send_with_failover(gateway, route, parts.method, url, headers, body).await;
+    unanswered.answered();
+    let response = sent?;
 
     let status = response.status();
     let mut response_headers = forwarded_response_headers(response.headers(), route);
     audit.status = status.as_u16();
 
     if !status.is_success() {
+        // Errors and redirects: small, read whole so that any echo of a key can be cut out.
+        // A redirect's `Location` goes back to the consumer as it is; the gateway never follows.
         let bytes = read_capped(response, MAX_ERROR_BODY_BYTES).await;
-        let redacted = redact(&bytes, route);
+        let redacted = route.redactor.redact(&bytes);
         audit.latency_ms = started.elapsed().as_millis() as u64;
-        if let Err(error) = gateway.charge(
+        gateway.charge(
             &record.id,
             &Usage {
                 requests: 1,
                 ..Usage::default()
             },
-        ) {
-            tracing::warn!(%error, "cannot record gateway usage");
-        }
+        );
         gateway.record_audit(audit);
         response_headers.remove(header::CONTENT_LENGTH);
         let mut out = Response::new(Body::from(redacted));
@@ -320,10 +328,13 @@ async fn forward(
         inner: Box::pin(response.bytes_stream()),
         meter,
         usage: None,
+        seen_bytes: 0,
+        draining: false,
         finish: Some(Finish {
             gateway: Arc::clone(gateway),
-            audit: audit.clone(),
+            audit: std::mem::take(audit),
             started,
+            request_bytes,
             _permit: permit,
         }),
     };
@@ -331,6 +342,135 @@ async fn forward(
     *out.status_mut() = status;
     *out.headers_mut() = response_headers;
     Ok(out)
+}
+
+fn limit_refusal(refusal: LimitRefusal, policy: &super::ConsumerPolicy) -> Refusal {
+    match refusal {
+        LimitRefusal::Rate { retry_after_secs } => Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "over the limit of {} requests per minute; retry after {retry_after_secs} s",
+                policy.requests_per_minute
+            ),
+        )
+        .retry_after(retry_after_secs),
+        LimitRefusal::Concurrency { max } => Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("already {max} requests in flight for this consumer; retry shortly"),
+        )
+        .retry_after(1),
+    }
+}
+
+/// The consumer's daily budget and the gateway's global one, counting what this request may use
+/// (`max_tokens`) so that one request cannot overshoot by much.
+fn check_budgets(
+    gateway: &Gateway,
+    consumer: &str,
+    policy: &super::ConsumerPolicy,
+    now_ms: u64,
+    max_tokens: u64,
+) -> Result<(), Refusal> {
+    let day = now_ms / MS_PER_DAY;
+    let retry_after_secs = (MS_PER_DAY - now_ms % MS_PER_DAY).div_ceil(1000);
+    let over = |used: u64, budget: u64| {
+        budget > 0 && (used >= budget || used.saturating_add(max_tokens) > budget)
+    };
+    let asked = if max_tokens > 0 {
+        format!("; this request may use up to {max_tokens} (its max_tokens)")
+    } else {
+        String::new()
+    };
+    let used = gateway
+        .usage_on(consumer, day)
+        .map_err(Refusal::internal)?
+        .total_tokens;
+    if over(used, policy.daily_token_budget) {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "budget_exhausted",
+            format!(
+                "the daily budget of {} tokens is used up ({used} used{asked}); it renews at 00:00 UTC. Do not retry before then",
+                policy.daily_token_budget
+            ),
+        )
+        .retry_after(retry_after_secs));
+    }
+    let global = gateway.config.global_daily_token_budget;
+    let used = gateway
+        .accounting
+        .global_on(day)
+        .map_err(Refusal::internal)?;
+    if over(used, global) {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "global_budget_exhausted",
+            format!(
+                "the global daily token budget (gateway.global_daily_token_budget = {global} tokens, all agents together) is used up ({used} used{asked}); it renews at 00:00 UTC. Do not retry before then"
+            ),
+        )
+        .retry_after(retry_after_secs));
+    }
+    Ok(())
+}
+
+/// Charges an estimate when the consumer goes away before the upstream answered: the upstream
+/// may already be working (and billing) on the request.
+struct Unanswered<'a> {
+    gateway: &'a Gateway,
+    /// `None` once answered.
+    audit: Option<&'a AuditRecord>,
+    started: tokio::time::Instant,
+    request_bytes: u64,
+    llm: bool,
+}
+
+impl Unanswered<'_> {
+    fn answered(mut self) {
+        self.audit = None;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(audit) = self.audit.take() else {
+            return;
+        };
+        let mut audit = audit.clone();
+        let usage = estimate(self.llm, self.request_bytes, 0);
+        audit.code = Some("consumer_went_away".into());
+        audit.prompt_tokens = usage.prompt_tokens;
+        audit.total_tokens = usage.total_tokens;
+        audit.latency_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(consumer) = &audit.consumer {
+            self.gateway.charge(consumer, &usage);
+        }
+        self.gateway.record_audit(&audit);
+    }
+}
+
+/// Bytes per token for estimates (about four characters of English per token, rounded up so the
+/// estimate errs on the side of charging).
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// One request's charge when the upstream's own usage figures were not seen.
+fn estimate(llm: bool, request_bytes: u64, response_bytes: u64) -> Usage {
+    if !llm {
+        return Usage {
+            requests: 1,
+            ..Usage::default()
+        };
+    }
+    let prompt_tokens = request_bytes.div_ceil(BYTES_PER_TOKEN);
+    let completion_tokens = response_bytes.div_ceil(BYTES_PER_TOKEN);
+    Usage {
+        requests: 1,
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
 }
 
 /// The consumer token from `Authorization: Bearer …` or `x-api-key`.
@@ -354,13 +494,23 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Checks the model against the allowlist and asks OpenAI-style streams for usage.
+/// An LLM request body after the gateway's checks.
+struct CheckedLlmBody {
+    /// The body to forward (changed only to force usage reporting on streams).
+    body: Bytes,
+    /// The most completion tokens the request asks for (`max_tokens` or
+    /// `max_completion_tokens`), 0 when it does not say.
+    max_tokens: u64,
+}
+
+/// Checks the model against the allowlist and makes streams report usage: metering cannot be
+/// opted out of, so `stream_options.include_usage` is forced on whatever the consumer sent.
 fn check_llm_body(
     body: Bytes,
     policy: &super::ConsumerPolicy,
     consumer: &str,
     audit: &mut AuditRecord,
-) -> Result<Bytes, Refusal> {
+) -> Result<CheckedLlmBody, Refusal> {
     // Fast path: read only the top-level fields that matter, skipping the conversation without
     // building it in memory. The full parse below is for bodies that must change.
     if let Ok(peek) = serde_json::from_slice::<Peek<'_>>(&body) {
@@ -370,14 +520,20 @@ fn check_llm_body(
             && peek
                 .stream_options
                 .as_ref()
-                .is_none_or(|options| options.include_usage.is_none());
+                .and_then(|options| options.include_usage)
+                != Some(true);
         if !needs_usage {
-            return Ok(body);
+            let max_tokens = peek.max_tokens.or(peek.max_completion_tokens).unwrap_or(0);
+            return Ok(CheckedLlmBody { body, max_tokens });
         }
     }
+    let unchanged = |body: Bytes| CheckedLlmBody {
+        body,
+        max_tokens: 0,
+    };
     let mut json: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(json) => json,
-        Err(_) if policy.any_model() => return Ok(body),
+        Err(_) if policy.any_model() => return Ok(unchanged(body)),
         Err(_) => {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -387,7 +543,7 @@ fn check_llm_body(
         }
     };
     let Some(object) = json.as_object_mut() else {
-        return Ok(body);
+        return Ok(unchanged(body));
     };
     let model = object
         .get("model")
@@ -395,22 +551,27 @@ fn check_llm_body(
         .map(str::to_owned);
     audit.model = model.clone();
     check_model(model.as_deref(), policy, consumer)?;
+    let max_tokens = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .find_map(|field| object.get(*field).and_then(|v| v.as_u64()))
+        .unwrap_or(0);
     let streaming = object.get("stream").and_then(|s| s.as_bool()) == Some(true);
     if !streaming {
-        return Ok(body);
+        return Ok(CheckedLlmBody { body, max_tokens });
     }
     let options = object
         .entry("stream_options")
         .or_insert_with(|| serde_json::json!({}));
-    match options.as_object_mut() {
-        Some(options) if !options.contains_key("include_usage") => {
-            options.insert("include_usage".into(), serde_json::Value::Bool(true));
-        }
-        _ => return Ok(body),
+    if !options.is_object() {
+        *options = serde_json::json!({});
     }
-    serde_json::to_vec(&json)
+    if let Some(options) = options.as_object_mut() {
+        options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    }
+    let body = serde_json::to_vec(&json)
         .map(Bytes::from)
-        .map_err(Refusal::internal)
+        .map_err(Refusal::internal)?;
+    Ok(CheckedLlmBody { body, max_tokens })
 }
 
 /// The top-level request fields the gateway looks at.
@@ -422,12 +583,16 @@ struct Peek<'a> {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<PeekStreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
 struct PeekStreamOptions {
     #[serde(default)]
-    include_usage: Option<serde::de::IgnoredAny>,
+    include_usage: Option<bool>,
 }
 
 fn check_model(
@@ -450,8 +615,9 @@ fn check_model(
     }
 }
 
-fn upstream_url(route: &Route, path: &str, query: Option<&str>) -> url::Url {
-    let rest = &path[route.prefix.len()..];
+/// The upstream URL for `rest` (the request path after the route prefix, already checked by
+/// [`path::check`]).
+fn upstream_url(route: &Route, rest: &str, query: Option<&str>) -> url::Url {
     let mut url = route.config.upstream.clone();
     let joined = format!("{}{}", url.path().trim_end_matches('/'), rest);
     url.set_path(&joined);
@@ -477,33 +643,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-fn forwarded_request_headers(incoming: &HeaderMap, route: &Route) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(incoming.len());
-    for (name, value) in incoming {
-        let drop = is_hop_by_hop(name)
-            || name == header::AUTHORIZATION
-            || name.as_str() == "x-api-key"
-            // Identity encoding, so the usage meter can read the answer.
-            || name == header::ACCEPT_ENCODING
-            || name.as_str().eq_ignore_ascii_case(&route.config.inject.header);
-        if !drop {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    headers
-}
-
 fn forwarded_response_headers(incoming: &HeaderMap, route: &Route) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(incoming.len());
     for (name, value) in incoming {
         if is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
             continue;
         }
-        let leaks = route
-            .keys
-            .iter()
-            .any(|key| contains(value.as_bytes(), key.secret.expose().as_bytes()));
-        if !leaks {
+        if !route.redactor.leaks(value.as_bytes()) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -526,8 +672,7 @@ async fn send_with_failover(
         // Every key is resting: try them all anyway rather than refuse outright.
         order = (0..route.keys.len()).collect();
     }
-    let header_name =
-        HeaderName::from_bytes(route.config.inject.header.as_bytes()).map_err(Refusal::internal)?;
+    let header_name = &route.inject_header;
     let timeout = Duration::from_secs(gateway.config.upstream_timeout_secs);
     let last = order.len() - 1;
     let mut failure = None;
@@ -622,21 +767,6 @@ async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
         out.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if out.len() >= cap {
             break;
-        }
-    }
-    out
-}
-
-/// Cuts every real key of the route out of `bytes`.
-fn redact(bytes: &[u8], route: &Route) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    for key in &route.keys {
-        let needle = key.secret.expose().as_bytes();
-        if needle.is_empty() {
-            continue;
-        }
-        while let Some(at) = find(&out, needle) {
-            out.splice(at..at + needle.len(), b"[redacted]".iter().copied());
         }
     }
     out
@@ -764,15 +894,25 @@ struct Finish {
     gateway: Arc<Gateway>,
     audit: AuditRecord,
     started: tokio::time::Instant,
+    /// Size of the forwarded request, for an estimate when no usage figures arrive.
+    request_bytes: u64,
     /// Holds the consumer's concurrency slot until the body ends.
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The response body stream: passes chunks on unchanged and charges usage at the end.
+///
+/// Metering cannot be escaped by hanging up: when the consumer goes away before the end of an
+/// LLM answer, the rest of the upstream's answer is read (and thrown away) in the background so
+/// that its usage figures are charged; if they never come, an estimate from the bytes seen is.
 struct Metered {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     meter: Meter,
     usage: Option<Usage>,
+    /// Response bytes seen so far, for the estimate.
+    seen_bytes: u64,
+    /// Set on the copy that reads the rest after the consumer went away.
+    draining: bool,
     finish: Option<Finish>,
 }
 
@@ -782,18 +922,39 @@ impl Metered {
             return;
         };
         self.meter.finish(&mut self.usage);
-        let mut usage = self.usage.take().unwrap_or_default();
+        let metered = !matches!(self.meter, Meter::Off);
+        let mut usage = match self.usage.take() {
+            Some(usage) => usage,
+            None if metered && finish.audit.code.is_some() => {
+                estimate(true, finish.request_bytes, self.seen_bytes)
+            }
+            None => Usage::default(),
+        };
         usage.requests = 1;
         finish.audit.prompt_tokens = usage.prompt_tokens;
         finish.audit.completion_tokens = usage.completion_tokens;
         finish.audit.total_tokens = usage.total_tokens;
         finish.audit.latency_ms = finish.started.elapsed().as_millis() as u64;
-        if let Some(consumer) = &finish.audit.consumer
-            && let Err(error) = finish.gateway.charge(consumer, &usage)
-        {
-            tracing::warn!(%error, "cannot record gateway usage");
+        if let Some(consumer) = &finish.audit.consumer {
+            finish.gateway.charge(consumer, &usage);
         }
         finish.gateway.record_audit(&finish.audit);
+    }
+
+    /// Reads the rest of the upstream answer for its usage, within the upstream timeout.
+    async fn drain(mut self, timeout: Duration) {
+        use futures::StreamExt;
+        let read_all = async {
+            while let Some(item) = self.next().await {
+                if item.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, read_all).await.is_err() {
+            tracing::debug!("gave up reading an abandoned upstream answer; charging an estimate");
+        }
+        self.complete();
     }
 }
 
@@ -804,11 +965,14 @@ impl Stream for Metered {
         let this = &mut *self;
         match this.inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                this.seen_bytes += chunk.len() as u64;
                 this.meter.observe(&chunk, &mut this.usage);
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(error))) => {
-                if let Some(finish) = &mut this.finish {
+                if let Some(finish) = &mut this.finish
+                    && finish.audit.code.is_none()
+                {
                     finish.audit.code = Some("upstream_interrupted".into());
                 }
                 this.complete();
@@ -825,8 +989,29 @@ impl Stream for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        if let Some(finish) = &mut self.finish {
+        let Some(finish) = &mut self.finish else {
+            return;
+        };
+        if !self.draining {
             finish.audit.code = Some("consumer_went_away".into());
+        }
+        let metered = !matches!(self.meter, Meter::Off);
+        if metered
+            && !self.draining
+            && self.usage.is_none()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let timeout = Duration::from_secs(finish.gateway.config.upstream_timeout_secs);
+            let rest = Metered {
+                inner: std::mem::replace(&mut self.inner, Box::pin(futures::stream::empty())),
+                meter: std::mem::replace(&mut self.meter, Meter::Off),
+                usage: None,
+                seen_bytes: self.seen_bytes,
+                draining: true,
+                finish: self.finish.take(),
+            };
+            runtime.spawn(rest.drain(timeout));
+            return;
         }
         self.complete();
     }

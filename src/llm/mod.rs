@@ -269,10 +269,13 @@ impl LlmClient {
         let text = response.text().await.unwrap_or_default();
         let (code, message) = error_fields(&text);
         match status.as_u16() {
-            429 if code == "budget_exhausted" => Err(LlmError::BudgetExhausted {
-                message,
-                retry_after_secs: retry_after,
-            }),
+            // The agent's own budget or the gateway's global one: both renew at 00:00 UTC.
+            429 if code == "budget_exhausted" || code == "global_budget_exhausted" => {
+                Err(LlmError::BudgetExhausted {
+                    message,
+                    retry_after_secs: retry_after,
+                })
+            }
             429 | 500..=599 => Ok(Attempt::Retry {
                 reason: format!("{} ({code}: {message})", status.as_u16()),
                 after: retry_after.map(Duration::from_secs),

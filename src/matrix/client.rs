@@ -13,6 +13,10 @@ use super::error::MatrixError;
 use super::message::OutgoingMessage;
 use crate::secret::Secret;
 
+/// Downloaded media, chunk by chunk (the same shape as a storage body, so it streams straight in).
+pub type MediaStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static>>;
+
 /// Attempts for one request before giving up (429 and network errors are retried).
 const MAX_ATTEMPTS: u32 = 6;
 /// First backoff; doubles each attempt.
@@ -389,15 +393,16 @@ impl MatrixClient {
             .ok_or_else(|| bad(path, "no content_uri in upload answer"))
     }
 
-    /// Downloads an `mxc://` file as `user` through the authenticated media API (Matrix 1.11),
-    /// refusing more than `max_bytes` so a huge upload cannot fill memory. Returns the bytes and
-    /// the content type the homeserver gave.
+    /// `GET /_matrix/client/v1/media/download/{server}/{id}` as `user`: the media as a stream
+    /// of chunks (never held whole in memory) and its content type. A file announced or found to
+    /// be over `max_bytes` fails (the stream ends with an error once past the limit).
     pub async fn download(
         &self,
         user: &UserId,
         mxc: &str,
         max_bytes: u64,
-    ) -> Result<(Vec<u8>, String), MatrixError> {
+    ) -> Result<(MediaStream, String), MatrixError> {
+        use futures::TryStreamExt;
         let (server, media_id) = mxc
             .strip_prefix("mxc://")
             .and_then(|rest| rest.split_once('/'))
@@ -408,7 +413,7 @@ impl MatrixClient {
             enc(server),
             enc(media_id)
         );
-        let mut response = self
+        let response = self
             .http
             .get(self.url(&path, Some(user), &[]))
             .bearer_auth(self.as_token.expose())
@@ -421,9 +426,11 @@ impl MatrixClient {
                 .err()
                 .unwrap_or_else(|| bad(&path, "download failed")));
         }
-        let too_big = || bad(&path, &format!("the file is larger than {max_bytes} bytes"));
         if response.content_length().is_some_and(|len| len > max_bytes) {
-            return Err(too_big());
+            return Err(bad(
+                &path,
+                &format!("the file is larger than {max_bytes} bytes"),
+            ));
         }
         let content_type = response
             .headers()
@@ -431,18 +438,21 @@ impl MatrixClient {
             .and_then(|value| value.to_str().ok())
             .unwrap_or("application/octet-stream")
             .to_owned();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|error| self.unreachable(error))?
-        {
-            if bytes.len() as u64 + chunk.len() as u64 > max_bytes {
-                return Err(too_big());
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok((bytes, content_type))
+        let mut seen: u64 = 0;
+        let body = response
+            .bytes_stream()
+            .map_err(|error| std::io::Error::other(error.without_url()))
+            .and_then(move |chunk| {
+                seen = seen.saturating_add(chunk.len() as u64);
+                futures::future::ready(if seen > max_bytes {
+                    Err(std::io::Error::other(format!(
+                        "the file is larger than {max_bytes} bytes"
+                    )))
+                } else {
+                    Ok(chunk)
+                })
+            });
+        Ok((Box::pin(body), content_type))
     }
 
     /// `POST /_matrix/client/v1/appservice/{id}/ping`: asks the homeserver to call us back. A

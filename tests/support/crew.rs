@@ -269,6 +269,11 @@ impl CrewProcess {
         let _ = self.child.wait();
     }
 
+    /// The process id, for reading its memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
