@@ -186,7 +186,8 @@ impl TurnContext {
                 name_of(&said.sender)
             };
             let body: String = said.body.chars().take(LINE_CHARS).collect();
-            format!("{name}: {body}")
+            // One line per message: no body can open a section of the prompt.
+            format!("{name}: {}", super::authority::one_line(&body))
         };
         let waking = |said: &Said| waking_events.contains(&said.event_id.as_str());
         let old: Vec<&Said> = recent
@@ -307,7 +308,6 @@ pub async fn run(
         journal,
     } = turn;
     let mut messages = vec![Message::system(system), Message::user(conversation)];
-    let tools = toolbox.tools();
     let mut tokens = 0;
     // Messages that arrived while tools ran: they follow the tool results.
     let mut arrived: Vec<String> = Vec::new();
@@ -330,7 +330,8 @@ pub async fn run(
             Some(entry) => entry,
             None => {
                 let mut request = ChatRequest::new(model, messages.clone());
-                request.tools = tools.clone();
+                // Asked at every step: a message adopted mid-turn can lower the authority.
+                request.tools = toolbox.tools();
                 let response = llm.chat(request).await?;
                 let Some(reply) = response.message().cloned() else {
                     return Ok(TurnOutcome::Answer(String::new()));

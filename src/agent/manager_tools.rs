@@ -1,16 +1,19 @@
 //! The Manager's tools: the team (create, list, change, stop, start, remove, invite Workers)
 //! and the tasks (assign, list, cancel), plus the files, which the Manager may all read.
 //!
-//! Changes that take something away (stop, remove, cancel, re-role) are for admins only, checked
-//! here in code whatever the model decides. Every tool answers the model in JSON or with an
-//! `error: …` line it can relay.
+//! The tools act for the turn's requester ([`TurnAuthority`]): changes to the team (create,
+//! stop, remove, re-role Workers; cancel tasks; recurring tasks) are for all-admin turns only,
+//! and the file tools reach only what the requester could. A non-admin's turn is not offered
+//! the admin-only tools, and each is checked again here in code, whatever the model decides.
+//! Every tool answers the model in JSON or with an `error: …` line it can relay.
 
 use std::sync::Arc;
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use ruma::{OwnedRoomId, RoomId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::authority::TurnAuthority;
 use super::llm_turn::{Toolbox, parse_arguments as parse};
 use super::manager::ManagerProfile;
 use super::registry::WorkerState;
@@ -26,8 +29,8 @@ use crate::tasks::{Schedule, Task, TaskFilter};
 /// The Manager's tools for one turn.
 pub struct ManagerTools {
     services: Arc<AgentServices>,
-    /// The person whose message started the turn (invited into new Workers' rooms).
-    requester: OwnedUserId,
+    /// Everyone whose words are in the turn; the tools act with the least of their rights.
+    authority: TurnAuthority,
     /// The room the turn runs in ("invite alice here").
     room: OwnedRoomId,
     /// Depth of the wake this turn handles; what the Manager says wakes others one deeper.
@@ -38,19 +41,20 @@ pub struct ManagerTools {
 impl ManagerTools {
     pub fn new(
         services: Arc<AgentServices>,
-        requester: OwnedUserId,
+        authority: TurnAuthority,
         room: OwnedRoomId,
         depth: u32,
     ) -> Self {
         let files = Workspace::new(
             services.storage.clone(),
-            "manager",
+            super::authority::MANAGER_FOLDER,
             Role::Manager,
             Vec::new(),
-        );
+        )
+        .on_behalf_of(Arc::new(authority.clone()));
         Self {
             services,
-            requester,
+            authority,
             room,
             depth,
             files,
@@ -58,12 +62,14 @@ impl ManagerTools {
     }
 
     fn admin_only(&self, what: &str) -> Option<String> {
-        (!self.services.is_admin(&self.requester)).then(|| {
-            format!(
-                "error: only the crew's admins may {what}; {} is not one. Tell them politely.",
-                self.requester
-            )
-        })
+        self.authority.require_admin(what).err()
+    }
+
+    /// Who the turn acts for (new tasks are theirs, new Workers' rooms invite them).
+    fn requester(&self) -> Result<ruma::OwnedUserId, String> {
+        self.authority
+            .requester()
+            .ok_or_else(|| "error: nobody asked for this turn".to_owned())
     }
 }
 
@@ -190,7 +196,7 @@ impl Toolbox for ManagerTools {
         ];
         tools.push(super::files::share_tool());
         tools.extend(self.files.tools());
-        tools
+        self.authority.offered(tools)
     }
 
     async fn call(&self, name: &str, arguments: &str) -> String {
@@ -242,12 +248,17 @@ impl Toolbox for ManagerTools {
 
 impl ManagerTools {
     async fn create_worker(&self, arguments: &str) -> Result<String, String> {
+        if let Some(refusal) = self.admin_only("create Workers") {
+            return Err(refusal);
+        }
         let args: NameArgs = parse(arguments)?;
         let role = args.role.unwrap_or_default();
+        self.check_worker_cap(&args.name)?;
+        let requester = self.requester()?;
         let created = self
             .services
             .team
-            .provision(&args.name, &role, &self.requester)
+            .provision(&args.name, &role, &requester)
             .await
             .map_err(|error| {
                 tracing::warn!(%error, "create_worker failed");
@@ -384,6 +395,7 @@ impl ManagerTools {
             .joined_rooms(&services.manager)
             .await
             .map_err(|error| format!("error: {error}"))?;
+        self.authority.check_invite_room(&room, &self.room)?;
         if !joined.contains(&room) {
             return Err(format!(
                 "error: I am not in {room}, so I cannot invite anyone there. Ask the person to invite me, or to invite {} directly (it accepts invites from them).",
@@ -418,15 +430,26 @@ impl ManagerTools {
             .map(str::trim)
             .filter(|e| !e.is_empty())
         {
-            Some(cron) => Some(
-                Schedule::parse(cron, args.timezone.as_deref().unwrap_or("UTC"))
-                    .map_err(|error| format!("error: {error}"))?,
-            ),
+            Some(cron) => {
+                if let Some(refusal) = self.admin_only("set up recurring tasks") {
+                    return Err(refusal);
+                }
+                let schedule = Schedule::parse(cron, args.timezone.as_deref().unwrap_or("UTC"))
+                    .map_err(|error| format!("error: {error}"))?;
+                super::authority::check_recurrence(
+                    &schedule,
+                    &self.services.limits,
+                    crate::clock::now_ms(),
+                )
+                .map_err(|refusal| self.authority.refuse(refusal))?;
+                Some(schedule)
+            }
             None => None,
         };
+        let requester = self.requester()?;
         let task = assign_task(
             &self.services,
-            &self.requester,
+            &requester,
             &args.worker,
             &args.title,
             &args.spec,
@@ -444,6 +467,28 @@ impl ManagerTools {
                 .map_err(|error| format!("error: {error}"))?;
         }
         Ok(json!({ "task": task.id, "spec": format!("tasks/{}/spec.md", task.id), "recurring": args.every }).to_string())
+    }
+
+    /// Refuses a new Worker past `limits.max_workers` (an existing name is not a new Worker).
+    fn check_worker_cap(&self, name: &str) -> Result<(), String> {
+        let registry = &self.services.team.registry;
+        let exists = registry
+            .get(name)
+            .map_err(|error| format!("error: {error}"))?
+            .is_some();
+        let count = registry
+            .list()
+            .map_err(|error| format!("error: {error}"))?
+            .iter()
+            .filter(|worker| worker.state != WorkerState::Removed)
+            .count();
+        let max = self.services.limits.max_workers;
+        if !exists && count >= max {
+            return Err(self.authority.refuse(format!(
+                "the crew already has {count} Workers, the most the limit limits.max_workers = {max} allows; remove one or ask the operator to raise the limit"
+            )));
+        }
+        Ok(())
     }
 
     fn cancel_task(&self, arguments: &str) -> Result<String, String> {

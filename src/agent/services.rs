@@ -37,6 +37,10 @@ pub struct AgentServices {
     pub busy: Busy,
     /// The Manager's name, style and language, as the admin set them in onboarding.
     pub manager_profile: Tree<String, ManagerProfile>,
+    /// Besides the admins, who may talk to the agents (and so whose turns act for them).
+    pub allowed: crate::config::InvitePolicy,
+    /// What agents may spend, whatever a prompt says.
+    pub limits: super::authority::SpendingLimits,
 }
 
 impl AgentServices {

@@ -92,6 +92,8 @@ pub struct Crew {
     running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
     pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
+    /// Who gets `!crew` answered, and how often per room.
+    commands: crate::agent::commands::CommandGate,
     background: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 }
@@ -291,9 +293,12 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         activity: crate::agent::status::Activity::open(&store)?,
         busy: busy.clone(),
         manager_profile,
+        allowed: config.invites.clone(),
+        limits: config.limits.clone(),
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
+    let commands = crate::agent::commands::CommandGate::new(config.dispatch.agent_wakes_per_minute);
     let crew = Arc::new(Crew {
         config,
         registration,
@@ -318,6 +323,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         room_context,
         running: busy,
         turns: Default::default(),
+        commands,
         background: background.clone(),
         shutdown: shutdown.clone(),
     });
