@@ -639,3 +639,70 @@ async fn files_sent_to_the_manager_are_not_readable_by_any_worker() {
         assert_ne!(event["content"]["msgtype"], "m.file");
     }
 }
+
+/// The Manager's answer (a notice in reply) to a command event, if any yet.
+async fn answer_to(admin: &synapse::TestUser, room: &str, command: &str) -> Option<String> {
+    admin
+        .messages_from(room, "@crew:crew.test")
+        .await
+        .into_iter()
+        .find_map(|e| {
+            (e["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == command)
+                .then(|| e["content"]["body"].as_str().unwrap_or("").to_owned())
+        })
+}
+
+async fn wait_answer(admin: &synapse::TestUser, room: &str, command: &str) -> String {
+    tools::wait_for("the command's answer", WAIT, || {
+        answer_to(admin, room, command)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crew_commands_answer_only_allowed_people_about_their_room_a_few_times_a_minute() {
+    let llm = ScriptedLlm::start().await;
+    let env = crew_with(&llm, "\n[dispatch]\nagent_wakes_per_minute = 3\n").await;
+    cli(&env, &["workers", "add", "alice"]);
+    cli(&env, &["workers", "add", "bob"]);
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let carol = env.synapse.register_user("carol").await;
+    let mallory = env.synapse.register_user("mallory").await;
+    let work = admin
+        .create_room("work", &[&manager, ALICE, CAROL, &mallory.user_id])
+        .await;
+    carol.join(&work).await;
+    mallory.join(&work).await;
+    admin.wait_joined(&work, &manager).await;
+    admin.wait_joined(&work, ALICE).await;
+    let elsewhere = admin
+        .create_room("elsewhere", &[&manager, "@crew_bob:crew.test"])
+        .await;
+    admin.wait_joined(&elsewhere, "@crew_bob:crew.test").await;
+    let text = |body: &str| json!({"msgtype": "m.text", "body": body, "m.mentions": {}});
+
+    // mallory may not talk to the agents: no answer. carol sees only this room's Workers; the
+    // admin sees everyone.
+    let mallorys = mallory.send(&work, text("!crew workers")).await;
+    let carols = carol.send(&work, text("!crew workers")).await;
+    let answer = wait_answer(&admin, &work, &carols).await;
+    assert!(answer.contains("@crew_alice:crew.test"), "{answer}");
+    assert!(
+        !answer.contains("crew_bob"),
+        "another room's Worker: {answer}"
+    );
+    let admins = admin.send(&work, text("!crew workers")).await;
+    let answer = wait_answer(&admin, &work, &admins).await;
+    assert!(answer.contains("@crew_bob:crew.test"), "{answer}");
+    assert_eq!(answer_to(&admin, &work, &mallorys).await, None);
+
+    // Three commands a minute in this room: the fourth gets no answer; another room's does.
+    let third = carol.send(&work, text("!crew help")).await;
+    wait_answer(&admin, &work, &third).await;
+    let fourth = carol.send(&work, text("!crew help")).await;
+    let other = admin.send(&elsewhere, text("!crew help")).await;
+    wait_answer(&admin, &elsewhere, &other).await;
+    assert_eq!(answer_to(&admin, &work, &fourth).await, None);
+    assert_eq!(answer_to(&admin, &work, &mallorys).await, None);
+}
