@@ -387,6 +387,7 @@ async fn a_non_admin_cannot_read_or_share_another_workers_files_through_the_mana
                 json!({"path": "tasks/t-9/result.md", "upload": true}),
             ),
             ("r5", "list_files", json!({"prefix": ""})),
+            ("r6", "list_workers", json!({})),
         ]),
     );
     let env = crew_with(&llm, "").await;
@@ -422,6 +423,9 @@ async fn a_non_admin_cannot_read_or_share_another_workers_files_through_the_mana
         .find(|r| r.contains("shared/readme.md"))
         .unwrap_or_else(|| panic!("carol may list shared/: {results:?}"));
     assert!(!listing.contains("agents/alice"), "{listing}");
+    // alice is not in this room: carol's listing of the team leaves her out.
+    assert!(results.iter().any(|r| r == "[]"), "{results:?}");
+    assert!(!results.iter().any(|r| r.contains(ALICE)), "{results:?}");
     assert_nothing_leaked(&llm, &admin, &room, &manager, "ALICE-SECRET").await;
 }
 

@@ -202,26 +202,35 @@ impl Toolbox for ManagerTools {
     async fn call(&self, name: &str, arguments: &str) -> String {
         let outcome = match name {
             "create_worker" => self.create_worker(arguments).await,
-            "list_workers" => status::team_status(
-                &self.services.team.registry,
-                &self.services.tasks,
-                &self.services.activity,
-                &self.services.busy,
-            )
-            .map(|workers| json!(workers).to_string())
-            .map_err(|error| format!("error: {error}")),
+            "list_workers" => match self.view().await {
+                Ok(view) => status::team_status(
+                    &self.services.team.registry,
+                    &self.services.tasks,
+                    &self.services.activity,
+                    &self.services.busy,
+                )
+                .map(|workers| json!(view.workers(workers)).to_string())
+                .map_err(|error| format!("error: {error}")),
+                Err(error) => Err(error),
+            },
             "set_persona" => self.set_persona(arguments).await,
             "update_worker" => self.update_worker(arguments),
             "stop_worker" | "start_worker" => self.set_state(name, arguments),
             "remove_worker" => self.remove_worker(arguments).await,
             "invite_worker" => self.invite_worker(arguments).await,
             "assign_task" => self.assign_task(arguments).await,
-            "list_tasks" => self
-                .services
-                .tasks
-                .list(&TaskFilter::open())
-                .map(|tasks| json!(tasks).to_string())
-                .map_err(|error| format!("error: {error}")),
+            "list_tasks" => match self.view().await {
+                Ok(view) => self
+                    .services
+                    .tasks
+                    .list(&TaskFilter::open())
+                    .map(|tasks| {
+                        let registry = &self.services.team.registry;
+                        json!(view.tasks(tasks, |name| registry.user_id_for(name).ok())).to_string()
+                    })
+                    .map_err(|error| format!("error: {error}")),
+                Err(error) => Err(error),
+            },
             "cancel_task" => self.cancel_task(arguments),
             "share_file" => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
@@ -467,6 +476,28 @@ impl ManagerTools {
                 .map_err(|error| format!("error: {error}"))?;
         }
         Ok(json!({ "task": task.id, "spec": format!("tasks/{}/spec.md", task.id), "recurring": args.every }).to_string())
+    }
+
+    /// What the listing tools show this turn: everything to admins, else (as `!crew workers`)
+    /// only the Workers in this room and their tasks, and the requester's own tasks.
+    async fn view(&self) -> Result<super::commands::RoomView, String> {
+        let asker = self.requester()?;
+        if self.authority.is_admin() {
+            return Ok(super::commands::RoomView {
+                workers_here: None,
+                asker,
+            });
+        }
+        let members = self
+            .services
+            .client
+            .joined_members(&self.services.manager, &self.room)
+            .await
+            .map_err(|error| format!("error: cannot see who is in this room: {error}"))?;
+        Ok(super::commands::RoomView {
+            workers_here: Some(members.into_keys().collect()),
+            asker,
+        })
     }
 
     /// Refuses a new Worker past `limits.max_workers` (an existing name is not a new Worker).
