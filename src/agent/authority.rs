@@ -121,7 +121,18 @@ impl Principal {
             Principal::Admin(_) => Access::ReadWrite,
             Principal::Stranger(_) => Access::None,
             Principal::Worker { name, .. } => {
-                let task_ids = services.tasks.task_ids_of(name).unwrap_or_default();
+                // Only the task the path names matters: one lookup, not a scan of all tasks.
+                let task_ids: Vec<String> = match path.segments().collect::<Vec<_>>()[..] {
+                    [access::TASKS, task, ..] => services
+                        .tasks
+                        .get(task)
+                        .ok()
+                        .filter(|task| task.assignee == *name)
+                        .map(|task| task.id)
+                        .into_iter()
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 let scope = AgentScope {
                     name,
                     role: Role::Worker,
