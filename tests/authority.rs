@@ -395,6 +395,7 @@ async fn a_non_admin_cannot_read_or_share_another_workers_files_through_the_mana
     put_file(&env, "agents/alice/memory.md", "- ALICE-SECRET-MEMORY\n");
     put_file(&env, "tasks/t-9/result.md", "ALICE-SECRET-RESULT\n");
     put_file(&env, "shared/readme.md", "team knowledge\n");
+    put_file(&env, "agents/alice/draft.md", "ALICE-SECRET-DRAFT\n");
     let admin = env.admin().await;
     let manager = env.manager_id();
     let carol = env.synapse.register_user("carol").await;
@@ -417,6 +418,10 @@ async fn a_non_admin_cannot_read_or_share_another_workers_files_through_the_mana
         "{body}"
     );
     assert!(body.contains("`tasks/t-9/result.md`"), "{body}");
+    assert!(
+        !body.contains("draft.md"),
+        "leaving a file out of a listing is not a refusal: {body}"
+    );
     let results = tool_results(&llm);
     let listing = results
         .iter()

@@ -317,14 +317,9 @@ impl TurnAuthority {
     /// Whether the turn may do `operation` on `path` through the Manager's file tools: every
     /// principal must be allowed it. A refusal is recorded for the room.
     pub fn check_path(&self, path: &StoragePath, operation: Operation) -> Result<(), StorageError> {
-        let principals = self.state().principals.clone();
-        for principal in &principals {
-            let granted = principal.file_access(&self.services, path);
-            let allowed = match operation {
-                Operation::Read => granted.can_read(),
-                Operation::Write => granted.can_write(),
-            };
-            if !allowed {
+        match self.denied_by(path, operation) {
+            None => Ok(()),
+            Some(principal) => {
                 let error = StorageError::Forbidden {
                     agent: format!("the Manager, acting for {}", principal.user()),
                     action: match operation {
@@ -343,10 +338,21 @@ impl TurnAuthority {
                     },
                 };
                 self.refuse(error.to_string());
-                return Err(error);
+                Err(error)
             }
         }
-        Ok(())
+    }
+
+    /// The first principal of the turn who may not do `operation` on `path`, if any.
+    fn denied_by(&self, path: &StoragePath, operation: Operation) -> Option<Principal> {
+        let principals = self.state().principals.clone();
+        principals.into_iter().find(|principal| {
+            let granted = principal.file_access(&self.services, path);
+            !match operation {
+                Operation::Read => granted.can_read(),
+                Operation::Write => granted.can_write(),
+            }
+        })
     }
 
     /// Whether the turn may invite a Worker into `room` when the turn runs in `here`: admins
@@ -368,6 +374,10 @@ impl TurnAuthority {
 impl super::workspace::PathGuard for TurnAuthority {
     fn check(&self, path: &StoragePath, operation: Operation) -> Result<(), StorageError> {
         self.check_path(path, operation)
+    }
+
+    fn may_list(&self, path: &StoragePath) -> bool {
+        self.denied_by(path, Operation::Read).is_none()
     }
 }
 

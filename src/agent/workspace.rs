@@ -35,7 +35,10 @@ pub const ANSWER_PREVIEW_CHARS: usize = 1_500;
 /// A further check on every path a workspace's tools touch: the Manager's tools act on behalf
 /// of whoever asked ([`crate::agent::authority::TurnAuthority`]), not with the Manager's reach.
 pub trait PathGuard: Send + Sync {
+    /// May the tools do `operation` on `path`? A refusal is the tool's answer.
     fn check(&self, path: &StoragePath, operation: Operation) -> Result<(), StorageError>;
+    /// Whether a listing may show `path` (quietly: leaving a file out is not a refusal).
+    fn may_list(&self, path: &StoragePath) -> bool;
 }
 
 /// One agent's view of storage.
@@ -152,8 +155,7 @@ impl Workspace {
         let mut listed = access::readable(self.scope(), self.storage.list(&prefix).await?);
         if let Some(guard) = &self.on_behalf {
             listed.retain(|meta| {
-                StoragePath::parse(&meta.path)
-                    .is_ok_and(|path| guard.check(&path, Operation::Read).is_ok())
+                StoragePath::parse(&meta.path).is_ok_and(|path| guard.may_list(&path))
             });
         }
         if listed.is_empty() {
