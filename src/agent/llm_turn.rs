@@ -136,6 +136,9 @@ pub struct TurnContext {
     pub recent: Vec<String>,
     /// Said in the room since the agent's last turn, that did not wake it.
     pub said_since: Vec<String>,
+    /// The note standing in for earlier lines the turn may not see (an admin's turn does not
+    /// show less trusted text; see `authority`).
+    pub left_out: Option<String>,
     /// Who wrote the waking message.
     pub from: String,
     /// The waking message (with notes about files it carried).
@@ -216,6 +219,7 @@ impl TurnContext {
                 .map(|said| line(said))
                 .collect(),
             said_since,
+            left_out: None,
             from,
             body,
             more: Vec::new(),
@@ -244,6 +248,10 @@ pub fn conversation(context: &TurnContext) -> String {
         "Said in this room since your last turn:",
         &context.said_since,
     );
+    if let Some(note) = &context.left_out {
+        conversation.push_str(note);
+        conversation.push_str("\n\n");
+    }
     conversation.push_str(&format!(
         "Message for you from {}:\n{}",
         context.from, context.body

@@ -209,7 +209,20 @@ impl Toolbox for ManagerTools {
                     &self.services.activity,
                     &self.services.busy,
                 )
-                .map(|workers| json!(view.workers(workers)).to_string())
+                .map(|workers| {
+                    let workers = view.workers(workers);
+                    // Their open tasks' titles are their requesters' words.
+                    let open = self
+                        .services
+                        .tasks
+                        .list(&TaskFilter::open())
+                        .unwrap_or_default();
+                    self.authority.admit_tasks(
+                        open.iter()
+                            .filter(|task| workers.iter().any(|w| w.name == task.assignee)),
+                    );
+                    json!(workers).to_string()
+                })
                 .map_err(|error| format!("error: {error}")),
                 Err(error) => Err(error),
             },
@@ -226,7 +239,9 @@ impl Toolbox for ManagerTools {
                     .list(&TaskFilter::open())
                     .map(|tasks| {
                         let registry = &self.services.team.registry;
-                        json!(view.tasks(tasks, |name| registry.user_id_for(name).ok())).to_string()
+                        let tasks = view.tasks(tasks, |name| registry.user_id_for(name).ok());
+                        self.authority.admit_tasks(&tasks);
+                        json!(tasks).to_string()
                     })
                     .map_err(|error| format!("error: {error}")),
                 Err(error) => Err(error),
@@ -246,7 +261,16 @@ impl Toolbox for ManagerTools {
             other => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 match self.files.call(other, &arguments).await {
-                    Some(answer) => Ok(answer),
+                    Some(answer) => {
+                        // What the file says is its authors' text: the turn's authority
+                        // goes down to theirs from the next call on.
+                        let path = ["path", "prefix"]
+                            .iter()
+                            .find_map(|key| arguments.get(key).and_then(Value::as_str))
+                            .unwrap_or("");
+                        self.authority.admit_file_answer(other, path, &answer);
+                        Ok(answer)
+                    }
                     None => Err(format!("error: there is no tool named {other}")),
                 }
             }

@@ -228,8 +228,16 @@ async fn answer_with_llm(
         crew.agents.clone(),
         senders.iter().map(|(id, _)| id.as_ref()),
     );
-    let (missed, recent) = take_said_since(crew, agent, room);
+    let (mut missed, mut recent) = take_said_since(crew, agent, room);
     let waking: Vec<&str> = group.iter().map(|wake| event_id(&wake.event)).collect();
+    // The room's earlier lines carry their authors' authority: screened before the prompt.
+    let left_out = authority.screen_context(
+        agent,
+        &kept_log(crew, room),
+        &waking,
+        &mut missed,
+        &mut recent,
+    );
     let (mut context, _) = TurnContext::assemble(
         agent,
         &missed,
@@ -242,6 +250,7 @@ async fn answer_with_llm(
         authority::speaker(&sender_name, &sender, true),
         authority::quoted_block(&crate::dispatch::text::strip_quotes(body_of(&first.event))),
     );
+    context.left_out = left_out;
     // Files a person sends are saved before anything else.
     let workspace = incoming_workspace(crew, agent);
     for (index, wake) in group.iter().enumerate() {
@@ -354,6 +363,16 @@ fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<S
         .recent(room, TurnContext::recent_window(&missed));
     crew.persist_context(room, &state.dispatcher);
     (missed, recent)
+}
+
+/// Everything the dispatcher still keeps of `room`'s conversation (whose authors decide how
+/// far the agents' own replies in it are trusted).
+fn kept_log(crew: &Crew, room: &RoomId) -> Vec<Said> {
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    state.dispatcher.context.recent(room, usize::MAX)
 }
 
 /// What a running turn knows about the queue: the wakes it has taken (its own and those it
