@@ -62,6 +62,9 @@ pub struct Config {
     pub storage: crate::storage::StorageConfig,
     #[serde(default)]
     pub tasks: crate::tasks::TaskConfig,
+    /// Spending caps a prompt cannot talk around (Workers, recurring tasks).
+    #[serde(default)]
+    pub limits: crate::agent::authority::SpendingLimits,
     #[serde(default)]
     pub sandbox: crate::sandbox::SandboxConfig,
     #[serde(default)]

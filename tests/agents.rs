@@ -1025,7 +1025,12 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
     );
     script_the_manager(&llm);
     llm.set_default(Reply::text("checking"));
-    let env = crew_with_llm_and(&llm, "\n[tasks]\nheartbeat_minutes = 1\n").await;
+    // A minutely task is below the default minimum period (limits.min_recurring_minutes).
+    let env = crew_with_llm_and(
+        &llm,
+        "\n[tasks]\nheartbeat_minutes = 1\n\n[limits]\nmin_recurring_minutes = 1\n",
+    )
+    .await;
     let admin = env.admin().await;
     let manager = env.manager_id();
     let hq = admin.create_room("hq", &[&manager]).await;

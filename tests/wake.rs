@@ -349,7 +349,13 @@ async fn command_answer(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crew_commands_work_without_an_llm_and_changes_are_for_admins() {
-    let env = CrewEnv::start().await;
+    // bob2 may talk to the agents (only such people get answers), but is not an admin.
+    let env = CrewEnv::start_with(|config| {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str("\n[invites]\nallow_users = [\"@bob2:crew.test\"]\n");
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
     let (admin, room) = team_room(&env).await;
     let manager = env.manager_id();
     let bob = env.synapse.register_user("bob2").await;

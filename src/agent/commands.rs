@@ -1,8 +1,106 @@
 //! `!crew` commands: deterministic, answered by the Manager without an LLM, so they work when
-//! the provider is down or not configured. Commands that change anything are for admins only.
+//! the provider is down or not configured. Commands that change anything are for admins only;
+//! only people allowed to talk to the agents get an answer at all ([`CommandGate`]), at most so
+//! many per room and minute; the read-only ones show someone who is not an admin only the
+//! Workers in the room they ask in and the tasks of those Workers or asked for by them
+//! ([`RoomView`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use crate::agent::registry::{Registry, WorkerState};
+use crate::agent::status::WorkerStatus;
 use crate::tasks::Task;
+
+/// Who gets an answer to `!crew`, and how often per room.
+pub struct CommandGate {
+    per_minute: usize,
+    rooms: Mutex<HashMap<OwnedRoomId, VecDeque<u64>>>,
+}
+
+/// Why a command gets no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The sender may not talk to the agents.
+    NotAllowed,
+    /// The room had its fill of commands in the last minute.
+    RateLimited,
+}
+
+impl CommandGate {
+    /// At most `per_minute` commands answered per room in any minute (at least one), like
+    /// wakes (`dispatch.agent_wakes_per_minute`).
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute: (per_minute as usize).max(1),
+            rooms: Mutex::default(),
+        }
+    }
+
+    /// Whether to answer a command in `room` from a sender who `may_talk` to the agents; an
+    /// answered command counts against the room's minute.
+    pub fn admit(&self, room: &RoomId, may_talk: bool, now_ms: u64) -> Result<(), Unanswered> {
+        if !may_talk {
+            return Err(Unanswered::NotAllowed);
+        }
+        let mut rooms = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let times = rooms.entry(room.to_owned()).or_default();
+        while times.front().is_some_and(|&at| at + 60_000 <= now_ms) {
+            times.pop_front();
+        }
+        if times.len() >= self.per_minute {
+            return Err(Unanswered::RateLimited);
+        }
+        times.push_back(now_ms);
+        Ok(())
+    }
+}
+
+/// What a read-only command shows: everything to an admin; to anyone else only the Workers
+/// joined to the room they ask in, and the tasks of those Workers or that they asked for.
+pub struct RoomView {
+    /// `None` for an admin (no filter).
+    pub workers_here: Option<Vec<OwnedUserId>>,
+    pub asker: OwnedUserId,
+}
+
+impl RoomView {
+    pub fn shows_worker(&self, worker: &UserId) -> bool {
+        self.workers_here
+            .as_ref()
+            .is_none_or(|here| here.iter().any(|id| id == worker))
+    }
+
+    pub fn workers(&self, statuses: Vec<WorkerStatus>) -> Vec<WorkerStatus> {
+        statuses
+            .into_iter()
+            .filter(|status| self.shows_worker(&status.user_id))
+            .collect()
+    }
+
+    /// `user_id_of` maps a Worker's name to its user id.
+    pub fn tasks(
+        &self,
+        tasks: Vec<Task>,
+        user_id_of: impl Fn(&str) -> Option<OwnedUserId>,
+    ) -> Vec<Task> {
+        if self.workers_here.is_none() {
+            return tasks;
+        }
+        tasks
+            .into_iter()
+            .filter(|task| {
+                task.requester == self.asker
+                    || user_id_of(&task.assignee).is_some_and(|id| self.shows_worker(&id))
+            })
+            .collect()
+    }
+}
 
 /// One parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +236,19 @@ pub fn set_state(registry: &Registry, name: &str, state: WorkerState) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gate_answers_allowed_people_a_few_times_a_minute_per_room() {
+        let gate = CommandGate::new(2);
+        let room = RoomId::parse("!a:x").unwrap();
+        let other = RoomId::parse("!b:x").unwrap();
+        assert_eq!(gate.admit(&room, false, 0), Err(Unanswered::NotAllowed));
+        assert_eq!(gate.admit(&room, true, 0), Ok(()));
+        assert_eq!(gate.admit(&room, true, 1_000), Ok(()));
+        assert_eq!(gate.admit(&room, true, 2_000), Err(Unanswered::RateLimited));
+        assert_eq!(gate.admit(&other, true, 2_000), Ok(()));
+        assert_eq!(gate.admit(&room, true, 60_000), Ok(()));
+    }
 
     #[test]
     fn commands_parse_and_near_misses_do_not() {

@@ -146,6 +146,9 @@ pub struct TurnContext {
     pub recent: Vec<String>,
     /// Said in the room since the agent's last turn, that did not wake it.
     pub said_since: Vec<String>,
+    /// The note standing in for earlier lines the turn may not see (an admin's turn does not
+    /// show less trusted text; see `authority`).
+    pub left_out: Option<String>,
     /// Who wrote the waking message.
     pub from: String,
     /// The waking message (with notes about files it carried).
@@ -196,7 +199,8 @@ impl TurnContext {
                 name_of(&said.sender)
             };
             let body: String = said.body.chars().take(LINE_CHARS).collect();
-            format!("{name}: {body}")
+            // One line per message: no body can open a section of the prompt.
+            format!("{name}: {}", super::authority::one_line(&body))
         };
         let waking = |said: &Said| waking_events.contains(&said.event_id.as_str());
         let old: Vec<&Said> = recent
@@ -225,6 +229,7 @@ impl TurnContext {
                 .map(|said| line(said))
                 .collect(),
             said_since,
+            left_out: None,
             from,
             body,
             more: Vec::new(),
@@ -253,6 +258,10 @@ pub fn conversation(context: &TurnContext) -> String {
         "Said in this room since your last turn:",
         &context.said_since,
     );
+    if let Some(note) = &context.left_out {
+        conversation.push_str(note);
+        conversation.push_str("\n\n");
+    }
     conversation.push_str(&format!(
         "Message for you from {}:\n{}",
         context.from, context.body
@@ -317,7 +326,6 @@ pub async fn run(
         journal,
     } = turn;
     let mut messages = vec![Message::system(system), Message::user(conversation)];
-    let tools = toolbox.tools();
     let mut tokens = 0;
     // Messages that arrived while tools ran: they follow the tool results.
     let mut arrived: Vec<String> = Vec::new();
@@ -340,7 +348,8 @@ pub async fn run(
             Some(entry) => entry,
             None => {
                 let mut request = ChatRequest::new(model, messages.clone());
-                request.tools = tools.clone();
+                // Asked at every step: a message adopted mid-turn can lower the authority.
+                request.tools = toolbox.tools();
                 let response = llm.chat(request).await?;
                 let Some(reply) = response.message().cloned() else {
                     return Ok(TurnOutcome::Answer(String::new()));

@@ -1,16 +1,19 @@
 //! The Manager's tools: the team (create, list, change, stop, start, remove, invite Workers)
 //! and the tasks (assign, list, cancel), plus the files, which the Manager may all read.
 //!
-//! Changes that take something away (stop, remove, cancel, re-role) are for admins only, checked
-//! here in code whatever the model decides. Every tool answers the model in JSON or with an
-//! `error: …` line it can relay.
+//! The tools act for the turn's requester ([`TurnAuthority`]): changes to the team (create,
+//! stop, remove, re-role Workers; cancel tasks; recurring tasks) are for all-admin turns only,
+//! and the file tools reach only what the requester could. A non-admin's turn is not offered
+//! the admin-only tools, and each is checked again here in code, whatever the model decides.
+//! Every tool answers the model in JSON or with an `error: …` line it can relay.
 
 use std::sync::Arc;
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use ruma::{OwnedRoomId, RoomId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::authority::TurnAuthority;
 use super::llm_turn::{Toolbox, parse_arguments as parse};
 use super::manager::ManagerProfile;
 use super::registry::WorkerState;
@@ -26,8 +29,8 @@ use crate::tasks::{Schedule, Task, TaskFilter};
 /// The Manager's tools for one turn.
 pub struct ManagerTools {
     services: Arc<AgentServices>,
-    /// The person whose message started the turn (invited into new Workers' rooms).
-    requester: OwnedUserId,
+    /// Everyone whose words are in the turn; the tools act with the least of their rights.
+    authority: TurnAuthority,
     /// The room the turn runs in ("invite alice here").
     room: OwnedRoomId,
     /// Depth of the wake this turn handles; what the Manager says wakes others one deeper.
@@ -38,19 +41,20 @@ pub struct ManagerTools {
 impl ManagerTools {
     pub fn new(
         services: Arc<AgentServices>,
-        requester: OwnedUserId,
+        authority: TurnAuthority,
         room: OwnedRoomId,
         depth: u32,
     ) -> Self {
         let files = Workspace::new(
             services.storage.clone(),
-            "manager",
+            super::authority::MANAGER_FOLDER,
             Role::Manager,
             Vec::new(),
-        );
+        )
+        .on_behalf_of(Arc::new(authority.clone()));
         Self {
             services,
-            requester,
+            authority,
             room,
             depth,
             files,
@@ -58,12 +62,14 @@ impl ManagerTools {
     }
 
     fn admin_only(&self, what: &str) -> Option<String> {
-        (!self.services.is_admin(&self.requester)).then(|| {
-            format!(
-                "error: only the crew's admins may {what}; {} is not one. Tell them politely.",
-                self.requester
-            )
-        })
+        self.authority.require_admin(what).err()
+    }
+
+    /// Who the turn acts for (new tasks are theirs, new Workers' rooms invite them).
+    fn requester(&self) -> Result<ruma::OwnedUserId, String> {
+        self.authority
+            .requester()
+            .ok_or_else(|| "error: nobody asked for this turn".to_owned())
     }
 }
 
@@ -195,32 +201,56 @@ impl Toolbox for ManagerTools {
         ];
         tools.push(super::files::share_tool());
         tools.extend(self.files.tools());
-        tools
+        self.authority.offered(tools)
     }
 
     async fn call(&self, name: &str, arguments: &str) -> String {
         let outcome = match name {
             "create_worker" => self.create_worker(arguments).await,
-            "list_workers" => status::team_status(
-                &self.services.team.registry,
-                &self.services.tasks,
-                &self.services.activity,
-                &self.services.busy,
-            )
-            .map(|workers| json!(workers).to_string())
-            .map_err(|error| format!("error: {error}")),
+            "list_workers" => match self.view().await {
+                Ok(view) => status::team_status(
+                    &self.services.team.registry,
+                    &self.services.tasks,
+                    &self.services.activity,
+                    &self.services.busy,
+                )
+                .map(|workers| {
+                    let workers = view.workers(workers);
+                    // Their open tasks' titles are their requesters' words.
+                    let open = self
+                        .services
+                        .tasks
+                        .list(&TaskFilter::open())
+                        .unwrap_or_default();
+                    self.authority.admit_tasks(
+                        open.iter()
+                            .filter(|task| workers.iter().any(|w| w.name == task.assignee)),
+                    );
+                    json!(workers).to_string()
+                })
+                .map_err(|error| format!("error: {error}")),
+                Err(error) => Err(error),
+            },
             "set_persona" => self.set_persona(arguments).await,
             "update_worker" => self.update_worker(arguments),
             "stop_worker" | "start_worker" => self.set_state(name, arguments),
             "remove_worker" => self.remove_worker(arguments).await,
             "invite_worker" => self.invite_worker(arguments).await,
             "assign_task" => self.assign_task(arguments).await,
-            "list_tasks" => self
-                .services
-                .tasks
-                .list(&TaskFilter::open())
-                .map(|tasks| json!(tasks).to_string())
-                .map_err(|error| format!("error: {error}")),
+            "list_tasks" => match self.view().await {
+                Ok(view) => self
+                    .services
+                    .tasks
+                    .list(&TaskFilter::open())
+                    .map(|tasks| {
+                        let registry = &self.services.team.registry;
+                        let tasks = view.tasks(tasks, |name| registry.user_id_for(name).ok());
+                        self.authority.admit_tasks(&tasks);
+                        json!(tasks).to_string()
+                    })
+                    .map_err(|error| format!("error: {error}")),
+                Err(error) => Err(error),
+            },
             "cancel_task" => self.cancel_task(arguments),
             "share_file" => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
@@ -236,7 +266,16 @@ impl Toolbox for ManagerTools {
             other => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 match self.files.call(other, &arguments).await {
-                    Some(answer) => Ok(answer),
+                    Some(answer) => {
+                        // What the file says is its authors' text: the turn's authority
+                        // goes down to theirs from the next call on.
+                        let path = ["path", "prefix"]
+                            .iter()
+                            .find_map(|key| arguments.get(key).and_then(Value::as_str))
+                            .unwrap_or("");
+                        self.authority.admit_file_answer(other, path, &answer);
+                        Ok(answer)
+                    }
                     None => Err(format!("error: there is no tool named {other}")),
                 }
             }
@@ -247,6 +286,9 @@ impl Toolbox for ManagerTools {
 
 impl ManagerTools {
     async fn create_worker(&self, arguments: &str) -> Result<String, String> {
+        if let Some(refusal) = self.admin_only("create Workers") {
+            return Err(refusal);
+        }
         let args: NameArgs = parse(arguments)?;
         if args.routes.is_some()
             && let Some(refusal) = self.admin_only("choose which APIs a Worker may call")
@@ -254,10 +296,12 @@ impl ManagerTools {
             return Err(refusal);
         }
         let role = args.role.unwrap_or_default();
+        self.check_worker_cap(&args.name)?;
+        let requester = self.requester()?;
         let created = self
             .services
             .team
-            .provision(&args.name, &role, &self.requester)
+            .provision(&args.name, &role, &requester)
             .await
             .map_err(|error| {
                 tracing::warn!(%error, "create_worker failed");
@@ -401,6 +445,7 @@ impl ManagerTools {
             .joined_rooms(&services.manager)
             .await
             .map_err(|error| format!("error: {error}"))?;
+        self.authority.check_invite_room(&room, &self.room)?;
         if !joined.contains(&room) {
             return Err(format!(
                 "error: I am not in {room}, so I cannot invite anyone there. Ask the person to invite me, or to invite {} directly (it accepts invites from them).",
@@ -435,15 +480,26 @@ impl ManagerTools {
             .map(str::trim)
             .filter(|e| !e.is_empty())
         {
-            Some(cron) => Some(
-                Schedule::parse(cron, args.timezone.as_deref().unwrap_or("UTC"))
-                    .map_err(|error| format!("error: {error}"))?,
-            ),
+            Some(cron) => {
+                if let Some(refusal) = self.admin_only("set up recurring tasks") {
+                    return Err(refusal);
+                }
+                let schedule = Schedule::parse(cron, args.timezone.as_deref().unwrap_or("UTC"))
+                    .map_err(|error| format!("error: {error}"))?;
+                super::authority::check_recurrence(
+                    &schedule,
+                    &self.services.limits,
+                    crate::clock::now_ms(),
+                )
+                .map_err(|refusal| self.authority.refuse(refusal))?;
+                Some(schedule)
+            }
             None => None,
         };
+        let requester = self.requester()?;
         let task = assign_task(
             &self.services,
-            &self.requester,
+            &requester,
             &args.worker,
             &args.title,
             &args.spec,
@@ -461,6 +517,50 @@ impl ManagerTools {
                 .map_err(|error| format!("error: {error}"))?;
         }
         Ok(json!({ "task": task.id, "spec": format!("tasks/{}/spec.md", task.id), "recurring": args.every }).to_string())
+    }
+
+    /// What the listing tools show this turn: everything to admins, else (as `!crew workers`)
+    /// only the Workers in this room and their tasks, and the requester's own tasks.
+    async fn view(&self) -> Result<super::commands::RoomView, String> {
+        let asker = self.requester()?;
+        if self.authority.is_admin() {
+            return Ok(super::commands::RoomView {
+                workers_here: None,
+                asker,
+            });
+        }
+        let members = self
+            .services
+            .client
+            .joined_members(&self.services.manager, &self.room)
+            .await
+            .map_err(|error| format!("error: cannot see who is in this room: {error}"))?;
+        Ok(super::commands::RoomView {
+            workers_here: Some(members.into_keys().collect()),
+            asker,
+        })
+    }
+
+    /// Refuses a new Worker past `limits.max_workers` (an existing name is not a new Worker).
+    fn check_worker_cap(&self, name: &str) -> Result<(), String> {
+        let registry = &self.services.team.registry;
+        let exists = registry
+            .get(name)
+            .map_err(|error| format!("error: {error}"))?
+            .is_some();
+        let count = registry
+            .list()
+            .map_err(|error| format!("error: {error}"))?
+            .iter()
+            .filter(|worker| worker.state != WorkerState::Removed)
+            .count();
+        let max = self.services.limits.max_workers;
+        if !exists && count >= max {
+            return Err(self.authority.refuse(format!(
+                "the crew already has {count} Workers, the most the limit limits.max_workers = {max} allows; remove one or ask the operator to raise the limit"
+            )));
+        }
+        Ok(())
     }
 
     fn cancel_task(&self, arguments: &str) -> Result<String, String> {

@@ -5,6 +5,7 @@
 //! [`services::AgentServices`] the server hands them; [`workspace`] is an agent's files under
 //! the access rules.
 
+pub mod authority;
 pub mod commands;
 pub mod files;
 pub mod journal;

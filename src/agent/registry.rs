@@ -54,6 +54,11 @@ pub enum RegistryError {
     InvalidName(String),
     #[error("there is no worker named `{0}`")]
     Unknown(String),
+    /// The name is one of [`crate::storage::access::RESERVED_AGENT_NAMES`].
+    #[error(
+        "`{0}` is a reserved name (it is the Manager's own folder or one of ours); choose another worker name"
+    )]
+    Reserved(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -110,6 +115,9 @@ impl Registry {
         now_ms: u64,
     ) -> Result<(Worker, bool), RegistryError> {
         let name = Self::normalise_name(name)?;
+        if crate::storage::access::RESERVED_AGENT_NAMES.contains(&name.as_str()) {
+            return Err(RegistryError::Reserved(name));
+        }
         let user_id = self.user_id_for(&name)?;
         let worker = Worker {
             display_name: capitalise(&name),

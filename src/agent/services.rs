@@ -43,6 +43,10 @@ pub struct AgentServices {
     pub llm_route: String,
     /// Workers' Docker sandboxes (`run_command`).
     pub sandboxes: Arc<crate::sandbox::Sandboxes>,
+    /// Besides the admins, who may talk to the agents (and so whose turns act for them).
+    pub allowed: crate::config::InvitePolicy,
+    /// What agents may spend, whatever a prompt says.
+    pub limits: super::authority::SpendingLimits,
 }
 
 impl AgentServices {

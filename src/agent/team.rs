@@ -225,9 +225,9 @@ async fn create(
     };
     match created {
         Ok(created) => axum::Json(created).into_response(),
-        Err(TeamError::Registry(error @ RegistryError::InvalidName(_))) => {
-            crate::admin::error_response(StatusCode::BAD_REQUEST, error.to_string())
-        }
+        Err(TeamError::Registry(
+            error @ (RegistryError::InvalidName(_) | RegistryError::Reserved(_)),
+        )) => crate::admin::error_response(StatusCode::BAD_REQUEST, error.to_string()),
         Err(error) => crate::admin::error_response(StatusCode::BAD_GATEWAY, error.to_string()),
     }
 }

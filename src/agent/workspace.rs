@@ -10,6 +10,7 @@ use futures::StreamExt;
 use ruma::UserId;
 use serde_json::Value;
 
+use crate::agent::authority::{MANAGER_FOLDER, sender_folder};
 use crate::llm::Tool;
 use crate::matrix::MatrixClient;
 use crate::storage::access::{self, AgentScope, Operation, Role};
@@ -31,6 +32,15 @@ pub const LONG_ANSWER_CHARS: usize = 12_000;
 /// How much of a long answer is shown in the room.
 pub const ANSWER_PREVIEW_CHARS: usize = 1_500;
 
+/// A further check on every path a workspace's tools touch: the Manager's tools act on behalf
+/// of whoever asked ([`crate::agent::authority::TurnAuthority`]), not with the Manager's reach.
+pub trait PathGuard: Send + Sync {
+    /// May the tools do `operation` on `path`? A refusal is the tool's answer.
+    fn check(&self, path: &StoragePath, operation: Operation) -> Result<(), StorageError>;
+    /// Whether a listing may show `path` (quietly: leaving a file out is not a refusal).
+    fn may_list(&self, path: &StoragePath) -> bool;
+}
+
 /// One agent's view of storage.
 pub struct Workspace {
     storage: Storage,
@@ -39,6 +49,8 @@ pub struct Workspace {
     role: Role,
     /// Tasks assigned to the agent, which open their folders to it.
     task_ids: Vec<String>,
+    /// Who the tools act for, when not for the agent itself.
+    on_behalf: Option<std::sync::Arc<dyn PathGuard>>,
 }
 
 impl Workspace {
@@ -48,6 +60,22 @@ impl Workspace {
             name: name.to_owned(),
             role,
             task_ids,
+            on_behalf: None,
+        }
+    }
+
+    /// The same workspace, every path also checked by `guard` (the requester's rights).
+    pub fn on_behalf_of(mut self, guard: std::sync::Arc<dyn PathGuard>) -> Self {
+        self.on_behalf = Some(guard);
+        self
+    }
+
+    /// The access rules, then the requester's rights.
+    fn permit(&self, path: &StoragePath, operation: Operation) -> Result<(), StorageError> {
+        access::check(self.scope(), path, operation)?;
+        match &self.on_behalf {
+            Some(guard) => guard.check(path, operation),
+            None => Ok(()),
         }
     }
 
@@ -118,13 +146,18 @@ impl Workspace {
     /// `path` as a storage path this agent may read, or why not.
     pub fn readable_path(&self, path: &str) -> Result<StoragePath, StorageError> {
         let path = StoragePath::parse(path.trim_start_matches('/'))?;
-        access::check(self.scope(), &path, Operation::Read)?;
+        self.permit(&path, Operation::Read)?;
         Ok(path)
     }
 
     async fn list(&self, prefix: &str) -> Result<String, StorageError> {
         let prefix = StoragePrefix::parse(prefix.trim_start_matches('/'))?;
-        let listed = access::readable(self.scope(), self.storage.list(&prefix).await?);
+        let mut listed = access::readable(self.scope(), self.storage.list(&prefix).await?);
+        if let Some(guard) = &self.on_behalf {
+            listed.retain(|meta| {
+                StoragePath::parse(&meta.path).is_ok_and(|path| guard.may_list(&path))
+            });
+        }
         if listed.is_empty() {
             return Ok(format!("no files you may read under `{}`", prefix.as_str()));
         }
@@ -164,7 +197,7 @@ impl Workspace {
 
     async fn write(&self, path: &str, content: &str) -> Result<String, StorageError> {
         let path = StoragePath::parse(path.trim_start_matches('/'))?;
-        access::check(self.scope(), &path, Operation::Write)?;
+        self.permit(&path, Operation::Write)?;
         if content.len() > WRITE_LIMIT_BYTES {
             return Err(StorageError::TooLarge {
                 path: path.to_string(),
@@ -276,8 +309,8 @@ impl Workspace {
         }
     }
 
-    /// Keeps a long answer as `answers/<id>.md` in the agent's folder (`shared/answers/` for
-    /// the Manager) and returns its path.
+    /// Keeps a long answer as `answers/<id>.md` in the agent's folder (`agents/manager/` for
+    /// the Manager: no Worker reads it) and returns its path.
     pub async fn keep_answer(
         &self,
         event_id: &str,
@@ -286,7 +319,7 @@ impl Workspace {
         let relative = format!("answers/{}.md", short_id(event_id));
         let path = match self.role {
             Role::Worker => access::agent_path(&self.name, &relative)?,
-            Role::Manager => access::shared_path(&relative)?,
+            Role::Manager => access::agent_path(MANAGER_FOLDER, &relative)?,
         };
         self.storage
             .put_bytes(&path, text.as_bytes().to_vec())
@@ -295,8 +328,10 @@ impl Workspace {
     }
 
     /// Saves a file a person sent (an `m.file`, `m.image`, `m.audio` or `m.video` event) into
-    /// the agent's inbox folder (`agents/<name>/inbox/` for a Worker, `shared/inbox/` for the
-    /// Manager, who hands files on) and returns a line for the agent's context naming its path.
+    /// the agent's inbox folder (`agents/<name>/inbox/` for a Worker,
+    /// `agents/manager/inbox/<sender>/` for the Manager: no Worker reads it, and a person's turn
+    /// reads only what that person sent) and returns a line for the agent's context naming its
+    /// path.
     pub async fn save_incoming(
         &self,
         client: &MatrixClient,
@@ -323,7 +358,17 @@ impl Workspace {
         let relative = format!("inbox/{}-{}", short_id(event_id), safe_file_name(file_name));
         let path = match self.role {
             Role::Worker => access::agent_path(&self.name, &relative),
-            Role::Manager => access::shared_path(&relative),
+            Role::Manager => match UserId::parse(sender) {
+                Ok(sender) => access::agent_path(
+                    MANAGER_FOLDER,
+                    &format!(
+                        "inbox/{}/{}",
+                        sender_folder(&sender),
+                        &relative["inbox/".len()..]
+                    ),
+                ),
+                Err(_) => access::agent_path(MANAGER_FOLDER, &relative),
+            },
         };
         let saved = async {
             let path = path.map_err(|error| error.to_string())?;

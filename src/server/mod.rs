@@ -92,6 +92,8 @@ pub struct Crew {
     running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
     pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
+    /// Who gets `!crew` answered, and how often per room.
+    commands: crate::agent::commands::CommandGate,
     background: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 }
@@ -297,9 +299,12 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         gateway: gateway.clone(),
         llm_route: config.llm.route.clone(),
         sandboxes: sandboxes.clone(),
+        allowed: config.invites.clone(),
+        limits: config.limits.clone(),
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
+    let commands = crate::agent::commands::CommandGate::new(config.dispatch.agent_wakes_per_minute);
     let crew = Arc::new(Crew {
         config,
         registration,
@@ -324,6 +329,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         room_context,
         running: busy,
         turns: Default::default(),
+        commands,
         background: background.clone(),
         shutdown: shutdown.clone(),
     });

@@ -83,7 +83,11 @@ async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
         post_signal(crew, &room, event, &decision, signal).await;
     }
     if let Some(command) = command_for_manager(crew, &room, &sender, event) {
-        answer_command(crew, &room, &sender, event, command).await;
+        let may_talk = crew.config.invites.allows(&sender, &crew.config.admins);
+        match crew.commands.admit(&room, may_talk, now_ms()) {
+            Ok(()) => answer_command(crew, &room, &sender, event, command).await,
+            Err(why) => tracing::info!(?why, %room, %sender, "a !crew command left unanswered"),
+        }
         return Vec::new();
     }
     let queued_ms = now_ms();
@@ -361,11 +365,17 @@ async fn answer_command(
                 &crew.agents.activity,
                 &crew.agents.busy,
             ) {
-                Ok(statuses) => crate::agent::status::render(&statuses, now_ms()),
+                Ok(statuses) => crate::agent::status::render(
+                    &room_view(crew, room, sender).workers(statuses),
+                    now_ms(),
+                ),
                 Err(error) => format!("I cannot read the roster: {error}"),
             },
             Command::Tasks => match crew.tasks.list(&crate::tasks::TaskFilter::open()) {
-                Ok(tasks) => commands::list_tasks(&tasks),
+                Ok(tasks) => commands::list_tasks(
+                    &room_view(crew, room, sender)
+                        .tasks(tasks, |name| crew.team.registry.user_id_for(name).ok()),
+                ),
                 Err(error) => format!("I cannot read the tasks: {error}"),
             },
             Command::Cancel(task) => match crew.tasks.cancel(&task, now_ms()) {
@@ -400,6 +410,32 @@ async fn answer_command(
         .await
     {
         super::log_matrix_error("cannot answer a command", &error);
+    }
+}
+
+/// What read-only commands show `sender` in `room`: everything to an admin, else only this
+/// room's Workers and their (or the sender's) tasks.
+fn room_view(crew: &Crew, room: &RoomId, sender: &UserId) -> commands::RoomView {
+    let workers_here = (!crew.is_admin(sender)).then(|| {
+        let state = crew
+            .dispatcher
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state
+            .dispatcher
+            .rooms
+            .get(room)
+            .map(|room| {
+                room.joined_members()
+                    .filter(|member| crew.is_ours(member))
+                    .map(|member| member.to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    commands::RoomView {
+        workers_here,
+        asker: sender.to_owned(),
     }
 }
 

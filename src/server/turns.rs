@@ -14,6 +14,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
 use super::Crew;
+use crate::agent::authority::{self, TurnAuthority};
 use crate::agent::llm_turn::{
     self, Between, Supervisor, Toolbox, TurnContext, TurnLimits, TurnOutcome,
 };
@@ -222,17 +223,34 @@ async fn answer_with_llm(
         }
     }
     let (sender, sender_name) = senders[0].clone();
-    let (missed, recent) = take_said_since(crew, agent, room);
+    // Every sender of the group, not the first: the least privileged one sets the authority.
+    let authority = TurnAuthority::of_senders(
+        crew.agents.clone(),
+        senders.iter().map(|(id, _)| id.as_ref()),
+    );
+    let (mut missed, mut recent) = take_said_since(crew, agent, room);
     let waking: Vec<&str> = group.iter().map(|wake| event_id(&wake.event)).collect();
+    // The room's earlier lines carry their authors' authority: screened before the prompt.
+    let left_out = authority.screen_context(
+        agent,
+        &kept_log(crew, room),
+        &waking,
+        &mut missed,
+        &mut recent,
+    );
     let (mut context, _) = TurnContext::assemble(
         agent,
         &missed,
         &recent,
         &waking,
-        |user| super::pump::display_name(crew, room, user),
-        format!("{sender_name} ({sender})"),
-        crate::dispatch::text::strip_quotes(body_of(&first.event)).into_owned(),
+        |user| {
+            let name = super::pump::display_name(crew, room, user);
+            authority::context_speaker(&crew.agents, &name, user)
+        },
+        authority::speaker(&sender_name, &sender, true),
+        authority::quoted_block(&crate::dispatch::text::strip_quotes(body_of(&first.event))),
     );
+    context.left_out = left_out;
     // Files a person sends are saved before anything else.
     let workspace = incoming_workspace(crew, agent);
     for (index, wake) in group.iter().enumerate() {
@@ -248,7 +266,11 @@ async fn answer_with_llm(
                 .chars()
                 .take(llm_turn::LINE_CHARS)
                 .collect();
-            context.more.push(format!("{name} ({from}): {body}{note}"));
+            context.more.push(format!(
+                "{}: {}{note}",
+                authority::speaker(&name, &from, true),
+                authority::one_line(&body)
+            ));
         }
     }
     let answering = Answering {
@@ -256,8 +278,13 @@ async fn answer_with_llm(
         newest: group[group.len() - 1],
         depth: group.iter().map(|wake| wake.depth).max().unwrap_or(0),
         senders,
+        authority,
     };
-    let supervisor = WakeSupervisor { watch, room };
+    let supervisor = WakeSupervisor {
+        watch,
+        room,
+        authority: &answering.authority,
+    };
     let message = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
     send_answer(crew, agent, first, &message).await;
 }
@@ -288,6 +315,8 @@ struct Answering<'a> {
     depth: u32,
     /// Everyone who wrote, first one first, with display names.
     senders: Vec<(OwnedUserId, String)>,
+    /// Whose words are in the run (the senders, and anyone adopted mid-turn).
+    authority: TurnAuthority,
 }
 
 /// Where files sent to `agent` are saved.
@@ -336,6 +365,16 @@ fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<S
     (missed, recent)
 }
 
+/// Everything the dispatcher still keeps of `room`'s conversation (whose authors decide how
+/// far the agents' own replies in it are trusted).
+fn kept_log(crew: &Crew, room: &RoomId) -> Vec<Said> {
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    state.dispatcher.context.recent(room, usize::MAX)
+}
+
 /// What a running turn knows about the queue: the wakes it has taken (its own and those it
 /// adopted mid-turn).
 struct TurnWatch {
@@ -349,6 +388,8 @@ struct TurnWatch {
 struct WakeSupervisor<'a> {
     watch: &'a TurnWatch,
     room: &'a RoomId,
+    /// Lowered by every message adopted into the run.
+    authority: &'a TurnAuthority,
 }
 
 #[async_trait::async_trait]
@@ -440,8 +481,11 @@ impl Supervisor for WakeSupervisor<'_> {
             if queued.wake.room == self.room {
                 known.insert(queued.key.clone());
                 adopted.push(queued);
+                self.authority.admit(&sender);
                 said.push(format!(
-                    "{name} ({sender}) wrote to you while you were working:\n{body}"
+                    "{} wrote to you while you were working:\n{}",
+                    authority::speaker(&name, &sender, true),
+                    authority::quoted_block(&body)
                 ));
             }
         }
@@ -483,7 +527,6 @@ async fn llm_answer(
     let services = crew.agents.clone();
     let room = answering.first.room.clone();
     let (system, toolbox, model): (String, Box<dyn Toolbox>, String) = if *agent == crew.manager {
-        let requester = answering.senders[0].0.clone();
         (
             crate::agent::manager::persona(
                 &services.default_manager_name,
@@ -491,7 +534,7 @@ async fn llm_answer(
             ),
             Box::new(ManagerTools::new(
                 services,
-                requester,
+                answering.authority.clone(),
                 room,
                 answering.depth,
             )),
@@ -526,15 +569,20 @@ async fn llm_answer(
         supervisor,
         journal: &journal,
     };
-    match llm_turn::run(turn, system, conversation).await {
+    let (text, notice) = match llm_turn::run(turn, system, conversation).await {
         Ok(TurnOutcome::Answer(text)) if text.chars().count() > LONG_ANSWER_CHARS => {
-            reply(keep_long_answer(crew, agent, answering, &text).await, false)
+            (keep_long_answer(crew, agent, answering, &text).await, false)
         }
-        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => reply(text, false),
-        Ok(TurnOutcome::Answer(_)) => reply("(I have nothing to add.)".into(), true),
-        Ok(outcome) => reply(outcome.notice().unwrap_or_default(), true),
-        Err(error) => reply(format!("I could not finish this: {error}"), true),
-    }
+        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => (text, false),
+        Ok(TurnOutcome::Answer(_)) => ("(I have nothing to add.)".into(), true),
+        Ok(outcome) => (outcome.notice().unwrap_or_default(), true),
+        Err(error) => (format!("I could not finish this: {error}"), true),
+    };
+    // What the code refused is said in the room, whatever the model made of it.
+    reply(
+        authority::with_refusals(text, &answering.authority.refusals()),
+        notice,
+    )
 }
 
 /// A long answer goes to a file; the room gets its start and a reference (a signed link when

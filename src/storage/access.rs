@@ -15,6 +15,12 @@ pub const AGENTS: &str = "agents";
 /// Top folder for team knowledge every agent may read and write.
 pub const SHARED: &str = "shared";
 
+/// Names no Worker may have: `manager` is the Manager's own folder (`agents/manager/`, the
+/// files people send it and its long answers), the others are our words for places and people.
+pub const RESERVED_AGENT_NAMES: &[&str] = &[
+    "manager", "admin", "admins", "crew", "shared", "tasks", "agents", "everyone", "room", "system",
+];
+
 /// The well-known files of a task folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskFile {
@@ -142,7 +148,11 @@ pub fn access(agent: AgentScope<'_>, path: &StoragePath) -> Access {
     let mut segments = path.segments();
     match (segments.next(), segments.next(), segments.next()) {
         (Some(SHARED), Some(_), _) => Access::ReadWrite,
-        (Some(AGENTS), Some(name), Some(_)) if name == agent.name => Access::ReadWrite,
+        (Some(AGENTS), Some(name), Some(_))
+            if name == agent.name && !RESERVED_AGENT_NAMES.contains(&name) =>
+        {
+            Access::ReadWrite
+        }
         (Some(TASKS), Some(task), Some(file)) if agent.task_ids.iter().any(|id| id == task) => {
             if file == TaskFile::Spec.file_name() && segments.next().is_none() {
                 Access::Read
