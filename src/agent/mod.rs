@@ -12,6 +12,7 @@ pub mod llm_turn;
 pub mod manager;
 pub mod manager_tools;
 pub mod registry;
+pub(crate) mod runner;
 pub mod services;
 pub mod status;
 pub mod team;

@@ -6,9 +6,8 @@
 
 mod admin_routes;
 mod heartbeat;
-mod pump;
+pub(crate) mod pump;
 mod startup;
-mod turns;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,11 +88,11 @@ pub struct Crew {
     /// The dispatcher's "said since" log per room (the turns' recent conversation).
     room_context: Tree<String, RoomLog>,
     /// Agents whose turn loop is running (one turn per agent at a time).
-    running: crate::agent::status::Busy,
+    pub(crate) running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
     pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
     background: tokio_util::task::TaskTracker,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// The dispatcher and the roster generation it was built from.
@@ -121,7 +120,8 @@ impl Crew {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.insert(agent.clone()) {
-            self.background.spawn(turns::drive(self.clone(), agent));
+            self.background
+                .spawn(crate::agent::runner::drive(self.clone(), agent));
         }
     }
 
@@ -146,7 +146,7 @@ impl Crew {
     }
 
     /// Saves one room's conversation log (messages and agents' cursors).
-    fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
+    pub(crate) fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
         if let Some(log) = dispatcher.context.room_log(room)
             && let Err(error) = self.room_context.insert(&room.to_string(), log)
         {

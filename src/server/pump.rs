@@ -304,7 +304,7 @@ async fn post_signal(
 }
 
 /// An agent's or person's name in a room, falling back to the localpart.
-pub(super) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String {
+pub(crate) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String {
     let state = crew
         .dispatcher
         .lock()

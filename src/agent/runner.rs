@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
-use super::Crew;
 use crate::agent::llm_turn::{
     self, Between, Supervisor, Toolbox, TurnContext, TurnLimits, TurnOutcome,
 };
@@ -27,11 +26,12 @@ use crate::dispatch::{DEPTH_KEY, Missed, Said};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
+use crate::server::Crew;
 use crate::storage::access::Role;
 use crate::storage::links::FileReference;
 
 /// The turn loop of one agent; ends when its queue is empty.
-pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
+pub(crate) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
     loop {
         if crew.shutdown.is_cancelled() {
             release(&crew, &agent);
@@ -183,7 +183,7 @@ async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &Pendin
     let Some(sender) = sender_of(&wake.event) else {
         return;
     };
-    let sender_name = super::pump::display_name(crew, &wake.room, &sender);
+    let sender_name = crate::server::pump::display_name(crew, &wake.room, &sender);
     let (missed, _) = take_said_since(crew, agent, &wake.room);
     let said_since = missed.count_besides(&[event_id(&wake.event)]);
     incoming_workspace(crew, agent)
@@ -217,7 +217,7 @@ async fn answer_with_llm(
         if let Some(sender) = sender_of(&wake.event)
             && !senders.iter().any(|(known, _)| *known == sender)
         {
-            let name = super::pump::display_name(crew, room, &sender);
+            let name = crate::server::pump::display_name(crew, room, &sender);
             senders.push((sender, name));
         }
     }
@@ -229,7 +229,7 @@ async fn answer_with_llm(
         &missed,
         &recent,
         &waking,
-        |user| super::pump::display_name(crew, room, user),
+        |user| crate::server::pump::display_name(crew, room, user),
         format!("{sender_name} ({sender})"),
         crate::dispatch::text::strip_quotes(body_of(&first.event)).into_owned(),
     );
@@ -243,7 +243,7 @@ async fn answer_with_llm(
         if index == 0 {
             context.body.push_str(&note);
         } else if let Some(from) = sender_of(&wake.event) {
-            let name = super::pump::display_name(crew, room, &from);
+            let name = crate::server::pump::display_name(crew, room, &from);
             let body: String = crate::dispatch::text::strip_quotes(body_of(&wake.event))
                 .chars()
                 .take(llm_turn::LINE_CHARS)
@@ -274,7 +274,7 @@ async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &
         )
         .await
     {
-        super::log_matrix_error("cannot answer in a turn", &error);
+        crate::server::log_matrix_error("cannot answer in a turn", &error);
     }
 }
 
@@ -314,7 +314,7 @@ fn also_mentioned(
         .filter_map(|id| id.as_str().and_then(|id| UserId::parse(id).ok()))
         .filter(|id| id != agent && *id != sender && crew.is_ours(id))
         .map(|id| {
-            let name = super::pump::display_name(crew, &wake.room, &id);
+            let name = crate::server::pump::display_name(crew, &wake.room, &id);
             (id, name)
         })
         .collect()
@@ -395,7 +395,7 @@ impl Supervisor for WakeSupervisor<'_> {
             };
             let body =
                 crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
-            let name = super::pump::display_name(crew, &queued.wake.room, &sender);
+            let name = crate::server::pump::display_name(crew, &queued.wake.room, &sender);
             if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
                 known.insert(queued.key.clone());
                 adopted.push(queued);
@@ -556,6 +556,6 @@ async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
         .send(agent, room, &format!("llm-missing:{room}"), &notice)
         .await
     {
-        super::log_matrix_error("cannot say that no LLM is configured", &error);
+        crate::server::log_matrix_error("cannot say that no LLM is configured", &error);
     }
 }
