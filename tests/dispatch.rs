@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use matrix_crew::dispatch::{
-    Agent, Crew, Decision, DispatchConfig, Dispatcher, MemoryHistory, NoHistory, ReasonLog,
-    Remember, Role, RoomMessageCap, RoomState, Rooms, SaidSince, Signal, SkipReason,
-    WakeRateLimiter, decide,
+    Agent, Decision, DispatchConfig, Dispatcher, MemoryHistory, NoHistory, ReasonLog, Remember,
+    Role, RoomMessageCap, RoomState, Rooms, Roster, SaidSince, Signal, SkipReason, WakeRateLimiter,
+    decide,
 };
 use proptest::prelude::*;
 use ruma::{EventId, OwnedUserId, RoomId, UserId};
@@ -57,8 +57,8 @@ fn base_config() -> DispatchConfig {
     }
 }
 
-fn crew(config: &DispatchConfig) -> Crew {
-    Crew::new(agents(), [user(ALICE)], [user(BOB)], config).expect("valid crew")
+fn crew(config: &DispatchConfig) -> Roster {
+    Roster::new(agents(), [user(ALICE)], [user(BOB)], config).expect("valid crew")
 }
 
 fn member(room: &str, who: &str, membership: &str, name: &str) -> Value {
@@ -741,11 +741,11 @@ fn config_errors_name_the_fix() {
         keywords: BTreeMap::from([("crew_nobody".to_string(), vec!["x".to_string()])]),
         ..DispatchConfig::default()
     };
-    let error = Crew::new(agents(), [], [], &config).unwrap_err();
+    let error = Roster::new(agents(), [], [], &config).unwrap_err();
     assert!(error.to_string().contains("crew_nobody"), "{error}");
     let mut twice = agents();
     twice.push(twice[0].clone());
-    assert!(Crew::new(twice, [], [], &DispatchConfig::default()).is_err());
+    assert!(Roster::new(twice, [], [], &DispatchConfig::default()).is_err());
     let bad = DispatchConfig {
         context_messages: 0,
         ..DispatchConfig::default()

@@ -26,12 +26,12 @@ use crate::dispatch::{DEPTH_KEY, Missed, Said};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
-use crate::server::Crew;
+use crate::server::Service;
 use crate::storage::access::Role;
 use crate::storage::links::FileReference;
 
 /// The turn loop of one agent; ends when its queue is empty.
-pub(crate) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
+pub(crate) async fn drive(crew: Arc<Service>, agent: OwnedUserId) {
     loop {
         if crew.shutdown.is_cancelled() {
             release(&crew, &agent);
@@ -79,7 +79,7 @@ pub(crate) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
     }
 }
 
-fn release(crew: &Crew, agent: &UserId) {
+fn release(crew: &Service, agent: &UserId) {
     crew.running
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -109,7 +109,7 @@ fn body_of(event: &Value) -> &str {
 /// (without), typing off. Returns the wakes it took in while running (delivered mid-turn or a
 /// stop), which are finished with it.
 #[tracing::instrument(skip_all, fields(agent = %agent, wakes = wakes.len()))]
-async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec<QueuedWake> {
+async fn run_turn(crew: &Arc<Service>, agent: &UserId, wakes: &[QueuedWake]) -> Vec<QueuedWake> {
     let rooms: BTreeSet<OwnedRoomId> = wakes.iter().map(|w| w.wake.room.clone()).collect();
     for room in &rooms {
         if let Err(error) = crew.client.typing(agent, room, true).await {
@@ -167,7 +167,7 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
 }
 
 /// Renews the typing notice in `rooms` every 20 s until aborted (when the turn ends).
-async fn keep_typing(crew: Arc<Crew>, agent: OwnedUserId, rooms: BTreeSet<OwnedRoomId>) {
+async fn keep_typing(crew: Arc<Service>, agent: OwnedUserId, rooms: BTreeSet<OwnedRoomId>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(20)).await;
         for room in &rooms {
@@ -179,7 +179,7 @@ async fn keep_typing(crew: Arc<Crew>, agent: OwnedUserId, rooms: BTreeSet<OwnedR
 }
 
 /// Without an LLM: saves files sent, says once what to configure, and acknowledges.
-async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &PendingWake) {
+async fn acknowledge_without_llm(crew: &Arc<Service>, agent: &UserId, wake: &PendingWake) {
     let Some(sender) = sender_of(&wake.event) else {
         return;
     };
@@ -204,7 +204,7 @@ async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &Pendin
 /// With an LLM: one run answers the waking messages of one room (`group`, oldest first, never
 /// empty), replying to the newest and mentioning everyone who wrote.
 async fn answer_with_llm(
-    crew: &Arc<Crew>,
+    crew: &Arc<Service>,
     agent: &UserId,
     base: &url::Url,
     group: &[&PendingWake],
@@ -263,7 +263,12 @@ async fn answer_with_llm(
 }
 
 /// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
-async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &OutgoingMessage) {
+async fn send_answer(
+    crew: &Service,
+    agent: &UserId,
+    wake: &PendingWake,
+    message: &OutgoingMessage,
+) {
     if let Err(error) = crew
         .client
         .send(
@@ -291,7 +296,7 @@ struct Answering<'a> {
 }
 
 /// Where files sent to `agent` are saved.
-fn incoming_workspace(crew: &Crew, agent: &UserId) -> Workspace {
+fn incoming_workspace(crew: &Service, agent: &UserId) -> Workspace {
     let storage = crew.storage.clone();
     match crew.team.registry.by_user(agent).ok().flatten() {
         Some(worker) => Workspace::new(storage, &worker.name, Role::Worker, Vec::new()),
@@ -301,7 +306,7 @@ fn incoming_workspace(crew: &Crew, agent: &UserId) -> Workspace {
 
 /// Our other agents a message mentioned (the acknowledgement without an LLM loops them in).
 fn also_mentioned(
-    crew: &Crew,
+    crew: &Service,
     agent: &UserId,
     sender: &UserId,
     wake: &PendingWake,
@@ -322,7 +327,7 @@ fn also_mentioned(
 
 /// What was said in `room` since `agent`'s last turn, and the room's recent messages (enough
 /// for [`TurnContext::assemble`]); moves the agent's "said since" cursor to now.
-fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<Said>) {
+fn take_said_since(crew: &Service, agent: &UserId, room: &RoomId) -> (Missed, Vec<Said>) {
     let mut state = crew
         .dispatcher
         .lock()
@@ -339,7 +344,7 @@ fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<S
 /// What a running turn knows about the queue: the wakes it has taken (its own and those it
 /// adopted mid-turn).
 struct TurnWatch {
-    crew: Arc<Crew>,
+    crew: Arc<Service>,
     agent: OwnedUserId,
     known: Mutex<HashSet<Vec<u8>>>,
     adopted: Mutex<Vec<QueuedWake>>,
@@ -418,7 +423,7 @@ impl Supervisor for WakeSupervisor<'_> {
 /// The answer of an LLM-driven turn (or, when the LLM fails, a notice that says what went
 /// wrong).
 async fn llm_answer(
-    crew: &Arc<Crew>,
+    crew: &Arc<Service>,
     agent: &UserId,
     base: &url::Url,
     answering: &Answering<'_>,
@@ -506,7 +511,7 @@ async fn llm_answer(
 /// A long answer goes to a file; the room gets its start and a reference (a signed link when
 /// crew has a public base URL, else the path).
 async fn keep_long_answer(
-    crew: &Crew,
+    crew: &Service,
     agent: &UserId,
     answering: &Answering<'_>,
     text: &str,
@@ -540,7 +545,7 @@ async fn keep_long_answer(
 }
 
 /// Says once per room that no LLM is configured, and what to configure.
-async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
+async fn note_missing_llm(crew: &Service, agent: &UserId, room: &ruma::RoomId) {
     let Ok(noted) = crew.store.tree::<String, bool>("llm_missing_noted") else {
         return;
     };

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::DispatchConfig;
-use super::crew::{Crew, History, Remember};
 use super::room::RoomState;
+use super::roster::{History, Remember, Roster};
 use super::text;
 
 /// Content key in which an agent's message carries the depth of the wake it was sent in.
@@ -207,7 +207,7 @@ fn str_field<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 pub fn decide(
     event: &Value,
     room: &RoomState,
-    crew: &Crew,
+    crew: &Roster,
     config: &DispatchConfig,
     history: &dyn History,
 ) -> Decision {
@@ -505,7 +505,7 @@ pub fn decide(
 /// Calls `found` with the index of every agent listed in `m.mentions.user_ids`.
 fn for_each_mentioned_agent(
     mentions: &Map<String, Value>,
-    crew: &Crew,
+    crew: &Roster,
     mut found: impl FnMut(usize),
 ) {
     let Some(ids) = mentions.get("user_ids").and_then(Value::as_array) else {
@@ -522,7 +522,7 @@ fn for_each_mentioned_agent(
 
 /// Adds a [`Signal::MentionHint`] for each agent in the room that the text names by display
 /// name or localpart and that has not given the hint in this room yet.
-fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Crew, scratch: &[u8]) {
+fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Roster, scratch: &[u8]) {
     let mut lower: Option<String> = None;
     for (prepared, bits) in crew.agents.iter().zip(scratch) {
         let agent = &prepared.agent.user_id;

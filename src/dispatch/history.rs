@@ -4,7 +4,7 @@
 use ruma::{EventId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use super::crew::{History, Remember};
+use super::roster::{History, Remember};
 use crate::store::{Store, StoreError, Tree};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -59,7 +59,7 @@ pub enum ServeError {
 }
 
 /// What every part of the running service shares.
-pub struct Crew {
+pub struct Service {
     pub config: Config,
     pub registration: Registration,
     pub client: MatrixClient,
@@ -101,7 +101,7 @@ pub struct DispatchState {
     pub roster_generation: u64,
 }
 
-impl Crew {
+impl Service {
     /// Whether `user` is one of our puppets (the Manager or a Worker).
     pub fn is_ours(&self, user: &UserId) -> bool {
         self.registration
@@ -161,7 +161,7 @@ fn dispatch_roster(
     manager: &UserId,
     manager_name: String,
     team: &Team,
-) -> Result<crate::dispatch::Crew, String> {
+) -> Result<crate::dispatch::Roster, String> {
     use crate::agent::registry::WorkerState;
     use crate::dispatch::{Agent, Role};
     let mut agents = vec![Agent {
@@ -182,7 +182,7 @@ fn dispatch_roster(
             keywords: worker.keywords,
         });
     }
-    crate::dispatch::Crew::new(
+    crate::dispatch::Roster::new(
         agents,
         config.admins.iter().cloned(),
         config.invites.allow_users.iter().cloned(),
@@ -294,7 +294,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
-    let crew = Arc::new(Crew {
+    let crew = Arc::new(Service {
         config,
         registration,
         client,

@@ -9,7 +9,7 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::Crew;
+use super::Service;
 use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
 use crate::dispatch::queue::PendingWake;
@@ -20,7 +20,7 @@ use crate::matrix::{CreateRoom, OutgoingMessage};
 /// Events taken from the inbox per round.
 const BATCH: usize = 100;
 
-pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
+pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
     loop {
         let batch = match crew.inbox.pending(BATCH) {
             Ok(batch) => batch,
@@ -56,7 +56,7 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
 
 /// Handles one event and returns the wakes it causes. Never fails: problems are logged.
 #[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
-async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
+async fn handle(crew: &Arc<Service>, event: &Value) -> Vec<PendingWake> {
     let decision = dispatch(crew, event);
     if let Some(Err(error)) = decision
         .remember
@@ -103,7 +103,7 @@ async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
 
 /// Runs the dispatcher on one event (reloading the roster first if it changed) and saves the
 /// room's state.
-fn dispatch(crew: &Crew, event: &Value) -> Decision {
+fn dispatch(crew: &Service, event: &Value) -> Decision {
     let mut state = crew
         .dispatcher
         .lock()
@@ -117,7 +117,7 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
             &crew.team,
         ) {
             Ok(roster) => {
-                state.dispatcher.set_crew(roster);
+                state.dispatcher.set_roster(roster);
                 state.roster_generation = generation;
             }
             Err(error) => tracing::error!(%error, "cannot reload the roster; keeping the old one"),
@@ -149,7 +149,12 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
     decision
 }
 
-async fn handle_membership(crew: &Arc<Crew>, room: &OwnedRoomId, sender: &UserId, event: &Value) {
+async fn handle_membership(
+    crew: &Arc<Service>,
+    room: &OwnedRoomId,
+    sender: &UserId,
+    event: &Value,
+) {
     let Some(target) = event
         .get("state_key")
         .and_then(Value::as_str)
@@ -206,7 +211,7 @@ async fn handle_membership(crew: &Arc<Crew>, room: &OwnedRoomId, sender: &UserId
 
 /// Fetches a room's whole state as `agent` (we see nothing from before we joined) and gives it
 /// to the dispatcher.
-pub(super) async fn seed_room(crew: &Crew, agent: &UserId, room: &RoomId) {
+pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
     match crew.client.room_state(agent, room).await {
         Ok(events) => {
             let mut state = crew
@@ -227,7 +232,7 @@ pub(super) async fn seed_room(crew: &Crew, agent: &UserId, room: &RoomId) {
 
 /// Posts what a dispatcher signal asks for: one-time notices (never waking anyone: `m.notice`).
 async fn post_signal(
-    crew: &Crew,
+    crew: &Service,
     room: &OwnedRoomId,
     event: &Value,
     decision: &Decision,
@@ -304,7 +309,7 @@ async fn post_signal(
 }
 
 /// An agent's or person's name in a room, falling back to the localpart.
-pub(crate) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String {
+pub(crate) fn display_name(crew: &Service, room: &RoomId, user: &UserId) -> String {
     let state = crew
         .dispatcher
         .lock()
@@ -320,7 +325,7 @@ pub(crate) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String 
 
 /// A `!crew` command from a person, in a room the Manager is in.
 fn command_for_manager(
-    crew: &Crew,
+    crew: &Service,
     room: &RoomId,
     sender: &UserId,
     event: &Value,
@@ -343,7 +348,7 @@ fn command_for_manager(
 
 /// Answers a `!crew` command as the Manager, in reply to it.
 async fn answer_command(
-    crew: &Arc<Crew>,
+    crew: &Arc<Service>,
     room: &OwnedRoomId,
     sender: &UserId,
     event: &Value,
@@ -404,7 +409,7 @@ async fn answer_command(
 }
 
 /// `!crew why`: the dispatcher's kept decision, in words.
-fn why(crew: &Crew, event_id: &str) -> String {
+fn why(crew: &Service, event_id: &str) -> String {
     let Ok(event_id) = ruma::EventId::parse(event_id) else {
         return format!("`{event_id}` is not an event id (they start with `$`).");
     };

@@ -47,7 +47,7 @@ pub(crate) struct Prepared {
 
 /// Our agents plus the wake policy: admins, the people they allow, and Worker pairs.
 #[derive(Debug, Clone)]
-pub struct Crew {
+pub struct Roster {
     pub(crate) agents: Vec<Prepared>,
     index: HashMap<OwnedUserId, usize>,
     admins: HashSet<OwnedUserId>,
@@ -58,7 +58,7 @@ pub struct Crew {
     pub(crate) any_keywords: bool,
 }
 
-impl Crew {
+impl Roster {
     /// Builds the crew. Keywords and Worker pairs in `config` name agents by localpart or full
     /// user id; a name that matches no agent is an error (a typo would silently never wake).
     pub fn new(
