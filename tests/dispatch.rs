@@ -378,10 +378,12 @@ fn encrypted_room_is_announced_once_per_agent() {
         joined.signals,
         [Signal::EncryptedRoom { agent: user(CODER) }]
     );
-    // A room that turns encrypted: the encrypted event alone marks it.
-    let turned = json!({"type": "m.room.encrypted", "room_id": GROUP, "sender": BOB, "event_id": "$e2", "content": {}});
-    let decision = d.dispatch(&turned, &NoHistory, 3);
-    assert_eq!(decision.signals.len(), 4, "{decision:?}");
+    // An `m.room.encrypted` event in a room without `m.room.encryption` state is unreadable,
+    // but it does not mark the room: the next plain message still wakes.
+    let stray = json!({"type": "m.room.encrypted", "room_id": GROUP, "sender": BOB, "event_id": "$e2", "content": {}});
+    let decision = d.dispatch(&stray, &NoHistory, 3);
+    assert_eq!(decision.ignored, Some(SkipReason::Encrypted));
+    assert!(decision.signals.is_empty(), "{decision:?}");
     let after = d.dispatch(
         &message(
             GROUP,
@@ -392,8 +394,25 @@ fn encrypted_room_is_announced_once_per_agent() {
         &NoHistory,
         4,
     );
-    assert_eq!(after.ignored, Some(SkipReason::Encrypted));
-    assert!(after.wakes.is_empty());
+    assert_eq!(after.ignored, None, "{after:?}");
+    assert_eq!(after.wakes.len(), 1, "{after:?}");
+    // Only the state event turns a room encrypted.
+    let turned = json!({"type": "m.room.encryption", "room_id": GROUP, "sender": BOB, "state_key": "",
+                        "event_id": "$e4", "content": {"algorithm": "m.megolm.v1.aes-sha2"}});
+    let decision = d.dispatch(&turned, &NoHistory, 5);
+    assert_eq!(decision.signals.len(), 4, "{decision:?}");
+    let later = d.dispatch(
+        &message(
+            GROUP,
+            ALICE,
+            "$e5",
+            json!({"msgtype": "m.text", "body": "Writer", "m.mentions": {"user_ids": [WRITER]}}),
+        ),
+        &NoHistory,
+        6,
+    );
+    assert_eq!(later.ignored, Some(SkipReason::Encrypted));
+    assert!(later.wakes.is_empty());
 }
 
 #[test]

@@ -234,8 +234,9 @@ pub fn decide(
     let is_state = object.get("state_key").is_some_and(Value::is_string);
     decision.message = kind == "m.room.message" && !is_state;
 
-    let encrypted = room.encrypted || kind == "m.room.encrypted";
-    if encrypted {
+    // Only the room's `m.room.encryption` state makes it encrypted (and worth the notice); an
+    // encrypted event in a room without it is unreadable, not a reason to give up on the room.
+    if room.encrypted {
         for prepared in &crew.agents {
             let agent = &prepared.agent.user_id;
             if room.is_joined(agent) && !room.encryption_notified.contains(agent) {
@@ -257,7 +258,7 @@ pub fn decide(
         decision.ignored = Some(SkipReason::Redacted);
         return decision;
     }
-    if encrypted {
+    if room.encrypted || kind == "m.room.encrypted" {
         decision.ignored = Some(SkipReason::Encrypted);
         return decision;
     }
