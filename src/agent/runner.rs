@@ -64,7 +64,13 @@ pub(crate) async fn drive(crew: Arc<Service>, agent: OwnedUserId) {
             continue;
         }
         let mut finished = pending.clone();
-        finished.extend(run_turn(&crew, &agent, &pending).await);
+        if let Some(worker) = retired(&crew, &agent) {
+            // Wakes queued before an admin stopped (or removed) the Worker: no LLM call, a
+            // notice per message so the people who asked know why nobody answers.
+            say_retired(&crew, &worker, &pending).await;
+        } else {
+            finished.extend(run_turn(&crew, &agent, &pending).await);
+        }
         if let Err(error) = crew.queue.finish(&finished) {
             tracing::error!(%error, %agent, "cannot remove finished wakes");
         }
@@ -75,6 +81,49 @@ pub(crate) async fn drive(crew: Arc<Service>, agent: OwnedUserId) {
         }
         if let Err(error) = crew.store.flush().await {
             tracing::error!(%error, "cannot flush after a turn");
+        }
+    }
+}
+
+/// `agent` when it is a Worker that no longer takes wakes (stopped or removed).
+fn retired(crew: &Service, agent: &UserId) -> Option<crate::agent::registry::Worker> {
+    crew.team
+        .registry
+        .by_user(agent)
+        .ok()
+        .flatten()
+        .filter(|worker| worker.state != WorkerState::Active)
+}
+
+/// Says in each room of `wakes` (once per waking event) that a stopped Worker will not answer.
+/// A removed Worker has left its rooms and says nothing; its wakes are only logged.
+async fn say_retired(
+    crew: &Service,
+    worker: &crate::agent::registry::Worker,
+    wakes: &[QueuedWake],
+) {
+    if worker.state == WorkerState::Removed {
+        tracing::info!(worker = %worker.name, wakes = wakes.len(), "dropping wakes of a removed Worker");
+        return;
+    }
+    for queued in wakes {
+        let wake = &queued.wake;
+        let notice = OutgoingMessage::notice(format!(
+            "{} was stopped by an admin before it could answer this; an admin can start it again with `!crew start {}`.",
+            worker.display_name, worker.name
+        ))
+        .reply_to(ReplyTo::event(&wake.event));
+        if let Err(error) = crew
+            .client
+            .send(
+                &worker.user_id,
+                &wake.room,
+                &format!("retired:{}", event_id(&wake.event)),
+                &notice,
+            )
+            .await
+        {
+            crate::server::log_matrix_error("cannot say that a Worker is stopped", &error);
         }
     }
 }

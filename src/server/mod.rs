@@ -162,33 +162,13 @@ fn dispatch_roster(
     manager_name: String,
     team: &Team,
 ) -> Result<crate::dispatch::Roster, String> {
-    use crate::agent::registry::WorkerState;
-    use crate::dispatch::{Agent, Role};
-    let mut agents = vec![Agent {
-        user_id: manager.to_owned(),
-        role: Role::Manager,
-        display_name: manager_name,
-        keywords: Vec::new(),
-    }];
-    let workers = team.registry.list().map_err(|error| error.to_string())?;
-    for worker in workers
-        .into_iter()
-        .filter(|w| w.state == WorkerState::Active)
-    {
-        agents.push(Agent {
-            user_id: worker.user_id,
-            role: Role::Worker,
-            display_name: worker.display_name,
-            keywords: worker.keywords,
-        });
-    }
-    crate::dispatch::Roster::new(
-        agents,
-        config.admins.iter().cloned(),
-        config.invites.allow_users.iter().cloned(),
+    team.registry.dispatch_roster(
+        manager,
+        manager_name,
+        &config.admins,
+        &config.invites.allow_users,
         &config.dispatch,
     )
-    .map_err(|error| error.to_string())
 }
 
 /// Runs until `shutdown` is cancelled or a listener fails.
