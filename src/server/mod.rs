@@ -6,6 +6,7 @@
 
 mod admin_routes;
 mod heartbeat;
+mod housekeeping;
 pub(crate) mod pump;
 mod startup;
 
@@ -354,6 +355,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.spawn(startup::refresh_rooms(crew.clone()));
     background.spawn(pump::run(crew.clone(), shutdown.clone()));
     background.spawn(heartbeat::run(crew.clone(), shutdown.clone()));
+    background.spawn(housekeeping::run(crew.clone(), shutdown.clone()));
     // Wakes that a previous run acknowledged but did not finish run now.
     match crew.queue.agents_with_pending() {
         Ok(agents) => {
