@@ -622,6 +622,55 @@ async fn a_message_for_a_busy_worker_reaches_its_running_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_message_taken_into_a_turn_cut_by_its_step_limit_is_answered_by_the_next() {
+    let llm = ScriptedLlm::start().await;
+    let thinking = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("use British spelling"),
+        Reply::text("Noted: British spelling from now on."),
+    );
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("write the summary"),
+        Reply::tool_call(
+            "w1",
+            "write_file",
+            json!({"path": "agents/alice/summary.md", "content": "Color palette: draft"}),
+        )
+        .hold(&thinking),
+    );
+    let env = crew_with_upstream_and_llm(llm.url(), "max_tool_steps = 1\n").await;
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+
+    admin
+        .send_mention(&room, "please write the summary", &[ALICE])
+        .await;
+    thinking.reached().await;
+    // Taken into the running turn, which then ends at its step limit without an answer.
+    let correction = admin
+        .send_mention(&room, "use British spelling, please", &[ALICE])
+        .await;
+    env.wait_queued(ALICE, &correction).await;
+    thinking.release();
+
+    alice_says(&admin, &room, "m.notice", "llm.max_tool_steps").await;
+    // The correction was not finished unanswered: the next turn answers it.
+    let answer = alice_says(&admin, &room, "m.text", "British spelling from now on").await;
+    assert_eq!(
+        answer["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+        correction.as_str(),
+        "{answer}"
+    );
+    tools::wait_for("an empty wake queue", WAIT, || async {
+        let queue = env.admin_api("/dispatch/queue").await?;
+        queue.as_object()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(llm.received(), 2, "one step per turn");
+    assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
     let llm = ScriptedLlm::start().await;
     let thinking = scripted_llm::Gate::new();

@@ -176,6 +176,7 @@ async fn run_turn(crew: &Arc<Service>, agent: &UserId, wakes: &[QueuedWake]) -> 
         agent: agent.to_owned(),
         known: Mutex::new(wakes.iter().map(|w| w.key.clone()).collect()),
         adopted: Mutex::new(Vec::new()),
+        stops: Mutex::new(HashSet::new()),
     };
     match crew.llm_base_url() {
         Some(base) => {
@@ -307,8 +308,13 @@ async fn answer_with_llm(
         senders,
     };
     let supervisor = WakeSupervisor { watch, room };
-    let message = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
+    let (message, answered) = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
     send_answer(crew, agent, first, &message).await;
+    if !answered {
+        // The run ended without an answer (a limit, a stop, an error): the messages it took in
+        // from this room stay queued and start the next turn, never finished unanswered.
+        watch.carry_over(room);
+    }
 }
 
 /// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
@@ -397,6 +403,24 @@ struct TurnWatch {
     agent: OwnedUserId,
     known: Mutex<HashSet<Vec<u8>>>,
     adopted: Mutex<Vec<QueuedWake>>,
+    /// The keys of adopted wakes that were a stop request (finished with the turn whatever its
+    /// outcome: the stop was obeyed).
+    stops: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl TurnWatch {
+    /// Gives back the messages adopted from `room` (not the stop requests): they stay in the
+    /// queue for the next turn.
+    fn carry_over(&self, room: &RoomId) {
+        let stops = self
+            .stops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.adopted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|queued| queued.wake.room != room || stops.contains(&queued.key));
+    }
 }
 
 /// The supervisor of one waking message's LLM run, in its room.
@@ -429,48 +453,66 @@ impl Supervisor for WakeSupervisor<'_> {
                 return Between::Continue(Vec::new());
             }
         };
-        let mut known = self
-            .watch
-            .known
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut adopted = self
-            .watch
-            .adopted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut said = Vec::new();
-        for queued in pending {
-            if known.contains(&queued.key) {
-                continue;
-            }
-            let Some(sender) = sender_of(&queued.wake.event) else {
-                continue;
-            };
-            let body =
-                crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
-            let name = crate::server::pump::display_name(crew, &queued.wake.room, &sender);
-            if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
-                known.insert(queued.key.clone());
-                adopted.push(queued);
-                return Between::Stop {
-                    by: format!("{name} ({sender})"),
+        let mut taken = Vec::new();
+        {
+            let mut known = self
+                .watch
+                .known
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut adopted = self
+                .watch
+                .adopted
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for queued in pending {
+                if known.contains(&queued.key) {
+                    continue;
+                }
+                let Some(sender) = sender_of(&queued.wake.event) else {
+                    continue;
                 };
+                let body =
+                    crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
+                let name = crate::server::pump::display_name(crew, &queued.wake.room, &sender);
+                if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
+                    known.insert(queued.key.clone());
+                    self.watch
+                        .stops
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert(queued.key.clone());
+                    adopted.push(queued);
+                    return Between::Stop {
+                        by: format!("{name} ({sender})"),
+                    };
+                }
+                if queued.wake.room == self.room {
+                    known.insert(queued.key.clone());
+                    taken.push((queued.wake.event.clone(), name, sender, body));
+                    adopted.push(queued);
+                }
             }
-            if queued.wake.room == self.room {
-                known.insert(queued.key.clone());
-                adopted.push(queued);
-                said.push(format!(
-                    "{name} ({sender}) wrote to you while you were working:\n{body}"
-                ));
-            }
+        }
+        // Files in a message that joins the turn are saved, as for a waking message.
+        let workspace = incoming_workspace(crew, agent);
+        let mut said = Vec::new();
+        for (event, name, sender, body) in taken {
+            let note = workspace
+                .save_incoming(&crew.client, agent, &event)
+                .await
+                .map(|note| format!("\n{note}"))
+                .unwrap_or_default();
+            said.push(format!(
+                "{name} ({sender}) wrote to you while you were working:\n{body}{note}"
+            ));
         }
         Between::Continue(said)
     }
 }
 
 /// The answer of an LLM-driven turn (or, when the LLM fails, a notice that says what went
-/// wrong).
+/// wrong), and whether it is the model's answer (false: a limit, a stop or an error ended it).
 async fn llm_answer(
     crew: &Arc<Service>,
     agent: &UserId,
@@ -478,7 +520,7 @@ async fn llm_answer(
     answering: &Answering<'_>,
     context: TurnContext,
     supervisor: &WakeSupervisor<'_>,
-) -> OutgoingMessage {
+) -> (OutgoingMessage, bool) {
     let reply = |text: String, notice: bool| {
         let mut message = if notice {
             OutgoingMessage::notice(text)
@@ -494,11 +536,16 @@ async fn llm_answer(
     };
     let token = match crew.gateway.consumer_token(agent.localpart()).await {
         Ok(token) => token,
-        Err(error) => return reply(format!("I cannot get my gateway token: {error}"), true),
+        Err(error) => {
+            return (
+                reply(format!("I cannot get my gateway token: {error}"), true),
+                false,
+            );
+        }
     };
     let llm = match LlmClient::new(base, token, crew.config.llm.clone()) {
         Ok(llm) => llm,
-        Err(error) => return reply(format!("My LLM is not usable: {error}"), true),
+        Err(error) => return (reply(format!("My LLM is not usable: {error}"), true), false),
     };
     let services = crew.agents.clone();
     let room = answering.first.room.clone();
@@ -527,7 +574,12 @@ async fn llm_answer(
                 let tools = WorkerTools::new(services, worker, room, answering.depth);
                 (tools.persona().await, Box::new(tools), model)
             }
-            None => return reply(format!("{agent} is not an agent of this crew."), true),
+            None => {
+                return (
+                    reply(format!("{agent} is not an agent of this crew."), true),
+                    false,
+                );
+            }
         }
     };
     let limits = TurnLimits {
@@ -547,13 +599,17 @@ async fn llm_answer(
         journal: &journal,
     };
     match llm_turn::run(turn, system, conversation).await {
-        Ok(TurnOutcome::Answer(text)) if text.chars().count() > LONG_ANSWER_CHARS => {
-            reply(keep_long_answer(crew, agent, answering, &text).await, false)
-        }
-        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => reply(text, false),
-        Ok(TurnOutcome::Answer(_)) => reply("(I have nothing to add.)".into(), true),
-        Ok(outcome) => reply(outcome.notice().unwrap_or_default(), true),
-        Err(error) => reply(format!("I could not finish this: {error}"), true),
+        Ok(TurnOutcome::Answer(text)) if text.chars().count() > LONG_ANSWER_CHARS => (
+            reply(keep_long_answer(crew, agent, answering, &text).await, false),
+            true,
+        ),
+        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => (reply(text, false), true),
+        Ok(TurnOutcome::Answer(_)) => (reply("(I have nothing to add.)".into(), true), true),
+        Ok(outcome) => (reply(outcome.notice().unwrap_or_default(), true), false),
+        Err(error) => (
+            reply(format!("I could not finish this: {error}"), true),
+            false,
+        ),
     }
 }
 
