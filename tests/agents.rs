@@ -670,6 +670,91 @@ async fn a_message_taken_into_a_turn_cut_by_its_step_limit_is_answered_by_the_ne
     assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
 }
 
+/// A journal whose disk went away: every write fails.
+struct UnwritableJournal;
+
+#[async_trait::async_trait]
+impl matrix_crew::agent::llm_turn::StepJournal for UnwritableJournal {
+    async fn load(
+        &self,
+        _step: usize,
+    ) -> Result<Option<matrix_crew::agent::llm_turn::JournaledStep>, matrix_crew::store::StoreError>
+    {
+        Ok(None)
+    }
+    async fn save(
+        &self,
+        _step: usize,
+        _entry: &matrix_crew::agent::llm_turn::JournaledStep,
+    ) -> Result<(), matrix_crew::store::StoreError> {
+        Err(matrix_crew::store::StoreError::Sled(
+            sled::Error::Unsupported("no space left on device".into()),
+        ))
+    }
+}
+
+/// Counts the tool calls it is asked to run.
+#[derive(Default)]
+struct CountingTools(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl matrix_crew::agent::llm_turn::Toolbox for CountingTools {
+    fn tools(&self) -> Vec<matrix_crew::llm::Tool> {
+        vec![matrix_crew::llm::Tool::function(
+            "write_file",
+            "writes a file",
+            json!({"type": "object"}),
+        )]
+    }
+    async fn call(&self, _name: &str, _arguments: &str) -> String {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        "done".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_that_cannot_be_journalled_does_not_run() {
+    use matrix_crew::agent::llm_turn::{self, TurnError, TurnLimits, Unsupervised};
+    let llm = ScriptedLlm::start().await;
+    llm.set_default(Reply::tool_call(
+        "w1",
+        "write_file",
+        json!({"path": "x", "content": "y"}),
+    ));
+    let client = matrix_crew::llm::LlmClient::new(
+        &format!("{}/v1", llm.url()).parse().unwrap(),
+        matrix_crew::secret::Secret::new("token"),
+        matrix_crew::llm::LlmConfig {
+            max_retries: 0,
+            ..matrix_crew::llm::LlmConfig::default()
+        },
+    )
+    .unwrap();
+    let tools = CountingTools::default();
+    let turn = llm_turn::Turn {
+        llm: &client,
+        model: "scripted-model",
+        limits: TurnLimits {
+            max_steps: 4,
+            max_tokens: 100_000,
+        },
+        toolbox: &tools,
+        supervisor: &Unsupervised,
+        journal: &UnwritableJournal,
+    };
+    let outcome = llm_turn::run(turn, "system".into(), "write x".into()).await;
+    assert!(
+        matches!(outcome, Err(TurnError::Journal(_))),
+        "the turn ends with the journal's error: {outcome:?}"
+    );
+    assert_eq!(
+        tools.0.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the tool call of an unjournalled step never runs"
+    );
+    assert_eq!(llm.received(), 1, "no further step either");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
     let llm = ScriptedLlm::start().await;
