@@ -670,6 +670,40 @@ async fn a_message_taken_into_a_turn_cut_by_its_step_limit_is_answered_by_the_ne
     assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_a_running_turn_and_the_turn_resumes_on_the_next_start() {
+    let llm = ScriptedLlm::start().await;
+    let thinking = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("long job") && !has_tool_result(b),
+        Reply::text("Done with the long job.").hold(&thinking),
+    );
+    let mut env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+    admin
+        .send_mention(&room, "a long job, please", &[ALICE])
+        .await;
+    thinking.reached().await;
+    // The model is still thinking (the reply is held): SIGTERM must not wait for it.
+    let status = env
+        .terminate_crew(Duration::from_secs(5))
+        .await
+        .expect("crew exits within seconds of SIGTERM while a turn runs");
+    assert!(status.success(), "a clean exit: {status}");
+    assert!(alice_said(&admin, &room, "m.text", "").await.is_empty());
+    // The wake stayed queued: the next start runs the turn again and answers once.
+    thinking.release();
+    env.start_crew().await;
+    alice_says(&admin, &room, "m.text", "Done with the long job").await;
+    tools::wait_for("an empty wake queue", WAIT, || async {
+        let queue = env.admin_api("/dispatch/queue").await?;
+        queue.as_object()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
+}
+
 /// A journal whose disk went away: every write fails.
 struct UnwritableJournal;
 

@@ -69,7 +69,16 @@ pub(crate) async fn drive(crew: Arc<Service>, agent: OwnedUserId) {
             // notice per message so the people who asked know why nobody answers.
             say_retired(&crew, &worker, &pending).await;
         } else {
-            finished.extend(run_turn(&crew, &agent, &pending).await);
+            // A shutdown ends the turn at its next await: its wakes stay queued and its
+            // journalled steps replay on the next start, so nothing is lost or done twice.
+            tokio::select! {
+                adopted = run_turn(&crew, &agent, &pending) => finished.extend(adopted),
+                () = crew.shutdown.cancelled() => {
+                    tracing::info!(%agent, "turn interrupted by shutdown; it resumes on the next start");
+                    release(&crew, &agent);
+                    return;
+                }
+            }
         }
         if let Err(error) = crew.queue.finish(&finished) {
             tracing::error!(%error, %agent, "cannot remove finished wakes");

@@ -43,6 +43,13 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// A listener stopped while crew was running.
+    #[error("the {what} listener failed: {source}")]
+    Listener {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Startup(#[from] StartupError),
     #[error(transparent)]
@@ -307,15 +314,17 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     // `storage.public_base_url` points to.
     let router = appservice::router(state, crew.config.appservice.max_transaction_bytes)
         .merge(crate::storage::links::links_router(storage.clone(), links));
+    let failed = ListenerFailure::default();
     let http_shutdown = shutdown.clone();
-    background.spawn(async move {
-        let served = axum::serve(appservice_listener, router)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "appservice listener stopped");
-        }
-    });
+    background.spawn(failed.watch(
+        "appservice API",
+        async move {
+            axum::serve(appservice_listener, router)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await
+        },
+        shutdown.clone(),
+    ));
     let admin_routes = axum::Router::new()
         .route(
             "/status",
@@ -326,17 +335,20 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         .nest("/files", crate::storage::admin::admin_router(storage))
         .nest("/dispatch", admin_routes::dispatch_router(crew.clone()))
         .nest("/share", admin_routes::share_router(crew.clone()));
-    background.spawn(gateway.serve(gateway_listener, shutdown.clone()));
-    background.spawn(crate::admin::serve(
-        admin_listener,
-        admin_token,
-        admin_routes,
+    background.spawn(failed.watch(
+        "credential gateway",
+        gateway.serve(gateway_listener, shutdown.clone()),
+        shutdown.clone(),
+    ));
+    background.spawn(failed.watch(
+        "admin API",
+        crate::admin::serve(admin_listener, admin_token, admin_routes, shutdown.clone()),
         shutdown.clone(),
     ));
 
     let checked = tokio::select! {
         checked = startup::check_homeserver(&crew, ping_seen) => checked,
-        () = shutdown.cancelled() => return Ok(()),
+        () = shutdown.cancelled() => return failed.take().map_or(Ok(()), Err),
     };
     if let Err(error) = checked {
         shutdown.cancel();
@@ -370,7 +382,41 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.close();
     background.wait().await;
     crew.store.flush().await?;
-    Ok(())
+    failed.take().map_or(Ok(()), Err)
+}
+
+/// The first listener that failed: it stops the service, and `serve` returns its error.
+#[derive(Clone, Default)]
+struct ListenerFailure(Arc<std::sync::Mutex<Option<ServeError>>>);
+
+impl ListenerFailure {
+    /// Runs a listener; when it fails, records the error and shuts crew down.
+    fn watch(
+        &self,
+        what: &'static str,
+        listener: impl std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let failed = self.clone();
+        async move {
+            if let Err(source) = listener.await {
+                tracing::error!(error = %source, "the {what} listener failed; stopping");
+                failed
+                    .0
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .get_or_insert(ServeError::Listener { what, source });
+                shutdown.cancel();
+            }
+        }
+    }
+
+    fn take(&self) -> Option<ServeError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
