@@ -416,6 +416,41 @@ fn encrypted_room_is_announced_once_per_agent() {
 }
 
 #[test]
+fn only_state_and_recorded_notices_change_the_room_model() {
+    let mut d = dispatcher(base_config());
+    let plain = message(
+        GROUP,
+        ALICE,
+        "$p1",
+        json!({"msgtype": "m.text", "body": "Writer", "m.mentions": {"user_ids": [WRITER]}}),
+    );
+    let decision = d.dispatch(&plain, &NoHistory, 1);
+    assert_eq!(decision.wakes.len(), 1);
+    assert!(
+        !decision.room_changed,
+        "a message leaves the room model as it was: nothing to save"
+    );
+    let joined = d.dispatch(
+        &member(GROUP, "@dave:example.org", "join", "Dave"),
+        &NoHistory,
+        2,
+    );
+    assert!(joined.room_changed, "a membership is state");
+    let unmentioned = message(
+        GROUP,
+        BOB,
+        "$p2",
+        json!({"msgtype": "m.text", "body": "Writer, are you there?"}),
+    );
+    let hinted = d.dispatch(&unmentioned, &NoHistory, 3);
+    assert!(!hinted.signals.is_empty(), "{hinted:?}");
+    assert!(
+        hinted.room_changed,
+        "the one-time hint is recorded in the room"
+    );
+}
+
+#[test]
 fn ping_pong_stops_at_the_depth_budget_with_one_notice() {
     let config = base_config();
     let max = config.max_depth;

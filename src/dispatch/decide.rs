@@ -165,6 +165,10 @@ pub struct Decision {
     pub signals: Vec<Signal>,
     /// What to add to the [`History`] (for later replies and edits).
     pub remember: Option<Remember>,
+    /// The room model changed (a state event, or a one-time notice recorded): only then does
+    /// the room need saving; a plain message leaves it as it was.
+    #[serde(skip)]
+    pub room_changed: bool,
 }
 
 impl Decision {

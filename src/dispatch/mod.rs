@@ -142,22 +142,25 @@ impl DispatchConfig {
 
 impl RoomState {
     /// Records the one-time notices a decision asked for, so they are not asked for again, and
-    /// re-arms the loop notice when a person speaks.
-    pub fn record(&mut self, decision: &Decision) {
-        if decision.message && !decision.sender_is_agent && decision.ignored.is_none() {
+    /// re-arms the loop notice when a person speaks. Returns whether anything changed.
+    pub fn record(&mut self, decision: &Decision) -> bool {
+        let mut changed = false;
+        if decision.message
+            && !decision.sender_is_agent
+            && decision.ignored.is_none()
+            && self.loop_notified
+        {
             self.loop_notified = false;
+            changed = true;
         }
         for signal in &decision.signals {
-            match signal {
-                Signal::EncryptedRoom { agent } => {
-                    self.encryption_notified.insert(agent.clone());
-                }
-                Signal::MentionHint { agent } => {
-                    self.hinted.insert(agent.clone());
-                }
-                Signal::LoopStopped { .. } => self.loop_notified = true,
-            }
+            changed |= match signal {
+                Signal::EncryptedRoom { agent } => self.encryption_notified.insert(agent.clone()),
+                Signal::MentionHint { agent } => self.hinted.insert(agent.clone()),
+                Signal::LoopStopped { .. } => !std::mem::replace(&mut self.loop_notified, true),
+            };
         }
+        changed
     }
 }
 
@@ -217,6 +220,7 @@ impl Dispatcher {
     /// The caller queues the wakes, posts the signals and stores `decision.remember` in its
     /// [`History`].
     pub fn dispatch(&mut self, event: &Value, history: &dyn History, now_ms: u64) -> Decision {
+        let is_state = event.get("state_key").is_some_and(Value::is_string);
         self.rooms.apply_event(event);
         let empty = RoomState::default();
         let room_id = event
@@ -227,7 +231,8 @@ impl Dispatcher {
         let mut decision = decide(event, state, &self.roster, &self.config, history);
         self.guards.apply(&mut decision, now_ms);
         if let Some(room) = &decision.room_id {
-            self.rooms.entry(room).record(&decision);
+            let recorded = self.rooms.entry(room).record(&decision);
+            decision.room_changed = is_state || recorded;
         }
         self.keep_context(event, &decision);
         self.reasons.insert(&decision, now_ms);

@@ -221,6 +221,13 @@ impl RoomState {
         self.joined
     }
 
+    /// Whether any member for whom `wanted` holds is joined or invited.
+    pub fn joined_or_invited(&self, wanted: impl Fn(&UserId) -> bool) -> bool {
+        self.members.iter().any(|(user, member)| {
+            matches!(member.membership, Membership::Join | Membership::Invite) && wanted(user)
+        })
+    }
+
     /// Joined members.
     pub fn joined_members(&self) -> impl Iterator<Item = &UserId> {
         self.members

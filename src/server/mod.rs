@@ -153,6 +153,21 @@ impl Service {
         }
     }
 
+    /// Forgets a room none of our agents is in any more: its model, its conversation log, in
+    /// memory and in sled (it is fetched again if an agent is invited back).
+    pub(crate) fn forget_room(&self, room: &ruma::RoomId, dispatcher: &mut Dispatcher) {
+        dispatcher.rooms.remove(room);
+        dispatcher.context.remove_room(room);
+        let key = room.to_string();
+        if let Err(error) = self
+            .room_states
+            .remove(&key)
+            .and_then(|_| self.room_context.remove(&key))
+        {
+            tracing::error!(%error, %room, "cannot forget a room crew left");
+        }
+    }
+
     /// Saves one room's conversation log (messages and agents' cursors).
     pub(crate) fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
         if let Some(log) = dispatcher.context.room_log(room)

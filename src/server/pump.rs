@@ -135,9 +135,17 @@ fn dispatch(crew: &Service, event: &Value) -> Decision {
             .get(&room)
             .map(|state| (room.clone(), state))
     }) {
-        crew.persist_room(&room, room_state);
-        if decision.message {
-            crew.persist_context(&room, &state.dispatcher);
+        if room_state.joined_or_invited(|user| crew.is_ours(user)) {
+            // The member map is saved when it changes, not re-serialised for every message.
+            if decision.room_changed {
+                crew.persist_room(&room, room_state);
+            }
+            if decision.message {
+                crew.persist_context(&room, &state.dispatcher);
+            }
+        } else if event.get("type").and_then(Value::as_str) == Some("m.room.member") {
+            // None of our agents is in the room any more: its model and conversation go.
+            crew.forget_room(&room, &mut state.dispatcher);
         }
     }
     tracing::debug!(
