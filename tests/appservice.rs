@@ -772,3 +772,64 @@ async fn files_go_in_and_out_and_are_shared_by_link_or_upload() {
         .unwrap();
     assert_eq!(response.text().await.unwrap(), spec);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn created_rooms_keep_the_creator_in_power_in_every_room_version() {
+    use matrix_crew::matrix::{CreateRoom, MatrixClient};
+    let env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let registration = env.registration();
+    let client = MatrixClient::new(
+        env.homeserver_url.parse().unwrap(),
+        matrix_crew::secret::Secret::new(registration["as_token"].as_str().unwrap()),
+    );
+    let manager = ruma::UserId::parse(env.manager_id()).unwrap();
+    let admin_id = ruma::UserId::parse(admin.user_id.as_str()).unwrap();
+    let mut power_levels = std::collections::BTreeMap::new();
+    power_levels.insert(admin_id.clone(), 100);
+    // v10 and v11 (Tuwunel's default) need the creator listed; v12 (Synapse's default)
+    // refuses it. The default version goes through /capabilities.
+    for version in [Some("10"), Some("11"), Some("12"), None] {
+        let room = client
+            .create_room_in(
+                &manager,
+                &CreateRoom {
+                    name: Some(format!("v{version:?}")),
+                    power_levels: power_levels.clone(),
+                    ..CreateRoom::default()
+                },
+                version,
+            )
+            .await
+            .unwrap_or_else(|error| panic!("createRoom in version {version:?}: {error}"));
+        let state = client.room_state(&manager, &room).await.unwrap();
+        let content = |kind: &str| {
+            state
+                .iter()
+                .find(|event| event["type"] == kind)
+                .map(|event| event["content"].clone())
+                .unwrap_or_else(|| panic!("no {kind} in {room}"))
+        };
+        let created_in = content("m.room.create")["room_version"]
+            .as_str()
+            .unwrap_or("1")
+            .to_owned();
+        if let Some(version) = version {
+            assert_eq!(created_in, version);
+        }
+        let users = content("m.room.power_levels")["users"].clone();
+        assert_eq!(users[admin_id.as_str()], 100, "{users}");
+        if matrix_crew::matrix::creators_are_privileged(&created_in) {
+            assert!(
+                users.get(manager.as_str()).is_none(),
+                "v{created_in}: {users}"
+            );
+        } else {
+            assert_eq!(
+                users[manager.as_str()],
+                100,
+                "v{created_in}: the creator keeps its power: {users}"
+            );
+        }
+    }
+}
