@@ -371,6 +371,12 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         background.wait().await;
         return Err(error.into());
     }
+    if let Some(advice) = crew
+        .registration
+        .manager_namespace_advice(crew.config.homeserver.server_name.as_str())
+    {
+        tracing::warn!("{advice}");
+    }
     tracing::info!(
         manager = %crew.manager,
         appservice = %crew.config.appservice.bind,
