@@ -437,7 +437,7 @@ async fn sigkill_after_the_answer_loses_nothing_and_answers_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
+async fn tuwunel_style_backlog_arrives_when_crew_nudges_after_a_restart() {
     let mut env = CrewEnv::start().await;
     let (admin, room) = room_with_manager(&env).await;
     let manager = env.manager_id();
@@ -457,7 +457,7 @@ async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
         "delivery failed while crew was down and is held, not retried"
     );
     env.start_crew().await;
-    // Nothing but crew's own ping can release the backlog now.
+    // Pings release nothing on Tuwunel: only crew's own start-up event (the nudge) does.
     let acks = tools::wait_for("the held-back event's acknowledgement", WAIT, || async {
         let acks = admin.messages_from(&room, &manager).await;
         replied_to(&acks)
@@ -471,7 +471,7 @@ async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
         deliveries.iter().any(|(_, status)| *status == Some(200)),
         "{deliveries:?}"
     );
-    // Tuwunel resends the same transaction id on a later ping; it must not be answered twice.
+    // Tuwunel resends the same transaction id with a later event; it must not be answered twice.
     replay
         .push(vec![mention_event(
             &room,

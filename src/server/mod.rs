@@ -5,6 +5,7 @@
 //! [`crate::agent`]; this module only wires them together and owns the tasks' lifetimes.
 
 mod admin_routes;
+mod backlog;
 mod heartbeat;
 mod housekeeping;
 pub(crate) mod pump;
@@ -383,6 +384,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         "crew is ready"
     );
 
+    // Events the homeserver held back while crew was down come with the next event for us.
+    backlog::nudge(&crew, "start-up").await;
     background.spawn(startup::ping_periodically(crew.clone(), shutdown.clone()));
     background.spawn(startup::greet_admins(crew.clone()));
     background.spawn(startup::refresh_rooms(crew.clone()));

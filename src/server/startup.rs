@@ -204,6 +204,7 @@ pub(super) async fn ping_periodically(crew: Arc<Service>, shutdown: Cancellation
             Ok(_) if !healthy => {
                 healthy = true;
                 tracing::info!("the homeserver reaches crew again; held-back transactions follow");
+                super::backlog::nudge(&crew, "the homeserver reaches crew again").await;
             }
             Ok(_) => {}
             Err(error) if healthy => {

@@ -1,11 +1,13 @@
 //! Replays how Tuwunel delivers transactions, in front of a real Synapse.
 //!
-//! Tuwunel never retries a failed transaction on a timer: it resends only when the next event
-//! arrives or when the appservice pings it. It sends the hs_token both as a Bearer header and
-//! as the `access_token` query parameter, and its transaction ids are hashes of the events.
-//! This relay forwards every client-server request to Synapse unchanged, except that a
-//! `POST /_matrix/client/v1/appservice/{id}/ping` first delivers its held-back transactions to
-//! the appservice, Tuwunel style.
+//! Tuwunel never retries a failed transaction on a timer, nor on a ping: it resends only when
+//! the next event for the appservice is queued (checked in its source and on a real 1.4.6). It
+//! sends the hs_token both as a Bearer header and as the `access_token` query parameter, its
+//! transaction ids are hashes of the events, and it sends no to-device events or device lists.
+//! This relay forwards every client-server request to Synapse unchanged; the events the test
+//! [`TuwunelReplay::push`]es are delivered Tuwunel style: held after a failure, and re-sent when
+//! the next event is queued, which is a pushed event or an event crew itself sends through the
+//! relay (a `PUT …/send/…` or `…/state/…` that Synapse accepted). A ping delivers nothing.
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
@@ -142,9 +144,8 @@ async fn relay(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if method == Method::POST && uri.path().starts_with("/_matrix/client/v1/appservice/") {
-        inner.deliver().await;
-    }
+    let creates_event =
+        method == Method::PUT && (uri.path().contains("/send/") || uri.path().contains("/state/"));
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
         let mut hold = inner.hold_sends.subscribe();
         if *hold.borrow() {
@@ -166,6 +167,12 @@ async fn relay(
     match request.send().await {
         Ok(response) => {
             let status = response.status();
+            if creates_event && status.is_success() {
+                // An event for the appservice is queued: Tuwunel sends its backlog first. Not
+                // awaited here: the sender gets its answer as from Tuwunel, at once.
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.deliver().await });
+            }
             let content_type = response
                 .headers()
                 .get(reqwest::header::CONTENT_TYPE)
