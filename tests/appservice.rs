@@ -833,3 +833,80 @@ async fn created_rooms_keep_the_creator_in_power_in_every_room_version() {
         }
     }
 }
+
+/// The event id and membership of `user` in `room`, as `admin` sees the room's state.
+async fn membership_event(admin: &TestUser, room: &str, user: &str) -> (String, String) {
+    let (status, state) = admin
+        .request(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state", synapse::enc(room)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{state}");
+    let event = state
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|event| event["type"] == "m.room.member" && event["state_key"] == user)
+        .unwrap_or_else(|| panic!("no membership of {user} in {room}: {state}"))
+        .clone();
+    (
+        event["event_id"].as_str().unwrap().to_owned(),
+        event["content"]["membership"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_the_homeserver_fails_is_retried_and_one_it_refuses_is_explained() {
+    let mut env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+
+    // More 500s than one homeserver call retries by itself: only the outbox's own retry (with
+    // backoff, after the pump has moved on) gets the Manager in.
+    relay.fail_joins(500, 8);
+    let room = admin.create_room("flaky", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    assert!(relay.joins() >= 9, "{} join attempts", relay.joins());
+
+    // A refusal is not retried for ever: it is recorded under the invite, for `!crew why`.
+    relay.fail_joins(403, 1_000);
+    let refused = admin.create_room("refused", &[&manager]).await;
+    let (invite, _) = membership_event(&admin, &refused, &manager).await;
+    let failures = tools::wait_for(
+        "the refused join in the decision's record",
+        WAIT,
+        || async {
+            let kept = env
+                .admin_api(&format!("/dispatch/why/{}", synapse::enc(&invite)))
+                .await?;
+            let failures = kept["failures"].as_array()?.clone();
+            (!failures.is_empty()).then_some(failures)
+        },
+    )
+    .await;
+    assert!(
+        failures[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("403 M_FORBIDDEN"),
+        "{failures:?}"
+    );
+    assert!(failures[0]["what"].as_str().unwrap().contains("joining"));
+    assert_eq!(relay.joins(), 10, "a refusal is asked once, not retried");
+    let (_, membership) = membership_event(&admin, &refused, &manager).await;
+    assert_eq!(membership, "invite");
+    // The pump did not wait on the refusals: the first room is answered meanwhile.
+    let asked = admin.send_mention(&room, "still there?", &[&manager]).await;
+    tools::wait_for("the Manager's answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|m| m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str())
+    })
+    .await;
+}

@@ -83,7 +83,18 @@ async fn why(State(crew): State<Arc<Service>>, Path(event_id): Path<String>) -> 
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     match state.dispatcher.reasons.get(&event_id) {
-        Some(kept) => axum::Json(kept.clone()).into_response(),
+        Some(kept) => {
+            // What the homeserver refused for good, from the outbox (`!crew why` says it too).
+            let mut answer = serde_json::to_value(kept).unwrap_or_default();
+            if let Some(object) = answer.as_object_mut() {
+                let failures = crew.outbox.failures(event_id.as_str()).unwrap_or_default();
+                object.insert(
+                    "failures".to_owned(),
+                    serde_json::to_value(failures).unwrap_or_default(),
+                );
+            }
+            axum::Json(answer).into_response()
+        }
         None => crate::admin::error_response(
             StatusCode::NOT_FOUND,
             "no decision kept for that event (unknown, or older than the retention)",

@@ -8,6 +8,7 @@ mod admin_routes;
 mod backlog;
 mod heartbeat;
 mod housekeeping;
+mod outbox_runner;
 pub(crate) mod pump;
 mod startup;
 
@@ -92,6 +93,9 @@ pub struct Service {
     pub dispatcher: std::sync::Mutex<DispatchState>,
     pub history: SledHistory,
     pub queue: WakeQueue,
+    /// What the pump decided to do on the homeserver, performed by `outbox_runner`.
+    pub outbox: crate::outbox::Outbox,
+    draining: outbox_runner::Draining,
     /// Room state as the dispatcher sees it, persisted per room.
     room_states: Tree<String, RoomState>,
     /// The dispatcher's "said since" log per room (the turns' recent conversation).
@@ -258,6 +262,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     }
     let history = SledHistory::open(&store)?;
     let queue = WakeQueue::open(&store)?;
+    let outbox = crate::outbox::Outbox::open(&store)?;
 
     let (pings, ping_seen) = tokio::sync::watch::channel(None);
     let state = Arc::new(AppserviceState {
@@ -318,6 +323,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         }),
         history,
         queue,
+        outbox,
+        draining: Default::default(),
         room_states,
         room_context,
         running: busy,
@@ -390,6 +397,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.spawn(startup::greet_admins(crew.clone()));
     background.spawn(startup::refresh_rooms(crew.clone()));
     background.spawn(pump::run(crew.clone(), shutdown.clone()));
+    background.spawn(outbox_runner::run(crew.clone(), shutdown.clone()));
     background.spawn(heartbeat::run(crew.clone(), shutdown.clone()));
     background.spawn(housekeeping::run(crew.clone(), shutdown.clone()));
     // Wakes that a previous run acknowledged but did not finish run now.

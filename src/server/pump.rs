@@ -16,6 +16,7 @@ use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
 use crate::matrix::message::ReplyTo;
 use crate::matrix::{CreateRoom, OutgoingMessage};
+use crate::outbox::{Effect, Staged};
 
 /// Events taken from the inbox per round.
 const BATCH: usize = 100;
@@ -42,10 +43,16 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
             if shutdown.is_cancelled() {
                 return;
             }
-            let wakes = handle(&crew, &entry.event).await;
-            if let Err(error) = crew.queue.commit(&crew.inbox, seq, &wakes) {
+            let (wakes, effects) = handle(&crew, &entry.event).await;
+            if let Err(error) =
+                crew.queue
+                    .commit_with_effects(&crew.inbox, seq, &wakes, &crew.outbox, &effects)
+            {
                 tracing::error!(%error, seq, "cannot queue wakes; the event stays in the inbox");
                 continue;
+            }
+            if !effects.is_empty() {
+                crew.outbox.notify();
             }
             for wake in wakes {
                 crew.wake_agent(wake.agent);
@@ -54,9 +61,10 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
     }
 }
 
-/// Handles one event and returns the wakes it causes. Never fails: problems are logged.
+/// Handles one event and returns the wakes and the homeserver effects it causes (committed
+/// together by the caller). Never fails: problems are logged.
 #[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
-async fn handle(crew: &Arc<Service>, event: &Value) -> Vec<PendingWake> {
+async fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>) {
     let decision = dispatch(crew, event);
     if let Some(Err(error)) = decision
         .remember
@@ -74,20 +82,40 @@ async fn handle(crew: &Arc<Service>, event: &Value) -> Vec<PendingWake> {
         .and_then(Value::as_str)
         .and_then(|id| UserId::parse(id).ok());
     let (Some(room), Some(sender)) = (room, sender) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    if event.get("type").and_then(Value::as_str) == Some("m.room.member") {
-        handle_membership(crew, &room, &sender, event).await;
+    let cause = event
+        .get("event_id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let mut effects = Vec::new();
+    let mut stage = |effect: Effect| {
+        effects.push(Staged {
+            room: room.clone(),
+            cause: cause.clone(),
+            effect,
+        });
+    };
+    if event.get("type").and_then(Value::as_str) == Some("m.room.member")
+        && let Some(effect) = membership_effect(crew, &sender, event)
+    {
+        if let Effect::Join { agent } = &effect {
+            expect_joined(crew, &room, agent);
+        }
+        stage(effect);
     }
     for signal in &decision.signals {
-        post_signal(crew, &room, event, &decision, signal).await;
+        if let Some(effect) = signal_effect(crew, &room, event, &decision, signal).await {
+            stage(effect);
+        }
     }
     if let Some(command) = command_for_manager(crew, &room, &sender, event) {
-        answer_command(crew, &room, &sender, event, command).await;
-        return Vec::new();
+        stage(answer_command(crew, &sender, event, command).await);
+        return (Vec::new(), effects);
     }
     let queued_ms = now_ms();
-    decision
+    let wakes = decision
         .wakes
         .iter()
         .map(|wake| PendingWake {
@@ -98,7 +126,8 @@ async fn handle(crew: &Arc<Service>, event: &Value) -> Vec<PendingWake> {
             reasons: wake.reasons.clone(),
             queued_ms,
         })
-        .collect()
+        .collect();
+    (wakes, effects)
 }
 
 /// Runs the dispatcher on one event (reloading the roster first if it changed) and saves the
@@ -157,21 +186,32 @@ fn dispatch(crew: &Service, event: &Value) -> Decision {
     decision
 }
 
-async fn handle_membership(
-    crew: &Arc<Service>,
-    room: &OwnedRoomId,
-    sender: &UserId,
-    event: &Value,
-) {
-    let Some(target) = event
+/// Decides as if the join staged for `agent` had happened: the next event in the inbox may
+/// already be for it, before the outbox has joined and its echo has arrived. (A join that
+/// fails is recorded for `!crew why`, and the room's state is fetched after a join that works.)
+fn expect_joined(crew: &Service, room: &RoomId, agent: &UserId) {
+    let mut state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let room_state = state.dispatcher.rooms.entry(room);
+    if !room_state.is_joined(agent) {
+        room_state.set_member(agent.to_owned(), crate::dispatch::Membership::Join, None);
+        let snapshot = room_state.clone();
+        drop(state);
+        crew.persist_room(room, &snapshot);
+    }
+}
+
+/// What an invite or a join of one of our agents asks of the homeserver: join or decline an
+/// invite (with the reason), learn a room an agent joined.
+fn membership_effect(crew: &Service, sender: &UserId, event: &Value) -> Option<Effect> {
+    let target = event
         .get("state_key")
         .and_then(Value::as_str)
-        .and_then(|id| UserId::parse(id).ok())
-    else {
-        return;
-    };
+        .and_then(|id| UserId::parse(id).ok())?;
     if !crew.is_ours(&target) {
-        return;
+        return None;
     }
     let membership = event
         .pointer("/content/membership")
@@ -194,26 +234,16 @@ async fn handle_membership(
             } else {
                 None
             };
-            match reason {
-                None => match crew.client.join(&target, room).await {
-                    Ok(()) => {
-                        tracing::info!(%room, agent = %target, inviter = %sender, "joined on invite");
-                        // Know the room now, not when our join's echo arrives: the next message
-                        // in the inbox may already be for us.
-                        seed_room(crew, &target, room).await;
-                    }
-                    Err(error) => super::log_matrix_error("cannot join on invite", &error),
+            Some(match reason {
+                None => Effect::Join { agent: target },
+                Some(reason) => Effect::Decline {
+                    agent: target,
+                    reason,
                 },
-                Some(reason) => match crew.client.leave(&target, room, Some(&reason)).await {
-                    Ok(()) => {
-                        tracing::info!(%room, agent = %target, inviter = %sender, "declined an invite")
-                    }
-                    Err(error) => super::log_matrix_error("cannot decline an invite", &error),
-                },
-            }
+            })
         }
-        "join" => seed_room(crew, &target, room).await,
-        _ => {}
+        "join" => Some(Effect::Seed { agent: target }),
+        _ => None,
     }
 }
 
@@ -238,14 +268,15 @@ pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
     }
 }
 
-/// Posts what a dispatcher signal asks for: one-time notices (never waking anyone: `m.notice`).
-async fn post_signal(
+/// The one-time notice a dispatcher signal asks for (never waking anyone: `m.notice`). The
+/// offer of an unencrypted room is still created here, before the notice that names it.
+async fn signal_effect(
     crew: &Service,
     room: &OwnedRoomId,
     event: &Value,
     decision: &Decision,
     signal: &Signal,
-) {
+) -> Option<Effect> {
     let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
     let (agent, message, key) = match signal {
         Signal::MentionHint { agent } => {
@@ -311,9 +342,11 @@ async fn post_signal(
             )
         }
     };
-    if let Err(error) = crew.client.send(&agent, room, &key, &message).await {
-        super::log_matrix_error("cannot post a notice", &error);
-    }
+    Some(Effect::Send {
+        agent,
+        txn_key: key,
+        content: message.to_content(),
+    })
 }
 
 /// An agent's or person's name in a room, falling back to the localpart.
@@ -354,14 +387,14 @@ fn command_for_manager(
     joined.then_some(command)
 }
 
-/// Answers a `!crew` command as the Manager, in reply to it.
+/// The Manager's answer to a `!crew` command, in reply to it. (Only `!crew remove` acts on the
+/// homeserver here: the Worker leaves its rooms.)
 async fn answer_command(
     crew: &Arc<Service>,
-    room: &OwnedRoomId,
     sender: &UserId,
     event: &Value,
     command: Command,
-) {
+) -> Effect {
     use crate::agent::registry::WorkerState;
     let text = if command.changes_state() && !crew.is_admin(sender) {
         "Sorry, only the admins can do that. `!crew help` lists what everyone can ask.".to_owned()
@@ -407,12 +440,10 @@ async fn answer_command(
     };
     let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
     let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::event(event));
-    if let Err(error) = crew
-        .client
-        .send(&crew.manager, room, &format!("command:{event_id}"), &reply)
-        .await
-    {
-        super::log_matrix_error("cannot answer a command", &error);
+    Effect::Send {
+        agent: crew.manager.clone(),
+        txn_key: format!("command:{event_id}"),
+        content: reply.to_content(),
     }
 }
 
@@ -449,6 +480,17 @@ fn why(crew: &Service, event_id: &str) -> String {
             skip.agent,
             wire_name(&skip.reason)
         ));
+    }
+    match crew.outbox.failures(event_id.as_str()) {
+        Ok(failures) => {
+            for failure in failures {
+                lines.push(format!(
+                    "{} failed for good: {}.",
+                    failure.what, failure.reason
+                ));
+            }
+        }
+        Err(error) => lines.push(format!("(I cannot read what failed: {error}.)")),
     }
     if lines.is_empty() {
         lines.push("No agent was concerned.".to_owned());

@@ -36,6 +36,10 @@ struct Inner {
     held: std::sync::atomic::AtomicUsize,
     /// (txn id, status) of every delivery attempt, in order.
     pub deliveries: Mutex<Vec<(String, Option<u16>)>>,
+    /// The next joins answered with this status instead of being forwarded: (status, how many).
+    failing_joins: Mutex<(u16, usize)>,
+    /// Join requests seen (forwarded or failed).
+    joins: std::sync::atomic::AtomicUsize,
 }
 
 impl TuwunelReplay {
@@ -49,6 +53,8 @@ impl TuwunelReplay {
             hold_sends: tokio::sync::watch::channel(false).0,
             held: Default::default(),
             deliveries: Mutex::new(Vec::new()),
+            failing_joins: Mutex::new((0, 0)),
+            joins: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -99,6 +105,17 @@ impl TuwunelReplay {
         self.inner.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Answers the next `count` joins (`POST …/join`) with `status` (a Matrix error), as a
+    /// homeserver in trouble (5xx) or one that refuses (403) would.
+    pub fn fail_joins(&self, status: u16, count: usize) {
+        *self.inner.failing_joins.lock().unwrap() = (status, count);
+    }
+
+    /// Join requests seen so far.
+    pub fn joins(&self) -> usize {
+        self.inner.joins.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn backlog_len(&self) -> usize {
         self.inner.backlog.lock().unwrap().len()
     }
@@ -144,6 +161,30 @@ async fn relay(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::POST && uri.path().ends_with("/join") {
+        inner
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let failed = {
+            let mut failing = inner.failing_joins.lock().unwrap();
+            (failing.1 > 0).then(|| {
+                failing.1 -= 1;
+                failing.0
+            })
+        };
+        if let Some(status) = failed {
+            let errcode = if status == 403 {
+                "M_FORBIDDEN"
+            } else {
+                "M_UNKNOWN"
+            };
+            return (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({"errcode": errcode, "error": "refused by the test relay"})),
+            )
+                .into_response();
+        }
+    }
     let creates_event =
         method == Method::PUT && (uri.path().contains("/send/") || uri.path().contains("/state/"));
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
