@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use matrix_crew::agent::llm_turn::{TurnContext, conversation};
 use matrix_crew::agent::registry::Registry;
-use matrix_crew::dispatch::{Agent, Crew, DispatchConfig, Dispatcher, Membership, NoHistory, Role};
+use matrix_crew::dispatch::{
+    Agent, DispatchConfig, Dispatcher, Membership, NoHistory, Role, Roster,
+};
 use matrix_crew::store::Store;
 use process::{ms, percentile};
 use ruma::{OwnedUserId, RoomId, UserId};
@@ -85,7 +87,7 @@ fn idle_workers() {
         });
     }
     let config = DispatchConfig::default();
-    let crew = Crew::new(agents, [user("@human:example.org")], [], &config).expect("crew");
+    let crew = Roster::new(agents, [user("@human:example.org")], [], &config).expect("crew");
     let dispatcher = Dispatcher::new(config, crew).expect("dispatcher");
     let after = process::status_kib("VmRSS");
     let _ = store.db().flush();
@@ -122,7 +124,7 @@ fn prompt_size_by_history() {
                 keywords: Vec::new(),
             },
         ];
-        let crew = Crew::new(agents, [human.clone()], [], &config).expect("crew");
+        let crew = Roster::new(agents, [human.clone()], [], &config).expect("crew");
         let mut dispatcher = Dispatcher::new(config, crew).expect("dispatcher");
         let state = dispatcher.rooms.entry(&room);
         for member in [&human, &alice, &user("@bob:example.org")] {

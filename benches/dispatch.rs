@@ -15,7 +15,7 @@ use std::io::{BufRead, BufWriter, Write};
 use std::time::Instant;
 
 use matrix_crew::dispatch::{
-    Agent, Crew, DispatchConfig, Dispatcher, MemoryHistory, Role, RoomState, decide,
+    Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, RoomState, Roster, decide,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -325,7 +325,7 @@ fn is_agent(user: &str) -> bool {
     AGENTS.iter().any(|(id, _, _)| *id == user)
 }
 
-fn setup() -> (DispatchConfig, Crew, RoomState) {
+fn setup() -> (DispatchConfig, Roster, RoomState) {
     let config = DispatchConfig {
         worker_pairs: vec![["crew_writer".into(), "crew_coder".into()]],
         ..DispatchConfig::default()
@@ -343,7 +343,7 @@ fn setup() -> (DispatchConfig, Crew, RoomState) {
         .iter()
         .filter(|(_, _, ok)| *ok)
         .map(|(id, _, _)| UserId::parse(*id).expect("valid person id"));
-    let crew = Crew::new(agents, [], allowed, &config).expect("valid crew");
+    let crew = Roster::new(agents, [], allowed, &config).expect("valid crew");
     let mut room = RoomState::default();
     for (id, name) in AGENTS
         .iter()

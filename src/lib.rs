@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod init;
 pub mod llm;
 pub mod matrix;
+pub mod outbox;
 pub mod registration;
 pub mod sandbox;
 pub mod secret;

@@ -74,10 +74,16 @@ impl Registration {
             hs_token: Secret::random(TOKEN_BYTES),
             sender_localpart: new.manager_localpart.to_owned(),
             namespaces: Namespaces {
-                users: vec![Namespace {
-                    exclusive: true,
-                    regex: user_namespace_regex(new.user_prefix, new.server_name),
-                }],
+                users: vec![
+                    Namespace {
+                        exclusive: true,
+                        regex: user_namespace_regex(new.user_prefix, new.server_name),
+                    },
+                    Namespace {
+                        exclusive: true,
+                        regex: manager_namespace_regex(new.manager_localpart, new.server_name),
+                    },
+                ],
                 aliases: vec![],
                 rooms: vec![],
             },
@@ -149,6 +155,22 @@ impl Registration {
         )
     }
 
+    /// What to add to a registration whose users namespace leaves the Manager out (written
+    /// before crew listed it): without it Tuwunel never delivers the Manager's invites. `None`
+    /// when the Manager is in the namespace.
+    pub fn manager_namespace_advice(&self, server_name: &str) -> Option<String> {
+        let manager = format!("@{}:{}", self.sender_localpart, server_name);
+        let listed = self.namespaces.users.iter().any(|namespace| {
+            regex::Regex::new(&namespace.regex).is_ok_and(|re| re.is_match(&manager))
+        });
+        (!listed).then(|| {
+            format!(
+                "the registration's users namespace leaves out the Manager {manager}; some homeservers (Tuwunel) then never deliver its invites. Add this entry under namespaces.users in the registration file, give it to the homeserver again and restart it:\n    - exclusive: true\n      regex: '{}'",
+                manager_namespace_regex(&self.sender_localpart, server_name)
+            )
+        })
+    }
+
     /// Whether `user_id` is one of ours (in the namespace, or the Manager itself).
     pub fn is_ours(&self, user_id: &str, server_name: &str) -> bool {
         if user_id == format!("@{}:{}", self.sender_localpart, server_name) {
@@ -160,6 +182,15 @@ impl Registration {
                 .unwrap_or(false)
         })
     }
+}
+
+/// `^@crew:example\.org$`: the Manager alone.
+pub fn manager_namespace_regex(localpart: &str, server_name: &str) -> String {
+    format!(
+        "^@{}:{}$",
+        regex::escape(localpart),
+        regex::escape(server_name)
+    )
 }
 
 /// `^@crew_[a-z0-9._=/-]+:example\.org$`: anchored, so no other user can fall inside it.
@@ -208,6 +239,26 @@ mod tests {
         assert!(parsed.is_ours("@crew_bob:example.org", "example.org"));
         assert!(parsed.is_ours("@crew:example.org", "example.org"));
         assert!(!parsed.is_ours("@bob:example.org", "example.org"));
+    }
+
+    #[test]
+    fn the_manager_is_in_the_users_namespace_and_old_registrations_are_told_what_to_add() {
+        let registration = sample();
+        let manager_listed = registration.namespaces.users.iter().any(|namespace| {
+            regex::Regex::new(&namespace.regex)
+                .unwrap()
+                .is_match("@crew:example.org")
+        });
+        assert!(manager_listed, "{:?}", registration.namespaces.users);
+        assert_eq!(registration.manager_namespace_advice("example.org"), None);
+        let mut old = registration.clone();
+        old.namespaces.users.truncate(1);
+        let advice = old.manager_namespace_advice("example.org").unwrap();
+        assert!(
+            advice.contains("regex: '^@crew:example\\.org$'"),
+            "{advice}"
+        );
+        assert!(!old.is_ours("@crewx:example.org", "example.org"));
     }
 }
 

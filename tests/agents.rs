@@ -622,6 +622,174 @@ async fn a_message_for_a_busy_worker_reaches_its_running_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_message_taken_into_a_turn_cut_by_its_step_limit_is_answered_by_the_next() {
+    let llm = ScriptedLlm::start().await;
+    let thinking = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("use British spelling"),
+        Reply::text("Noted: British spelling from now on."),
+    );
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("write the summary"),
+        Reply::tool_call(
+            "w1",
+            "write_file",
+            json!({"path": "agents/alice/summary.md", "content": "Color palette: draft"}),
+        )
+        .hold(&thinking),
+    );
+    let env = crew_with_upstream_and_llm(llm.url(), "max_tool_steps = 1\n").await;
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+
+    admin
+        .send_mention(&room, "please write the summary", &[ALICE])
+        .await;
+    thinking.reached().await;
+    // Taken into the running turn, which then ends at its step limit without an answer.
+    let correction = admin
+        .send_mention(&room, "use British spelling, please", &[ALICE])
+        .await;
+    env.wait_queued(ALICE, &correction).await;
+    thinking.release();
+
+    alice_says(&admin, &room, "m.notice", "llm.max_tool_steps").await;
+    // The correction was not finished unanswered: the next turn answers it.
+    let answer = alice_says(&admin, &room, "m.text", "British spelling from now on").await;
+    assert_eq!(
+        answer["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+        correction.as_str(),
+        "{answer}"
+    );
+    tools::wait_for("an empty wake queue", WAIT, || async {
+        let queue = env.admin_api("/dispatch/queue").await?;
+        queue.as_object()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(llm.received(), 2, "one step per turn");
+    assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_a_running_turn_and_the_turn_resumes_on_the_next_start() {
+    let llm = ScriptedLlm::start().await;
+    let thinking = scripted_llm::Gate::new();
+    llm.on(
+        |b| is_alice(b) && waking_text(b).contains("long job") && !has_tool_result(b),
+        Reply::text("Done with the long job.").hold(&thinking),
+    );
+    let mut env = crew_with_llm(&llm).await;
+    let admin = env.admin().await;
+    let room = alice_in_a_group_room(&env).await;
+    admin
+        .send_mention(&room, "a long job, please", &[ALICE])
+        .await;
+    thinking.reached().await;
+    // The model is still thinking (the reply is held): SIGTERM must not wait for it.
+    let status = env
+        .terminate_crew(Duration::from_secs(5))
+        .await
+        .expect("crew exits within seconds of SIGTERM while a turn runs");
+    assert!(status.success(), "a clean exit: {status}");
+    assert!(alice_said(&admin, &room, "m.text", "").await.is_empty());
+    // The wake stayed queued: the next start runs the turn again and answers once.
+    thinking.release();
+    env.start_crew().await;
+    alice_says(&admin, &room, "m.text", "Done with the long job").await;
+    tools::wait_for("an empty wake queue", WAIT, || async {
+        let queue = env.admin_api("/dispatch/queue").await?;
+        queue.as_object()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(alice_said(&admin, &room, "m.text", "").await.len(), 1);
+}
+
+/// A journal whose disk went away: every write fails.
+struct UnwritableJournal;
+
+#[async_trait::async_trait]
+impl matrix_crew::agent::llm_turn::StepJournal for UnwritableJournal {
+    async fn load(
+        &self,
+        _step: usize,
+    ) -> Result<Option<matrix_crew::agent::llm_turn::JournaledStep>, matrix_crew::store::StoreError>
+    {
+        Ok(None)
+    }
+    async fn save(
+        &self,
+        _step: usize,
+        _entry: &matrix_crew::agent::llm_turn::JournaledStep,
+    ) -> Result<(), matrix_crew::store::StoreError> {
+        Err(matrix_crew::store::StoreError::Sled(
+            sled::Error::Unsupported("no space left on device".into()),
+        ))
+    }
+}
+
+/// Counts the tool calls it is asked to run.
+#[derive(Default)]
+struct CountingTools(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl matrix_crew::agent::llm_turn::Toolbox for CountingTools {
+    fn tools(&self) -> Vec<matrix_crew::llm::Tool> {
+        vec![matrix_crew::llm::Tool::function(
+            "write_file",
+            "writes a file",
+            json!({"type": "object"}),
+        )]
+    }
+    async fn call(&self, _name: &str, _arguments: &str) -> String {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        "done".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_that_cannot_be_journalled_does_not_run() {
+    use matrix_crew::agent::llm_turn::{self, TurnError, TurnLimits, Unsupervised};
+    let llm = ScriptedLlm::start().await;
+    llm.set_default(Reply::tool_call(
+        "w1",
+        "write_file",
+        json!({"path": "x", "content": "y"}),
+    ));
+    let client = matrix_crew::llm::LlmClient::new(
+        &format!("{}/v1", llm.url()).parse().unwrap(),
+        matrix_crew::secret::Secret::new("token"),
+        matrix_crew::llm::LlmConfig {
+            max_retries: 0,
+            ..matrix_crew::llm::LlmConfig::default()
+        },
+    )
+    .unwrap();
+    let tools = CountingTools::default();
+    let turn = llm_turn::Turn {
+        llm: &client,
+        model: "scripted-model",
+        limits: TurnLimits {
+            max_steps: 4,
+            max_tokens: 100_000,
+        },
+        toolbox: &tools,
+        supervisor: &Unsupervised,
+        journal: &UnwritableJournal,
+    };
+    let outcome = llm_turn::run(turn, "system".into(), "write x".into()).await;
+    assert!(
+        matches!(outcome, Err(TurnError::Journal(_))),
+        "the turn ends with the journal's error: {outcome:?}"
+    );
+    assert_eq!(
+        tools.0.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the tool call of an unjournalled step never runs"
+    );
+    assert_eq!(llm.received(), 1, "no further step either");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_admin_stop_ends_the_running_turn_before_its_tool_calls() {
     let llm = ScriptedLlm::start().await;
     let thinking = scripted_llm::Gate::new();

@@ -492,7 +492,7 @@ async fn sigkill_after_the_answer_loses_nothing_and_answers_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
+async fn tuwunel_style_backlog_arrives_when_crew_nudges_after_a_restart() {
     let mut env = CrewEnv::start().await;
     let (admin, room) = room_with_manager(&env).await;
     let manager = env.manager_id();
@@ -512,7 +512,7 @@ async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
         "delivery failed while crew was down and is held, not retried"
     );
     env.start_crew().await;
-    // Nothing but crew's own ping can release the backlog now.
+    // Pings release nothing on Tuwunel: only crew's own start-up event (the nudge) does.
     let acks = tools::wait_for("the held-back event's acknowledgement", WAIT, || async {
         let acks = admin.messages_from(&room, &manager).await;
         replied_to(&acks)
@@ -526,7 +526,7 @@ async fn tuwunel_style_backlog_arrives_when_crew_pings_after_a_restart() {
         deliveries.iter().any(|(_, status)| *status == Some(200)),
         "{deliveries:?}"
     );
-    // Tuwunel resends the same transaction id on a later ping; it must not be answered twice.
+    // Tuwunel resends the same transaction id with a later event; it must not be answered twice.
     replay
         .push(vec![mention_event(
             &room,
@@ -886,4 +886,142 @@ async fn files_go_in_and_out_and_are_shared_by_link_or_upload() {
         .await
         .unwrap();
     assert_eq!(response.text().await.unwrap(), spec);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn created_rooms_keep_the_creator_in_power_in_every_room_version() {
+    use matrix_crew::matrix::{CreateRoom, MatrixClient};
+    let env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let registration = env.registration();
+    let client = MatrixClient::new(
+        env.homeserver_url.parse().unwrap(),
+        matrix_crew::secret::Secret::new(registration["as_token"].as_str().unwrap()),
+    );
+    let manager = ruma::UserId::parse(env.manager_id()).unwrap();
+    let admin_id = ruma::UserId::parse(admin.user_id.as_str()).unwrap();
+    let mut power_levels = std::collections::BTreeMap::new();
+    power_levels.insert(admin_id.clone(), 100);
+    // v10 and v11 (Tuwunel's default) need the creator listed; v12 (Synapse's default)
+    // refuses it. The default version goes through /capabilities.
+    for version in [Some("10"), Some("11"), Some("12"), None] {
+        let room = client
+            .create_room_in(
+                &manager,
+                &CreateRoom {
+                    name: Some(format!("v{version:?}")),
+                    power_levels: power_levels.clone(),
+                    ..CreateRoom::default()
+                },
+                version,
+            )
+            .await
+            .unwrap_or_else(|error| panic!("createRoom in version {version:?}: {error}"));
+        let state = client.room_state(&manager, &room).await.unwrap();
+        let content = |kind: &str| {
+            state
+                .iter()
+                .find(|event| event["type"] == kind)
+                .map(|event| event["content"].clone())
+                .unwrap_or_else(|| panic!("no {kind} in {room}"))
+        };
+        let created_in = content("m.room.create")["room_version"]
+            .as_str()
+            .unwrap_or("1")
+            .to_owned();
+        if let Some(version) = version {
+            assert_eq!(created_in, version);
+        }
+        let users = content("m.room.power_levels")["users"].clone();
+        assert_eq!(users[admin_id.as_str()], 100, "{users}");
+        if matrix_crew::matrix::creators_are_privileged(&created_in) {
+            assert!(
+                users.get(manager.as_str()).is_none(),
+                "v{created_in}: {users}"
+            );
+        } else {
+            assert_eq!(
+                users[manager.as_str()],
+                100,
+                "v{created_in}: the creator keeps its power: {users}"
+            );
+        }
+    }
+}
+
+/// The event id and membership of `user` in `room`, as `admin` sees the room's state.
+async fn membership_event(admin: &TestUser, room: &str, user: &str) -> (String, String) {
+    let (status, state) = admin
+        .request(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state", synapse::enc(room)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{state}");
+    let event = state
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|event| event["type"] == "m.room.member" && event["state_key"] == user)
+        .unwrap_or_else(|| panic!("no membership of {user} in {room}: {state}"))
+        .clone();
+    (
+        event["event_id"].as_str().unwrap().to_owned(),
+        event["content"]["membership"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_the_homeserver_fails_is_retried_and_one_it_refuses_is_explained() {
+    let mut env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+
+    // More 500s than one homeserver call retries by itself: only the outbox's own retry (with
+    // backoff, after the pump has moved on) gets the Manager in.
+    relay.fail_joins(500, 8);
+    let room = admin.create_room("flaky", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    assert!(relay.joins() >= 9, "{} join attempts", relay.joins());
+
+    // A refusal is not retried for ever: it is recorded under the invite, for `!crew why`.
+    relay.fail_joins(403, 1_000);
+    let refused = admin.create_room("refused", &[&manager]).await;
+    let (invite, _) = membership_event(&admin, &refused, &manager).await;
+    let failures = tools::wait_for(
+        "the refused join in the decision's record",
+        WAIT,
+        || async {
+            let kept = env
+                .admin_api(&format!("/dispatch/why/{}", synapse::enc(&invite)))
+                .await?;
+            let failures = kept["failures"].as_array()?.clone();
+            (!failures.is_empty()).then_some(failures)
+        },
+    )
+    .await;
+    assert!(
+        failures[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("403 M_FORBIDDEN"),
+        "{failures:?}"
+    );
+    assert!(failures[0]["what"].as_str().unwrap().contains("joining"));
+    assert_eq!(relay.joins(), 10, "a refusal is asked once, not retried");
+    let (_, membership) = membership_event(&admin, &refused, &manager).await;
+    assert_eq!(membership, "invite");
+    // The pump did not wait on the refusals: the first room is answered meanwhile.
+    let asked = admin.send_mention(&room, "still there?", &[&manager]).await;
+    tools::wait_for("the Manager's answer", WAIT, || async {
+        admin
+            .messages_from(&room, &manager)
+            .await
+            .into_iter()
+            .find(|m| m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str())
+    })
+    .await;
 }

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use matrix_crew::dispatch::{
-    Agent, Crew, Decision, DispatchConfig, Dispatcher, MemoryHistory, NoHistory, ReasonLog,
-    Remember, Role, RoomMessageCap, RoomState, Rooms, SaidSince, Signal, SkipReason,
-    WakeRateLimiter, decide,
+    Agent, Decision, DispatchConfig, Dispatcher, MemoryHistory, NoHistory, ReasonLog, Remember,
+    Role, RoomMessageCap, RoomState, Rooms, Roster, SaidSince, Signal, SkipReason, WakeRateLimiter,
+    decide,
 };
 use proptest::prelude::*;
 use ruma::{EventId, OwnedUserId, RoomId, UserId};
@@ -57,8 +57,8 @@ fn base_config() -> DispatchConfig {
     }
 }
 
-fn crew(config: &DispatchConfig) -> Crew {
-    Crew::new(agents(), [user(ALICE)], [user(BOB)], config).expect("valid crew")
+fn crew(config: &DispatchConfig) -> Roster {
+    Roster::new(agents(), [user(ALICE)], [user(BOB)], config).expect("valid crew")
 }
 
 fn member(room: &str, who: &str, membership: &str, name: &str) -> Value {
@@ -378,10 +378,12 @@ fn encrypted_room_is_announced_once_per_agent() {
         joined.signals,
         [Signal::EncryptedRoom { agent: user(CODER) }]
     );
-    // A room that turns encrypted: the encrypted event alone marks it.
-    let turned = json!({"type": "m.room.encrypted", "room_id": GROUP, "sender": BOB, "event_id": "$e2", "content": {}});
-    let decision = d.dispatch(&turned, &NoHistory, 3);
-    assert_eq!(decision.signals.len(), 4, "{decision:?}");
+    // An `m.room.encrypted` event in a room without `m.room.encryption` state is unreadable,
+    // but it does not mark the room: the next plain message still wakes.
+    let stray = json!({"type": "m.room.encrypted", "room_id": GROUP, "sender": BOB, "event_id": "$e2", "content": {}});
+    let decision = d.dispatch(&stray, &NoHistory, 3);
+    assert_eq!(decision.ignored, Some(SkipReason::Encrypted));
+    assert!(decision.signals.is_empty(), "{decision:?}");
     let after = d.dispatch(
         &message(
             GROUP,
@@ -392,8 +394,60 @@ fn encrypted_room_is_announced_once_per_agent() {
         &NoHistory,
         4,
     );
-    assert_eq!(after.ignored, Some(SkipReason::Encrypted));
-    assert!(after.wakes.is_empty());
+    assert_eq!(after.ignored, None, "{after:?}");
+    assert_eq!(after.wakes.len(), 1, "{after:?}");
+    // Only the state event turns a room encrypted.
+    let turned = json!({"type": "m.room.encryption", "room_id": GROUP, "sender": BOB, "state_key": "",
+                        "event_id": "$e4", "content": {"algorithm": "m.megolm.v1.aes-sha2"}});
+    let decision = d.dispatch(&turned, &NoHistory, 5);
+    assert_eq!(decision.signals.len(), 4, "{decision:?}");
+    let later = d.dispatch(
+        &message(
+            GROUP,
+            ALICE,
+            "$e5",
+            json!({"msgtype": "m.text", "body": "Writer", "m.mentions": {"user_ids": [WRITER]}}),
+        ),
+        &NoHistory,
+        6,
+    );
+    assert_eq!(later.ignored, Some(SkipReason::Encrypted));
+    assert!(later.wakes.is_empty());
+}
+
+#[test]
+fn only_state_and_recorded_notices_change_the_room_model() {
+    let mut d = dispatcher(base_config());
+    let plain = message(
+        GROUP,
+        ALICE,
+        "$p1",
+        json!({"msgtype": "m.text", "body": "Writer", "m.mentions": {"user_ids": [WRITER]}}),
+    );
+    let decision = d.dispatch(&plain, &NoHistory, 1);
+    assert_eq!(decision.wakes.len(), 1);
+    assert!(
+        !decision.room_changed,
+        "a message leaves the room model as it was: nothing to save"
+    );
+    let joined = d.dispatch(
+        &member(GROUP, "@dave:example.org", "join", "Dave"),
+        &NoHistory,
+        2,
+    );
+    assert!(joined.room_changed, "a membership is state");
+    let unmentioned = message(
+        GROUP,
+        BOB,
+        "$p2",
+        json!({"msgtype": "m.text", "body": "Writer, are you there?"}),
+    );
+    let hinted = d.dispatch(&unmentioned, &NoHistory, 3);
+    assert!(!hinted.signals.is_empty(), "{hinted:?}");
+    assert!(
+        hinted.room_changed,
+        "the one-time hint is recorded in the room"
+    );
 }
 
 #[test]
@@ -741,11 +795,11 @@ fn config_errors_name_the_fix() {
         keywords: BTreeMap::from([("crew_nobody".to_string(), vec!["x".to_string()])]),
         ..DispatchConfig::default()
     };
-    let error = Crew::new(agents(), [], [], &config).unwrap_err();
+    let error = Roster::new(agents(), [], [], &config).unwrap_err();
     assert!(error.to_string().contains("crew_nobody"), "{error}");
     let mut twice = agents();
     twice.push(twice[0].clone());
-    assert!(Crew::new(twice, [], [], &DispatchConfig::default()).is_err());
+    assert!(Roster::new(twice, [], [], &DispatchConfig::default()).is_err());
     let bad = DispatchConfig {
         context_messages: 0,
         ..DispatchConfig::default()

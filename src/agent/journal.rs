@@ -70,24 +70,13 @@ impl WakeJournal {
 
 #[async_trait::async_trait]
 impl StepJournal for WakeJournal {
-    async fn load(&self, step: usize) -> Option<JournaledStep> {
-        match self.journal.steps.get(&self.key(step)) {
-            Ok(entry) => entry,
-            Err(error) => {
-                tracing::error!(%error, "cannot read the turn journal");
-                None
-            }
-        }
+    async fn load(&self, step: usize) -> Result<Option<JournaledStep>, StoreError> {
+        self.journal.steps.get(&self.key(step))
     }
 
-    async fn save(&self, step: usize, entry: &JournaledStep) {
-        if let Err(error) = self.journal.steps.insert(&self.key(step), entry) {
-            tracing::error!(%error, "cannot write the turn journal");
-            return;
-        }
-        if let Err(error) = self.journal.store.flush().await {
-            tracing::error!(%error, "cannot flush the turn journal");
-        }
+    async fn save(&self, step: usize, entry: &JournaledStep) -> Result<(), StoreError> {
+        self.journal.steps.insert(&self.key(step), entry)?;
+        self.journal.store.flush().await
     }
 }
 
@@ -108,13 +97,13 @@ mod tests {
             results: vec!["ok".into()],
             tokens: 12,
         };
-        one.save(0, &entry).await;
-        one.save(1, &entry).await;
-        two.save(0, &entry).await;
-        assert_eq!(one.load(1).await, Some(entry.clone()));
-        assert_eq!(one.load(2).await, None);
+        one.save(0, &entry).await.unwrap();
+        one.save(1, &entry).await.unwrap();
+        two.save(0, &entry).await.unwrap();
+        assert_eq!(one.load(1).await.unwrap(), Some(entry.clone()));
+        assert_eq!(one.load(2).await.unwrap(), None);
         journal.forget(&agent, "$one").unwrap();
-        assert_eq!(one.load(0).await, None);
-        assert_eq!(two.load(0).await, Some(entry));
+        assert_eq!(one.load(0).await.unwrap(), None);
+        assert_eq!(two.load(0).await.unwrap(), Some(entry));
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dispatch::{Missed, Said};
 use crate::llm::{ChatRequest, LlmClient, LlmError, Message, Tool};
+use crate::store::StoreError;
 
 /// Rounds of tool calls and tokens one turn may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +85,24 @@ pub struct JournaledStep {
     pub tokens: u64,
 }
 
-/// Where steps are recorded durably. `save` must not return before the record is on disk: a
-/// tool call runs only after its step is saved, and its result is saved before the next one.
+/// Where steps are recorded durably. `save` must not return `Ok` before the record is on disk:
+/// a tool call runs only after its step is saved, and its result is saved before the next one.
+/// An error ends the turn ([`TurnError::Journal`]): a step that could not be journalled could be
+/// repeated after a crash, so it does not run.
 #[async_trait::async_trait]
 pub trait StepJournal: Send + Sync {
-    async fn load(&self, step: usize) -> Option<JournaledStep>;
-    async fn save(&self, step: usize, entry: &JournaledStep);
+    async fn load(&self, step: usize) -> Result<Option<JournaledStep>, StoreError>;
+    async fn save(&self, step: usize, entry: &JournaledStep) -> Result<(), StoreError>;
+}
+
+/// Why a turn ended without an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    /// The journal could not be read or written; nothing more was done.
+    #[error("my turn journal cannot be kept, so I stopped before doing more: {0}")]
+    Journal(#[from] StoreError),
 }
 
 /// A journal that keeps nothing (benchmarks, one-shot calls).
@@ -97,10 +110,12 @@ pub struct NoJournal;
 
 #[async_trait::async_trait]
 impl StepJournal for NoJournal {
-    async fn load(&self, _step: usize) -> Option<JournaledStep> {
-        None
+    async fn load(&self, _step: usize) -> Result<Option<JournaledStep>, StoreError> {
+        Ok(None)
     }
-    async fn save(&self, _step: usize, _entry: &JournaledStep) {}
+    async fn save(&self, _step: usize, _entry: &JournaledStep) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// How a turn ended.
@@ -316,7 +331,7 @@ pub async fn run(
     turn: Turn<'_>,
     system: String,
     conversation: String,
-) -> Result<TurnOutcome, LlmError> {
+) -> Result<TurnOutcome, TurnError> {
     let Turn {
         llm,
         model,
@@ -330,7 +345,7 @@ pub async fn run(
     // Messages that arrived while tools ran: they follow the tool results.
     let mut arrived: Vec<String> = Vec::new();
     for step in 0..limits.max_steps {
-        let recorded = journal.load(step).await;
+        let recorded = journal.load(step).await?;
         if recorded.is_none() && step > 0 {
             match supervisor.between_steps().await {
                 Between::Stop { by } => return Ok(TurnOutcome::Stopped { by, steps: step }),
@@ -359,7 +374,7 @@ pub async fn run(
                     results: Vec::new(),
                     tokens: response.usage.map(|usage| usage.total_tokens).unwrap_or(0),
                 };
-                journal.save(step, &entry).await;
+                journal.save(step, &entry).await?;
                 if !entry.reply.tool_calls.is_empty() {
                     // A stop that came while the model was thinking prevents its tool calls.
                     match supervisor.between_steps().await {
@@ -407,7 +422,7 @@ pub async fn run(
                         }
                     };
                     entry.results.push(result.clone());
-                    journal.save(step, &entry).await;
+                    journal.save(step, &entry).await?;
                     result
                 }
             };

@@ -13,6 +13,7 @@ pub mod llm_turn;
 pub mod manager;
 pub mod manager_tools;
 pub mod registry;
+pub(crate) mod runner;
 pub mod sandbox_tools;
 pub mod services;
 pub mod status;

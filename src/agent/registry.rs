@@ -189,15 +189,62 @@ impl Registry {
         mut change: impl FnMut(&mut Worker),
     ) -> Result<Worker, RegistryError> {
         let name = Self::normalise_name(name)?;
-        self.bump();
-        self.workers
+        let updated = self
+            .workers
             .update(&name, |worker| {
                 worker.map(|mut worker| {
                     change(&mut worker);
                     worker
                 })
             })?
-            .ok_or(RegistryError::Unknown(name))
+            .ok_or(RegistryError::Unknown(name))?;
+        // Only after the write: a reader that sees the new generation must read the new roster
+        // (bumping first let the pump reload the old one and never look again).
+        self.bump();
+        Ok(updated)
+    }
+}
+
+impl Registry {
+    /// The dispatcher's view of our agents: the Manager and every active Worker. Stopped and
+    /// removed Workers are known to it as retired, so a keyword or Worker pair naming one wakes
+    /// nobody instead of making the roster invalid.
+    pub fn dispatch_roster(
+        &self,
+        manager: &UserId,
+        manager_name: String,
+        admins: &[OwnedUserId],
+        allowed: &[OwnedUserId],
+        config: &crate::dispatch::DispatchConfig,
+    ) -> Result<crate::dispatch::Roster, String> {
+        use crate::dispatch::{Agent, Role};
+        let mut agents = vec![Agent {
+            user_id: manager.to_owned(),
+            role: Role::Manager,
+            display_name: manager_name,
+            keywords: Vec::new(),
+        }];
+        let mut retired = Vec::new();
+        for worker in self.list().map_err(|error| error.to_string())? {
+            if worker.state == WorkerState::Active {
+                agents.push(Agent {
+                    user_id: worker.user_id,
+                    role: Role::Worker,
+                    display_name: worker.display_name,
+                    keywords: worker.keywords,
+                });
+            } else {
+                retired.push(worker.user_id);
+            }
+        }
+        crate::dispatch::Roster::with_retired(
+            agents,
+            &retired,
+            admins.iter().cloned(),
+            allowed.iter().cloned(),
+            config,
+        )
+        .map_err(|error| error.to_string())
     }
 }
 
@@ -227,6 +274,68 @@ mod tests {
         assert_eq!(registry.list().unwrap().len(), 1);
         let found = registry.by_user(&alice.user_id).unwrap().unwrap();
         assert_eq!(found.name, "alice");
+    }
+
+    #[test]
+    fn the_generation_moves_only_after_the_write() {
+        let store = Store::temporary().unwrap();
+        let registry = Registry::open(&store, "crew_", "example.org").unwrap();
+        registry.create("coder", "code", 1).unwrap();
+        let before = registry.generation();
+        let mut seen_during_write = None;
+        registry
+            .update("coder", |worker| {
+                seen_during_write = Some(registry.generation());
+                worker.state = WorkerState::Stopped;
+            })
+            .unwrap();
+        assert_eq!(
+            seen_during_write,
+            Some(before),
+            "a reader must not see the new generation before the new roster"
+        );
+        assert!(registry.generation() > before);
+    }
+
+    #[test]
+    fn a_stopped_or_removed_worker_named_in_keywords_or_pairs_keeps_the_roster_valid() {
+        use crate::dispatch::DispatchConfig;
+        let store = Store::temporary().unwrap();
+        let registry = Registry::open(&store, "crew_", "example.org").unwrap();
+        for name in ["coder", "writer", "tester"] {
+            registry.create(name, "work", 1).unwrap();
+        }
+        let mut config = DispatchConfig::default();
+        config
+            .keywords
+            .insert("crew_coder".into(), vec!["deploy".into()]);
+        config
+            .keywords
+            .insert("@crew_tester:example.org".into(), vec!["qa".into()]);
+        config.worker_pairs = vec![["crew_coder".into(), "crew_writer".into()]];
+        let manager = UserId::parse("@crew:example.org").unwrap();
+        let roster = |registry: &Registry| {
+            registry.dispatch_roster(&manager, "Manager".into(), &[], &[], &config)
+        };
+        roster(&registry).expect("every name is an active agent");
+        registry
+            .update("coder", |worker| worker.state = WorkerState::Stopped)
+            .unwrap();
+        registry
+            .update("tester", |worker| worker.state = WorkerState::Removed)
+            .unwrap();
+        let roster = roster(&registry).expect("a retired name wakes nobody, it is not an error");
+        let active: Vec<&str> = roster
+            .agents()
+            .map(|agent| agent.user_id.as_str())
+            .collect();
+        assert_eq!(active, ["@crew:example.org", "@crew_writer:example.org"]);
+        // A name that was never an agent is still a typo worth refusing.
+        config.keywords.insert("nobody".into(), vec!["x".into()]);
+        let error = registry
+            .dispatch_roster(&manager, "Manager".into(), &[], &[], &config)
+            .unwrap_err();
+        assert!(error.contains("nobody"), "{error}");
     }
 
     #[test]

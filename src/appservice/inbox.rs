@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+use sled::Transactional;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
@@ -63,6 +64,13 @@ struct EventHead<'a> {
 struct StoredEntry<'a> {
     event: &'a RawValue,
     received_ms: u64,
+}
+
+/// What [`Inbox::prune`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: usize,
+    pub transactions: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,8 +137,7 @@ impl Inbox {
             );
         }
         let seen_value = self.seen.encode(&SeenEvent { received_ms: now })?;
-        let mut seen_batch = sled::Batch::default();
-        let mut entry_batch = sled::Batch::default();
+        let mut fresh: Vec<(&str, Vec<u8>)> = Vec::new();
         let mut seen_here = std::collections::HashSet::new();
         for (raw, head) in events.iter().zip(&heads) {
             let Some(head) = head.as_ref().filter(|head| head.kind.is_some()) else {
@@ -151,8 +158,6 @@ impl Inbox {
                 outcome.duplicate_events += 1;
                 continue;
             }
-            seen_batch.insert(event_id.as_bytes(), seen_value.as_slice());
-            let seq = self.store.next_id()?;
             let entry = StoredEntry {
                 event: raw,
                 received_ms: now,
@@ -161,19 +166,63 @@ impl Inbox {
                 tree: self.entries.name().to_owned(),
                 source,
             })?;
-            entry_batch.insert(&seq.to_be_bytes(), encoded);
+            fresh.push((event_id, encoded));
             outcome.queued += 1;
         }
-        self.seen.raw().apply_batch(seen_batch)?;
-        self.entries.raw().apply_batch(entry_batch)?;
-        self.transactions.insert(
-            &txn_id.to_owned(),
-            &TransactionRecord {
-                digest,
-                received_ms: now,
-            },
-        )?;
+        let mut sequenced = Vec::with_capacity(fresh.len());
+        for (event_id, encoded) in fresh {
+            sequenced.push((event_id, self.store.next_id()?, encoded));
+        }
+        let record = self.transactions.encode(&TransactionRecord {
+            digest,
+            received_ms: now,
+        })?;
+        // One sled transaction: a flush can never persist the `seen` marks without the entries
+        // (which would make the homeserver's retry look like a duplicate and lose the events).
+        (self.seen.raw(), self.entries.raw(), self.transactions.raw())
+            .transaction(|(seen, entries, transactions)| {
+                for (event_id, seq, encoded) in &sequenced {
+                    seen.insert(event_id.as_bytes(), seen_value.as_slice())?;
+                    entries.insert(&seq.to_be_bytes(), encoded.as_slice())?;
+                }
+                transactions.insert(txn_id.as_bytes(), record.as_slice())?;
+                Ok(())
+            })
+            .map_err(
+                |error: sled::transaction::TransactionError<()>| match error {
+                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Sled(sled::Error::Unsupported("ingest aborted".into()))
+                    }
+                },
+            )?;
         Ok(outcome)
+    }
+
+    /// Forgets event ids and transaction ids received before `before_ms`. The homeserver
+    /// retries a transaction for minutes to hours, not weeks: past the retention the marks only
+    /// grow the database.
+    pub fn prune(&self, before_ms: u64) -> Result<Pruned, StoreError> {
+        let _guard = self
+            .ingest_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pruned = Pruned::default();
+        for entry in self.seen.iter() {
+            let (event_id, seen) = entry?;
+            if seen.received_ms < before_ms {
+                self.seen.remove(&event_id)?;
+                pruned.events += 1;
+            }
+        }
+        for entry in self.transactions.iter() {
+            let (txn_id, record) = entry?;
+            if record.received_ms < before_ms {
+                self.transactions.remove(&txn_id)?;
+                pruned.transactions += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// Queues the events and returns once they are on disk; then wakes the pump.
@@ -307,6 +356,54 @@ mod tests {
         assert_eq!(
             outcome.duplicate_events, 1,
             "the same event twice in one transaction"
+        );
+    }
+
+    #[test]
+    fn one_transaction_writes_marks_entries_and_the_txn_record_together() {
+        let store = Store::temporary().unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        inbox
+            .ingest("t1", &raw(&[message("$a"), message("$b")]))
+            .unwrap();
+        // Every mark has its entry and the transaction is recorded: the three trees agree.
+        let seen: Vec<_> = inbox.seen.raw().iter().keys().map(|k| k.unwrap()).collect();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(inbox.len(), 2);
+        assert!(inbox.transactions.get(&"t1".to_owned()).unwrap().is_some());
+    }
+
+    #[test]
+    fn prune_forgets_old_marks_only() {
+        let store = Store::temporary().unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        inbox.ingest("old", &raw(&[message("$old")])).unwrap();
+        let cut = now_ms() + 1;
+        while now_ms() <= cut {
+            std::hint::spin_loop();
+        }
+        inbox.ingest("new", &raw(&[message("$new")])).unwrap();
+        let pruned = inbox.prune(cut).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                events: 1,
+                transactions: 1
+            }
+        );
+        // The recent marks still recognise a retry; the forgotten one is new again.
+        assert!(
+            inbox
+                .ingest("new", &raw(&[message("$new")]))
+                .unwrap()
+                .duplicate_transaction
+        );
+        assert_eq!(
+            inbox
+                .ingest("old2", &raw(&[message("$old")]))
+                .unwrap()
+                .queued,
+            1
         );
     }
 }

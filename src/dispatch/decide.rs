@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::DispatchConfig;
-use super::crew::{Crew, History, Remember};
 use super::room::RoomState;
+use super::roster::{History, Remember, Roster};
 use super::text;
 
 /// Content key in which an agent's message carries the depth of the wake it was sent in.
@@ -165,6 +165,10 @@ pub struct Decision {
     pub signals: Vec<Signal>,
     /// What to add to the [`History`] (for later replies and edits).
     pub remember: Option<Remember>,
+    /// The room model changed (a state event, or a one-time notice recorded): only then does
+    /// the room need saving; a plain message leaves it as it was.
+    #[serde(skip)]
+    pub room_changed: bool,
 }
 
 impl Decision {
@@ -207,7 +211,7 @@ fn str_field<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 pub fn decide(
     event: &Value,
     room: &RoomState,
-    crew: &Crew,
+    crew: &Roster,
     config: &DispatchConfig,
     history: &dyn History,
 ) -> Decision {
@@ -234,8 +238,9 @@ pub fn decide(
     let is_state = object.get("state_key").is_some_and(Value::is_string);
     decision.message = kind == "m.room.message" && !is_state;
 
-    let encrypted = room.encrypted || kind == "m.room.encrypted";
-    if encrypted {
+    // Only the room's `m.room.encryption` state makes it encrypted (and worth the notice); an
+    // encrypted event in a room without it is unreadable, not a reason to give up on the room.
+    if room.encrypted {
         for prepared in &crew.agents {
             let agent = &prepared.agent.user_id;
             if room.is_joined(agent) && !room.encryption_notified.contains(agent) {
@@ -257,7 +262,7 @@ pub fn decide(
         decision.ignored = Some(SkipReason::Redacted);
         return decision;
     }
-    if encrypted {
+    if room.encrypted || kind == "m.room.encrypted" {
         decision.ignored = Some(SkipReason::Encrypted);
         return decision;
     }
@@ -505,7 +510,7 @@ pub fn decide(
 /// Calls `found` with the index of every agent listed in `m.mentions.user_ids`.
 fn for_each_mentioned_agent(
     mentions: &Map<String, Value>,
-    crew: &Crew,
+    crew: &Roster,
     mut found: impl FnMut(usize),
 ) {
     let Some(ids) = mentions.get("user_ids").and_then(Value::as_array) else {
@@ -522,7 +527,7 @@ fn for_each_mentioned_agent(
 
 /// Adds a [`Signal::MentionHint`] for each agent in the room that the text names by display
 /// name or localpart and that has not given the hint in this room yet.
-fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Crew, scratch: &[u8]) {
+fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Roster, scratch: &[u8]) {
     let mut lower: Option<String> = None;
     for (prepared, bits) in crew.agents.iter().zip(scratch) {
         let agent = &prepared.agent.user_id;

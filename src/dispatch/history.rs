@@ -4,7 +4,7 @@
 use ruma::{EventId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use super::crew::{History, Remember};
+use super::roster::{History, Remember};
 use crate::store::{Store, StoreError, Tree};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -12,6 +12,9 @@ struct Remembered {
     sender: Option<OwnedUserId>,
     #[serde(default)]
     mentioned: Vec<OwnedUserId>,
+    /// When it was first remembered (0 in records from before pruning existed).
+    #[serde(default)]
+    at_ms: u64,
 }
 
 /// The `event_history` tree, keyed by event id.
@@ -29,8 +32,12 @@ impl SledHistory {
 
     /// Adds what a decision asked to remember (mentions are a union, never a replacement).
     pub fn remember(&self, fact: &Remember) -> Result<(), StoreError> {
+        let now = crate::clock::now_ms();
         self.tree.update(&fact.event_id.to_string(), |entry| {
-            let mut entry = entry.unwrap_or_default();
+            let mut entry = entry.unwrap_or(Remembered {
+                at_ms: now,
+                ..Remembered::default()
+            });
             if entry.sender.is_none() {
                 entry.sender = Some(fact.sender.clone());
             }
@@ -42,6 +49,27 @@ impl SledHistory {
             Some(entry)
         })?;
         Ok(())
+    }
+}
+
+impl SledHistory {
+    /// Forgets events remembered before `before_ms` (a reply to a message that old no longer
+    /// wakes through the history, only through its mentions). Records from before the time was
+    /// kept get it now, so they go one retention later. Returns how many were forgotten.
+    pub fn prune(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let now = crate::clock::now_ms();
+        let mut forgotten = 0;
+        for entry in self.tree.iter() {
+            let (event_id, mut remembered) = entry?;
+            if remembered.at_ms == 0 {
+                remembered.at_ms = now;
+                self.tree.insert(&event_id, &remembered)?;
+            } else if remembered.at_ms < before_ms {
+                self.tree.remove(&event_id)?;
+                forgotten += 1;
+            }
+        }
+        Ok(forgotten)
     }
 }
 
@@ -61,5 +89,32 @@ impl History for SledHistory {
             .flatten()
             .map(|entry| entry.mentioned)
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_forgets_old_events_only() {
+        let store = Store::temporary().unwrap();
+        let history = SledHistory::open(&store).unwrap();
+        let fact = |id: &str| Remember {
+            event_id: EventId::parse(id).unwrap(),
+            sender: OwnedUserId::try_from("@crew_alice:example.org").unwrap(),
+            mentioned: Vec::new(),
+        };
+        history.remember(&fact("$old")).unwrap();
+        let cut = crate::clock::now_ms() + 1;
+        while crate::clock::now_ms() <= cut {
+            std::hint::spin_loop();
+        }
+        history.remember(&fact("$new")).unwrap();
+        assert_eq!(history.prune(cut).unwrap(), 1);
+        let old = EventId::parse("$old").unwrap();
+        let new = EventId::parse("$new").unwrap();
+        assert_eq!(history.sender_of(&old), None);
+        assert!(history.sender_of(&new).is_some());
     }
 }

@@ -10,13 +10,13 @@
 //! [`Signal`]s, persist the state).
 
 mod context;
-mod crew;
 mod decide;
 mod guards;
 mod history;
 pub mod queue;
 mod reasons;
 mod room;
+mod roster;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -26,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use context::{Missed, RoomLog, Said, SaidSince};
-pub use crew::{Agent, Crew, History, MemoryHistory, NoHistory, Remember, Role};
 pub use decide::{
     DEPTH_KEY, Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth,
 };
@@ -34,6 +33,7 @@ pub use guards::{Guards, RoomMessageCap, WINDOW_MS, WakeRateLimiter};
 pub use history::SledHistory;
 pub use reasons::{Kept, ReasonLog};
 pub use room::{Member, Membership, PowerLevels, RoomState, Rooms};
+pub use roster::{Agent, History, MemoryHistory, NoHistory, Remember, Role, Roster};
 
 /// Errors building the dispatcher from config and agents; each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -142,22 +142,25 @@ impl DispatchConfig {
 
 impl RoomState {
     /// Records the one-time notices a decision asked for, so they are not asked for again, and
-    /// re-arms the loop notice when a person speaks.
-    pub fn record(&mut self, decision: &Decision) {
-        if decision.message && !decision.sender_is_agent && decision.ignored.is_none() {
+    /// re-arms the loop notice when a person speaks. Returns whether anything changed.
+    pub fn record(&mut self, decision: &Decision) -> bool {
+        let mut changed = false;
+        if decision.message
+            && !decision.sender_is_agent
+            && decision.ignored.is_none()
+            && self.loop_notified
+        {
             self.loop_notified = false;
+            changed = true;
         }
         for signal in &decision.signals {
-            match signal {
-                Signal::EncryptedRoom { agent } => {
-                    self.encryption_notified.insert(agent.clone());
-                }
-                Signal::MentionHint { agent } => {
-                    self.hinted.insert(agent.clone());
-                }
-                Signal::LoopStopped { .. } => self.loop_notified = true,
-            }
+            changed |= match signal {
+                Signal::EncryptedRoom { agent } => self.encryption_notified.insert(agent.clone()),
+                Signal::MentionHint { agent } => self.hinted.insert(agent.clone()),
+                Signal::LoopStopped { .. } => !std::mem::replace(&mut self.loop_notified, true),
+            };
         }
+        changed
     }
 }
 
@@ -166,7 +169,7 @@ impl RoomState {
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
     config: DispatchConfig,
-    crew: Crew,
+    roster: Roster,
     /// The room model; persist it (serde) to survive restarts.
     pub rooms: Rooms,
     /// The rate windows (in memory only).
@@ -179,7 +182,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher with empty state.
-    pub fn new(config: DispatchConfig, crew: Crew) -> Result<Self, DispatchError> {
+    pub fn new(config: DispatchConfig, roster: Roster) -> Result<Self, DispatchError> {
         config.check()?;
         Ok(Self {
             guards: Guards::new(
@@ -193,7 +196,7 @@ impl Dispatcher {
             ),
             rooms: Rooms::new(),
             config,
-            crew,
+            roster,
         })
     }
 
@@ -203,13 +206,13 @@ impl Dispatcher {
     }
 
     /// The agents and policy in force.
-    pub fn crew(&self) -> &Crew {
-        &self.crew
+    pub fn roster(&self) -> &Roster {
+        &self.roster
     }
 
     /// Replaces the agents and policy (an agent was added or removed, an admin allowed someone).
-    pub fn set_crew(&mut self, crew: Crew) {
-        self.crew = crew;
+    pub fn set_roster(&mut self, roster: Roster) {
+        self.roster = roster;
     }
 
     /// Handles one event at `now_ms`: updates the room model, decides, applies the rate guards,
@@ -217,6 +220,7 @@ impl Dispatcher {
     /// The caller queues the wakes, posts the signals and stores `decision.remember` in its
     /// [`History`].
     pub fn dispatch(&mut self, event: &Value, history: &dyn History, now_ms: u64) -> Decision {
+        let is_state = event.get("state_key").is_some_and(Value::is_string);
         self.rooms.apply_event(event);
         let empty = RoomState::default();
         let room_id = event
@@ -224,10 +228,11 @@ impl Dispatcher {
             .and_then(Value::as_str)
             .and_then(|id| <&RoomId>::try_from(id).ok());
         let state = room_id.and_then(|id| self.rooms.get(id)).unwrap_or(&empty);
-        let mut decision = decide(event, state, &self.crew, &self.config, history);
+        let mut decision = decide(event, state, &self.roster, &self.config, history);
         self.guards.apply(&mut decision, now_ms);
         if let Some(room) = &decision.room_id {
-            self.rooms.entry(room).record(&decision);
+            let recorded = self.rooms.entry(room).record(&decision);
+            decision.room_changed = is_state || recorded;
         }
         self.keep_context(event, &decision);
         self.reasons.insert(&decision, now_ms);

@@ -59,7 +59,8 @@ pub struct RoomState {
     members: BTreeMap<OwnedUserId, Member>,
     /// Number of members with `Join`, kept in step with `members`.
     joined: usize,
-    /// Set by `m.room.encryption` or by any `m.room.encrypted` event.
+    /// Set only by the `m.room.encryption` state event: a lone `m.room.encrypted` timeline
+    /// event (anyone can send one) must not make a room unreadable for ever.
     pub encrypted: bool,
     /// `None` until a power-levels event is seen.
     pub power_levels: Option<PowerLevels>,
@@ -76,16 +77,12 @@ pub struct RoomState {
 }
 
 impl RoomState {
-    /// Applies a state event (or an `m.room.encrypted` event) to the model. Anything else, or
-    /// malformed content, leaves it unchanged: state from the wire must never stop dispatch.
+    /// Applies a state event to the model. Anything else, or malformed content, leaves it
+    /// unchanged: state from the wire must never stop dispatch.
     pub fn apply_event(&mut self, event: &Value) {
         let Some(kind) = event.get("type").and_then(Value::as_str) else {
             return;
         };
-        if kind == "m.room.encrypted" {
-            self.encrypted = true;
-            return;
-        }
         let Some(state_key) = event.get("state_key").and_then(Value::as_str) else {
             return;
         };
@@ -224,6 +221,13 @@ impl RoomState {
         self.joined
     }
 
+    /// Whether any member for whom `wanted` holds is joined or invited.
+    pub fn joined_or_invited(&self, wanted: impl Fn(&UserId) -> bool) -> bool {
+        self.members.iter().any(|(user, member)| {
+            matches!(member.membership, Membership::Join | Membership::Invite) && wanted(user)
+        })
+    }
+
     /// Joined members.
     pub fn joined_members(&self) -> impl Iterator<Item = &UserId> {
         self.members
@@ -271,7 +275,7 @@ impl Rooms {
         Self::default()
     }
 
-    /// Applies a state or encrypted event to its room (named by the event's `room_id`).
+    /// Applies a state event to its room (named by the event's `room_id`).
     /// Returns false when the event names no valid room.
     pub fn apply_event(&mut self, event: &Value) -> bool {
         let Some(room_id) = event
@@ -281,9 +285,7 @@ impl Rooms {
         else {
             return false;
         };
-        let is_state = event.get("state_key").is_some_and(Value::is_string);
-        let is_encrypted = event.get("type").and_then(Value::as_str) == Some("m.room.encrypted");
-        if is_state || is_encrypted {
+        if event.get("state_key").is_some_and(Value::is_string) {
             self.rooms.entry(room_id).or_default().apply_event(event);
         }
         true

@@ -215,14 +215,49 @@ impl MatrixClient {
             .ok_or_else(|| bad(&path, "no room_id in the alias answer"))
     }
 
-    /// Creates a room as `user`. Rooms crew creates are never encrypted: agents cannot read
-    /// encrypted rooms.
+    /// Creates a room as `user`, in the homeserver's default room version. Rooms crew creates
+    /// are never encrypted: agents cannot read encrypted rooms.
     pub async fn create_room(
         &self,
         user: &UserId,
         room: &CreateRoom,
     ) -> Result<OwnedRoomId, MatrixError> {
+        self.create_room_in(user, room, None).await
+    }
+
+    /// The homeserver's default room version (`/capabilities`), if it says.
+    pub async fn default_room_version(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
+        let answer = self
+            .call(
+                Method::GET,
+                "/_matrix/client/v3/capabilities",
+                Some(user),
+                None,
+                &[],
+            )
+            .await?;
+        Ok(answer
+            .pointer("/capabilities/m.room_versions/default")
+            .and_then(Value::as_str)
+            .map(str::to_owned))
+    }
+
+    /// As [`MatrixClient::create_room`], in `version` when given (else the homeserver's
+    /// default). The power levels are built for the version the room will have: before room
+    /// version 12 the creator must be listed or the override takes its power away (Tuwunel's
+    /// default v11), from 12 on it must not be (Synapse's default v12).
+    pub async fn create_room_in(
+        &self,
+        user: &UserId,
+        room: &CreateRoom,
+        version: Option<&str>,
+    ) -> Result<OwnedRoomId, MatrixError> {
         let path = "/_matrix/client/v3/createRoom";
+        let version = match version {
+            Some(version) => Some(version.to_owned()),
+            None if room.power_levels.is_empty() => None,
+            None => self.default_room_version(user).await?,
+        };
         let mut body = json!({
             "preset": if room.is_direct { "trusted_private_chat" } else { "private_chat" },
             "is_direct": room.is_direct,
@@ -234,11 +269,11 @@ impl MatrixClient {
         if let Some(topic) = &room.topic {
             body["topic"] = json!(topic);
         }
+        if let Some(version) = &version {
+            body["room_version"] = json!(version);
+        }
         if !room.power_levels.is_empty() {
-            // The creator is left out: the homeserver gives it full power (and from room
-            // version 12 refuses to see it listed).
-            let mut users = room.power_levels.clone();
-            users.remove(user);
+            let users = power_level_users(version.as_deref(), user, &room.power_levels);
             body["power_level_content_override"] = json!({ "users": users });
         }
         let answer = self
@@ -643,6 +678,31 @@ fn bad(path: &str, message: &str) -> MatrixError {
     }
 }
 
+/// Whether rooms of `version` give their creators unlimited power by themselves (room version
+/// 12 and its MSC4289 predecessor): then the creator must not appear in `users`.
+pub fn creators_are_privileged(version: &str) -> bool {
+    version == "org.matrix.hydra.11" || version.parse::<u32>().is_ok_and(|number| number >= 12)
+}
+
+/// The `users` of a createRoom power-level override: `wanted` for the others, and the creator
+/// at 100 where the room version needs it listed (an unknown version leaves it out).
+pub fn power_level_users(
+    version: Option<&str>,
+    creator: &UserId,
+    wanted: &BTreeMap<OwnedUserId, i64>,
+) -> BTreeMap<OwnedUserId, i64> {
+    let mut users = wanted.clone();
+    match version {
+        Some(version) if !creators_are_privileged(version) => {
+            users.insert(creator.to_owned(), 100);
+        }
+        _ => {
+            users.remove(creator);
+        }
+    }
+    users
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,6 +712,23 @@ mod tests {
         assert_eq!(transaction_id("@a:x", "k"), transaction_id("@a:x", "k"));
         assert_ne!(transaction_id("@a:x", "k"), transaction_id("@b:x", "k"));
         assert_ne!(transaction_id("@a:x", "k"), transaction_id("@a:x", "k2"));
+    }
+
+    #[test]
+    fn the_creator_is_listed_before_room_version_12_only() {
+        let creator = UserId::parse("@crew:example.org").unwrap();
+        let admin = UserId::parse("@admin:example.org").unwrap();
+        let wanted = BTreeMap::from([(admin.clone(), 100), (creator.clone(), 50)]);
+        for version in ["1", "10", "11"] {
+            let users = power_level_users(Some(version), &creator, &wanted);
+            assert_eq!(users.get(&creator), Some(&100), "v{version}");
+            assert_eq!(users.get(&admin), Some(&100));
+        }
+        for version in [Some("12"), Some("13"), Some("org.matrix.hydra.11"), None] {
+            let users = power_level_users(version, &creator, &wanted);
+            assert_eq!(users.get(&creator), None, "{version:?}");
+            assert_eq!(users.get(&admin), Some(&100));
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod client;
 mod error;
 pub mod message;
 
-pub use client::{CreateRoom, MatrixClient, RoomMember};
+pub use client::{
+    CreateRoom, MatrixClient, RoomMember, creators_are_privileged, power_level_users,
+};
 pub use error::MatrixError;
 pub use message::OutgoingMessage;

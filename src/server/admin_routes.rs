@@ -10,7 +10,7 @@ use axum::routing::get;
 use ruma::OwnedUserId;
 use serde_json::Value;
 
-use super::Crew;
+use super::Service;
 
 /// What `crew share` asks for.
 #[derive(serde::Deserialize)]
@@ -26,14 +26,14 @@ pub(super) struct ShareRequest {
 }
 
 /// `POST /share`: an agent posts a file reference (link or `m.file`) in a room.
-pub(super) fn share_router(crew: Arc<Crew>) -> axum::Router {
+pub(super) fn share_router(crew: Arc<Service>) -> axum::Router {
     axum::Router::new()
         .route("/", axum::routing::post(share))
         .with_state(crew)
 }
 
 async fn share(
-    State(crew): State<Arc<Crew>>,
+    State(crew): State<Arc<Service>>,
     axum::Json(request): axum::Json<ShareRequest>,
 ) -> Response {
     let agent = request.agent.unwrap_or_else(|| crew.manager.clone());
@@ -65,7 +65,7 @@ async fn share(
 /// `/dispatch/why/{event_id}` (the dispatcher's reasons), `/dispatch/turns` (turns per agent),
 /// `/dispatch/queue` (wakes not yet answered, per agent) and `/dispatch/team` (what every
 /// Worker is doing, for `crew workers status`).
-pub(super) fn dispatch_router(crew: Arc<Crew>) -> axum::Router {
+pub(super) fn dispatch_router(crew: Arc<Service>) -> axum::Router {
     axum::Router::new()
         .route("/why/{event_id}", get(why))
         .route("/turns", get(turns))
@@ -74,7 +74,7 @@ pub(super) fn dispatch_router(crew: Arc<Crew>) -> axum::Router {
         .with_state(crew)
 }
 
-async fn why(State(crew): State<Arc<Crew>>, Path(event_id): Path<String>) -> Response {
+async fn why(State(crew): State<Arc<Service>>, Path(event_id): Path<String>) -> Response {
     let Ok(event_id) = ruma::EventId::parse(&event_id) else {
         return crate::admin::error_response(StatusCode::BAD_REQUEST, "not an event id");
     };
@@ -83,7 +83,18 @@ async fn why(State(crew): State<Arc<Crew>>, Path(event_id): Path<String>) -> Res
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     match state.dispatcher.reasons.get(&event_id) {
-        Some(kept) => axum::Json(kept.clone()).into_response(),
+        Some(kept) => {
+            // What the homeserver refused for good, from the outbox (`!crew why` says it too).
+            let mut answer = serde_json::to_value(kept).unwrap_or_default();
+            if let Some(object) = answer.as_object_mut() {
+                let failures = crew.outbox.failures(event_id.as_str()).unwrap_or_default();
+                object.insert(
+                    "failures".to_owned(),
+                    serde_json::to_value(failures).unwrap_or_default(),
+                );
+            }
+            axum::Json(answer).into_response()
+        }
         None => crate::admin::error_response(
             StatusCode::NOT_FOUND,
             "no decision kept for that event (unknown, or older than the retention)",
@@ -91,7 +102,7 @@ async fn why(State(crew): State<Arc<Crew>>, Path(event_id): Path<String>) -> Res
     }
 }
 
-async fn turns(State(crew): State<Arc<Crew>>) -> Response {
+async fn turns(State(crew): State<Arc<Service>>) -> Response {
     let turns = crew
         .turns
         .lock()
@@ -100,7 +111,7 @@ async fn turns(State(crew): State<Arc<Crew>>) -> Response {
     axum::Json(turns).into_response()
 }
 
-async fn queue(State(crew): State<Arc<Crew>>) -> Response {
+async fn queue(State(crew): State<Arc<Service>>) -> Response {
     let agents = match crew.queue.agents_with_pending() {
         Ok(agents) => agents,
         Err(error) => {
@@ -133,7 +144,7 @@ async fn queue(State(crew): State<Arc<Crew>>) -> Response {
     axum::Json(Value::Object(pending)).into_response()
 }
 
-async fn team(State(crew): State<Arc<Crew>>) -> Response {
+async fn team(State(crew): State<Arc<Service>>) -> Response {
     match crate::agent::status::team_status(
         &crew.team.registry,
         &crew.tasks,

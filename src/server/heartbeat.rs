@@ -11,13 +11,13 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::Crew;
+use super::Service;
 use crate::clock::now_ms;
 use crate::dispatch::DEPTH_KEY;
 use crate::matrix::OutgoingMessage;
 use crate::tasks::{HeartbeatAction, render_report};
 
-pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
+pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
     let period = crew.config.tasks.heartbeat_interval();
     loop {
         tokio::select! {
@@ -43,7 +43,7 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
 }
 
 /// Posts one action; true when it reached the homeserver.
-async fn post(crew: &Crew, action: &HeartbeatAction, now: u64) -> bool {
+async fn post(crew: &Service, action: &HeartbeatAction, now: u64) -> bool {
     match action {
         HeartbeatAction::Nudge { task, worker } => {
             let (Ok(task), Ok(Some(worker))) =
@@ -135,7 +135,7 @@ async fn post(crew: &Crew, action: &HeartbeatAction, now: u64) -> bool {
     }
 }
 
-async fn send(crew: &Crew, room: &ruma::RoomId, key: &str, message: &OutgoingMessage) -> bool {
+async fn send(crew: &Service, room: &ruma::RoomId, key: &str, message: &OutgoingMessage) -> bool {
     match crew.client.send(&crew.manager, room, key, message).await {
         Ok(_) => true,
         Err(error) => {

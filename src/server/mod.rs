@@ -5,10 +5,12 @@
 //! [`crate::agent`]; this module only wires them together and owns the tasks' lifetimes.
 
 mod admin_routes;
+mod backlog;
 mod heartbeat;
-mod pump;
+mod housekeeping;
+mod outbox_runner;
+pub(crate) mod pump;
 mod startup;
-mod turns;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +45,13 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// A listener stopped while crew was running.
+    #[error("the {what} listener failed: {source}")]
+    Listener {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Startup(#[from] StartupError),
     #[error(transparent)]
@@ -60,7 +69,7 @@ pub enum ServeError {
 }
 
 /// What every part of the running service shares.
-pub struct Crew {
+pub struct Service {
     pub config: Config,
     pub registration: Registration,
     pub client: MatrixClient,
@@ -84,18 +93,21 @@ pub struct Crew {
     pub dispatcher: std::sync::Mutex<DispatchState>,
     pub history: SledHistory,
     pub queue: WakeQueue,
+    /// What the pump decided to do on the homeserver, performed by `outbox_runner`.
+    pub outbox: crate::outbox::Outbox,
+    draining: outbox_runner::Draining,
     /// Room state as the dispatcher sees it, persisted per room.
     room_states: Tree<String, RoomState>,
     /// The dispatcher's "said since" log per room (the turns' recent conversation).
     room_context: Tree<String, RoomLog>,
     /// Agents whose turn loop is running (one turn per agent at a time).
-    running: crate::agent::status::Busy,
+    pub(crate) running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
     pub turns: std::sync::Mutex<std::collections::BTreeMap<OwnedUserId, u64>>,
     /// Who gets `!crew` answered, and how often per room.
     commands: crate::agent::commands::CommandGate,
     background: tokio_util::task::TaskTracker,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// The dispatcher and the roster generation it was built from.
@@ -104,7 +116,7 @@ pub struct DispatchState {
     pub roster_generation: u64,
 }
 
-impl Crew {
+impl Service {
     /// Whether `user` is one of our puppets (the Manager or a Worker).
     pub fn is_ours(&self, user: &UserId) -> bool {
         self.registration
@@ -123,7 +135,8 @@ impl Crew {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.insert(agent.clone()) {
-            self.background.spawn(turns::drive(self.clone(), agent));
+            self.background
+                .spawn(crate::agent::runner::drive(self.clone(), agent));
         }
     }
 
@@ -147,8 +160,23 @@ impl Crew {
         }
     }
 
+    /// Forgets a room none of our agents is in any more: its model, its conversation log, in
+    /// memory and in sled (it is fetched again if an agent is invited back).
+    pub(crate) fn forget_room(&self, room: &ruma::RoomId, dispatcher: &mut Dispatcher) {
+        dispatcher.rooms.remove(room);
+        dispatcher.context.remove_room(room);
+        let key = room.to_string();
+        if let Err(error) = self
+            .room_states
+            .remove(&key)
+            .and_then(|_| self.room_context.remove(&key))
+        {
+            tracing::error!(%error, %room, "cannot forget a room crew left");
+        }
+    }
+
     /// Saves one room's conversation log (messages and agents' cursors).
-    fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
+    pub(crate) fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
         if let Some(log) = dispatcher.context.room_log(room)
             && let Err(error) = self.room_context.insert(&room.to_string(), log)
         {
@@ -163,34 +191,14 @@ fn dispatch_roster(
     manager: &UserId,
     manager_name: String,
     team: &Team,
-) -> Result<crate::dispatch::Crew, String> {
-    use crate::agent::registry::WorkerState;
-    use crate::dispatch::{Agent, Role};
-    let mut agents = vec![Agent {
-        user_id: manager.to_owned(),
-        role: Role::Manager,
-        display_name: manager_name,
-        keywords: Vec::new(),
-    }];
-    let workers = team.registry.list().map_err(|error| error.to_string())?;
-    for worker in workers
-        .into_iter()
-        .filter(|w| w.state == WorkerState::Active)
-    {
-        agents.push(Agent {
-            user_id: worker.user_id,
-            role: Role::Worker,
-            display_name: worker.display_name,
-            keywords: worker.keywords,
-        });
-    }
-    crate::dispatch::Crew::new(
-        agents,
-        config.admins.iter().cloned(),
-        config.invites.allow_users.iter().cloned(),
+) -> Result<crate::dispatch::Roster, String> {
+    team.registry.dispatch_roster(
+        manager,
+        manager_name,
+        &config.admins,
+        &config.invites.allow_users,
         &config.dispatch,
     )
-    .map_err(|error| error.to_string())
 }
 
 /// Runs until `shutdown` is cancelled or a listener fails.
@@ -261,6 +269,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     }
     let history = SledHistory::open(&store)?;
     let queue = WakeQueue::open(&store)?;
+    let outbox = crate::outbox::Outbox::open(&store)?;
 
     let (pings, ping_seen) = tokio::sync::watch::channel(None);
     let state = Arc::new(AppserviceState {
@@ -305,7 +314,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
     let commands = crate::agent::commands::CommandGate::new(config.dispatch.agent_wakes_per_minute);
-    let crew = Arc::new(Crew {
+    let crew = Arc::new(Service {
         config,
         registration,
         client,
@@ -325,6 +334,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         }),
         history,
         queue,
+        outbox,
+        draining: Default::default(),
         room_states,
         room_context,
         running: busy,
@@ -338,15 +349,17 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     // `storage.public_base_url` points to.
     let router = appservice::router(state, crew.config.appservice.max_transaction_bytes)
         .merge(crate::storage::links::links_router(storage.clone(), links));
+    let failed = ListenerFailure::default();
     let http_shutdown = shutdown.clone();
-    background.spawn(async move {
-        let served = axum::serve(appservice_listener, router)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "appservice listener stopped");
-        }
-    });
+    background.spawn(failed.watch(
+        "appservice API",
+        async move {
+            axum::serve(appservice_listener, router)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await
+        },
+        shutdown.clone(),
+    ));
     let status_sandboxes = sandboxes.clone();
     let admin_routes = axum::Router::new()
         .route(
@@ -365,7 +378,11 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         .nest("/files", crate::storage::admin::admin_router(storage))
         .nest("/dispatch", admin_routes::dispatch_router(crew.clone()))
         .nest("/share", admin_routes::share_router(crew.clone()));
-    background.spawn(gateway.clone().serve(gateway_listener, shutdown.clone()));
+    background.spawn(failed.watch(
+        "credential gateway",
+        gateway.clone().serve(gateway_listener, shutdown.clone()),
+        shutdown.clone(),
+    ));
     if crew.config.sandbox.enabled {
         let socket = sandboxes.gateway_socket();
         match bind_unix(&socket) {
@@ -383,16 +400,15 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             shutdown.clone(),
         ));
     }
-    background.spawn(crate::admin::serve(
-        admin_listener,
-        admin_token,
-        admin_routes,
+    background.spawn(failed.watch(
+        "admin API",
+        crate::admin::serve(admin_listener, admin_token, admin_routes, shutdown.clone()),
         shutdown.clone(),
     ));
 
     let checked = tokio::select! {
         checked = startup::check_homeserver(&crew, ping_seen) => checked,
-        () = shutdown.cancelled() => return Ok(()),
+        () = shutdown.cancelled() => return failed.take().map_or(Ok(()), Err),
     };
     if let Err(error) = checked {
         shutdown.cancel();
@@ -400,17 +416,27 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         background.wait().await;
         return Err(error.into());
     }
+    if let Some(advice) = crew
+        .registration
+        .manager_namespace_advice(crew.config.homeserver.server_name.as_str())
+    {
+        tracing::warn!("{advice}");
+    }
     tracing::info!(
         manager = %crew.manager,
         appservice = %crew.config.appservice.bind,
         "crew is ready"
     );
 
+    // Events the homeserver held back while crew was down come with the next event for us.
+    backlog::nudge(&crew, "start-up").await;
     background.spawn(startup::ping_periodically(crew.clone(), shutdown.clone()));
     background.spawn(startup::greet_admins(crew.clone()));
     background.spawn(startup::refresh_rooms(crew.clone()));
     background.spawn(pump::run(crew.clone(), shutdown.clone()));
+    background.spawn(outbox_runner::run(crew.clone(), shutdown.clone()));
     background.spawn(heartbeat::run(crew.clone(), shutdown.clone()));
+    background.spawn(housekeeping::run(crew.clone(), shutdown.clone()));
     // Wakes that a previous run acknowledged but did not finish run now.
     match crew.queue.agents_with_pending() {
         Ok(agents) => {
@@ -425,7 +451,41 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.close();
     background.wait().await;
     crew.store.flush().await?;
-    Ok(())
+    failed.take().map_or(Ok(()), Err)
+}
+
+/// The first listener that failed: it stops the service, and `serve` returns its error.
+#[derive(Clone, Default)]
+struct ListenerFailure(Arc<std::sync::Mutex<Option<ServeError>>>);
+
+impl ListenerFailure {
+    /// Runs a listener; when it fails, records the error and shuts crew down.
+    fn watch(
+        &self,
+        what: &'static str,
+        listener: impl std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let failed = self.clone();
+        async move {
+            if let Err(source) = listener.await {
+                tracing::error!(error = %source, "the {what} listener failed; stopping");
+                failed
+                    .0
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .get_or_insert(ServeError::Listener { what, source });
+                shutdown.cancel();
+            }
+        }
+    }
+
+    fn take(&self) -> Option<ServeError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {

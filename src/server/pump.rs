@@ -9,18 +9,19 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::Crew;
+use super::Service;
 use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
 use crate::matrix::message::ReplyTo;
 use crate::matrix::{CreateRoom, OutgoingMessage};
+use crate::outbox::{Effect, Staged};
 
 /// Events taken from the inbox per round.
 const BATCH: usize = 100;
 
-pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
+pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
     loop {
         let batch = match crew.inbox.pending(BATCH) {
             Ok(batch) => batch,
@@ -42,10 +43,16 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
             if shutdown.is_cancelled() {
                 return;
             }
-            let wakes = handle(&crew, &entry.event).await;
-            if let Err(error) = crew.queue.commit(&crew.inbox, seq, &wakes) {
+            let (wakes, effects) = handle(&crew, &entry.event).await;
+            if let Err(error) =
+                crew.queue
+                    .commit_with_effects(&crew.inbox, seq, &wakes, &crew.outbox, &effects)
+            {
                 tracing::error!(%error, seq, "cannot queue wakes; the event stays in the inbox");
                 continue;
+            }
+            if !effects.is_empty() {
+                crew.outbox.notify();
             }
             for wake in wakes {
                 crew.wake_agent(wake.agent);
@@ -54,9 +61,10 @@ pub(super) async fn run(crew: Arc<Crew>, shutdown: CancellationToken) {
     }
 }
 
-/// Handles one event and returns the wakes it causes. Never fails: problems are logged.
+/// Handles one event and returns the wakes and the homeserver effects it causes (committed
+/// together by the caller). Never fails: problems are logged.
 #[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
-async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
+async fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>) {
     let decision = dispatch(crew, event);
     if let Some(Err(error)) = decision
         .remember
@@ -74,24 +82,44 @@ async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
         .and_then(Value::as_str)
         .and_then(|id| UserId::parse(id).ok());
     let (Some(room), Some(sender)) = (room, sender) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    if event.get("type").and_then(Value::as_str) == Some("m.room.member") {
-        handle_membership(crew, &room, &sender, event).await;
+    let cause = event
+        .get("event_id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let mut effects = Vec::new();
+    let mut stage = |effect: Effect| {
+        effects.push(Staged {
+            room: room.clone(),
+            cause: cause.clone(),
+            effect,
+        });
+    };
+    if event.get("type").and_then(Value::as_str) == Some("m.room.member")
+        && let Some(effect) = membership_effect(crew, &sender, event)
+    {
+        if let Effect::Join { agent } = &effect {
+            expect_joined(crew, &room, agent);
+        }
+        stage(effect);
     }
     for signal in &decision.signals {
-        post_signal(crew, &room, event, &decision, signal).await;
+        if let Some(effect) = signal_effect(crew, &room, event, &decision, signal).await {
+            stage(effect);
+        }
     }
     if let Some(command) = command_for_manager(crew, &room, &sender, event) {
         let may_talk = crew.config.invites.allows(&sender, &crew.config.admins);
         match crew.commands.admit(&room, may_talk, now_ms()) {
-            Ok(()) => answer_command(crew, &room, &sender, event, command).await,
+            Ok(()) => stage(answer_command(crew, &room, &sender, event, command).await),
             Err(why) => tracing::info!(?why, %room, %sender, "a !crew command left unanswered"),
         }
-        return Vec::new();
+        return (Vec::new(), effects);
     }
     let queued_ms = now_ms();
-    decision
+    let wakes = decision
         .wakes
         .iter()
         .map(|wake| PendingWake {
@@ -102,12 +130,13 @@ async fn handle(crew: &Arc<Crew>, event: &Value) -> Vec<PendingWake> {
             reasons: wake.reasons.clone(),
             queued_ms,
         })
-        .collect()
+        .collect();
+    (wakes, effects)
 }
 
 /// Runs the dispatcher on one event (reloading the roster first if it changed) and saves the
 /// room's state.
-fn dispatch(crew: &Crew, event: &Value) -> Decision {
+fn dispatch(crew: &Service, event: &Value) -> Decision {
     let mut state = crew
         .dispatcher
         .lock()
@@ -121,7 +150,7 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
             &crew.team,
         ) {
             Ok(roster) => {
-                state.dispatcher.set_crew(roster);
+                state.dispatcher.set_roster(roster);
                 state.roster_generation = generation;
             }
             Err(error) => tracing::error!(%error, "cannot reload the roster; keeping the old one"),
@@ -139,9 +168,17 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
             .get(&room)
             .map(|state| (room.clone(), state))
     }) {
-        crew.persist_room(&room, room_state);
-        if decision.message {
-            crew.persist_context(&room, &state.dispatcher);
+        if room_state.joined_or_invited(|user| crew.is_ours(user)) {
+            // The member map is saved when it changes, not re-serialised for every message.
+            if decision.room_changed {
+                crew.persist_room(&room, room_state);
+            }
+            if decision.message {
+                crew.persist_context(&room, &state.dispatcher);
+            }
+        } else if event.get("type").and_then(Value::as_str) == Some("m.room.member") {
+            // None of our agents is in the room any more: its model and conversation go.
+            crew.forget_room(&room, &mut state.dispatcher);
         }
     }
     tracing::debug!(
@@ -153,16 +190,32 @@ fn dispatch(crew: &Crew, event: &Value) -> Decision {
     decision
 }
 
-async fn handle_membership(crew: &Arc<Crew>, room: &OwnedRoomId, sender: &UserId, event: &Value) {
-    let Some(target) = event
+/// Decides as if the join staged for `agent` had happened: the next event in the inbox may
+/// already be for it, before the outbox has joined and its echo has arrived. (A join that
+/// fails is recorded for `!crew why`, and the room's state is fetched after a join that works.)
+fn expect_joined(crew: &Service, room: &RoomId, agent: &UserId) {
+    let mut state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let room_state = state.dispatcher.rooms.entry(room);
+    if !room_state.is_joined(agent) {
+        room_state.set_member(agent.to_owned(), crate::dispatch::Membership::Join, None);
+        let snapshot = room_state.clone();
+        drop(state);
+        crew.persist_room(room, &snapshot);
+    }
+}
+
+/// What an invite or a join of one of our agents asks of the homeserver: join or decline an
+/// invite (with the reason), learn a room an agent joined.
+fn membership_effect(crew: &Service, sender: &UserId, event: &Value) -> Option<Effect> {
+    let target = event
         .get("state_key")
         .and_then(Value::as_str)
-        .and_then(|id| UserId::parse(id).ok())
-    else {
-        return;
-    };
+        .and_then(|id| UserId::parse(id).ok())?;
     if !crew.is_ours(&target) {
-        return;
+        return None;
     }
     let membership = event
         .pointer("/content/membership")
@@ -185,32 +238,22 @@ async fn handle_membership(crew: &Arc<Crew>, room: &OwnedRoomId, sender: &UserId
             } else {
                 None
             };
-            match reason {
-                None => match crew.client.join(&target, room).await {
-                    Ok(()) => {
-                        tracing::info!(%room, agent = %target, inviter = %sender, "joined on invite");
-                        // Know the room now, not when our join's echo arrives: the next message
-                        // in the inbox may already be for us.
-                        seed_room(crew, &target, room).await;
-                    }
-                    Err(error) => super::log_matrix_error("cannot join on invite", &error),
+            Some(match reason {
+                None => Effect::Join { agent: target },
+                Some(reason) => Effect::Decline {
+                    agent: target,
+                    reason,
                 },
-                Some(reason) => match crew.client.leave(&target, room, Some(&reason)).await {
-                    Ok(()) => {
-                        tracing::info!(%room, agent = %target, inviter = %sender, "declined an invite")
-                    }
-                    Err(error) => super::log_matrix_error("cannot decline an invite", &error),
-                },
-            }
+            })
         }
-        "join" => seed_room(crew, &target, room).await,
-        _ => {}
+        "join" => Some(Effect::Seed { agent: target }),
+        _ => None,
     }
 }
 
 /// Fetches a room's whole state as `agent` (we see nothing from before we joined) and gives it
 /// to the dispatcher.
-pub(super) async fn seed_room(crew: &Crew, agent: &UserId, room: &RoomId) {
+pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
     match crew.client.room_state(agent, room).await {
         Ok(events) => {
             let mut state = crew
@@ -229,14 +272,15 @@ pub(super) async fn seed_room(crew: &Crew, agent: &UserId, room: &RoomId) {
     }
 }
 
-/// Posts what a dispatcher signal asks for: one-time notices (never waking anyone: `m.notice`).
-async fn post_signal(
-    crew: &Crew,
+/// The one-time notice a dispatcher signal asks for (never waking anyone: `m.notice`). The
+/// offer of an unencrypted room is still created here, before the notice that names it.
+async fn signal_effect(
+    crew: &Service,
     room: &OwnedRoomId,
     event: &Value,
     decision: &Decision,
     signal: &Signal,
-) {
+) -> Option<Effect> {
     let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
     let (agent, message, key) = match signal {
         Signal::MentionHint { agent } => {
@@ -302,13 +346,15 @@ async fn post_signal(
             )
         }
     };
-    if let Err(error) = crew.client.send(&agent, room, &key, &message).await {
-        super::log_matrix_error("cannot post a notice", &error);
-    }
+    Some(Effect::Send {
+        agent,
+        txn_key: key,
+        content: message.to_content(),
+    })
 }
 
 /// An agent's or person's name in a room, falling back to the localpart.
-pub(super) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String {
+pub(crate) fn display_name(crew: &Service, room: &RoomId, user: &UserId) -> String {
     let state = crew
         .dispatcher
         .lock()
@@ -324,7 +370,7 @@ pub(super) fn display_name(crew: &Crew, room: &RoomId, user: &UserId) -> String 
 
 /// A `!crew` command from a person, in a room the Manager is in.
 fn command_for_manager(
-    crew: &Crew,
+    crew: &Service,
     room: &RoomId,
     sender: &UserId,
     event: &Value,
@@ -345,14 +391,15 @@ fn command_for_manager(
     joined.then_some(command)
 }
 
-/// Answers a `!crew` command as the Manager, in reply to it.
+/// The Manager's answer to a `!crew` command, in reply to it. (Only `!crew remove` acts on the
+/// homeserver here: the Worker leaves its rooms.)
 async fn answer_command(
-    crew: &Arc<Crew>,
+    crew: &Arc<Service>,
     room: &OwnedRoomId,
     sender: &UserId,
     event: &Value,
     command: Command,
-) {
+) -> Effect {
     use crate::agent::registry::WorkerState;
     let text = if command.changes_state() && !crew.is_admin(sender) {
         "Sorry, only the admins can do that. `!crew help` lists what everyone can ask.".to_owned()
@@ -404,18 +451,16 @@ async fn answer_command(
     };
     let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
     let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::event(event));
-    if let Err(error) = crew
-        .client
-        .send(&crew.manager, room, &format!("command:{event_id}"), &reply)
-        .await
-    {
-        super::log_matrix_error("cannot answer a command", &error);
+    Effect::Send {
+        agent: crew.manager.clone(),
+        txn_key: format!("command:{event_id}"),
+        content: reply.to_content(),
     }
 }
 
 /// What read-only commands show `sender` in `room`: everything to an admin, else only this
 /// room's Workers and their (or the sender's) tasks.
-fn room_view(crew: &Crew, room: &RoomId, sender: &UserId) -> commands::RoomView {
+fn room_view(crew: &Service, room: &RoomId, sender: &UserId) -> commands::RoomView {
     let workers_here = (!crew.is_admin(sender)).then(|| {
         let state = crew
             .dispatcher
@@ -440,7 +485,7 @@ fn room_view(crew: &Crew, room: &RoomId, sender: &UserId) -> commands::RoomView 
 }
 
 /// `!crew why`: the dispatcher's kept decision, in words.
-fn why(crew: &Crew, event_id: &str) -> String {
+fn why(crew: &Service, event_id: &str) -> String {
     let Ok(event_id) = ruma::EventId::parse(event_id) else {
         return format!("`{event_id}` is not an event id (they start with `$`).");
     };
@@ -472,6 +517,17 @@ fn why(crew: &Crew, event_id: &str) -> String {
             skip.agent,
             wire_name(&skip.reason)
         ));
+    }
+    match crew.outbox.failures(event_id.as_str()) {
+        Ok(failures) => {
+            for failure in failures {
+                lines.push(format!(
+                    "{} failed for good: {}.",
+                    failure.what, failure.reason
+                ));
+            }
+        }
+        Err(error) => lines.push(format!("(I cannot read what failed: {error}.)")),
     }
     if lines.is_empty() {
         lines.push("No agent was concerned.".to_owned());

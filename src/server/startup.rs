@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::Crew;
+use super::Service;
 use crate::matrix::{CreateRoom, MatrixError};
 
 /// How long start-up waits for the homeserver's ping to arrive back at crew.
@@ -34,7 +34,7 @@ pub enum StartupError {
 }
 
 pub(super) async fn check_homeserver(
-    crew: &Crew,
+    crew: &Service,
     mut ping_seen: watch::Receiver<Option<String>>,
 ) -> Result<(), StartupError> {
     let url = crew.config.homeserver.url.to_string();
@@ -155,7 +155,7 @@ fn is_transient(error: &MatrixError) -> bool {
     }
 }
 
-fn manager_error(crew: &Crew, error: MatrixError) -> StartupError {
+fn manager_error(crew: &Service, error: MatrixError) -> StartupError {
     StartupError::Manager {
         user: crew.manager.to_string(),
         error,
@@ -163,7 +163,7 @@ fn manager_error(crew: &Crew, error: MatrixError) -> StartupError {
 }
 
 /// Turns a failed ping into a sentence that says what to fix.
-pub fn explain_ping_failure(crew: &Crew, error: &MatrixError) -> String {
+pub fn explain_ping_failure(crew: &Service, error: &MatrixError) -> String {
     let url = crew.registration.url.as_deref().unwrap_or("(none)");
     let registration = crew.config.appservice.registration.display();
     match error.errcode() {
@@ -189,7 +189,7 @@ pub fn explain_ping_failure(crew: &Crew, error: &MatrixError) -> String {
 
 /// Pings the homeserver on a timer so that transactions it holds back (Tuwunel never retries
 /// on its own) are resent; logs when the connection is lost and when it comes back.
-pub(super) async fn ping_periodically(crew: Arc<Crew>, shutdown: CancellationToken) {
+pub(super) async fn ping_periodically(crew: Arc<Service>, shutdown: CancellationToken) {
     let period = Duration::from_secs(crew.config.appservice.ping_interval_secs.max(1));
     let mut healthy = true;
     let mut counter: u64 = 0;
@@ -204,6 +204,7 @@ pub(super) async fn ping_periodically(crew: Arc<Crew>, shutdown: CancellationTok
             Ok(_) if !healthy => {
                 healthy = true;
                 tracing::info!("the homeserver reaches crew again; held-back transactions follow");
+                super::backlog::nudge(&crew, "the homeserver reaches crew again").await;
             }
             Ok(_) => {}
             Err(error) if healthy => {
@@ -217,7 +218,7 @@ pub(super) async fn ping_periodically(crew: Arc<Crew>, shutdown: CancellationTok
 
 /// On first start, opens a DM with each admin and says hello. Remembered in sled, so each admin
 /// is greeted once.
-pub(super) async fn greet_admins(crew: Arc<Crew>) {
+pub(super) async fn greet_admins(crew: Arc<Service>) {
     let greeted = match crew.store.tree::<String, String>("greeted_admins") {
         Ok(tree) => tree,
         Err(error) => {
@@ -270,7 +271,7 @@ pub(super) async fn greet_admins(crew: Arc<Crew>) {
 
 /// Refetches the state of every room the Manager is in: while crew was down, members may have
 /// come and gone, and the homeserver does not replay that.
-pub(super) async fn refresh_rooms(crew: Arc<Crew>) {
+pub(super) async fn refresh_rooms(crew: Arc<Service>) {
     let rooms = match crew.client.joined_rooms(&crew.manager).await {
         Ok(rooms) => rooms,
         Err(error) => {

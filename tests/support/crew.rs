@@ -140,6 +140,16 @@ impl CrewEnv {
         }
     }
 
+    /// SIGTERM to the running crew; its exit status, or `None` if still running after
+    /// `deadline`.
+    pub async fn terminate_crew(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        self.crew
+            .as_mut()
+            .expect("crew is running")
+            .terminate(deadline)
+            .await
+    }
+
     pub async fn admin(&self) -> TestUser {
         self.admin.clone()
     }
@@ -272,6 +282,27 @@ impl CrewProcess {
     /// The process id, for reading its memory from `/proc`.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERM, then waits up to `deadline` for crew to exit; its exit status, or `None` if it
+    /// is still running then.
+    pub async fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -1,11 +1,13 @@
 //! Replays how Tuwunel delivers transactions, in front of a real Synapse.
 //!
-//! Tuwunel never retries a failed transaction on a timer: it resends only when the next event
-//! arrives or when the appservice pings it. It sends the hs_token both as a Bearer header and
-//! as the `access_token` query parameter, and its transaction ids are hashes of the events.
-//! This relay forwards every client-server request to Synapse unchanged, except that a
-//! `POST /_matrix/client/v1/appservice/{id}/ping` first delivers its held-back transactions to
-//! the appservice, Tuwunel style.
+//! Tuwunel never retries a failed transaction on a timer, nor on a ping: it resends only when
+//! the next event for the appservice is queued (checked in its source and on a real 1.4.6). It
+//! sends the hs_token both as a Bearer header and as the `access_token` query parameter, its
+//! transaction ids are hashes of the events, and it sends no to-device events or device lists.
+//! This relay forwards every client-server request to Synapse unchanged; the events the test
+//! [`TuwunelReplay::push`]es are delivered Tuwunel style: held after a failure, and re-sent when
+//! the next event is queued, which is a pushed event or an event crew itself sends through the
+//! relay (a `PUT …/send/…` or `…/state/…` that Synapse accepted). A ping delivers nothing.
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,10 @@ struct Inner {
     held: std::sync::atomic::AtomicUsize,
     /// (txn id, status) of every delivery attempt, in order.
     pub deliveries: Mutex<Vec<(String, Option<u16>)>>,
+    /// The next joins answered with this status instead of being forwarded: (status, how many).
+    failing_joins: Mutex<(u16, usize)>,
+    /// Join requests seen (forwarded or failed).
+    joins: std::sync::atomic::AtomicUsize,
 }
 
 impl TuwunelReplay {
@@ -47,6 +53,8 @@ impl TuwunelReplay {
             hold_sends: tokio::sync::watch::channel(false).0,
             held: Default::default(),
             deliveries: Mutex::new(Vec::new()),
+            failing_joins: Mutex::new((0, 0)),
+            joins: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -97,6 +105,17 @@ impl TuwunelReplay {
         self.inner.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Answers the next `count` joins (`POST …/join`) with `status` (a Matrix error), as a
+    /// homeserver in trouble (5xx) or one that refuses (403) would.
+    pub fn fail_joins(&self, status: u16, count: usize) {
+        *self.inner.failing_joins.lock().unwrap() = (status, count);
+    }
+
+    /// Join requests seen so far.
+    pub fn joins(&self) -> usize {
+        self.inner.joins.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn backlog_len(&self) -> usize {
         self.inner.backlog.lock().unwrap().len()
     }
@@ -142,9 +161,32 @@ async fn relay(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if method == Method::POST && uri.path().starts_with("/_matrix/client/v1/appservice/") {
-        inner.deliver().await;
+    if method == Method::POST && uri.path().ends_with("/join") {
+        inner
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let failed = {
+            let mut failing = inner.failing_joins.lock().unwrap();
+            (failing.1 > 0).then(|| {
+                failing.1 -= 1;
+                failing.0
+            })
+        };
+        if let Some(status) = failed {
+            let errcode = if status == 403 {
+                "M_FORBIDDEN"
+            } else {
+                "M_UNKNOWN"
+            };
+            return (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({"errcode": errcode, "error": "refused by the test relay"})),
+            )
+                .into_response();
+        }
     }
+    let creates_event =
+        method == Method::PUT && (uri.path().contains("/send/") || uri.path().contains("/state/"));
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
         let mut hold = inner.hold_sends.subscribe();
         if *hold.borrow() {
@@ -166,6 +208,12 @@ async fn relay(
     match request.send().await {
         Ok(response) => {
             let status = response.status();
+            if creates_event && status.is_success() {
+                // An event for the appservice is queued: Tuwunel sends its backlog first. Not
+                // awaited here: the sender gets its answer as from Tuwunel, at once.
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.deliver().await });
+            }
             let content_type = response
                 .headers()
                 .get(reqwest::header::CONTENT_TYPE)

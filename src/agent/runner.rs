@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
-use super::Crew;
 use crate::agent::authority::{self, TurnAuthority};
 use crate::agent::llm_turn::{
     self, Between, Supervisor, Toolbox, TurnContext, TurnLimits, TurnOutcome,
@@ -28,11 +27,12 @@ use crate::dispatch::{DEPTH_KEY, Missed, Said};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
+use crate::server::Service;
 use crate::storage::access::Role;
 use crate::storage::links::FileReference;
 
 /// The turn loop of one agent; ends when its queue is empty.
-pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
+pub(crate) async fn drive(crew: Arc<Service>, agent: OwnedUserId) {
     loop {
         if crew.shutdown.is_cancelled() {
             release(&crew, &agent);
@@ -65,7 +65,22 @@ pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
             continue;
         }
         let mut finished = pending.clone();
-        finished.extend(run_turn(&crew, &agent, &pending).await);
+        if let Some(worker) = retired(&crew, &agent) {
+            // Wakes queued before an admin stopped (or removed) the Worker: no LLM call, a
+            // notice per message so the people who asked know why nobody answers.
+            say_retired(&crew, &worker, &pending).await;
+        } else {
+            // A shutdown ends the turn at its next await: its wakes stay queued and its
+            // journalled steps replay on the next start, so nothing is lost or done twice.
+            tokio::select! {
+                adopted = run_turn(&crew, &agent, &pending) => finished.extend(adopted),
+                () = crew.shutdown.cancelled() => {
+                    tracing::info!(%agent, "turn interrupted by shutdown; it resumes on the next start");
+                    release(&crew, &agent);
+                    return;
+                }
+            }
+        }
         if let Err(error) = crew.queue.finish(&finished) {
             tracing::error!(%error, %agent, "cannot remove finished wakes");
         }
@@ -80,7 +95,50 @@ pub(super) async fn drive(crew: Arc<Crew>, agent: OwnedUserId) {
     }
 }
 
-fn release(crew: &Crew, agent: &UserId) {
+/// `agent` when it is a Worker that no longer takes wakes (stopped or removed).
+fn retired(crew: &Service, agent: &UserId) -> Option<crate::agent::registry::Worker> {
+    crew.team
+        .registry
+        .by_user(agent)
+        .ok()
+        .flatten()
+        .filter(|worker| worker.state != WorkerState::Active)
+}
+
+/// Says in each room of `wakes` (once per waking event) that a stopped Worker will not answer.
+/// A removed Worker has left its rooms and says nothing; its wakes are only logged.
+async fn say_retired(
+    crew: &Service,
+    worker: &crate::agent::registry::Worker,
+    wakes: &[QueuedWake],
+) {
+    if worker.state == WorkerState::Removed {
+        tracing::info!(worker = %worker.name, wakes = wakes.len(), "dropping wakes of a removed Worker");
+        return;
+    }
+    for queued in wakes {
+        let wake = &queued.wake;
+        let notice = OutgoingMessage::notice(format!(
+            "{} was stopped by an admin before it could answer this; an admin can start it again with `!crew start {}`.",
+            worker.display_name, worker.name
+        ))
+        .reply_to(ReplyTo::event(&wake.event));
+        if let Err(error) = crew
+            .client
+            .send(
+                &worker.user_id,
+                &wake.room,
+                &format!("retired:{}", event_id(&wake.event)),
+                &notice,
+            )
+            .await
+        {
+            crate::server::log_matrix_error("cannot say that a Worker is stopped", &error);
+        }
+    }
+}
+
+fn release(crew: &Service, agent: &UserId) {
     crew.running
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -110,7 +168,7 @@ fn body_of(event: &Value) -> &str {
 /// (without), typing off. Returns the wakes it took in while running (delivered mid-turn or a
 /// stop), which are finished with it.
 #[tracing::instrument(skip_all, fields(agent = %agent, wakes = wakes.len()))]
-async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec<QueuedWake> {
+async fn run_turn(crew: &Arc<Service>, agent: &UserId, wakes: &[QueuedWake]) -> Vec<QueuedWake> {
     let rooms: BTreeSet<OwnedRoomId> = wakes.iter().map(|w| w.wake.room.clone()).collect();
     for room in &rooms {
         if let Err(error) = crew.client.typing(agent, room, true).await {
@@ -128,6 +186,7 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
         agent: agent.to_owned(),
         known: Mutex::new(wakes.iter().map(|w| w.key.clone()).collect()),
         adopted: Mutex::new(Vec::new()),
+        stops: Mutex::new(HashSet::new()),
     };
     match crew.llm_base_url() {
         Some(base) => {
@@ -168,7 +227,7 @@ async fn run_turn(crew: &Arc<Crew>, agent: &UserId, wakes: &[QueuedWake]) -> Vec
 }
 
 /// Renews the typing notice in `rooms` every 20 s until aborted (when the turn ends).
-async fn keep_typing(crew: Arc<Crew>, agent: OwnedUserId, rooms: BTreeSet<OwnedRoomId>) {
+async fn keep_typing(crew: Arc<Service>, agent: OwnedUserId, rooms: BTreeSet<OwnedRoomId>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(20)).await;
         for room in &rooms {
@@ -180,11 +239,11 @@ async fn keep_typing(crew: Arc<Crew>, agent: OwnedUserId, rooms: BTreeSet<OwnedR
 }
 
 /// Without an LLM: saves files sent, says once what to configure, and acknowledges.
-async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &PendingWake) {
+async fn acknowledge_without_llm(crew: &Arc<Service>, agent: &UserId, wake: &PendingWake) {
     let Some(sender) = sender_of(&wake.event) else {
         return;
     };
-    let sender_name = super::pump::display_name(crew, &wake.room, &sender);
+    let sender_name = crate::server::pump::display_name(crew, &wake.room, &sender);
     let (missed, _) = take_said_since(crew, agent, &wake.room);
     let said_since = missed.count_besides(&[event_id(&wake.event)]);
     incoming_workspace(crew, agent)
@@ -205,7 +264,7 @@ async fn acknowledge_without_llm(crew: &Arc<Crew>, agent: &UserId, wake: &Pendin
 /// With an LLM: one run answers the waking messages of one room (`group`, oldest first, never
 /// empty), replying to the newest and mentioning everyone who wrote.
 async fn answer_with_llm(
-    crew: &Arc<Crew>,
+    crew: &Arc<Service>,
     agent: &UserId,
     base: &url::Url,
     group: &[&PendingWake],
@@ -218,7 +277,7 @@ async fn answer_with_llm(
         if let Some(sender) = sender_of(&wake.event)
             && !senders.iter().any(|(known, _)| *known == sender)
         {
-            let name = super::pump::display_name(crew, room, &sender);
+            let name = crate::server::pump::display_name(crew, room, &sender);
             senders.push((sender, name));
         }
     }
@@ -244,7 +303,7 @@ async fn answer_with_llm(
         &recent,
         &waking,
         |user| {
-            let name = super::pump::display_name(crew, room, user);
+            let name = crate::server::pump::display_name(crew, room, user);
             authority::context_speaker(&crew.agents, &name, user)
         },
         authority::speaker(&sender_name, &sender, true),
@@ -261,7 +320,7 @@ async fn answer_with_llm(
         if index == 0 {
             context.body.push_str(&note);
         } else if let Some(from) = sender_of(&wake.event) {
-            let name = super::pump::display_name(crew, room, &from);
+            let name = crate::server::pump::display_name(crew, room, &from);
             let body: String = crate::dispatch::text::strip_quotes(body_of(&wake.event))
                 .chars()
                 .take(llm_turn::LINE_CHARS)
@@ -285,12 +344,22 @@ async fn answer_with_llm(
         room,
         authority: &answering.authority,
     };
-    let message = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
+    let (message, answered) = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
     send_answer(crew, agent, first, &message).await;
+    if !answered {
+        // The run ended without an answer (a limit, a stop, an error): the messages it took in
+        // from this room stay queued and start the next turn, never finished unanswered.
+        watch.carry_over(room);
+    }
 }
 
 /// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
-async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &OutgoingMessage) {
+async fn send_answer(
+    crew: &Service,
+    agent: &UserId,
+    wake: &PendingWake,
+    message: &OutgoingMessage,
+) {
     if let Err(error) = crew
         .client
         .send(
@@ -301,7 +370,7 @@ async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &
         )
         .await
     {
-        super::log_matrix_error("cannot answer in a turn", &error);
+        crate::server::log_matrix_error("cannot answer in a turn", &error);
     }
 }
 
@@ -320,7 +389,7 @@ struct Answering<'a> {
 }
 
 /// Where files sent to `agent` are saved.
-fn incoming_workspace(crew: &Crew, agent: &UserId) -> Workspace {
+fn incoming_workspace(crew: &Service, agent: &UserId) -> Workspace {
     let storage = crew.storage.clone();
     match crew.team.registry.by_user(agent).ok().flatten() {
         Some(worker) => Workspace::new(storage, &worker.name, Role::Worker, Vec::new()),
@@ -330,7 +399,7 @@ fn incoming_workspace(crew: &Crew, agent: &UserId) -> Workspace {
 
 /// Our other agents a message mentioned (the acknowledgement without an LLM loops them in).
 fn also_mentioned(
-    crew: &Crew,
+    crew: &Service,
     agent: &UserId,
     sender: &UserId,
     wake: &PendingWake,
@@ -343,7 +412,7 @@ fn also_mentioned(
         .filter_map(|id| id.as_str().and_then(|id| UserId::parse(id).ok()))
         .filter(|id| id != agent && *id != sender && crew.is_ours(id))
         .map(|id| {
-            let name = super::pump::display_name(crew, &wake.room, &id);
+            let name = crate::server::pump::display_name(crew, &wake.room, &id);
             (id, name)
         })
         .collect()
@@ -351,7 +420,7 @@ fn also_mentioned(
 
 /// What was said in `room` since `agent`'s last turn, and the room's recent messages (enough
 /// for [`TurnContext::assemble`]); moves the agent's "said since" cursor to now.
-fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<Said>) {
+fn take_said_since(crew: &Service, agent: &UserId, room: &RoomId) -> (Missed, Vec<Said>) {
     let mut state = crew
         .dispatcher
         .lock()
@@ -367,7 +436,7 @@ fn take_said_since(crew: &Crew, agent: &UserId, room: &RoomId) -> (Missed, Vec<S
 
 /// Everything the dispatcher still keeps of `room`'s conversation (whose authors decide how
 /// far the agents' own replies in it are trusted).
-fn kept_log(crew: &Crew, room: &RoomId) -> Vec<Said> {
+fn kept_log(crew: &Service, room: &RoomId) -> Vec<Said> {
     let state = crew
         .dispatcher
         .lock()
@@ -378,10 +447,28 @@ fn kept_log(crew: &Crew, room: &RoomId) -> Vec<Said> {
 /// What a running turn knows about the queue: the wakes it has taken (its own and those it
 /// adopted mid-turn).
 struct TurnWatch {
-    crew: Arc<Crew>,
+    crew: Arc<Service>,
     agent: OwnedUserId,
     known: Mutex<HashSet<Vec<u8>>>,
     adopted: Mutex<Vec<QueuedWake>>,
+    /// The keys of adopted wakes that were a stop request (finished with the turn whatever its
+    /// outcome: the stop was obeyed).
+    stops: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl TurnWatch {
+    /// Gives back the messages adopted from `room` (not the stop requests): they stay in the
+    /// queue for the next turn.
+    fn carry_over(&self, room: &RoomId) {
+        let stops = self
+            .stops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.adopted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|queued| queued.wake.room != room || stops.contains(&queued.key));
+    }
 }
 
 /// The supervisor of one waking message's LLM run, in its room.
@@ -450,59 +537,77 @@ impl Supervisor for WakeSupervisor<'_> {
                 return Between::Continue(Vec::new());
             }
         };
-        let mut known = self
-            .watch
-            .known
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut adopted = self
-            .watch
-            .adopted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut said = Vec::new();
-        for queued in pending {
-            if known.contains(&queued.key) {
-                continue;
-            }
-            let Some(sender) = sender_of(&queued.wake.event) else {
-                continue;
-            };
-            let body =
-                crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
-            let name = super::pump::display_name(crew, &queued.wake.room, &sender);
-            if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
-                known.insert(queued.key.clone());
-                adopted.push(queued);
-                return Between::Stop {
-                    by: format!("{name} ({sender})"),
+        let mut taken = Vec::new();
+        {
+            let mut known = self
+                .watch
+                .known
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut adopted = self
+                .watch
+                .adopted
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for queued in pending {
+                if known.contains(&queued.key) {
+                    continue;
+                }
+                let Some(sender) = sender_of(&queued.wake.event) else {
+                    continue;
                 };
+                let body =
+                    crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
+                let name = crate::server::pump::display_name(crew, &queued.wake.room, &sender);
+                if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
+                    known.insert(queued.key.clone());
+                    self.watch
+                        .stops
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert(queued.key.clone());
+                    adopted.push(queued);
+                    return Between::Stop {
+                        by: format!("{name} ({sender})"),
+                    };
+                }
+                if queued.wake.room == self.room {
+                    known.insert(queued.key.clone());
+                    self.authority.admit(&sender);
+                    taken.push((queued.wake.event.clone(), name, sender, body));
+                    adopted.push(queued);
+                }
             }
-            if queued.wake.room == self.room {
-                known.insert(queued.key.clone());
-                adopted.push(queued);
-                self.authority.admit(&sender);
-                said.push(format!(
-                    "{} wrote to you while you were working:\n{}",
-                    authority::speaker(&name, &sender, true),
-                    authority::quoted_block(&body)
-                ));
-            }
+        }
+        // Files in a message that joins the turn are saved, as for a waking message.
+        let workspace = incoming_workspace(crew, agent);
+        let mut said = Vec::new();
+        for (event, name, sender, body) in taken {
+            let note = workspace
+                .save_incoming(&crew.client, agent, &event)
+                .await
+                .map(|note| format!("\n{note}"))
+                .unwrap_or_default();
+            said.push(format!(
+                "{} wrote to you while you were working:\n{}{note}",
+                authority::speaker(&name, &sender, true),
+                authority::quoted_block(&body)
+            ));
         }
         Between::Continue(said)
     }
 }
 
 /// The answer of an LLM-driven turn (or, when the LLM fails, a notice that says what went
-/// wrong).
+/// wrong), and whether it is the model's answer (false: a limit, a stop or an error ended it).
 async fn llm_answer(
-    crew: &Arc<Crew>,
+    crew: &Arc<Service>,
     agent: &UserId,
     base: &url::Url,
     answering: &Answering<'_>,
     context: TurnContext,
     supervisor: &WakeSupervisor<'_>,
-) -> OutgoingMessage {
+) -> (OutgoingMessage, bool) {
     let reply = |text: String, notice: bool| {
         let mut message = if notice {
             OutgoingMessage::notice(text)
@@ -518,11 +623,16 @@ async fn llm_answer(
     };
     let token = match crew.gateway.consumer_token(agent.localpart()).await {
         Ok(token) => token,
-        Err(error) => return reply(format!("I cannot get my gateway token: {error}"), true),
+        Err(error) => {
+            return (
+                reply(format!("I cannot get my gateway token: {error}"), true),
+                false,
+            );
+        }
     };
     let llm = match LlmClient::new(base, token, crew.config.llm.clone()) {
         Ok(llm) => llm,
-        Err(error) => return reply(format!("My LLM is not usable: {error}"), true),
+        Err(error) => return (reply(format!("My LLM is not usable: {error}"), true), false),
     };
     let services = crew.agents.clone();
     let room = answering.first.room.clone();
@@ -550,7 +660,12 @@ async fn llm_answer(
                 let tools = WorkerTools::new(services, worker, room, answering.depth);
                 (tools.persona().await, Box::new(tools), model)
             }
-            None => return reply(format!("{agent} is not an agent of this crew."), true),
+            None => {
+                return (
+                    reply(format!("{agent} is not an agent of this crew."), true),
+                    false,
+                );
+            }
         }
     };
     let limits = TurnLimits {
@@ -569,26 +684,31 @@ async fn llm_answer(
         supervisor,
         journal: &journal,
     };
-    let (text, notice) = match llm_turn::run(turn, system, conversation).await {
-        Ok(TurnOutcome::Answer(text)) if text.chars().count() > LONG_ANSWER_CHARS => {
-            (keep_long_answer(crew, agent, answering, &text).await, false)
-        }
-        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => (text, false),
-        Ok(TurnOutcome::Answer(_)) => ("(I have nothing to add.)".into(), true),
-        Ok(outcome) => (outcome.notice().unwrap_or_default(), true),
-        Err(error) => (format!("I could not finish this: {error}"), true),
+    let (text, notice, answered) = match llm_turn::run(turn, system, conversation).await {
+        Ok(TurnOutcome::Answer(text)) if text.chars().count() > LONG_ANSWER_CHARS => (
+            keep_long_answer(crew, agent, answering, &text).await,
+            false,
+            true,
+        ),
+        Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => (text, false, true),
+        Ok(TurnOutcome::Answer(_)) => ("(I have nothing to add.)".into(), true, true),
+        Ok(outcome) => (outcome.notice().unwrap_or_default(), true, false),
+        Err(error) => (format!("I could not finish this: {error}"), true, false),
     };
     // What the code refused is said in the room, whatever the model made of it.
-    reply(
-        authority::with_refusals(text, &answering.authority.refusals()),
-        notice,
+    (
+        reply(
+            authority::with_refusals(text, &answering.authority.refusals()),
+            notice,
+        ),
+        answered,
     )
 }
 
 /// A long answer goes to a file; the room gets its start and a reference (a signed link when
 /// crew has a public base URL, else the path).
 async fn keep_long_answer(
-    crew: &Crew,
+    crew: &Service,
     agent: &UserId,
     answering: &Answering<'_>,
     text: &str,
@@ -622,7 +742,7 @@ async fn keep_long_answer(
 }
 
 /// Says once per room that no LLM is configured, and what to configure.
-async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
+async fn note_missing_llm(crew: &Service, agent: &UserId, room: &ruma::RoomId) {
     let Ok(noted) = crew.store.tree::<String, bool>("llm_missing_noted") else {
         return;
     };
@@ -638,6 +758,6 @@ async fn note_missing_llm(crew: &Crew, agent: &UserId, room: &ruma::RoomId) {
         .send(agent, room, &format!("llm-missing:{room}"), &notice)
         .await
     {
-        super::log_matrix_error("cannot say that no LLM is configured", &error);
+        crate::server::log_matrix_error("cannot say that no LLM is configured", &error);
     }
 }

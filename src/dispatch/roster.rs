@@ -47,7 +47,7 @@ pub(crate) struct Prepared {
 
 /// Our agents plus the wake policy: admins, the people they allow, and Worker pairs.
 #[derive(Debug, Clone)]
-pub struct Crew {
+pub struct Roster {
     pub(crate) agents: Vec<Prepared>,
     index: HashMap<OwnedUserId, usize>,
     admins: HashSet<OwnedUserId>,
@@ -58,11 +58,24 @@ pub struct Crew {
     pub(crate) any_keywords: bool,
 }
 
-impl Crew {
-    /// Builds the crew. Keywords and Worker pairs in `config` name agents by localpart or full
+impl Roster {
+    /// Builds the roster. Keywords and Worker pairs in `config` name agents by localpart or full
     /// user id; a name that matches no agent is an error (a typo would silently never wake).
     pub fn new(
         agents: Vec<Agent>,
+        admins: impl IntoIterator<Item = OwnedUserId>,
+        allowed: impl IntoIterator<Item = OwnedUserId>,
+        config: &DispatchConfig,
+    ) -> Result<Self, DispatchError> {
+        Self::with_retired(agents, &[], admins, allowed, config)
+    }
+
+    /// Like [`Roster::new`], but names in `config` that match a `retired` agent (a stopped or
+    /// removed Worker) are accepted and wake nobody: stopping a Worker that a keyword or a
+    /// Worker pair names must not break every later roster reload, nor the next start.
+    pub fn with_retired(
+        agents: Vec<Agent>,
+        retired: &[OwnedUserId],
         admins: impl IntoIterator<Item = OwnedUserId>,
         allowed: impl IntoIterator<Item = OwnedUserId>,
         config: &DispatchConfig,
@@ -73,21 +86,28 @@ impl Crew {
                 return Err(DispatchError::DuplicateAgent(agent.user_id.to_string()));
             }
         }
-        let find = |name: &str| -> Result<usize, DispatchError> {
-            agents
-                .iter()
-                .position(|a| a.user_id.as_str() == name || a.user_id.localpart() == name)
-                .ok_or_else(|| DispatchError::UnknownAgent(name.to_owned()))
+        let names = |user: &UserId, name: &str| user.as_str() == name || user.localpart() == name;
+        let find = |name: &str| -> Result<Option<usize>, DispatchError> {
+            if let Some(i) = agents.iter().position(|a| names(&a.user_id, name)) {
+                return Ok(Some(i));
+            }
+            if retired.iter().any(|user| names(user, name)) {
+                return Ok(None);
+            }
+            Err(DispatchError::UnknownAgent(name.to_owned()))
         };
         let mut extra: Vec<Vec<String>> = vec![Vec::new(); agents.len()];
         for (name, words) in &config.keywords {
-            extra[find(name)?].extend(words.iter().cloned());
+            if let Some(i) = find(name)? {
+                extra[i].extend(words.iter().cloned());
+            }
         }
         let mut worker_pairs = HashSet::new();
         for [a, b] in &config.worker_pairs {
-            let (a, b) = (find(a)?, find(b)?);
-            worker_pairs.insert((a, b));
-            worker_pairs.insert((b, a));
+            if let (Some(a), Some(b)) = (find(a)?, find(b)?) {
+                worker_pairs.insert((a, b));
+                worker_pairs.insert((b, a));
+            }
         }
         let agents: Vec<Prepared> = agents
             .into_iter()

@@ -1,0 +1,264 @@
+//! The durable outbox: what the event pump decided to do on the homeserver, done later.
+//!
+//! The pump never waits on the homeserver: joining on an invite, declining one, a one-time
+//! notice and the answer to a `!crew` command are *effects*, committed in the same sled
+//! transaction that removes their event from the inbox (with the wakes). The outbox runner
+//! (`server::outbox_runner`) performs them in order per room and concurrently across rooms,
+//! retrying transient failures (network, 429, 5xx) with backoff, so one slow room never delays
+//! the others and a failed join is not lost. A permanent refusal (403, 404…) is recorded with
+//! its reason under the event that caused it, where `!crew why` shows it.
+//!
+//! Sends carry deterministic transaction ids (from the waking event), so a send repeated after
+//! a crash between the homeserver's answer and the outbox's "done" is deduplicated; joins and
+//! declines are idempotent on the homeserver.
+//!
+//! Keys are `<room id> 0x00 <sequence, big-endian>`: one room's effects are one ordered prefix
+//! scan.
+
+use std::collections::BTreeSet;
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::store::{Store, StoreError, Tree};
+
+/// Something to do on the homeserver, in one room, as one of our agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Effect {
+    /// Join on an invite, then learn the room's state.
+    Join { agent: OwnedUserId },
+    /// Decline an invite, saying why.
+    Decline { agent: OwnedUserId, reason: String },
+    /// Learn the room's state as `agent` (after its join was seen).
+    Seed { agent: OwnedUserId },
+    /// Send an `m.room.message`; `txn_key` makes the transaction id.
+    Send {
+        agent: OwnedUserId,
+        txn_key: String,
+        content: Value,
+    },
+}
+
+/// An effect with its room and the event that caused it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Staged {
+    pub room: OwnedRoomId,
+    /// The event id the effect answers (for `!crew why`).
+    pub cause: String,
+    pub effect: Effect,
+}
+
+/// A permanent failure, kept for `!crew why`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub what: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// One effect as stored: its key and its JSON.
+pub type Encoded = (Vec<u8>, Vec<u8>);
+
+/// The `outbox` and `outbox_failures` trees.
+pub struct Outbox {
+    store: Store,
+    pending: Tree<String, Staged>,
+    failures: Tree<String, Vec<Failure>>,
+    staged: Notify,
+}
+
+impl Outbox {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: store.clone(),
+            pending: store.tree("outbox")?,
+            failures: store.tree("outbox_failures")?,
+            staged: Notify::new(),
+        })
+    }
+
+    /// The encoded entries for `effects`, to insert into [`Outbox::raw`] inside the caller's
+    /// transaction.
+    pub fn encode(&self, effects: &[Staged]) -> Result<Vec<Encoded>, StoreError> {
+        effects
+            .iter()
+            .map(|staged| {
+                let mut key = staged.room.as_str().as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(&self.store.next_id()?.to_be_bytes());
+                Ok((key, self.pending.encode(staged)?))
+            })
+            .collect()
+    }
+
+    /// The pending tree, for the pump's transaction.
+    pub fn raw(&self) -> &sled::Tree {
+        self.pending.raw()
+    }
+
+    /// Tells the runner that effects were committed.
+    pub fn notify(&self) {
+        self.staged.notify_one();
+    }
+
+    /// Resolves when effects may have been committed since the last call.
+    pub async fn staged(&self) {
+        self.staged.notified().await;
+    }
+
+    /// Rooms with pending effects.
+    pub fn rooms(&self) -> Result<BTreeSet<OwnedRoomId>, StoreError> {
+        let mut rooms = BTreeSet::new();
+        for key in self.pending.raw().iter().keys() {
+            let key = key?;
+            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            if let Some(room) = std::str::from_utf8(&key[..end])
+                .ok()
+                .and_then(|id| RoomId::parse(id).ok())
+            {
+                rooms.insert(room);
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// The oldest pending effect of `room`.
+    pub fn next(&self, room: &RoomId) -> Result<Option<(Vec<u8>, Staged)>, StoreError> {
+        let mut prefix = room.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        match self.pending.raw().scan_prefix(&prefix).next() {
+            Some(entry) => {
+                let (key, value) = entry?;
+                Ok(Some((key.to_vec(), self.pending.decode(&value)?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Every pending effect, oldest first per room.
+    pub fn pending(&self) -> Result<Vec<Staged>, StoreError> {
+        self.pending
+            .raw()
+            .iter()
+            .values()
+            .map(|value| self.pending.decode(&value?))
+            .collect()
+    }
+
+    /// The effect is done.
+    pub fn done(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.pending.raw().remove(key)?;
+        Ok(())
+    }
+
+    /// The homeserver refused the effect for good: it leaves the outbox and its reason is kept
+    /// under its cause.
+    pub fn failed(
+        &self,
+        key: &[u8],
+        staged: &Staged,
+        reason: String,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let failure = Failure {
+            what: staged.effect.describe(),
+            reason,
+            at_ms: now_ms,
+        };
+        self.failures.update(&staged.cause, |kept| {
+            let mut kept = kept.unwrap_or_default();
+            kept.push(failure.clone());
+            Some(kept)
+        })?;
+        self.done(key)
+    }
+
+    /// The permanent failures of effects caused by `event_id`.
+    pub fn failures(&self, event_id: &str) -> Result<Vec<Failure>, StoreError> {
+        Ok(self.failures.get(&event_id.to_owned())?.unwrap_or_default())
+    }
+
+    /// Forgets failures recorded before `before_ms`.
+    pub fn prune_failures(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for entry in self.failures.iter() {
+            let (cause, kept) = entry?;
+            if kept.iter().all(|failure| failure.at_ms < before_ms) {
+                self.failures.remove(&cause)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+impl Effect {
+    /// In words, for `!crew why`.
+    pub fn describe(&self) -> String {
+        match self {
+            Effect::Join { agent } => format!("{agent} joining"),
+            Effect::Decline { agent, .. } => format!("{agent} declining the invite"),
+            Effect::Seed { agent } => format!("{agent} reading the room's state"),
+            Effect::Send { agent, .. } => format!("{agent}'s message"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(room: &str, cause: &str, agent: &str) -> Staged {
+        Staged {
+            room: RoomId::parse(room).unwrap(),
+            cause: cause.to_owned(),
+            effect: Effect::Join {
+                agent: OwnedUserId::try_from(agent).unwrap(),
+            },
+        }
+    }
+
+    fn commit(outbox: &Outbox, effects: &[Staged]) {
+        for (key, value) in outbox.encode(effects).unwrap() {
+            outbox.raw().insert(key, value).unwrap();
+        }
+    }
+
+    #[test]
+    fn effects_are_ordered_per_room_and_failures_kept_by_cause() {
+        let store = Store::temporary().unwrap();
+        let outbox = Outbox::open(&store).unwrap();
+        commit(
+            &outbox,
+            &[
+                staged("!b:x", "$1", "@crew_a:x"),
+                staged("!a:x", "$2", "@crew_a:x"),
+                staged("!b:x", "$3", "@crew_b:x"),
+            ],
+        );
+        let rooms: Vec<String> = outbox
+            .rooms()
+            .unwrap()
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(rooms, ["!a:x", "!b:x"]);
+        let b = RoomId::parse("!b:x").unwrap();
+        let (key, first) = outbox.next(&b).unwrap().unwrap();
+        assert_eq!(first.cause, "$1");
+        outbox
+            .failed(&key, &first, "403 M_FORBIDDEN: not invited".into(), 5)
+            .unwrap();
+        let (_, second) = outbox.next(&b).unwrap().unwrap();
+        assert_eq!(second.cause, "$3", "the next effect of the room follows");
+        let failures = outbox.failures("$1").unwrap();
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].reason.contains("not invited"));
+        assert!(failures[0].what.contains("joining"));
+        assert_eq!(outbox.prune_failures(6).unwrap(), 1);
+        assert!(outbox.failures("$1").unwrap().is_empty());
+    }
+}
