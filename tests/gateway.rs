@@ -785,6 +785,38 @@ async fn a_consumer_that_hangs_up_mid_stream_is_still_charged() {
     h.stop().await;
 }
 
+#[tokio::test]
+async fn a_consumer_that_hangs_up_before_the_answer_is_charged_an_estimate() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token("agent-impatient").await;
+    let gate = Gate::new();
+    h.upstream.push(Reply::text("late").hold(&gate));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4000)}]});
+    let url = format!("{}/llm/chat/completions", h.base);
+    let http = h.http.clone();
+    let request =
+        tokio::spawn(async move { http.post(url).bearer_auth(token).json(&body).send().await });
+    // The upstream has the request (and is working on it) when the consumer hangs up.
+    gate.reached().await;
+    request.abort();
+    let charged = wait_until("the abandoned request to be charged", || {
+        let usage = h.gateway.usage().unwrap();
+        usage
+            .iter()
+            .find(|row| row.consumer == "agent-impatient" && row.usage.requests == 1)
+            .map(|row| row.usage.clone())
+    })
+    .await;
+    assert!(
+        charged.prompt_tokens >= 1000,
+        "an estimate from the 4 kB prompt: {charged:?}"
+    );
+    let last = h.gateway.audit_log(10).unwrap().pop().unwrap();
+    assert_eq!(last.code.as_deref(), Some("consumer_went_away"));
+    gate.release();
+    h.stop().await;
+}
+
 /// Polls `check` until it gives a value; fails after a deadline.
 async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

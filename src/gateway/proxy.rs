@@ -320,10 +320,10 @@ async fn forward(
             overflow: false,
         }
     };
-    if is_sse || is_llm {
-        // The body may change length relative to what hyper would compute; let it chunk.
-        response_headers.remove(header::CONTENT_LENGTH);
-    }
+    // The body goes on byte for byte (the upstream is asked for identity encoding, since
+    // `accept-encoding` is not forwarded, and the meter only watches), so the upstream's
+    // `Content-Length` stays true: a fixed-length answer ends with its last byte, without the
+    // extra terminating chunk (and wake-up) of chunked encoding.
     let metered = Metered {
         inner: Box::pin(response.bytes_stream()),
         meter,
