@@ -286,12 +286,24 @@ async fn answer_with_llm(
         authority: &answering.authority,
     };
     let message = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
-    send_answer(crew, agent, first, &message).await;
+    // The answer is trusted later as far as the text it was written from.
+    if let (Some(event), Some(least)) = (
+        send_answer(crew, agent, first, &message).await,
+        answering.authority.least(),
+    ) {
+        crew.agents.reply_authors.record(&event, least);
+    }
 }
 
-/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
-async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &OutgoingMessage) {
-    if let Err(error) = crew
+/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice;
+/// returns the answer's event id.
+async fn send_answer(
+    crew: &Crew,
+    agent: &UserId,
+    wake: &PendingWake,
+    message: &OutgoingMessage,
+) -> Option<ruma::OwnedEventId> {
+    match crew
         .client
         .send(
             agent,
@@ -301,7 +313,11 @@ async fn send_answer(crew: &Crew, agent: &UserId, wake: &PendingWake, message: &
         )
         .await
     {
-        super::log_matrix_error("cannot answer in a turn", &error);
+        Ok(event) => Some(event),
+        Err(error) => {
+            super::log_matrix_error("cannot answer in a turn", &error);
+            None
+        }
     }
 }
 
