@@ -348,12 +348,15 @@ impl TurnAuthority {
         if self.is_admin() {
             return Ok(());
         }
-        let who = self
-            .least()
-            .map(|principal| principal.describe())
-            .unwrap_or_else(|| "nobody".to_owned());
+        let holds = match self.least() {
+            Some(Principal::Untraced { source }) => {
+                format!("{source}, whose author is not known")
+            }
+            Some(principal) => format!("text from {}, who is not one", principal.describe()),
+            None => "no sender".to_owned(),
+        };
         Err(self.refuse(format!(
-            "only the crew's admins may {what}, and this turn's prompt holds text from {who}, who is not one (a turn has the authority of the least trusted text in it)"
+            "only the crew's admins may {what}, and this turn's prompt holds {holds} (a turn has the authority of the least trusted text in it)"
         )))
     }
 
