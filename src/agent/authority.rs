@@ -861,6 +861,26 @@ mod tests {
     }
 
     #[test]
+    fn answers_are_remembered_with_their_authority_newest_first_kept() {
+        let authors = ReplyAuthors::default();
+        let admin = Principal::Admin(UserId::parse("@admin:x").unwrap());
+        let first = ruma::EventId::parse("$first:x").unwrap();
+        authors.record(&first, admin.clone());
+        assert_eq!(authors.get(&first), Some(admin.clone()));
+        for n in 0..REMEMBERED_REPLIES {
+            let event = ruma::EventId::parse(format!("${n}:x")).unwrap();
+            authors.record(&event, admin.clone());
+        }
+        assert_eq!(
+            authors.get(&first),
+            None,
+            "the oldest is forgotten: untraced"
+        );
+        let last = ruma::EventId::parse(format!("${}:x", REMEMBERED_REPLIES - 1)).unwrap();
+        assert!(authors.get(&last).is_some());
+    }
+
+    #[test]
     fn inbox_folders_name_one_person_each() {
         let carol = UserId::parse("@carol:example.org:8448").unwrap();
         let folder = sender_folder(&carol);
