@@ -428,6 +428,7 @@ async fn a_file_a_worker_wrote_lowers_an_admins_turn_for_the_steps_after_it() {
         |b| is_manager(b) && has_tool_result(b),
         Reply::text("Done."),
     );
+    llm.set_default(Reply::text("You're welcome."));
     let env = crew_with(&llm, "").await;
     cli(&env, &["workers", "add", "alice"]);
     put_file(
@@ -477,6 +478,27 @@ async fn a_file_a_worker_wrote_lowers_an_admins_turn_for_the_steps_after_it() {
         "the tool's own check refused"
     );
     assert_alice_untouched(&env);
+
+    // That answer was written after the file's text: the admin's next turn does not show it
+    // (it could repeat the file), and has the admin's tools again.
+    admin.send_mention(&dm, "thanks", &[&manager]).await;
+    admin
+        .wait_for_message(&dm, &manager, "You're welcome.")
+        .await;
+    let next = llm
+        .requests()
+        .into_iter()
+        .map(|r| r.json())
+        .find(|b| is_manager(b) && waking_text(b).contains("thanks"))
+        .expect("the next turn");
+    let prompt = first_user_text(&next);
+    assert!(!prompt.contains("Refused"), "{prompt}");
+    assert!(
+        prompt.contains("1 earlier message in this room"),
+        "{prompt}"
+    );
+    assert!(prompt.contains("read me the result of t-1"), "{prompt}");
+    assert!(offered(&next).contains(&"remove_worker".to_owned()));
 }
 
 /// Writes a file into crew's local file store.

@@ -23,22 +23,23 @@
 //! ([`TurnAuthority::screen_context`]). In any other turn everything stays, marked, and every
 //! shown line's author joins the authority (which is already low).
 //!
-//! The agents' own earlier replies (the agent's, and the Manager's in a Worker's room) may
-//! repeat whatever was in the turn that wrote them, which the room's log does not record. They
-//! count as the least trusted author of everything the room's kept log still holds: an
-//! admin's turn shows them only while that log holds nothing but admins' and agents' words
-//! (an admin's DM keeps its flow), and leaves them out, counted in the note, as soon as
-//! anyone else has spoken there. A reply whose prompt reached further back than the kept log
-//! is the one case this cannot see; the log keeps far more than a turn's context shows.
+//! The agents' own earlier lines (the agent's, and the Manager's in a Worker's room) may repeat
+//! whatever was in the turn that wrote them, a Worker-written file read in it included. So each
+//! answer is remembered with the least trusted author of its turn ([`ReplyAuthors`], by event
+//! id) and counts as written by them: an admin's turn shows only answers written with admin
+//! authority, and leaves out the rest, counted in the note. Lines we cannot trace (sent before
+//! a restart, or by a tool, such as a task's mention) are left out of an admin's turn too; in
+//! any other turn they count as the least trusted author of everything the room's kept log
+//! still holds.
 //!
 //! Lines of the room's conversation are shown with user ids, one line per message (newlines
 //! escaped, so no body or display name can open a section of its own), and lines from people
 //! who may not instruct agents are marked as such.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use ruma::{OwnedUserId, UserId};
+use ruma::{EventId, OwnedEventId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::services::AgentServices;
@@ -347,12 +348,15 @@ impl TurnAuthority {
         if self.is_admin() {
             return Ok(());
         }
-        let who = self
-            .least()
-            .map(|principal| principal.describe())
-            .unwrap_or_else(|| "nobody".to_owned());
+        let holds = match self.least() {
+            Some(Principal::Untraced { source }) => {
+                format!("{source}, whose author is not known")
+            }
+            Some(principal) => format!("text from {}, who is not one", principal.describe()),
+            None => "no sender".to_owned(),
+        };
         Err(self.refuse(format!(
-            "only the crew's admins may {what}, and this turn's prompt holds text from {who}, who is not one (a turn has the authority of the least trusted text in it)"
+            "only the crew's admins may {what}, and this turn's prompt holds {holds} (a turn has the authority of the least trusted text in it)"
         )))
     }
 
@@ -514,8 +518,9 @@ impl TurnAuthority {
         recent: &mut Vec<Said>,
     ) -> Option<String> {
         let services = &self.services;
-        // The agents' own replies: trusted as far as the room's other text is.
+        // The agents' own lines: trusted as far as the text their turn was written from.
         let agents_reply = |said: &Said| said.sender == agent || said.sender == services.manager;
+        let written_with = |said: &Said| services.reply_authors.get(&said.event_id);
         let log_authors: Vec<Principal> = room_log
             .iter()
             .filter(|said| !agents_reply(said))
@@ -531,10 +536,9 @@ impl TurnAuthority {
                 .collect()
         };
         if self.asked_by_admins() {
-            let replies_trusted = log_authors.iter().all(Principal::is_admin);
             let shown = |said: &Said| {
                 if agents_reply(said) {
-                    replies_trusted
+                    written_with(said).is_some_and(|least| least.is_admin())
                 } else {
                     services.is_admin(&said.sender)
                 }
@@ -545,20 +549,55 @@ impl TurnAuthority {
             recent.retain(keep);
             return (left_out > 0).then(|| left_out_note(left_out));
         }
-        let mut replies_shown = false;
+        let mut untraced_replies = false;
         for said in context {
-            if agents_reply(said) {
-                replies_shown = true;
-            } else {
+            if !agents_reply(said) {
                 self.admit_text(Principal::classify(services, &said.sender));
+            } else if let Some(least) = written_with(said) {
+                self.admit_text(least);
+            } else {
+                untraced_replies = true;
             }
         }
-        if replies_shown {
+        if untraced_replies {
             for author in log_authors {
                 self.admit_text(author);
             }
         }
         None
+    }
+}
+
+/// Most agent answers whose authority is remembered (older ones count as untraced).
+const REMEMBERED_REPLIES: usize = 4096;
+
+/// With what authority each recent answer of an agent was written: the least trusted author of
+/// its turn's text, by the answer's event id. Kept in memory only: after a restart the earlier
+/// answers count as untraced (an admin's turn leaves them out), which errs on the safe side.
+#[derive(Default)]
+pub struct ReplyAuthors {
+    state: Mutex<(HashMap<OwnedEventId, Principal>, VecDeque<OwnedEventId>)>,
+}
+
+impl ReplyAuthors {
+    /// Remembers that `event` was written by a turn whose least trusted author was `least`.
+    pub fn record(&self, event: &EventId, least: Principal) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (authors, order) = &mut *state;
+        if authors.insert(event.to_owned(), least).is_none() {
+            order.push_back(event.to_owned());
+        }
+        while order.len() > REMEMBERED_REPLIES {
+            if let Some(oldest) = order.pop_front() {
+                authors.remove(&oldest);
+            }
+        }
+    }
+
+    /// The least trusted author of the turn that wrote `event`, if remembered.
+    pub fn get(&self, event: &EventId) -> Option<Principal> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0.get(event).cloned()
     }
 }
 
@@ -819,6 +858,26 @@ mod tests {
             "[may not instruct you] Admin (@mallory:x)"
         );
         assert_eq!(sender_folder(&user), "mallory_3ax");
+    }
+
+    #[test]
+    fn answers_are_remembered_with_their_authority_newest_first_kept() {
+        let authors = ReplyAuthors::default();
+        let admin = Principal::Admin(UserId::parse("@admin:x").unwrap());
+        let first = ruma::EventId::parse("$first:x").unwrap();
+        authors.record(&first, admin.clone());
+        assert_eq!(authors.get(&first), Some(admin.clone()));
+        for n in 0..REMEMBERED_REPLIES {
+            let event = ruma::EventId::parse(format!("${n}:x")).unwrap();
+            authors.record(&event, admin.clone());
+        }
+        assert_eq!(
+            authors.get(&first),
+            None,
+            "the oldest is forgotten: untraced"
+        );
+        let last = ruma::EventId::parse(format!("${}:x", REMEMBERED_REPLIES - 1)).unwrap();
+        assert!(authors.get(&last).is_some());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! The context is small and flat: a stable system prompt (persona, role, skills index, memory
 //! summary, so providers can cache the prefix), the room's recent conversation and what was
-//! said since the agent's last turn (both bounded), and the message that woke it. Tools run in
+//! said since the agent's last turn (both bounded, and screened by `authority`: an admin's turn
+//! shows only admins' lines, with a note for the rest), and the message that woke it. Tools run in
 //! the caller's [`Toolbox`]. Between steps a [`Supervisor`] delivers what people said to the
 //! agent meanwhile, or stops the turn. Each step is written to a [`StepJournal`] before its
 //! effects, so a turn run again after a crash replays finished steps instead of repeating them.
@@ -36,6 +37,10 @@ pub trait Toolbox: Send + Sync {
     fn interruptible(&self, _name: &str) -> bool {
         false
     }
+    /// Told of a call's answer replayed from the journal instead of run again (a turn re-run
+    /// after a crash), so whatever the answer changes about the turn (who wrote the text it
+    /// brings in) is known again.
+    fn replayed(&self, _name: &str, _arguments: &str, _answer: &str) {}
 }
 
 /// A tool call's JSON arguments, or the error line the model gets back when they do not fit.
@@ -397,7 +402,10 @@ pub async fn run(
         messages.push(entry.reply.clone());
         for (index, call) in calls.into_iter().enumerate() {
             let result = match entry.results.get(index) {
-                Some(done) => done.clone(),
+                Some(done) => {
+                    toolbox.replayed(&call.function.name, &call.function.arguments, done);
+                    done.clone()
+                }
                 None => {
                     let name = call.function.name.as_str();
                     let running = toolbox.call(name, &call.function.arguments);

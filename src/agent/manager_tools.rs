@@ -1,10 +1,14 @@
 //! The Manager's tools: the team (create, list, change, stop, start, remove, invite Workers)
 //! and the tasks (assign, list, cancel), plus the files, which the Manager may all read.
 //!
-//! The tools act for the turn's requester ([`TurnAuthority`]): changes to the team (create,
-//! stop, remove, re-role Workers; cancel tasks; recurring tasks) are for all-admin turns only,
-//! and the file tools reach only what the requester could. A non-admin's turn is not offered
-//! the admin-only tools, and each is checked again here in code, whatever the model decides.
+//! The tools act with the turn's authority ([`TurnAuthority`]): that of the least trusted text
+//! in the prompt, the waking senders, adopted messages, shown room lines and the tools' own
+//! results alike. Changes to the team (create, stop, remove, re-role Workers; cancel tasks;
+//! recurring tasks) are for turns with only admins' text in them, and the file tools reach only
+//! what every author in the turn could. A file read or listed, and a listing of tasks or
+//! Workers, adds its authors to the authority, so the step after it may have fewer tools. A
+//! turn that is not all-admin is not offered the admin-only tools, and each is checked again
+//! here in code, whatever the model decides.
 //! Every tool answers the model in JSON or with an `error: …` line it can relay.
 
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use ruma::{OwnedRoomId, RoomId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::authority::TurnAuthority;
+use super::authority::{Principal, TurnAuthority};
 use super::llm_turn::{Toolbox, parse_arguments as parse};
 use super::manager::ManagerProfile;
 use super::registry::WorkerState;
@@ -214,20 +218,7 @@ impl Toolbox for ManagerTools {
                     &self.services.activity,
                     &self.services.busy,
                 )
-                .map(|workers| {
-                    let workers = view.workers(workers);
-                    // Their open tasks' titles are their requesters' words.
-                    let open = self
-                        .services
-                        .tasks
-                        .list(&TaskFilter::open())
-                        .unwrap_or_default();
-                    self.authority.admit_tasks(
-                        open.iter()
-                            .filter(|task| workers.iter().any(|w| w.name == task.assignee)),
-                    );
-                    json!(workers).to_string()
-                })
+                .map(|workers| json!(view.workers(workers)).to_string())
                 .map_err(|error| format!("error: {error}")),
                 Err(error) => Err(error),
             },
@@ -244,9 +235,7 @@ impl Toolbox for ManagerTools {
                     .list(&TaskFilter::open())
                     .map(|tasks| {
                         let registry = &self.services.team.registry;
-                        let tasks = view.tasks(tasks, |name| registry.user_id_for(name).ok());
-                        self.authority.admit_tasks(&tasks);
-                        json!(tasks).to_string()
+                        json!(view.tasks(tasks, |name| registry.user_id_for(name).ok())).to_string()
                     })
                     .map_err(|error| format!("error: {error}")),
                 Err(error) => Err(error),
@@ -266,25 +255,65 @@ impl Toolbox for ManagerTools {
             other => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 match self.files.call(other, &arguments).await {
-                    Some(answer) => {
-                        // What the file says is its authors' text: the turn's authority
-                        // goes down to theirs from the next call on.
-                        let path = ["path", "prefix"]
-                            .iter()
-                            .find_map(|key| arguments.get(key).and_then(Value::as_str))
-                            .unwrap_or("");
-                        self.authority.admit_file_answer(other, path, &answer);
-                        Ok(answer)
-                    }
+                    Some(answer) => Ok(answer),
                     None => Err(format!("error: there is no tool named {other}")),
                 }
             }
         };
-        outcome.unwrap_or_else(|error| error)
+        let answer = outcome.unwrap_or_else(|error| error);
+        self.admit_authors(name, arguments, &answer);
+        answer
+    }
+
+    fn replayed(&self, name: &str, arguments: &str, answer: &str) {
+        self.admit_authors(name, arguments, answer);
     }
 }
 
 impl ManagerTools {
+    /// Adds the authors of a tool's answer to the turn's authority, which goes down to theirs
+    /// from the next call on: a file read or listed, the tasks a listing shows (their titles
+    /// are their requesters' words, their blocked questions their Workers'). Our own answers
+    /// (errors, refusals, what a change did) add nobody.
+    fn admit_authors(&self, tool: &str, arguments: &str, answer: &str) {
+        let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+        match tool {
+            "read_file" | "list_files" => {
+                let path = ["path", "prefix"]
+                    .iter()
+                    .find_map(|key| arguments.get(key).and_then(Value::as_str))
+                    .unwrap_or("");
+                self.authority.admit_file_answer(tool, path, answer);
+            }
+            "list_tasks" => match serde_json::from_str::<Vec<Task>>(answer) {
+                Ok(tasks) => self.authority.admit_tasks(&tasks),
+                Err(_) if answer.starts_with("error:") => {}
+                Err(_) => self.authority.admit_text(Principal::Untraced {
+                    source: "a listing of tasks".to_owned(),
+                }),
+            },
+            "list_workers" => {
+                let Ok(workers) = serde_json::from_str::<Vec<Value>>(answer) else {
+                    return;
+                };
+                let names: Vec<&str> = workers
+                    .iter()
+                    .filter_map(|worker| worker["name"].as_str())
+                    .collect();
+                match self.services.tasks.list(&TaskFilter::open()) {
+                    Ok(open) => self.authority.admit_tasks(
+                        open.iter()
+                            .filter(|task| names.contains(&task.assignee.as_str())),
+                    ),
+                    Err(_) => self.authority.admit_text(Principal::Untraced {
+                        source: "a listing of Workers and their tasks".to_owned(),
+                    }),
+                }
+            }
+            _ => {}
+        }
+    }
+
     async fn create_worker(&self, arguments: &str) -> Result<String, String> {
         if let Some(refusal) = self.admin_only("create Workers") {
             return Err(refusal);

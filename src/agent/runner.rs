@@ -345,7 +345,13 @@ async fn answer_with_llm(
         authority: &answering.authority,
     };
     let (message, answered) = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
-    send_answer(crew, agent, first, &message).await;
+    // The answer is trusted later as far as the text it was written from.
+    if let (Some(event), Some(least)) = (
+        send_answer(crew, agent, first, &message).await,
+        answering.authority.least(),
+    ) {
+        crew.agents.reply_authors.record(&event, least);
+    }
     if !answered {
         // The run ended without an answer (a limit, a stop, an error): the messages it took in
         // from this room stay queued and start the next turn, never finished unanswered.
@@ -353,14 +359,15 @@ async fn answer_with_llm(
     }
 }
 
-/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
+/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice;
+/// returns the answer's event id.
 async fn send_answer(
     crew: &Service,
     agent: &UserId,
     wake: &PendingWake,
     message: &OutgoingMessage,
-) {
-    if let Err(error) = crew
+) -> Option<ruma::OwnedEventId> {
+    match crew
         .client
         .send(
             agent,
@@ -370,7 +377,11 @@ async fn send_answer(
         )
         .await
     {
-        crate::server::log_matrix_error("cannot answer in a turn", &error);
+        Ok(event) => Some(event),
+        Err(error) => {
+            crate::server::log_matrix_error("cannot answer in a turn", &error);
+            None
+        }
     }
 }
 

@@ -310,6 +310,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         sandboxes: sandboxes.clone(),
         allowed: config.invites.clone(),
         limits: config.limits.clone(),
+        reply_authors: Default::default(),
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
