@@ -326,24 +326,26 @@ async fn answer_with_llm(
     }
 }
 
-/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice.
+/// Stages a turn's answer in the outbox, keyed by the (first) waking event: it is sent in the
+/// room's order, retried while the homeserver has trouble, and recorded as sent (with its event
+/// id) so that a re-run of the turn never answers twice.
 async fn send_answer(
     crew: &Service,
     agent: &UserId,
     wake: &PendingWake,
     message: &OutgoingMessage,
 ) {
-    if let Err(error) = crew
-        .client
-        .send(
-            agent,
-            &wake.room,
-            &format!("turn:{}", event_id(&wake.event)),
-            message,
-        )
-        .await
-    {
-        crate::server::log_matrix_error("cannot answer in a turn", &error);
+    let staged = crate::outbox::Staged {
+        room: wake.room.clone(),
+        cause: event_id(&wake.event).to_owned(),
+        effect: crate::outbox::Effect::Send {
+            agent: agent.to_owned(),
+            txn_key: format!("turn:{}", event_id(&wake.event)),
+            content: message.to_content(),
+        },
+    };
+    if let Err(error) = crew.outbox.stage(&[staged]) {
+        tracing::error!(%error, "cannot stage a turn's answer");
     }
 }
 

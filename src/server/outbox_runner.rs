@@ -158,10 +158,22 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), M
             agent,
             txn_key,
             content,
-        } => crew
-            .client
-            .send_event(agent, room, "m.room.message", txn_key, content.clone())
-            .await
-            .map(drop),
+        } => {
+            if let Ok(Some(sent)) = crew.outbox.sent(agent, txn_key) {
+                tracing::debug!(event_id = %sent.event_id, "already sent; not sending again");
+                return Ok(());
+            }
+            let event_id = crew
+                .client
+                .send_event(agent, room, "m.room.message", txn_key, content.clone())
+                .await?;
+            if let Err(error) =
+                crew.outbox
+                    .record_sent(agent, txn_key, event_id.as_str(), crate::clock::now_ms())
+            {
+                tracing::error!(%error, "cannot record a sent message");
+            }
+            Ok(())
+        }
     }
 }
