@@ -64,6 +64,8 @@ pub struct Config {
     pub tasks: crate::tasks::TaskConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub database: crate::store::DatabaseConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

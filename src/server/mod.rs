@@ -210,7 +210,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let store = Store::open(&config.database_dir())?;
+    let store = Store::open_with(&config.database_dir(), &config.database)?;
     let inbox = Arc::new(Inbox::open(&store)?);
     let manager = UserId::parse(format!(
         "@{}:{}",
