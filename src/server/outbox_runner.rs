@@ -76,7 +76,16 @@ async fn drain(crew: Arc<Service>, room: OwnedRoomId, shutdown: CancellationToke
         };
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match perform(&crew, &room, &staged.effect).await {
+            // A shutdown drops the call in flight: the effect stays pending and is performed
+            // again on the next start (sends keep their transaction id; joins are idempotent).
+            let performed = tokio::select! {
+                performed = perform(&crew, &room, &staged.effect) => performed,
+                () = shutdown.cancelled() => {
+                    release(&crew, &room);
+                    return;
+                }
+            };
+            match performed {
                 Ok(()) => {
                     if let Err(error) = crew.outbox.done(&key) {
                         tracing::error!(%error, "cannot mark an outbox effect done");
