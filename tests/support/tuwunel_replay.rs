@@ -40,8 +40,8 @@ struct Inner {
     failing_joins: Mutex<(u16, usize)>,
     /// Join requests seen (forwarded or failed).
     joins: std::sync::atomic::AtomicUsize,
-    /// As `failing_joins`, for message sends.
-    failing_sends: Mutex<(u16, usize)>,
+    /// As `failing_joins`, for message sends in one room.
+    failing_sends: Mutex<(String, u16, usize)>,
 }
 
 impl TuwunelReplay {
@@ -57,7 +57,7 @@ impl TuwunelReplay {
             deliveries: Mutex::new(Vec::new()),
             failing_joins: Mutex::new((0, 0)),
             joins: Default::default(),
-            failing_sends: Mutex::new((0, 0)),
+            failing_sends: Mutex::new((String::new(), 0, 0)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -114,9 +114,10 @@ impl TuwunelReplay {
         *self.inner.failing_joins.lock().unwrap() = (status, count);
     }
 
-    /// Answers the next `count` message sends (`PUT …/send/m.room.message/…`) with `status`.
-    pub fn fail_sends(&self, status: u16, count: usize) {
-        *self.inner.failing_sends.lock().unwrap() = (status, count);
+    /// Answers the next `count` message sends (`PUT …/send/m.room.message/…`) in `room` with
+    /// `status`.
+    pub fn fail_sends(&self, room: &str, status: u16, count: usize) {
+        *self.inner.failing_sends.lock().unwrap() = (room.to_owned(), status, count);
     }
 
     /// Join requests seen so far.
@@ -198,9 +199,10 @@ async fn relay(
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
         let failed = {
             let mut failing = inner.failing_sends.lock().unwrap();
-            (failing.1 > 0).then(|| {
-                failing.1 -= 1;
-                failing.0
+            let path = percent_encoding::percent_decode_str(uri.path()).decode_utf8_lossy();
+            (failing.2 > 0 && path.contains(&format!("/rooms/{}/", failing.0))).then(|| {
+                failing.2 -= 1;
+                failing.1
             })
         };
         if let Some(status) = failed {
