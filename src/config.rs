@@ -69,6 +69,8 @@ pub struct Config {
     pub sandbox: crate::sandbox::SandboxConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub database: crate::store::DatabaseConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -62,11 +62,20 @@ pub struct Failure {
 /// One effect as stored: its key and its JSON.
 pub type Encoded = (Vec<u8>, Vec<u8>);
 
-/// The `outbox` and `outbox_failures` trees.
+/// A message the outbox sent: recorded before its effect is marked done, so a send staged
+/// again (a turn re-run after a crash) is not sent twice, whatever the homeserver remembers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sent {
+    pub event_id: String,
+    pub at_ms: u64,
+}
+
+/// The `outbox`, `outbox_failures` and `outbox_sent` trees.
 pub struct Outbox {
     store: Store,
     pending: Tree<String, Staged>,
     failures: Tree<String, Vec<Failure>>,
+    sent: Tree<String, Sent>,
     staged: Notify,
 }
 
@@ -76,6 +85,7 @@ impl Outbox {
             store: store.clone(),
             pending: store.tree("outbox")?,
             failures: store.tree("outbox_failures")?,
+            sent: store.tree("outbox_sent")?,
             staged: Notify::new(),
         })
     }
@@ -92,6 +102,52 @@ impl Outbox {
                 Ok((key, self.pending.encode(staged)?))
             })
             .collect()
+    }
+
+    /// Stages effects on their own (not with an inbox entry): a turn's answer.
+    pub fn stage(&self, effects: &[Staged]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.encode(effects)? {
+            batch.insert(key, value);
+        }
+        self.pending.raw().apply_batch(batch)?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The event id of the message `agent` sent under `txn_key`, if the outbox sent it.
+    pub fn sent(&self, agent: &UserId, txn_key: &str) -> Result<Option<Sent>, StoreError> {
+        self.sent.get(&sent_key(agent, txn_key))
+    }
+
+    /// Records a message as sent; call before [`Outbox::done`].
+    pub fn record_sent(
+        &self,
+        agent: &UserId,
+        txn_key: &str,
+        event_id: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.sent.insert(
+            &sent_key(agent, txn_key),
+            &Sent {
+                event_id: event_id.to_owned(),
+                at_ms: now_ms,
+            },
+        )
+    }
+
+    /// Forgets sent records older than `before_ms`.
+    pub fn prune_sent(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for entry in self.sent.iter() {
+            let (key, sent) = entry?;
+            if sent.at_ms < before_ms {
+                self.sent.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// The pending tree, for the pump's transaction.
@@ -195,6 +251,10 @@ impl Outbox {
     }
 }
 
+fn sent_key(agent: &UserId, txn_key: &str) -> String {
+    format!("{agent}\u{0}{txn_key}")
+}
+
 impl Effect {
     /// In words, for `!crew why`.
     pub fn describe(&self) -> String {
@@ -260,5 +320,21 @@ mod tests {
         assert!(failures[0].what.contains("joining"));
         assert_eq!(outbox.prune_failures(6).unwrap(), 1);
         assert!(outbox.failures("$1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_sent_message_is_remembered_until_pruned() {
+        let store = Store::temporary().unwrap();
+        let outbox = Outbox::open(&store).unwrap();
+        let agent = UserId::parse("@crew:x").unwrap();
+        assert_eq!(outbox.sent(&agent, "turn:$1").unwrap(), None);
+        outbox.record_sent(&agent, "turn:$1", "$sent", 10).unwrap();
+        assert_eq!(
+            outbox.sent(&agent, "turn:$1").unwrap().unwrap().event_id,
+            "$sent"
+        );
+        assert_eq!(outbox.sent(&agent, "turn:$2").unwrap(), None);
+        assert_eq!(outbox.prune_sent(11).unwrap(), 1);
+        assert_eq!(outbox.sent(&agent, "turn:$1").unwrap(), None);
     }
 }

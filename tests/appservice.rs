@@ -1025,3 +1025,47 @@ async fn a_join_the_homeserver_fails_is_retried_and_one_it_refuses_is_explained(
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_the_homeserver_fails_to_take_is_sent_later_once() {
+    let mut env = CrewEnv::start().await;
+    let (admin, room) = room_with_manager(&env).await;
+    let manager = env.manager_id();
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+    // More 500s than two homeserver calls retry by themselves (6 each): the first call is the
+    // one-time note that no LLM is configured, the second the answer. The turn is over long
+    // before the homeserver takes its answer, which the outbox keeps and re-sends.
+    relay.fail_sends(&room, 500, 12);
+    let asked = admin
+        .send_mention(&room, "are you there?", &[&manager])
+        .await;
+    let replies = |asked: String| {
+        let admin = admin.clone();
+        let room = room.clone();
+        let manager = manager.clone();
+        async move {
+            admin
+                .messages_from(&room, &manager)
+                .await
+                .into_iter()
+                .filter(|m| {
+                    m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str()
+                })
+                .count()
+        }
+    };
+    tools::wait_for(
+        "the answer, after the homeserver recovered",
+        WAIT,
+        || async { (replies(asked.clone()).await > 0).then_some(()) },
+    )
+    .await;
+    // Settled: a later mention is answered, and the first one still once.
+    let later = admin.send_mention(&room, "and now?", &[&manager]).await;
+    tools::wait_for("the second answer", WAIT, || async {
+        (replies(later.clone()).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(replies(asked).await, 1);
+}

@@ -682,8 +682,8 @@ fn said_since_buffer_is_bounded_and_per_agent() {
     let coder = user(CODER);
     let mut buffer = SaidSince::new(3);
     let id = |n: u32| EventId::parse(format!("$s{n}")).unwrap();
-    buffer.push(&room, id(0), user(ALICE), "zero".into());
-    buffer.push(&room, id(1), writer.clone(), "mine".into());
+    buffer.push(&room, id(0), user(ALICE), "zero".into(), None);
+    buffer.push(&room, id(1), writer.clone(), "mine".into(), None);
     let missed = buffer.take(&writer, &room);
     assert_eq!(
         missed
@@ -695,7 +695,7 @@ fn said_since_buffer_is_bounded_and_per_agent() {
     );
     assert_eq!(missed.dropped, 0);
     for n in 2..7 {
-        buffer.push(&room, id(n), user(BOB), format!("m{n}"));
+        buffer.push(&room, id(n), user(BOB), format!("m{n}"), None);
     }
     let missed = buffer.take(&writer, &room);
     assert_eq!(

@@ -456,3 +456,63 @@ async fn crew_commands_work_without_an_llm_and_changes_are_for_admins() {
     let member = admin.membership(&room, ALICE).await.unwrap();
     assert_eq!(member["membership"], "leave");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyword_naming_a_stopped_worker_keeps_the_others_waking_and_crew_restarting() {
+    const CAROL: &str = "@crew_carol:crew.test";
+    let mut env = CrewEnv::start().await;
+    let (admin, room) = team_room(&env).await;
+    let manager = env.manager_id();
+    // The operator names alice in a keyword, then restarts crew.
+    env.kill_crew();
+    let mut config = std::fs::read_to_string(env.config_path()).unwrap();
+    config.push_str("\n[dispatch.keywords]\ncrew_alice = [\"frontend\"]\n");
+    std::fs::write(env.config_path(), config).unwrap();
+    env.start_crew().await;
+
+    admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "!crew stop alice"}),
+        )
+        .await;
+    admin
+        .wait_for_message(&room, &manager, "Stopped Alice")
+        .await;
+    // A Worker created afterwards changes the roster: the reload must accept the stopped alice.
+    add_worker(&env, "carol");
+    admin.invite(&room, CAROL).await;
+    admin.wait_joined(&room, CAROL).await;
+    let asked = admin
+        .send_mention(&room, "carol, are you there?", &[CAROL])
+        .await;
+    tools::wait_for("carol's answer", WAIT, || async {
+        admin
+            .messages_from(&room, CAROL)
+            .await
+            .into_iter()
+            .find(|m| m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str())
+    })
+    .await;
+    // The keyword wakes nobody now, and a restart with it in the config works.
+    let keyword = admin
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "who does frontend?", "m.mentions": {}}),
+        )
+        .await;
+    assert!(woken(&why(&env, &keyword).await).is_empty());
+    env.kill_crew();
+    env.start_crew().await;
+    let again = admin
+        .send_mention(&room, "carol, still there?", &[CAROL])
+        .await;
+    tools::wait_for("carol's answer after the restart", WAIT, || async {
+        admin
+            .messages_from(&room, CAROL)
+            .await
+            .into_iter()
+            .find(|m| m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == again.as_str())
+    })
+    .await;
+}

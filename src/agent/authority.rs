@@ -25,8 +25,10 @@
 //!
 //! The agents' own earlier lines (the agent's, and the Manager's in a Worker's room) may repeat
 //! whatever was in the turn that wrote them, a Worker-written file read in it included. So each
-//! answer is remembered with the least trusted author of its turn ([`ReplyAuthors`], by event
-//! id) and counts as written by them: an admin's turn shows only answers written with admin
+//! answer carries the least trusted author of its turn in its content
+//! ([`crate::dispatch::WRITTEN_WITH_KEY`], believed only on our own agents' messages, read back
+//! from the echo and kept with the room's log, so it survives restarts) and counts as written by
+//! them: an admin's turn shows only answers written with admin
 //! authority, and leaves out the rest, counted in the note. Lines we cannot trace (sent before
 //! a restart, or by a tool, such as a task's mention) are left out of an admin's turn too; in
 //! any other turn they count as the least trusted author of everything the room's kept log
@@ -36,10 +38,10 @@
 //! escaped, so no body or display name can open a section of its own), and lines from people
 //! who may not instruct agents are marked as such.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use ruma::{EventId, OwnedEventId, OwnedUserId, UserId};
+use ruma::{OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::services::AgentServices;
@@ -84,7 +86,7 @@ pub const ADMIN_ONLY_TOOLS: &[&str] = &[
 pub const MANAGER_FOLDER: &str = "manager";
 
 /// One person or agent whose instructions are in a turn, by what they may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Principal {
     /// In `admins`: everything.
     Admin(OwnedUserId),
@@ -520,7 +522,11 @@ impl TurnAuthority {
         let services = &self.services;
         // The agents' own lines: trusted as far as the text their turn was written from.
         let agents_reply = |said: &Said| said.sender == agent || said.sender == services.manager;
-        let written_with = |said: &Said| services.reply_authors.get(&said.event_id);
+        let written_with = |said: &Said| {
+            said.written_with
+                .clone()
+                .and_then(|value| serde_json::from_value::<Principal>(value).ok())
+        };
         let log_authors: Vec<Principal> = room_log
             .iter()
             .filter(|said| !agents_reply(said))
@@ -565,39 +571,6 @@ impl TurnAuthority {
             }
         }
         None
-    }
-}
-
-/// Most agent answers whose authority is remembered (older ones count as untraced).
-const REMEMBERED_REPLIES: usize = 4096;
-
-/// With what authority each recent answer of an agent was written: the least trusted author of
-/// its turn's text, by the answer's event id. Kept in memory only: after a restart the earlier
-/// answers count as untraced (an admin's turn leaves them out), which errs on the safe side.
-#[derive(Default)]
-pub struct ReplyAuthors {
-    state: Mutex<(HashMap<OwnedEventId, Principal>, VecDeque<OwnedEventId>)>,
-}
-
-impl ReplyAuthors {
-    /// Remembers that `event` was written by a turn whose least trusted author was `least`.
-    pub fn record(&self, event: &EventId, least: Principal) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (authors, order) = &mut *state;
-        if authors.insert(event.to_owned(), least).is_none() {
-            order.push_back(event.to_owned());
-        }
-        while order.len() > REMEMBERED_REPLIES {
-            if let Some(oldest) = order.pop_front() {
-                authors.remove(&oldest);
-            }
-        }
-    }
-
-    /// The least trusted author of the turn that wrote `event`, if remembered.
-    pub fn get(&self, event: &EventId) -> Option<Principal> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.0.get(event).cloned()
     }
 }
 
@@ -858,26 +831,6 @@ mod tests {
             "[may not instruct you] Admin (@mallory:x)"
         );
         assert_eq!(sender_folder(&user), "mallory_3ax");
-    }
-
-    #[test]
-    fn answers_are_remembered_with_their_authority_newest_first_kept() {
-        let authors = ReplyAuthors::default();
-        let admin = Principal::Admin(UserId::parse("@admin:x").unwrap());
-        let first = ruma::EventId::parse("$first:x").unwrap();
-        authors.record(&first, admin.clone());
-        assert_eq!(authors.get(&first), Some(admin.clone()));
-        for n in 0..REMEMBERED_REPLIES {
-            let event = ruma::EventId::parse(format!("${n}:x")).unwrap();
-            authors.record(&event, admin.clone());
-        }
-        assert_eq!(
-            authors.get(&first),
-            None,
-            "the oldest is forgotten: untraced"
-        );
-        let last = ruma::EventId::parse(format!("${}:x", REMEMBERED_REPLIES - 1)).unwrap();
-        assert!(authors.get(&last).is_some());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::agent::worker_tools::WorkerTools;
 use crate::agent::workspace::{ANSWER_PREVIEW_CHARS, LONG_ANSWER_CHARS, Workspace};
 use crate::dispatch::queue::{PendingWake, QueuedWake};
-use crate::dispatch::{DEPTH_KEY, Missed, Said};
+use crate::dispatch::{DEPTH_KEY, Missed, Said, WRITTEN_WITH_KEY};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
@@ -345,13 +345,7 @@ async fn answer_with_llm(
         authority: &answering.authority,
     };
     let (message, answered) = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
-    // The answer is trusted later as far as the text it was written from.
-    if let (Some(event), Some(least)) = (
-        send_answer(crew, agent, first, &message).await,
-        answering.authority.least(),
-    ) {
-        crew.agents.reply_authors.record(&event, least);
-    }
+    send_answer(crew, agent, first, &message).await;
     if !answered {
         // The run ended without an answer (a limit, a stop, an error): the messages it took in
         // from this room stay queued and start the next turn, never finished unanswered.
@@ -359,29 +353,26 @@ async fn answer_with_llm(
     }
 }
 
-/// Posts a turn's answer, keyed by the (first) waking event so a re-run never answers twice;
-/// returns the answer's event id.
+/// Stages a turn's answer in the outbox, keyed by the (first) waking event: it is sent in the
+/// room's order, retried while the homeserver has trouble, and recorded as sent (with its event
+/// id) so that a re-run of the turn never answers twice.
 async fn send_answer(
     crew: &Service,
     agent: &UserId,
     wake: &PendingWake,
     message: &OutgoingMessage,
-) -> Option<ruma::OwnedEventId> {
-    match crew
-        .client
-        .send(
-            agent,
-            &wake.room,
-            &format!("turn:{}", event_id(&wake.event)),
-            message,
-        )
-        .await
-    {
-        Ok(event) => Some(event),
-        Err(error) => {
-            crate::server::log_matrix_error("cannot answer in a turn", &error);
-            None
-        }
+) {
+    let staged = crate::outbox::Staged {
+        room: wake.room.clone(),
+        cause: event_id(&wake.event).to_owned(),
+        effect: crate::outbox::Effect::Send {
+            agent: agent.to_owned(),
+            txn_key: format!("turn:{}", event_id(&wake.event)),
+            content: message.to_content(),
+        },
+    };
+    if let Err(error) = crew.outbox.stage(&[staged]) {
+        tracing::error!(%error, "cannot stage a turn's answer");
     }
 }
 
@@ -628,9 +619,19 @@ async fn llm_answer(
         for (sender, name) in &answering.senders {
             message = message.mention(sender.clone(), name.clone());
         }
-        message
+        message = message
             .reply_to(ReplyTo::event(&answering.newest.event))
-            .with_field(DEPTH_KEY, Value::from(answering.depth + 1))
+            .with_field(DEPTH_KEY, Value::from(answering.depth + 1));
+        // The answer is trusted later only as far as the text it was written from: it carries
+        // its turn's least trusted author, read back from the echo (see `authority`).
+        match answering
+            .authority
+            .least()
+            .map(|least| serde_json::to_value(least))
+        {
+            Some(Ok(least)) => message.with_field(WRITTEN_WITH_KEY, least),
+            _ => message,
+        }
     };
     let token = match crew.gateway.consumer_token(agent.localpart()).await {
         Ok(token) => token,

@@ -47,9 +47,6 @@ pub struct AgentServices {
     pub allowed: crate::config::InvitePolicy,
     /// What agents may spend, whatever a prompt says.
     pub limits: super::authority::SpendingLimits,
-    /// With what authority each recent answer of an agent was written (how far it is trusted
-    /// when it shows up in a later turn's context).
-    pub reply_authors: super::authority::ReplyAuthors,
 }
 
 impl AgentServices {

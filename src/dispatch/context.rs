@@ -18,6 +18,10 @@ pub struct Said {
     pub sender: OwnedUserId,
     /// The body without reply fallback.
     pub body: String,
+    /// What the message says of the authority it was written with ([`super::WRITTEN_WITH_KEY`]):
+    /// kept as sent; only our own agents' words are believed (`agent::authority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_with: Option<serde_json::Value>,
 }
 
 /// One room's kept messages and the agents' cursors; persisted per room by the server so the
@@ -74,6 +78,7 @@ impl SaidSince {
         event_id: OwnedEventId,
         sender: OwnedUserId,
         body: String,
+        written_with: Option<serde_json::Value>,
     ) -> u64 {
         let log = self.rooms.entry(room.to_owned()).or_default();
         let seq = log.next_seq;
@@ -86,6 +91,7 @@ impl SaidSince {
             event_id,
             sender,
             body,
+            written_with,
         });
         seq
     }

@@ -17,6 +17,11 @@ use super::text;
 /// Trusted only on messages sent by our own agents; see [`tag_depth`].
 pub const DEPTH_KEY: &str = "org.matrix-crew.wake_depth";
 
+/// Content key in which an agent's answer carries the least trusted author of the turn that
+/// wrote it, so a later turn trusts the answer no further than that. Believed only on messages
+/// sent by our own agents (`agent::authority`).
+pub const WRITTEN_WITH_KEY: &str = "org.matrix-crew.written_with";
+
 /// Marks message content an agent is about to send while handling a wake of depth `depth`, so
 /// that the wakes its echo causes get depth `depth + 1`.
 pub fn tag_depth(content: &mut Map<String, Value>, depth: u32) {

@@ -27,7 +27,8 @@ use serde_json::Value;
 
 pub use context::{Missed, RoomLog, Said, SaidSince};
 pub use decide::{
-    DEPTH_KEY, Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth,
+    DEPTH_KEY, Decision, Signal, Skip, SkipReason, WRITTEN_WITH_KEY, Wake, WakeReason, decide,
+    tag_depth,
 };
 pub use guards::{Guards, RoomMessageCap, WINDOW_MS, WakeRateLimiter};
 pub use history::SledHistory;
@@ -258,6 +259,10 @@ impl Dispatcher {
             event_id.clone(),
             sender.clone(),
             text::strip_quotes(body).into_owned(),
+            event
+                .get("content")
+                .and_then(|c| c.get(WRITTEN_WITH_KEY))
+                .cloned(),
         );
     }
 }

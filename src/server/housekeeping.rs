@@ -35,6 +35,14 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "cannot prune the inbox marks"),
         }
+        let before = crate::clock::now_ms().saturating_sub(RETRY_MEMORY.as_millis() as u64);
+        if let Err(error) = crew
+            .outbox
+            .prune_sent(before)
+            .and_then(|_| crew.outbox.prune_failures(before))
+        {
+            tracing::error!(%error, "cannot prune the outbox records");
+        }
         let before = crate::clock::now_ms().saturating_sub(EVENT_MEMORY.as_millis() as u64);
         match crew.history.prune(before) {
             Ok(0) => {}

@@ -212,7 +212,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let store = Store::open(&config.database_dir())?;
+    let store = Store::open_with(&config.database_dir(), &config.database)?;
     let inbox = Arc::new(Inbox::open(&store)?);
     let manager = UserId::parse(format!(
         "@{}:{}",
@@ -310,7 +310,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         sandboxes: sandboxes.clone(),
         allowed: config.invites.clone(),
         limits: config.limits.clone(),
-        reply_authors: Default::default(),
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();

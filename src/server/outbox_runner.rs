@@ -76,7 +76,16 @@ async fn drain(crew: Arc<Service>, room: OwnedRoomId, shutdown: CancellationToke
         };
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match perform(&crew, &room, &staged.effect).await {
+            // A shutdown drops the call in flight: the effect stays pending and is performed
+            // again on the next start (sends keep their transaction id; joins are idempotent).
+            let performed = tokio::select! {
+                performed = perform(&crew, &room, &staged.effect) => performed,
+                () = shutdown.cancelled() => {
+                    release(&crew, &room);
+                    return;
+                }
+            };
+            match performed {
                 Ok(()) => {
                     if let Err(error) = crew.outbox.done(&key) {
                         tracing::error!(%error, "cannot mark an outbox effect done");
@@ -158,10 +167,22 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), M
             agent,
             txn_key,
             content,
-        } => crew
-            .client
-            .send_event(agent, room, "m.room.message", txn_key, content.clone())
-            .await
-            .map(drop),
+        } => {
+            if let Ok(Some(sent)) = crew.outbox.sent(agent, txn_key) {
+                tracing::debug!(event_id = %sent.event_id, "already sent; not sending again");
+                return Ok(());
+            }
+            let event_id = crew
+                .client
+                .send_event(agent, room, "m.room.message", txn_key, content.clone())
+                .await?;
+            if let Err(error) =
+                crew.outbox
+                    .record_sent(agent, txn_key, event_id.as_str(), crate::clock::now_ms())
+            {
+                tracing::error!(%error, "cannot record a sent message");
+            }
+            Ok(())
+        }
     }
 }

@@ -16,6 +16,22 @@ use std::sync::Arc;
 pub use durability::Durability;
 pub use typed_tree::{Tree, TreeKey};
 
+/// `[database]` in the config.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// sled's page cache, in MiB. sled's own default (1 GiB) lets a busy crew grow to hundreds
+    /// of MB; crew's working set (inbox, queues, room models) is small, so 64 MiB keeps the
+    /// resident size low while the hot pages stay cached. Raise it for very many rooms.
+    pub cache_mb: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { cache_mb: 64 }
+    }
+}
+
 /// The schema version this build writes. Bump it together with a migration in [`Store::open`].
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -64,8 +80,14 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `dir`, checking and recording the schema version.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, &DatabaseConfig::default())
+    }
+
+    /// Opens the database with `config`'s settings (the page cache size).
+    pub fn open_with(dir: &Path, config: &DatabaseConfig) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(config.cache_mb.saturating_mul(1024 * 1024))
             .open()
             .map_err(|error| match error {
                 sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {

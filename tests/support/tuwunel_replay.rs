@@ -40,6 +40,8 @@ struct Inner {
     failing_joins: Mutex<(u16, usize)>,
     /// Join requests seen (forwarded or failed).
     joins: std::sync::atomic::AtomicUsize,
+    /// As `failing_joins`, for message sends in one room.
+    failing_sends: Mutex<(String, u16, usize)>,
 }
 
 impl TuwunelReplay {
@@ -55,6 +57,7 @@ impl TuwunelReplay {
             deliveries: Mutex::new(Vec::new()),
             failing_joins: Mutex::new((0, 0)),
             joins: Default::default(),
+            failing_sends: Mutex::new((String::new(), 0, 0)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -109,6 +112,12 @@ impl TuwunelReplay {
     /// homeserver in trouble (5xx) or one that refuses (403) would.
     pub fn fail_joins(&self, status: u16, count: usize) {
         *self.inner.failing_joins.lock().unwrap() = (status, count);
+    }
+
+    /// Answers the next `count` message sends (`PUT …/send/m.room.message/…`) in `room` with
+    /// `status`.
+    pub fn fail_sends(&self, room: &str, status: u16, count: usize) {
+        *self.inner.failing_sends.lock().unwrap() = (room.to_owned(), status, count);
     }
 
     /// Join requests seen so far.
@@ -188,6 +197,21 @@ async fn relay(
     let creates_event =
         method == Method::PUT && (uri.path().contains("/send/") || uri.path().contains("/state/"));
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
+        let failed = {
+            let mut failing = inner.failing_sends.lock().unwrap();
+            let path = percent_encoding::percent_decode_str(uri.path()).decode_utf8_lossy();
+            (failing.2 > 0 && path.contains(&format!("/rooms/{}/", failing.0))).then(|| {
+                failing.2 -= 1;
+                failing.1
+            })
+        };
+        if let Some(status) = failed {
+            return (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({"errcode": "M_UNKNOWN", "error": "failed by the test relay"})),
+            )
+                .into_response();
+        }
         let mut hold = inner.hold_sends.subscribe();
         if *hold.borrow() {
             inner.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
