@@ -29,8 +29,8 @@
 //! ([`crate::dispatch::WRITTEN_WITH_KEY`], believed only on our own agents' messages, read back
 //! from the echo and kept with the room's log, so it survives restarts) and counts as written by
 //! them: an admin's turn shows only answers written with admin
-//! authority, and leaves out the rest, counted in the note. Lines we cannot trace (sent before
-//! a restart, or by a tool, such as a task's mention) are left out of an admin's turn too; in
+//! authority, and leaves out the rest, counted in the note. Lines we cannot trace (sent by an
+//! older crew, or by a tool, such as a task's mention) are left out of an admin's turn too; in
 //! any other turn they count as the least trusted author of everything the room's kept log
 //! still holds.
 //!
