@@ -624,11 +624,7 @@ async fn llm_answer(
             .with_field(DEPTH_KEY, Value::from(answering.depth + 1));
         // The answer is trusted later only as far as the text it was written from: it carries
         // its turn's least trusted author, read back from the echo (see `authority`).
-        match answering
-            .authority
-            .least()
-            .map(|least| serde_json::to_value(least))
-        {
+        match answering.authority.least().map(serde_json::to_value) {
             Some(Ok(least)) => message.with_field(WRITTEN_WITH_KEY, least),
             _ => message,
         }
