@@ -1,0 +1,103 @@
+//! How a project reads to a person: `projects/<id>/plan.md` and the cost summary. Plain
+//! functions of the record, so what the person sees is tested without storage.
+
+use std::fmt::Write as _;
+
+use crate::storage::{StorageError, StoragePath};
+
+use super::plan::{PlanTask, Project, Usage};
+
+/// Where a project's plan is kept in file storage.
+pub fn plan_path(project_id: &str) -> Result<StoragePath, StorageError> {
+    if project_id.is_empty() || project_id.contains(['/', '\\']) || project_id.starts_with('.') {
+        return Err(StorageError::InvalidPath {
+            path: project_id.to_owned(),
+            reason: "a project id is one path segment".to_owned(),
+        });
+    }
+    StoragePath::parse(&format!("projects/{project_id}/plan.md"))
+}
+
+/// The plan as Markdown: heading, who asked, phase, waves, then one section per task with
+/// owner, dependencies, state, result and acceptance notes. Rewritten on every change.
+pub fn plan_markdown(project: &Project) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# {}: {}\n", project.id, project.title);
+    let _ = writeln!(out, "- Asked by: {}", project.requester);
+    let _ = writeln!(out, "- Status: {}", project.phase);
+    let waves = project.waves();
+    if !waves.is_empty() {
+        let _ = writeln!(out, "\n## Order of work\n");
+        for (number, wave) in waves.iter().enumerate() {
+            let _ = writeln!(out, "{}. {}", number + 1, wave.join(", "));
+        }
+    }
+    let _ = writeln!(out, "\n## Tasks");
+    for task in &project.tasks {
+        write_task(&mut out, task);
+    }
+    if project
+        .tasks
+        .iter()
+        .any(|task| task.usage != Usage::default())
+    {
+        let _ = writeln!(out, "\n## Cost\n");
+        out.push_str(&cost_summary_text(project));
+    }
+    out
+}
+
+fn write_task(out: &mut String, task: &PlanTask) {
+    let _ = writeln!(out, "\n### {}: {}\n", task.key, task.title);
+    let _ = writeln!(out, "- Owner: {}", task.owner);
+    let depends = if task.depends_on.is_empty() {
+        "nothing".to_owned()
+    } else {
+        task.depends_on.join(", ")
+    };
+    let _ = writeln!(out, "- Depends on: {depends}");
+    let _ = write!(out, "- State: {}", task.state);
+    if let Some(task_id) = &task.task_id {
+        let _ = write!(out, " (task {task_id})");
+    }
+    out.push('\n');
+    if let Some(path) = &task.result_path {
+        let _ = writeln!(out, "- Result: `{path}`");
+    }
+    if let Some(reason) = &task.revision_reason {
+        let _ = writeln!(out, "- Revision asked: {}", one_line(reason));
+    }
+    if let Some(question) = &task.blocked_question {
+        let _ = writeln!(out, "- Waiting for an answer: {}", one_line(question));
+    }
+    if !task.acceptance.is_empty() {
+        let _ = writeln!(out, "\nDone when: {}", task.acceptance);
+    }
+}
+
+/// Text that came from a person or a model kept on its line of the list.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Tokens and requests per task and in total, one line each, for the completion summary.
+pub fn cost_summary_text(project: &Project) -> String {
+    let cost = project.cost();
+    let mut out = String::new();
+    for (key, usage) in &cost.per_task {
+        let _ = writeln!(out, "- {key}: {}", usage_text(usage));
+    }
+    let _ = writeln!(out, "- total: {}", usage_text(&cost.total));
+    out
+}
+
+fn usage_text(usage: &Usage) -> String {
+    format!(
+        "{} tokens ({} in, {} out) in {} request{}",
+        usage.total_tokens(),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.requests,
+        if usage.requests == 1 { "" } else { "s" }
+    )
+}
