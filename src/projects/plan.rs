@@ -651,11 +651,11 @@ impl Project {
                 what: "reason for the revision",
             });
         }
-        if self.phase == ProjectPhase::Completed {
-            // The person may still find the final result lacking: the project runs again.
-            self.phase = ProjectPhase::Running;
+        // The person may still find the final result of a completed project lacking: it then
+        // runs again.
+        if self.phase != ProjectPhase::Completed {
+            self.require_phase(ProjectPhase::Running, "have revisions")?;
         }
-        self.require_phase(ProjectPhase::Running, "have revisions")?;
         let index = self.index_of(key)?;
         let task = &self.tasks[index];
         if task.state != PlanTaskState::Done {
@@ -675,6 +675,7 @@ impl Project {
                     .unwrap_or(false)
             })
             .collect();
+        self.phase = ProjectPhase::Running;
         let task = &mut self.tasks[index];
         task.state = PlanTaskState::RevisionNeeded;
         task.revision_reason = Some(reason.to_owned());

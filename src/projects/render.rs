@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::storage::{StorageError, StoragePath};
+use crate::storage::{Storage, StorageError, StoragePath};
 
 use super::plan::{PlanTask, Project, Usage};
 
@@ -16,6 +16,16 @@ pub fn plan_path(project_id: &str) -> Result<StoragePath, StorageError> {
         });
     }
     StoragePath::parse(&format!("projects/{project_id}/plan.md"))
+}
+
+/// Writes the project's `plan.md` (replacing the previous one). Call after every change that
+/// the person should see; the record in sled stays the source of truth.
+pub async fn write_plan(storage: &Storage, project: &Project) -> Result<StoragePath, StorageError> {
+    let path = plan_path(&project.id)?;
+    storage
+        .put_bytes(&path, plan_markdown(project).into_bytes())
+        .await?;
+    Ok(path)
 }
 
 /// The plan as Markdown: heading, who asked, phase, waves, then one section per task with

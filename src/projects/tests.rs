@@ -127,6 +127,19 @@ fn revision_of_d_reopens_d_only() {
     }
     assert_eq!(project.phase, ProjectPhase::Completed);
 
+    assert!(matches!(
+        project.request_revision("Z", "why", NOW),
+        Err(ProjectError::UnknownTask { .. })
+    ));
+    assert!(matches!(
+        project.request_revision("D", " ", NOW),
+        Err(ProjectError::EmptyText { .. })
+    ));
+    assert_eq!(
+        project.phase,
+        ProjectPhase::Completed,
+        "a refused revision changes nothing"
+    );
     let outcome = project
         .request_revision("d", "the summary misses the API", NOW)
         .unwrap();
@@ -679,6 +692,23 @@ fn service_errors_leave_the_record_unchanged() {
     assert_eq!(second.id, "p-2");
     let listed: Vec<String> = projects.list().unwrap().into_iter().map(|p| p.id).collect();
     assert_eq!(listed, ["p-1", "p-2"]);
+}
+
+#[tokio::test]
+async fn plan_md_is_written_to_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = crate::storage::LocalBackend::open(dir.path())
+        .await
+        .unwrap();
+    let storage = crate::storage::Storage::new(crate::storage::Backend::Local(backend), 1 << 20);
+    let project = running(diamond());
+    let path = write_plan(&storage, &project).await.unwrap();
+    assert_eq!(path.as_str(), "projects/p-1/plan.md");
+    let stored = storage.get_bytes(&path, 1 << 20).await.unwrap();
+    assert_eq!(
+        String::from_utf8(stored.to_vec()).unwrap(),
+        plan_markdown(&project)
+    );
 }
 
 /// A random plan: task `i` may depend only on earlier tasks when `acyclic`, on any when not.
