@@ -33,7 +33,10 @@ pub use plan::{
     CostSummary, MAX_PLAN_TASKS, Owner, PlanEdit, PlanTask, PlanTaskState, Project, ProjectPhase,
     RevisionOutcome, StartClaim, TaskDraft, TaskInput, Usage, validate,
 };
-pub use render::{cost_summary_text, plan_markdown, plan_path, write_plan};
+pub use render::{
+    cost_summary_text, plan_markdown, plan_path, project_list_text, project_status_text,
+    start_spec, write_plan,
+};
 
 /// Tree holding the project records, keyed by project id.
 const PROJECTS_TREE: &str = "projects";

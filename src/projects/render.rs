@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use crate::storage::{Storage, StorageError, StoragePath};
 
-use super::plan::{PlanTask, Project, Usage};
+use super::ProjectError;
+use super::plan::{PlanTask, PlanTaskState, Project, StartClaim, Usage};
 
 /// Where a project's plan is kept in file storage.
 pub fn plan_path(project_id: &str) -> Result<StoragePath, StorageError> {
@@ -110,4 +111,113 @@ fn usage_text(usage: &Usage) -> String {
         usage.requests,
         if usage.requests == 1 { "" } else { "s" }
     )
+}
+
+/// The spec of one start of a project task, for the Worker's task: what the project is, the
+/// acceptance notes, the results it builds on (by path: the Worker reads them, nothing is
+/// pasted) and, for a revision, why the last result went back. Returns the task title and body.
+pub fn start_spec(project: &Project, claim: &StartClaim) -> Result<(String, String), ProjectError> {
+    let task = project.task(&claim.key)?;
+    let mut body = String::new();
+    let _ = writeln!(
+        body,
+        "Part `{}` of project {} \"{}\" (plan: `{}`).",
+        task.key,
+        project.id,
+        project.title,
+        plan_path(&project.id)
+            .map(|path| path.as_str().to_owned())
+            .unwrap_or_default()
+    );
+    if !task.acceptance.is_empty() {
+        let _ = writeln!(body, "\nDone when: {}", task.acceptance);
+    }
+    if !claim.inputs.is_empty() {
+        let _ = writeln!(body, "\nBuild on the results of:");
+        for input in &claim.inputs {
+            match &input.result_path {
+                Some(path) => {
+                    let _ = writeln!(body, "- {} ({}): `{path}`", input.key, input.title);
+                }
+                None => {
+                    let _ = writeln!(body, "- {} ({}): no result file", input.key, input.title);
+                }
+            }
+        }
+    }
+    if let Some(reason) = &claim.revision_reason {
+        let _ = writeln!(
+            body,
+            "\nThis is revision {} of this part. The last result was sent back because: {}",
+            claim.start.saturating_sub(1),
+            one_line(reason)
+        );
+    }
+    let suffix = if claim.start > 1 {
+        format!(" (revision {})", claim.start - 1)
+    } else {
+        String::new()
+    };
+    let base: String = task
+        .title
+        .chars()
+        .take(super::plan::MAX_TITLE_CHARS.saturating_sub(suffix.chars().count()))
+        .collect();
+    Ok((format!("{base}{suffix}"), body))
+}
+
+/// One line per project for `!crew projects`: id, phase, title and how many tasks are done.
+pub fn project_list_text(projects: &[Project]) -> String {
+    if projects.is_empty() {
+        return "No projects yet.".to_owned();
+    }
+    let mut out = String::new();
+    for project in projects {
+        let done = project
+            .tasks
+            .iter()
+            .filter(|task| task.state == PlanTaskState::Done)
+            .count();
+        let _ = writeln!(
+            out,
+            "- {} ({}): {} — {done}/{} tasks done",
+            project.id,
+            project.phase,
+            project.title,
+            project.tasks.len()
+        );
+    }
+    out
+}
+
+/// One project for `!crew project <id>`: each task with owner, state and what it waits for.
+pub fn project_status_text(project: &Project) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{} ({}): {}", project.id, project.phase, project.title);
+    for task in &project.tasks {
+        let _ = write!(
+            out,
+            "- {} [{}] {}: {}",
+            task.key, task.state, task.owner, task.title
+        );
+        let waiting: Vec<&str> = task
+            .depends_on
+            .iter()
+            .filter(|dep| {
+                project
+                    .task(dep)
+                    .map(|dep| dep.state != PlanTaskState::Done)
+                    .unwrap_or(true)
+            })
+            .map(String::as_str)
+            .collect();
+        if task.state.awaits_start() && !waiting.is_empty() {
+            let _ = write!(out, " — waits for {}", waiting.join(", "));
+        }
+        if let Some(task_id) = &task.task_id {
+            let _ = write!(out, " ({task_id})");
+        }
+        out.push('\n');
+    }
+    out
 }

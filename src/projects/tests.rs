@@ -711,6 +711,60 @@ async fn plan_md_is_written_to_storage() {
     );
 }
 
+#[test]
+fn start_spec_hands_inputs_by_path_and_names_the_revision() {
+    let mut project = running(diamond());
+    run_task(&mut project, "A");
+    let claim = project.claim_start("B", NOW).unwrap();
+    let (title, body) = start_spec(&project, &claim).unwrap();
+    assert_eq!(title, "Part B");
+    assert!(
+        body.contains("Part `B` of project p-1 \"MVP\" (plan: `projects/p-1/plan.md`)"),
+        "{body}"
+    );
+    assert!(body.contains("Done when: B works"), "{body}");
+    assert!(
+        body.contains("- A (Part A): `tasks/t-A/result.md`"),
+        "{body}"
+    );
+    assert!(!body.contains("revision"), "{body}");
+
+    project
+        .complete_task("B", "tasks/t-B/result.md", NOW)
+        .unwrap();
+    project
+        .request_revision("B", "no tests\nat all", NOW)
+        .unwrap();
+    let claim = project.claim_start("B", NOW).unwrap();
+    let (title, body) = start_spec(&project, &claim).unwrap();
+    assert_eq!(title, "Part B (revision 1)");
+    assert!(
+        body.contains("This is revision 1 of this part. The last result was sent back because: no tests at all"),
+        "{body}"
+    );
+}
+
+#[test]
+fn status_texts_show_progress_and_what_waits() {
+    assert_eq!(project_list_text(&[]), "No projects yet.");
+    let mut project = running(diamond());
+    run_task(&mut project, "A");
+    project.claim_start("B", NOW).unwrap();
+    assert_eq!(
+        project_list_text(std::slice::from_ref(&project)),
+        "- p-1 (running): MVP — 1/4 tasks done\n"
+    );
+    let text = project_status_text(&project);
+    assert_eq!(
+        text,
+        "p-1 (running): MVP\n\
+         - A [done] ada: Part A (t-A1)\n\
+         - B [in progress] bob: Part B\n\
+         - C [pending] cy: Part C\n\
+         - D [pending] ada: Part D — waits for B, C\n"
+    );
+}
+
 /// A random plan: task `i` may depend only on earlier tasks when `acyclic`, on any when not.
 fn arbitrary_plan(acyclic: bool) -> impl Strategy<Value = Vec<TaskDraft>> {
     (1usize..12).prop_flat_map(move |count| {
