@@ -417,7 +417,9 @@ impl Project {
             PlanEdit::Reassign { task, owner } => {
                 let owner = owner.normalised()?;
                 let task = self.task_mut(&task)?;
-                if matches!(task.state, PlanTaskState::InProgress | PlanTaskState::Done) {
+                // A task with a Worker on it (in progress or blocked) stays with that Worker;
+                // one that is done is done. Reassigning takes effect at the next start.
+                if !task.state.awaits_start() {
                     return Err(ProjectError::TaskNotEditable {
                         key: task.key.clone(),
                         state: task.state,

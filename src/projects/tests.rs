@@ -421,6 +421,18 @@ fn a_blocked_task_asks_once_and_resumes() {
     assert!(project.mark_question_asked("A").unwrap());
     assert!(!project.mark_question_asked("A").unwrap(), "asked once");
     assert!(project.ready_tasks().is_empty());
+    assert!(matches!(
+        project.edit(
+            PlanEdit::Reassign {
+                task: "A".to_owned(),
+                owner: Owner::Worker {
+                    name: "bob".to_owned()
+                }
+            },
+            NOW
+        ),
+        Err(ProjectError::TaskNotEditable { .. })
+    ));
     project.unblock_task("A", NOW).unwrap();
     let task = project.task("A").unwrap();
     assert_eq!(task.state, PlanTaskState::InProgress);
