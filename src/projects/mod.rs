@@ -22,12 +22,15 @@
 //! Not for: talking to Matrix or the LLM, creating Workers or their tasks (the Manager's tools
 //! and the server do that and call in here). Not yet wired to the Manager's tools.
 
+pub mod driver;
 pub mod plan;
 pub mod render;
 
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Store, StoreError, Tree};
+
+pub use driver::{Advance, ProjectDriver, StartedTask};
 
 pub use plan::{
     CostSummary, MAX_PLAN_TASKS, Owner, PlanEdit, PlanTask, PlanTaskState, Project, ProjectPhase,
@@ -136,12 +139,23 @@ pub enum ProjectError {
         start: u32,
         task_id: String,
     },
+    /// The task's owner is a proposed Worker that was not created yet.
+    #[error(
+        "task `{key}` is for the proposed Worker `{name}`, which does not exist yet; create it first"
+    )]
+    WorkerNotCreated { key: String, name: String },
     /// Something that must be said is empty.
     #[error("the {what} is empty; say something")]
     EmptyText { what: &'static str },
     /// The project database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Creating or reading a Worker task failed.
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskError),
+    /// Writing `plan.md` failed.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// Accepts what humans type for a project id: `p-3`, `P-3`, `3` or `#3`.
@@ -405,6 +419,33 @@ impl Projects {
         Ok(self
             .change(id, |project| project.unblock_task(key, now_ms))?
             .0)
+    }
+
+    /// Records that a proposed Worker was created (see [`Project::worker_created`]).
+    pub fn worker_created(
+        &self,
+        id: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Project, ProjectError> {
+        Ok(self
+            .change(id, |project| Ok(project.worker_created(name, now_ms)))?
+            .0)
+    }
+
+    /// The project and key of the task whose latest start created Worker task `task_id`,
+    /// among unfinished projects (a finished project's tasks no longer change).
+    pub fn find_by_worker_task(
+        &self,
+        task_id: &str,
+    ) -> Result<Option<(Project, String)>, ProjectError> {
+        for project in self.unfinished()? {
+            if let Some(key) = project.key_of_worker_task(task_id) {
+                let key = key.to_owned();
+                return Ok(Some((project, key)));
+            }
+        }
+        Ok(None)
     }
 
     /// Adds metered usage to one task of a project.

@@ -521,6 +521,12 @@ impl Project {
                 change: "start",
             });
         }
+        if let Owner::Proposed { name, .. } = &task.owner {
+            return Err(ProjectError::WorkerNotCreated {
+                key: task.key.clone(),
+                name: name.clone(),
+            });
+        }
         let waiting = self.unfinished_dependencies(task);
         if !waiting.is_empty() {
             return Err(ProjectError::DependenciesNotDone {
@@ -738,6 +744,45 @@ impl Project {
         task.question_asked = false;
         self.updated_ms = now_ms;
         Ok(())
+    }
+
+    /// Workers the plan proposes to create, each once with the first role given, in plan
+    /// order. Tasks they own cannot start until [`Project::worker_created`] is recorded.
+    pub fn proposed_workers(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for task in &self.tasks {
+            if let Owner::Proposed { name, role } = &task.owner
+                && !out.iter().any(|(known, _)| known == name)
+            {
+                out.push((name.clone(), role.clone()));
+            }
+        }
+        out
+    }
+
+    /// The proposed Worker `name` now exists: every task it owns is owned by that Worker.
+    /// Returns how many tasks changed (0 on a repeat, so it is safe to re-run).
+    pub fn worker_created(&mut self, name: &str, now_ms: u64) -> usize {
+        let name = name.trim().trim_start_matches('@').to_lowercase();
+        let mut changed = 0;
+        for task in &mut self.tasks {
+            if matches!(&task.owner, Owner::Proposed { name: proposed, .. } if *proposed == name) {
+                task.owner = Owner::Worker { name: name.clone() };
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.updated_ms = now_ms;
+        }
+        changed
+    }
+
+    /// The key of the task whose latest start created Worker task `task_id`.
+    pub fn key_of_worker_task(&self, task_id: &str) -> Option<&str> {
+        self.tasks
+            .iter()
+            .find(|task| task.task_id.as_deref() == Some(task_id))
+            .map(|task| task.key.as_str())
     }
 
     /// Adds metered usage to a task (any phase: late accounting still counts).
