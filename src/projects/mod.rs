@@ -16,11 +16,16 @@
 //! [`Projects::record_dispatch`]. After a crash, [`Projects::unfinished_starts`] lists the claims
 //! whose Worker task was never recorded, to be finished with the same start number.
 //!
+//! [`ProjectDriver`] does both steps for every ready task ([`ProjectDriver::advance`]), makes
+//! each Worker task once per start ([`crate::tasks::Tasks::create_once`]), moves on when a Worker
+//! task completes ([`ProjectDriver::worker_task_done`]) and, at start-up, finishes interrupted
+//! starts ([`ProjectDriver::resume_all`]).
+//!
 //! The plan is rendered as `projects/<id>/plan.md` ([`render::plan_markdown`]); the cost of a
 //! project is the sum of its tasks' metered tokens and requests ([`Project::cost`]).
 //!
-//! Not for: talking to Matrix or the LLM, creating Workers or their tasks (the Manager's tools
-//! and the server do that and call in here). Not yet wired to the Manager's tools.
+//! Not for: talking to Matrix or the LLM, or creating Workers (the Manager's tools and the
+//! server do that and call in here). Not yet wired to the Manager's tools or the server.
 
 pub mod driver;
 pub mod plan;
