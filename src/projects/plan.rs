@@ -250,7 +250,7 @@ pub struct Project {
     pub requester: OwnedUserId,
     /// Where the project was asked for (and proposed).
     pub asked_in: Option<OwnedRoomId>,
-    /// The "Project: <title>" room, once opened on confirmation.
+    /// The "Project: `<title>`" room, once opened on confirmation.
     pub room: Option<OwnedRoomId>,
     pub phase: ProjectPhase,
     /// The tasks in the order the Manager proposed them (the order of `plan.md`).
