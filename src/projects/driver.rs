@@ -161,6 +161,76 @@ impl ProjectDriver {
     }
 }
 
+impl ProjectDriver {
+    /// The result of a project task was judged not good enough: it goes back to its Worker as a
+    /// new start (a new Worker task whose spec carries the reason); its dependents wait.
+    #[tracing::instrument(skip(self, reason))]
+    pub async fn request_revision(
+        &self,
+        project_id: &str,
+        key: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(super::RevisionOutcome, Advance), ProjectError> {
+        let (project, outcome) = self
+            .projects
+            .request_revision(project_id, key, reason, now_ms)?;
+        Ok((outcome, self.advance(&project.id, now_ms).await?))
+    }
+
+    /// A Worker task of a project blocked on a question. Returns the project and key, and
+    /// whether the question still has to be put to the person (true once per blocking, so a
+    /// re-run asks nothing twice); `None` for a task outside any project.
+    pub fn worker_task_blocked(
+        &self,
+        task_id: &str,
+        question: &str,
+        now_ms: u64,
+    ) -> Result<Option<(Project, String, bool)>, ProjectError> {
+        let Some((project, key)) = self.projects.find_by_worker_task(task_id)? else {
+            return Ok(None);
+        };
+        if project.task(&key)?.state == super::PlanTaskState::InProgress {
+            self.projects
+                .block_task(&project.id, &key, question, now_ms)?;
+        }
+        let ask = self.projects.mark_question_asked(&project.id, &key)?;
+        Ok(Some((self.projects.get(&project.id)?, key, ask)))
+    }
+
+    /// The person answered a blocked project task: it is in progress again (same start).
+    pub fn worker_task_resumed(
+        &self,
+        task_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<Project>, ProjectError> {
+        let Some((project, key)) = self.projects.find_by_worker_task(task_id)? else {
+            return Ok(None);
+        };
+        if project.task(&key)?.state != super::PlanTaskState::Blocked {
+            return Ok(Some(project));
+        }
+        Ok(Some(self.projects.unblock_task(
+            &project.id,
+            &key,
+            now_ms,
+        )?))
+    }
+
+    /// Charges metered usage of a Worker task to its project task, if it has one.
+    pub fn add_worker_task_usage(
+        &self,
+        task_id: &str,
+        usage: super::Usage,
+    ) -> Result<bool, ProjectError> {
+        let Some((project, key)) = self.projects.find_by_worker_task(task_id)? else {
+            return Ok(false);
+        };
+        self.projects.add_usage(&project.id, &key, usage)?;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ruma::{owned_room_id, owned_user_id};
@@ -469,5 +539,70 @@ mod tests {
         assert_eq!(started_keys(&second), ["ui"]);
         assert_eq!(second.started[0].task.assignee, "uma");
         assert_eq!(second.project.phase, ProjectPhase::Running);
+    }
+
+    #[tokio::test]
+    async fn revision_blocking_and_usage_go_through_worker_tasks() {
+        let fixture = fixture_in(tempfile::tempdir().unwrap()).await;
+        let id = confirmed_diamond(&fixture);
+        let first = fixture.driver.advance(&id, NOW).await.unwrap();
+        let a_task = first.started[0].task.id.clone();
+
+        let (project, key, ask) = fixture
+            .driver
+            .worker_task_blocked(&a_task, "Which database?", NOW)
+            .unwrap()
+            .unwrap();
+        assert_eq!((key.as_str(), ask), ("A", true));
+        assert_eq!(project.task("A").unwrap().state, PlanTaskState::Blocked);
+        let (_, _, ask_again) = fixture
+            .driver
+            .worker_task_blocked(&a_task, "Which database?", NOW)
+            .unwrap()
+            .unwrap();
+        assert!(!ask_again, "the question is asked once");
+        let project = fixture
+            .driver
+            .worker_task_resumed(&a_task, NOW)
+            .unwrap()
+            .unwrap();
+        assert_eq!(project.task("A").unwrap().state, PlanTaskState::InProgress);
+
+        assert!(
+            fixture
+                .driver
+                .add_worker_task_usage(
+                    &a_task,
+                    crate::projects::Usage {
+                        prompt_tokens: 30,
+                        completion_tokens: 12,
+                        requests: 2,
+                    },
+                )
+                .unwrap()
+        );
+
+        let second = finish(&fixture, &first, "A").await;
+        assert_eq!(started_keys(&second), ["B", "C"]);
+        let (outcome, advance) = fixture
+            .driver
+            .request_revision(&id, "A", "use Postgres", NOW)
+            .await
+            .unwrap();
+        assert_eq!(outcome.started_dependents, ["B", "C"]);
+        assert_eq!(started_keys(&advance), ["A"]);
+        let redo = &advance.started[0];
+        assert_eq!(redo.start, 2);
+        assert_ne!(redo.task.id, a_task, "a revision is a new Worker task");
+        assert_eq!(redo.task.title, "Part A (revision 1)");
+        // A stale "done" for the first Worker task changes nothing.
+        let stale = fixture.driver.worker_task_done(&a_task, NOW).await.unwrap();
+        assert!(
+            stale.is_none(),
+            "the old Worker task no longer stands for A"
+        );
+        let project = fixture.driver.projects().get(&id).unwrap();
+        assert_eq!(project.task("A").unwrap().state, PlanTaskState::InProgress);
+        assert_eq!(project.cost().total.total_tokens(), 42);
     }
 }
