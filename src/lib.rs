@@ -8,6 +8,7 @@
 //! - [`gateway`] and [`llm`]: the credential gateway and the LLM client that goes through it.
 //! - [`storage`]: shared files (local filesystem or S3).
 //! - [`store`]: durable state in sled.
+//! - [`projects`]: plans of tasks with dependencies, carried out in waves.
 //! - [`admin`]: the local endpoint the CLI uses while the server runs.
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod init;
 pub mod llm;
 pub mod matrix;
 pub mod outbox;
+pub mod projects;
 pub mod registration;
 pub mod sandbox;
 pub mod secret;

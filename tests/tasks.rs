@@ -417,6 +417,76 @@ async fn heartbeat_through_the_service_nudges_once_then_tells_the_human_once() {
 }
 
 #[tokio::test]
+async fn create_once_makes_one_task_per_key_even_across_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = {
+        let store = Store::open(&dir.path().join("db")).expect("open store");
+        let tasks = Tasks::open(&store, storage_in(dir.path()).await, &TaskConfig::default())
+            .expect("open tasks");
+        let first = tasks
+            .create_once("p-1:a:1", "Part A", "ada", human(), None, "Spec A.", T0)
+            .await
+            .expect("create once");
+        let again = tasks
+            .create_once(
+                "p-1:a:1",
+                "Part A",
+                "ada",
+                human(),
+                None,
+                "Spec A.",
+                T0 + MIN,
+            )
+            .await
+            .expect("same key again");
+        assert_eq!(again, first, "the same key gives the same task");
+        store.db().flush().expect("flush");
+        first
+    };
+    let store = Store::open(&dir.path().join("db")).expect("reopen store");
+    let storage = storage_in(dir.path()).await;
+    let tasks = Tasks::open(&store, storage.clone(), &TaskConfig::default()).expect("open tasks");
+    let after_restart = tasks
+        .create_once(
+            "p-1:a:1",
+            "Part A",
+            "ada",
+            human(),
+            None,
+            "Spec A.",
+            T0 + 2 * MIN,
+        )
+        .await
+        .expect("same key after restart");
+    assert_eq!(after_restart, first);
+    let revision = tasks
+        .create_once(
+            "p-1:a:2",
+            "Part A (revision 1)",
+            "ada",
+            human(),
+            None,
+            "Spec A2.",
+            T0,
+        )
+        .await
+        .expect("a new key is a new task");
+    assert_ne!(revision.id, first.id);
+    assert_eq!(tasks.list(&TaskFilter::default()).expect("list").len(), 2);
+    assert!(
+        read(&storage, &revision.id, TaskFile::Spec)
+            .await
+            .contains("Spec A2.")
+    );
+    assert!(matches!(
+        tasks
+            .create_once("p-1:b:1", " ", "ada", human(), None, "x", T0)
+            .await,
+        Err(TaskError::InvalidTitle)
+    ));
+}
+
+#[tokio::test]
 async fn tasks_survive_reopening_the_database() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("db");

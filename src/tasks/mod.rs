@@ -45,6 +45,9 @@ const REPORTED_KEY: &str = "reported_until_ms";
 /// Prefix of the keys (`run:<template>:<due_ms>`) that remember which task number the run of a
 /// template due at a given time got, so that run is created once however often it is started.
 const RUN_KEY_PREFIX: &str = "run:";
+/// Prefix of the keys (`once:<caller's key>`) that remember which task number a caller's
+/// idempotency key got (see [`Tasks::create_once`]).
+const ONCE_KEY_PREFIX: &str = "once:";
 /// Titles are one line in lists and reports; longer text belongs in the spec.
 const MAX_TITLE_CHARS: usize = 200;
 const MS_PER_DAY: u64 = 86_400_000;
@@ -444,6 +447,65 @@ impl Tasks {
         let task = self.new_record(number, title, assignee, requester, room, now_ms);
         self.write_spec(&task, spec_text).await?;
         self.tasks.insert(&task.id, &task)?;
+        Ok(task)
+    }
+
+    /// Like [`Tasks::create`], but once per `idempotency_key`: a second call with the same key
+    /// (a re-run after a crash, at any point of the first) returns the task the first made
+    /// instead of making another. Projects use it with [`crate::projects::StartClaim`]'s key so
+    /// each start of a project task creates exactly one Worker task.
+    #[tracing::instrument(skip(self, spec_text, requester, room))]
+    #[allow(clippy::too_many_arguments)] // the arguments of `create`, plus the key
+    pub async fn create_once(
+        &self,
+        idempotency_key: &str,
+        title: &str,
+        assignee: &str,
+        requester: OwnedUserId,
+        room: Option<OwnedRoomId>,
+        spec_text: &str,
+        now_ms: u64,
+    ) -> Result<Task, TaskError> {
+        let once_key = format!("{ONCE_KEY_PREFIX}{idempotency_key}");
+        if let Some(number) = self.meta.get(&once_key)?
+            && let Some(existing) = self.tasks.get(&format!("t-{number}"))?
+        {
+            return Ok(existing);
+        }
+        let title = title.trim();
+        if title.is_empty() || title.contains('\n') || title.chars().count() > MAX_TITLE_CHARS {
+            return Err(TaskError::InvalidTitle);
+        }
+        if assignee.trim().is_empty() {
+            return Err(TaskError::MissingAssignee);
+        }
+        let assignee =
+            crate::agent::registry::Registry::normalise_name(assignee).map_err(|_| {
+                TaskError::InvalidAssignee {
+                    name: assignee.to_owned(),
+                }
+            })?;
+        let number = match self.meta.get(&once_key)? {
+            Some(number) => number,
+            None => {
+                let number = self.next_number()?;
+                // Whoever reserves the key first owns the task; a later attempt finds the
+                // number here (a loser of the race leaves a harmless gap in the numbering).
+                if self.meta.insert_new(&once_key, &number)? {
+                    number
+                } else {
+                    self.meta.get(&once_key)?.expect(
+                        "insert_new failed because the key exists, and keys are never removed",
+                    )
+                }
+            }
+        };
+        let task = self.new_record(number, title, assignee, requester, room, now_ms);
+        self.write_spec(&task, spec_text).await?;
+        if !self.tasks.insert_new(&task.id, &task)? {
+            // Another attempt with the same key stored it first.
+            return self.get(&task.id);
+        }
         Ok(task)
     }
 
