@@ -378,7 +378,7 @@ async fn the_sandbox_holds_no_real_key_and_reaches_only_the_gateway() {
          python3 -c \"
 import socket, struct
 gateways = [l.split()[2] for l in open('/proc/net/route') if l.split()[1] == '00000000']
-for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for g in gateways]:
+for ip in [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for g in gateways]:
     s = socket.socket(); s.settimeout(2)
     try:
         s.connect((ip, {host_port})); print('REACHED', ip)
@@ -464,7 +464,6 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
         "the gateway answers from inside: {probed}"
     );
     assert!(!probed.contains("REACHED"), "{probed}");
-    assert!(probed.contains("unreachable 172.17.0.1"), "{probed}");
     assert!(
         matches!(host_service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "nothing reached the host's port"
@@ -515,6 +514,18 @@ for ip in ['172.17.0.1'] + [socket.inet_ntoa(struct.pack('<L', int(g, 16))) for 
             format!("{head}.1")
         }
     };
+    // The only address the probe dialled is the default route Docker writes, inside this test's
+    // own network (no traffic to any address outside what the test made), and it led nowhere.
+    for line in probed
+        .lines()
+        .filter(|line| line.starts_with("unreachable "))
+    {
+        let dialled = line.split_whitespace().nth(1).unwrap_or("");
+        assert_eq!(
+            dialled, gateway_ip,
+            "the probe dialled only its own network's gateway"
+        );
+    }
     let held = std::net::TcpListener::bind((gateway_ip.as_str(), 0));
     assert!(
         matches!(&held, Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable),
