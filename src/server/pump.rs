@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ruma::{OwnedRoomId, RoomId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -308,23 +308,7 @@ async fn signal_effect(
             )
         }
         Signal::EncryptedRoom { agent } => {
-            let humans: Vec<_> = {
-                let state = crew
-                    .dispatcher
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                state
-                    .dispatcher
-                    .rooms
-                    .get(room)
-                    .map(|room| {
-                        room.joined_members()
-                            .filter(|member| !crew.is_ours(member))
-                            .map(|member| member.to_owned())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
+            let humans = joined_members_where(crew, room, |member| !crew.is_ours(member));
             let name = display_name(crew, room, agent);
             let offer = CreateRoom {
                 name: Some(format!("{name} (unencrypted)")),
@@ -458,26 +442,34 @@ async fn answer_command(
     }
 }
 
+/// The members joined to `room` (as the dispatcher's room model knows them) that `keep` accepts.
+fn joined_members_where(
+    crew: &Service,
+    room: &RoomId,
+    keep: impl Fn(&UserId) -> bool,
+) -> Vec<OwnedUserId> {
+    let state = crew
+        .dispatcher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    state
+        .dispatcher
+        .rooms
+        .get(room)
+        .map(|room| {
+            room.joined_members()
+                .filter(|member| keep(member))
+                .map(|member| member.to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What read-only commands show `sender` in `room`: everything to an admin, else only this
 /// room's Workers and their (or the sender's) tasks.
 fn room_view(crew: &Service, room: &RoomId, sender: &UserId) -> commands::RoomView {
-    let workers_here = (!crew.is_admin(sender)).then(|| {
-        let state = crew
-            .dispatcher
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        state
-            .dispatcher
-            .rooms
-            .get(room)
-            .map(|room| {
-                room.joined_members()
-                    .filter(|member| crew.is_ours(member))
-                    .map(|member| member.to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
+    let workers_here = (!crew.is_admin(sender))
+        .then(|| joined_members_where(crew, room, |member| crew.is_ours(member)));
     commands::RoomView {
         workers_here,
         asker: sender.to_owned(),
