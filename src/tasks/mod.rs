@@ -50,6 +50,27 @@ const RUN_KEY_PREFIX: &str = "run:";
 const ONCE_KEY_PREFIX: &str = "once:";
 /// Titles are one line in lists and reports; longer text belongs in the spec.
 const MAX_TITLE_CHARS: usize = 200;
+
+/// A task's title, trimmed, and its assignee's normalised name, or why they cannot be used
+/// (shared by [`Tasks::create`] and [`Tasks::create_once`]).
+fn checked_title_and_assignee<'a>(
+    title: &'a str,
+    assignee: &str,
+) -> Result<(&'a str, String), TaskError> {
+    let title = title.trim();
+    if title.is_empty() || title.contains('\n') || title.chars().count() > MAX_TITLE_CHARS {
+        return Err(TaskError::InvalidTitle);
+    }
+    if assignee.trim().is_empty() {
+        return Err(TaskError::MissingAssignee);
+    }
+    let assignee = crate::agent::registry::Registry::normalise_name(assignee).map_err(|_| {
+        TaskError::InvalidAssignee {
+            name: assignee.to_owned(),
+        }
+    })?;
+    Ok((title, assignee))
+}
 const MS_PER_DAY: u64 = 86_400_000;
 
 /// Settings for tasks and the heartbeat (`[tasks]` in the config file).
@@ -430,19 +451,7 @@ impl Tasks {
         spec_text: &str,
         now_ms: u64,
     ) -> Result<Task, TaskError> {
-        let title = title.trim();
-        if title.is_empty() || title.contains('\n') || title.chars().count() > MAX_TITLE_CHARS {
-            return Err(TaskError::InvalidTitle);
-        }
-        if assignee.trim().is_empty() {
-            return Err(TaskError::MissingAssignee);
-        }
-        let assignee =
-            crate::agent::registry::Registry::normalise_name(assignee).map_err(|_| {
-                TaskError::InvalidAssignee {
-                    name: assignee.to_owned(),
-                }
-            })?;
+        let (title, assignee) = checked_title_and_assignee(title, assignee)?;
         let number = self.next_number()?;
         let task = self.new_record(number, title, assignee, requester, room, now_ms);
         self.write_spec(&task, spec_text).await?;
@@ -472,19 +481,7 @@ impl Tasks {
         {
             return Ok(existing);
         }
-        let title = title.trim();
-        if title.is_empty() || title.contains('\n') || title.chars().count() > MAX_TITLE_CHARS {
-            return Err(TaskError::InvalidTitle);
-        }
-        if assignee.trim().is_empty() {
-            return Err(TaskError::MissingAssignee);
-        }
-        let assignee =
-            crate::agent::registry::Registry::normalise_name(assignee).map_err(|_| {
-                TaskError::InvalidAssignee {
-                    name: assignee.to_owned(),
-                }
-            })?;
+        let (title, assignee) = checked_title_and_assignee(title, assignee)?;
         let number = match self.meta.get(&once_key)? {
             Some(number) => number,
             None => {
