@@ -50,33 +50,6 @@ impl WakeQueue {
         })
     }
 
-    /// Queues `wakes` and removes inbox entry `seq`, atomically.
-    pub fn commit(&self, inbox: &Inbox, seq: u64, wakes: &[PendingWake]) -> Result<(), StoreError> {
-        let mut encoded = Vec::with_capacity(wakes.len());
-        for wake in wakes {
-            let mut key = wake.agent.as_str().as_bytes().to_vec();
-            key.push(0);
-            key.extend_from_slice(&self.store.next_id()?.to_be_bytes());
-            encoded.push((key, self.wakes.encode(wake)?));
-        }
-        (inbox.raw_entries(), self.wakes.raw())
-            .transaction(|(entries, queue)| {
-                entries.remove(&seq.to_be_bytes())?;
-                for (key, value) in &encoded {
-                    queue.insert(key.as_slice(), value.as_slice())?;
-                }
-                Ok(())
-            })
-            .map_err(
-                |error: sled::transaction::TransactionError<()>| match error {
-                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("wake commit aborted".into()))
-                    }
-                },
-            )
-    }
-
     /// Queues `wakes`, stages `effects` in the outbox and removes inbox entry `seq`, in one sled
     /// transaction: a crash leaves either the event in the inbox or everything it caused.
     pub fn commit_with_effects(
