@@ -115,6 +115,10 @@ pub enum Command {
     Model(String, String),
     Cancel(String),
     Why(String),
+    /// `!crew projects`: the projects this person may see, one line each.
+    Projects,
+    /// `!crew project <id>`: one project's tasks and where each is.
+    Project(String),
     /// Something after `!crew` that is not a command; the answer says what is.
     Unknown(String),
 }
@@ -145,6 +149,9 @@ impl Command {
             ("remove", Some(name)) => Command::Remove(name),
             ("cancel", Some(task)) => Command::Cancel(task),
             ("why", Some(event)) => Command::Why(event),
+            ("projects", _) => Command::Projects,
+            ("project", Some(id)) => Command::Project(id),
+            ("project", None) => Command::Projects,
             (other, _) => Command::Unknown(other.to_owned()),
         })
     }
@@ -172,7 +179,8 @@ pub fn help() -> String {
      - `!crew remove <name>`: remove a Worker: its token is revoked, it leaves its rooms (admins)\n\
      - `!crew model <name> <model>`: the model a Worker uses (`default` for the configured one; admins)\n\
      - `!crew cancel <task>`: cancel a task (admins)\n\
-     - `!crew why <event id>`: why a message did or did not wake an agent"
+     - `!crew why <event id>`: why a message did or did not wake an agent\n\
+     - `!crew projects` / `!crew project <id>`: projects, and where each task of one is"
         .to_owned()
 }
 
@@ -279,5 +287,39 @@ mod tests {
             Some(Command::Unknown("model".into()))
         );
         assert!(!Command::Workers.changes_state());
+    }
+}
+
+/// `!crew projects` and `!crew project <id>`, read from the project records without the LLM.
+/// Someone who is not an admin sees the projects they asked for and those of this room (its
+/// project room, or where it was asked for), like the other read-only commands.
+pub fn projects_answer(
+    projects: &crate::projects::Projects,
+    view: &RoomView,
+    room: &RoomId,
+    id: Option<&str>,
+) -> String {
+    let visible = |project: &crate::projects::Project| {
+        view.workers_here.is_none()
+            || project.requester == view.asker
+            || project.room.as_deref() == Some(room)
+            || project.asked_in.as_deref() == Some(room)
+    };
+    match id {
+        None => match projects.list() {
+            Ok(list) => {
+                let shown: Vec<_> = list.into_iter().filter(|p| visible(p)).collect();
+                crate::projects::project_list_text(&shown)
+            }
+            Err(error) => format!("I cannot read the projects: {error}"),
+        },
+        Some(id) => match projects.get(id) {
+            Ok(project) if visible(&project) => crate::projects::project_status_text(&project),
+            Ok(_) => format!(
+                "Project {} is not one you asked for or one of this room.",
+                crate::projects::normalize_id(id)
+            ),
+            Err(error) => error.to_string(),
+        },
     }
 }

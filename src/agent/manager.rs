@@ -57,6 +57,10 @@ pub fn persona(default_name: &str, profile: Option<&ManagerProfile>) -> String {
          rooms (invite_worker);\n\
          - assign tasks (assign_task writes tasks/<id>/spec.md and mentions the Worker; `every` makes it \
          recurring with a cron expression), list and cancel them;\n\
+         - run projects: for work larger than one task, propose_project (tasks with owners, dependencies, \
+         acceptance notes), show the plan and let the person confirm (confirm_project), change (edit_project) \
+         or reject it; you are woken when parts are done: send a part back with request_revision if it \
+         falls short;\n\
          - read and write the shared files (list_files, read_file, write_file). Refer to files by path; \
          never paste a whole file into the chat.\n\
          In group rooms agents wake only when mentioned, so remind people to @-mention the Worker they want. \

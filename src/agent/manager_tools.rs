@@ -114,6 +114,62 @@ struct TaskArgs {
     task: String,
 }
 
+/// One task of a proposed plan, as the model writes it.
+#[derive(Deserialize)]
+struct PlanTaskArgs {
+    key: String,
+    title: String,
+    /// A Worker's name; a name no Worker has yet is a Worker to create on confirmation.
+    owner: String,
+    /// For a Worker to create: its role.
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    #[serde(default)]
+    acceptance: String,
+}
+
+#[derive(Deserialize)]
+struct ProposeArgs {
+    title: String,
+    tasks: Vec<PlanTaskArgs>,
+}
+
+#[derive(Deserialize)]
+struct ProjectArgs {
+    #[serde(default)]
+    project: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EditArgs {
+    project: String,
+    /// reassign, add_dependency, remove_dependency, set_acceptance, add_task, remove_task.
+    change: String,
+    #[serde(default)]
+    task: Option<String>,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    on: Option<String>,
+    #[serde(default)]
+    acceptance: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RevisionArgs {
+    project: String,
+    task: String,
+    reason: String,
+}
+
 fn object(properties: Value, required: &[&str]) -> Value {
     json!({"type": "object", "properties": properties, "required": required})
 }
@@ -203,6 +259,7 @@ impl Toolbox for ManagerTools {
                 object(json!({"task": {"type": "string"}}), &["task"]),
             ),
         ];
+        tools.extend(project_tools());
         tools.push(super::files::share_tool());
         tools.extend(self.files.tools());
         self.authority.offered(tools)
@@ -241,6 +298,12 @@ impl Toolbox for ManagerTools {
                 Err(error) => Err(error),
             },
             "cancel_task" => self.cancel_task(arguments),
+            "propose_project" => self.propose_project(arguments).await,
+            "confirm_project" => self.confirm_project(arguments).await,
+            "edit_project" => self.edit_project(arguments).await,
+            "reject_project" => self.reject_project(arguments),
+            "request_revision" => self.request_revision(arguments).await,
+            "project_status" => self.project_status(arguments),
             "share_file" => {
                 let arguments: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
                 Ok(super::files::share_tool_call(
@@ -603,6 +666,388 @@ impl ManagerTools {
             .cancel(&args.task, crate::clock::now_ms())
             .map_err(|error| format!("error: {error}"))?;
         Ok(json!({"task": task.id, "state": task.state}).to_string())
+    }
+}
+
+/// The project tools: plan, confirm, edit, reject, revise, look.
+fn project_tools() -> Vec<Tool> {
+    let project = json!({"type": "string", "description": "the project id, e.g. p-1"});
+    let task = json!({"type": "object", "properties": {
+        "key": {"type": "string", "description": "short handle other tasks depend on, e.g. api"},
+        "title": {"type": "string", "description": "one line"},
+        "owner": {"type": "string", "description": "an existing Worker's name, or the name of a Worker to create"},
+        "role": {"type": "string", "description": "for a Worker to create: its role"},
+        "depends_on": {"type": "array", "items": {"type": "string"}, "description": "keys of the tasks whose results this one needs"},
+        "acceptance": {"type": "string", "description": "what done means for this task"}
+    }, "required": ["key", "title", "owner"]});
+    vec![
+        Tool::function(
+            "propose_project",
+            "Plan work larger than one task: tasks with owners, dependencies and acceptance notes. Nothing starts until the person confirms; show them the plan and ask.",
+            object(
+                json!({"title": {"type": "string", "description": "one line"},
+                       "tasks": {"type": "array", "items": task}}),
+                &["title", "tasks"],
+            ),
+        ),
+        Tool::function(
+            "confirm_project",
+            "The person confirmed a proposed project: opens its room, creates proposed Workers (admins only), starts every task that can start.",
+            object(json!({"project": project}), &["project"]),
+        ),
+        Tool::function(
+            "edit_project",
+            "Change a project's plan as the person asks (e.g. give the API part to bob: change=reassign, task=api, owner=bob). change is one of reassign, add_dependency, remove_dependency, set_acceptance, add_task, remove_task.",
+            object(
+                json!({"project": project,
+                       "change": {"type": "string"},
+                       "task": {"type": "string", "description": "the task's key"},
+                       "owner": {"type": "string"}, "role": {"type": "string"},
+                       "on": {"type": "string", "description": "for dependencies: the other task's key"},
+                       "acceptance": {"type": "string"}, "title": {"type": "string"},
+                       "depends_on": {"type": "array", "items": {"type": "string"}}}),
+                &["project", "change", "task"],
+            ),
+        ),
+        Tool::function(
+            "reject_project",
+            "The person does not want a proposed project: nothing of it starts.",
+            object(json!({"project": project}), &["project"]),
+        ),
+        Tool::function(
+            "request_revision",
+            "Send a done project task back to its Worker with the reason (revision needed); tasks depending on it wait.",
+            object(
+                json!({"project": project, "task": {"type": "string", "description": "the task's key"},
+                       "reason": {"type": "string"}}),
+                &["project", "task", "reason"],
+            ),
+        ),
+        Tool::function(
+            "project_status",
+            "A project's plan and where each task is; without a project, every project.",
+            object(json!({"project": project}), &[]),
+        ),
+    ]
+}
+
+impl ManagerTools {
+    /// The owner a plan names: an existing Worker, or one to create.
+    fn owner_of(&self, name: &str, role: Option<&str>) -> crate::projects::Owner {
+        let exists = self
+            .services
+            .team
+            .registry
+            .get(name)
+            .ok()
+            .flatten()
+            .is_some_and(|worker| worker.state != WorkerState::Removed);
+        if exists {
+            crate::projects::Owner::Worker {
+                name: name.to_owned(),
+            }
+        } else {
+            crate::projects::Owner::Proposed {
+                name: name.to_owned(),
+                role: role.unwrap_or_default().to_owned(),
+            }
+        }
+    }
+
+    fn draft_of(&self, task: PlanTaskArgs) -> crate::projects::TaskDraft {
+        crate::projects::TaskDraft {
+            owner: self.owner_of(&task.owner, task.role.as_deref()),
+            key: task.key,
+            title: task.title,
+            depends_on: task.depends_on,
+            acceptance: task.acceptance,
+        }
+    }
+
+    /// Only the person who asked for a project (or an admin) decides about it.
+    fn require_decider(&self, project: &crate::projects::Project) -> Result<(), String> {
+        let asker = self.requester()?;
+        if asker == project.requester || self.authority.is_admin() {
+            Ok(())
+        } else {
+            Err(self.authority.refuse(format!(
+                "project {} was asked for by {}; only they or an admin decide about it",
+                project.id, project.requester
+            )))
+        }
+    }
+
+    async fn propose_project(&self, arguments: &str) -> Result<String, String> {
+        let args: ProposeArgs = parse(arguments)?;
+        let requester = self.requester()?;
+        let draft = crate::projects::ProjectDraft {
+            title: args.title,
+            tasks: args
+                .tasks
+                .into_iter()
+                .map(|task| self.draft_of(task))
+                .collect(),
+        };
+        let now = crate::clock::now_ms();
+        let project = self
+            .services
+            .projects
+            .projects()
+            .propose(draft, requester, Some(self.room.clone()), now)
+            .map_err(|error| format!("error: {error}"))?;
+        let plan = crate::projects::write_plan(&self.services.storage, &project)
+            .await
+            .map_err(|error| format!("error: {error}"))?;
+        if self.services.projects_auto_start && project.proposed_workers().is_empty() {
+            return self.start_project(&project.id).await;
+        }
+        Ok(json!({
+            "project": project.id,
+            "plan": plan.as_str(),
+            "waves": project.waves(),
+            "workers_to_create": project.proposed_workers(),
+            "status": crate::projects::project_status_text(&project),
+            "next": "Show the person the plan (tasks, owners, order) and ask them to confirm, change or reject it. Nothing starts before they confirm.",
+        })
+        .to_string())
+    }
+
+    async fn confirm_project(&self, arguments: &str) -> Result<String, String> {
+        let args: ProjectArgs = parse(arguments)?;
+        let id = args
+            .project
+            .ok_or_else(|| "error: say which project (p-1)".to_owned())?;
+        let project = self
+            .services
+            .projects
+            .projects()
+            .get(&id)
+            .map_err(|error| format!("error: {error}"))?;
+        self.require_decider(&project)?;
+        if project.phase != crate::projects::ProjectPhase::Proposed {
+            return Err(format!(
+                "error: project {} is {}, not waiting for confirmation",
+                project.id, project.phase
+            ));
+        }
+        let to_create = project.proposed_workers();
+        if !to_create.is_empty() {
+            if let Some(refusal) = self.admin_only("create Workers") {
+                return Err(refusal);
+            }
+            let requester = self.requester()?;
+            for (name, role) in &to_create {
+                self.check_worker_cap(name)?;
+                self.services
+                    .team
+                    .provision(name, role, &requester)
+                    .await
+                    .map_err(|error| format!("error: cannot create {name}: {error}"))?;
+                self.services
+                    .projects
+                    .projects()
+                    .worker_created(&project.id, name, crate::clock::now_ms())
+                    .map_err(|error| format!("error: {error}"))?;
+            }
+        }
+        self.start_project(&project.id).await
+    }
+
+    /// Opens the project room (once), confirms the project and starts what can start.
+    async fn start_project(&self, id: &str) -> Result<String, String> {
+        let services = &self.services;
+        let projects = services.projects.projects();
+        let project = projects
+            .get(id)
+            .map_err(|error| format!("error: {error}"))?;
+        let room = match &project.room {
+            Some(room) => room.clone(),
+            None => {
+                let mut workers = Vec::new();
+                for task in &project.tasks {
+                    if let Ok(Some(worker)) = services.team.registry.get(task.owner.name())
+                        && !workers
+                            .iter()
+                            .any(|known: &super::registry::Worker| known.user_id == worker.user_id)
+                    {
+                        workers.push(worker);
+                    }
+                }
+                let mut invite: Vec<ruma::OwnedUserId> = vec![project.requester.clone()];
+                invite.extend(workers.iter().map(|worker| worker.user_id.clone()));
+                let room = services
+                    .client
+                    .create_room(
+                        &services.manager,
+                        &crate::matrix::CreateRoom {
+                            name: Some(format!("Project: {}", project.title)),
+                            topic: Some(format!(
+                                "Project {} for {}; the plan is projects/{}/plan.md",
+                                project.id, project.requester, project.id
+                            )),
+                            invite,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|error| format!("error: cannot open the project room: {error}"))?;
+                // The Workers join now, so their first answers there cannot come too early.
+                for worker in &workers {
+                    if let Err(error) = services.client.join(&worker.user_id, &room).await {
+                        tracing::warn!(%error, worker = %worker.name, "cannot join the project room");
+                    }
+                }
+                projects
+                    .set_room(&project.id, room.clone(), crate::clock::now_ms())
+                    .map_err(|error| format!("error: {error}"))?;
+                room
+            }
+        };
+        if project.phase == crate::projects::ProjectPhase::Proposed {
+            projects
+                .confirm(&project.id, crate::clock::now_ms())
+                .map_err(|error| format!("error: {error}"))?;
+        }
+        let advance = services
+            .projects
+            .advance(&project.id, crate::clock::now_ms())
+            .await
+            .map_err(|error| format!("error: {error}"))?;
+        super::project_flow::announce_started(services, &advance, self.depth + 1).await;
+        Ok(json!({
+            "project": project.id,
+            "room": room,
+            "started": advance.started.iter().map(|s| json!({"task": s.key, "worker_task": s.task.id, "worker": s.task.assignee})).collect::<Vec<_>>(),
+            "waiting_for_workers": advance.waiting_for_workers,
+            "next": "Tell the person in one or two lines that the project started and where (the project room). The Workers are told; you will be woken when parts are done.",
+        })
+        .to_string())
+    }
+
+    async fn edit_project(&self, arguments: &str) -> Result<String, String> {
+        use crate::projects::PlanEdit;
+        let args: EditArgs = parse(arguments)?;
+        let projects = self.services.projects.projects();
+        let project = projects
+            .get(&args.project)
+            .map_err(|error| format!("error: {error}"))?;
+        self.require_decider(&project)?;
+        let task = args.task.clone().unwrap_or_default();
+        let need = |value: Option<String>, what: &str| {
+            value
+                .filter(|value| !value.trim().is_empty())
+                .ok_or_else(|| format!("error: `{}` needs `{what}`", args.change))
+        };
+        let edit = match args.change.trim() {
+            "reassign" => PlanEdit::Reassign {
+                owner: self.owner_of(&need(args.owner.clone(), "owner")?, args.role.as_deref()),
+                task,
+            },
+            "add_dependency" => PlanEdit::AddDependency {
+                on: need(args.on.clone(), "on")?,
+                task,
+            },
+            "remove_dependency" => PlanEdit::RemoveDependency {
+                on: need(args.on.clone(), "on")?,
+                task,
+            },
+            "set_acceptance" => PlanEdit::SetAcceptance {
+                acceptance: args.acceptance.clone().unwrap_or_default(),
+                task,
+            },
+            "add_task" => PlanEdit::AddTask {
+                task: self.draft_of(PlanTaskArgs {
+                    title: need(args.title.clone(), "title")?,
+                    owner: need(args.owner.clone(), "owner")?,
+                    role: args.role.clone(),
+                    depends_on: args.depends_on.clone(),
+                    acceptance: args.acceptance.clone().unwrap_or_default(),
+                    key: task,
+                }),
+            },
+            "remove_task" => PlanEdit::RemoveTask { task },
+            other => {
+                return Err(format!(
+                    "error: `{other}` is not a change I know; use reassign, add_dependency, remove_dependency, set_acceptance, add_task or remove_task"
+                ));
+            }
+        };
+        let (project, _) = projects
+            .edit(&project.id, edit, crate::clock::now_ms())
+            .map_err(|error| format!("error: {error}"))?;
+        if project.phase == crate::projects::ProjectPhase::Running {
+            let advance = self
+                .services
+                .projects
+                .advance(&project.id, crate::clock::now_ms())
+                .await
+                .map_err(|error| format!("error: {error}"))?;
+            super::project_flow::announce_started(&self.services, &advance, self.depth + 1).await;
+        } else {
+            crate::projects::write_plan(&self.services.storage, &project)
+                .await
+                .map_err(|error| format!("error: {error}"))?;
+        }
+        Ok(json!({
+            "project": project.id,
+            "waves": project.waves(),
+            "status": crate::projects::project_status_text(&project),
+        })
+        .to_string())
+    }
+
+    fn reject_project(&self, arguments: &str) -> Result<String, String> {
+        let args: ProjectArgs = parse(arguments)?;
+        let id = args
+            .project
+            .ok_or_else(|| "error: say which project (p-1)".to_owned())?;
+        let projects = self.services.projects.projects();
+        let project = projects
+            .get(&id)
+            .map_err(|error| format!("error: {error}"))?;
+        self.require_decider(&project)?;
+        let project = projects
+            .reject(&project.id, crate::clock::now_ms())
+            .map_err(|error| format!("error: {error}"))?;
+        Ok(json!({"project": project.id, "phase": project.phase}).to_string())
+    }
+
+    async fn request_revision(&self, arguments: &str) -> Result<String, String> {
+        let args: RevisionArgs = parse(arguments)?;
+        let (outcome, advance) = self
+            .services
+            .projects
+            .request_revision(
+                &args.project,
+                &args.task,
+                &args.reason,
+                crate::clock::now_ms(),
+            )
+            .await
+            .map_err(|error| format!("error: {error}"))?;
+        super::project_flow::announce_started(&self.services, &advance, self.depth + 1).await;
+        Ok(json!({
+            "project": advance.project.id,
+            "revision": args.task,
+            "restarted": advance.started.iter().map(|s| &s.task.id).collect::<Vec<_>>(),
+            "dependents_already_started": outcome.started_dependents,
+        })
+        .to_string())
+    }
+
+    fn project_status(&self, arguments: &str) -> Result<String, String> {
+        let args: ProjectArgs = parse(arguments)?;
+        let projects = self.services.projects.projects();
+        match args.project.filter(|id| !id.trim().is_empty()) {
+            Some(id) => projects
+                .get(&id)
+                .map(|project| crate::projects::project_status_text(&project))
+                .map_err(|error| format!("error: {error}")),
+            None => projects
+                .list()
+                .map(|list| crate::projects::project_list_text(&list))
+                .map_err(|error| format!("error: {error}")),
+        }
     }
 }
 

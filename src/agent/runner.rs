@@ -81,6 +81,15 @@ pub(crate) async fn drive(crew: Arc<Service>, agent: OwnedUserId) {
                 }
             }
         }
+        // A finished project's review turn is over: the person gets the summary (unless the
+        // review sent a part back).
+        for queued in &finished {
+            if let Some(tag) = crate::agent::project_flow::internal_tag(&queued.wake.event)
+                && tag.reason == crate::dispatch::WakeReason::ProjectReview
+            {
+                crate::agent::project_flow::after_review(&crew.agents, &tag.project).await;
+            }
+        }
         if let Err(error) = crew.queue.finish(&finished) {
             tracing::error!(%error, %agent, "cannot remove finished wakes");
         }
@@ -332,11 +341,32 @@ async fn answer_with_llm(
             ));
         }
     }
+    // Crew's own internal wakes are answered with a notice that replies to nobody and
+    // mentions nobody (there is no such event, and a mention would wake its "sender").
+    let people: Vec<(OwnedUserId, String)> = senders
+        .iter()
+        .filter(|(id, _)| {
+            group.iter().any(|wake| {
+                sender_of(&wake.event).as_ref() == Some(id)
+                    && crate::agent::project_flow::internal_tag(&wake.event).is_none()
+            })
+        })
+        .cloned()
+        .collect();
+    let reply_target = group
+        .iter()
+        .rev()
+        .find(|wake| crate::agent::project_flow::internal_tag(&wake.event).is_none())
+        .copied();
+    let project_task = group
+        .iter()
+        .find_map(|wake| crate::agent::project_flow::internal_tag(&wake.event))
+        .or_else(|| crate::agent::project_flow::task_worked_on(&crew.agents, agent, room));
     let answering = Answering {
         first,
-        newest: group[group.len() - 1],
         depth: group.iter().map(|wake| wake.depth).max().unwrap_or(0),
-        senders,
+        people,
+        reply_target,
         authority,
     };
     let supervisor = WakeSupervisor {
@@ -344,13 +374,47 @@ async fn answer_with_llm(
         room,
         authority: &answering.authority,
     };
+    let metered = project_task.as_ref().map(|_| consumer_usage(crew, agent));
     let (message, answered) = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
+    if let (Some(tag), Some(before)) = (&project_task, metered) {
+        let after = consumer_usage(crew, agent);
+        crate::agent::project_flow::charge(
+            &crew.agents,
+            tag,
+            crate::projects::Usage {
+                prompt_tokens: after.prompt_tokens.saturating_sub(before.prompt_tokens),
+                completion_tokens: after
+                    .completion_tokens
+                    .saturating_sub(before.completion_tokens),
+                requests: after.requests.saturating_sub(before.requests),
+            },
+        );
+    }
     send_answer(crew, agent, first, &message).await;
     if !answered {
         // The run ended without an answer (a limit, a stop, an error): the messages it took in
         // from this room stay queued and start the next turn, never finished unanswered.
         watch.carry_over(room);
     }
+}
+
+/// Everything `agent`'s gateway consumer has used (all days), as the gateway metered it: the
+/// difference across a turn is what the turn cost (one turn per agent runs at a time).
+fn consumer_usage(crew: &Service, agent: &UserId) -> crate::projects::Usage {
+    let mut total = crate::projects::Usage::default();
+    match crew.gateway.usage() {
+        Ok(rows) => {
+            for row in rows.iter().filter(|row| row.consumer == agent.localpart()) {
+                total.add(crate::projects::Usage {
+                    prompt_tokens: row.usage.prompt_tokens,
+                    completion_tokens: row.usage.completion_tokens,
+                    requests: row.usage.requests,
+                });
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the gateway's metering"),
+    }
+    total
 }
 
 /// Stages a turn's answer in the outbox, keyed by the (first) waking event: it is sent in the
@@ -380,12 +444,12 @@ async fn send_answer(
 struct Answering<'a> {
     /// The oldest waking message: its sender is the requester, its id keys the journal.
     first: &'a PendingWake,
-    /// The newest: the answer replies to it.
-    newest: &'a PendingWake,
     /// The deepest wake of the group; what the agent says is one deeper.
     depth: u32,
-    /// Everyone who wrote, first one first, with display names.
-    senders: Vec<(OwnedUserId, String)>,
+    /// The senders of messages people actually sent (not crew's internal wakes): mentioned.
+    people: Vec<(OwnedUserId, String)>,
+    /// The newest message someone sent, replied to; `None` when only internal wakes woke.
+    reply_target: Option<&'a PendingWake>,
     /// Whose words are in the run (the senders, and anyone adopted mid-turn).
     authority: TurnAuthority,
 }
@@ -611,17 +675,18 @@ async fn llm_answer(
     supervisor: &WakeSupervisor<'_>,
 ) -> (OutgoingMessage, bool) {
     let reply = |text: String, notice: bool| {
-        let mut message = if notice {
+        let mut message = if notice || answering.reply_target.is_none() {
             OutgoingMessage::notice(text)
         } else {
             OutgoingMessage::text(text)
         };
-        for (sender, name) in &answering.senders {
+        for (sender, name) in &answering.people {
             message = message.mention(sender.clone(), name.clone());
         }
-        message = message
-            .reply_to(ReplyTo::event(&answering.newest.event))
-            .with_field(DEPTH_KEY, Value::from(answering.depth + 1));
+        if let Some(target) = answering.reply_target {
+            message = message.reply_to(ReplyTo::event(&target.event));
+        }
+        message = message.with_field(DEPTH_KEY, Value::from(answering.depth + 1));
         // The answer is trusted later only as far as the text it was written from: it carries
         // its turn's least trusted author, read back from the echo (see `authority`).
         match answering.authority.least().map(serde_json::to_value) {

@@ -47,6 +47,13 @@ pub struct AgentServices {
     pub allowed: crate::config::InvitePolicy,
     /// What agents may spend, whatever a prompt says.
     pub limits: super::authority::SpendingLimits,
+    /// Projects: plans and the driver that starts their tasks.
+    pub projects: crate::projects::ProjectDriver,
+    /// Wakes crew queues itself (a project task done, blocked, ready).
+    pub internal: super::project_flow::InternalWakes,
+    /// Whether a proposed project starts without the person's confirmation
+    /// (`tasks.projects_start_without_confirmation`, set by an admin).
+    pub projects_auto_start: bool,
 }
 
 impl AgentServices {

@@ -224,8 +224,30 @@ impl WorkerTools {
         };
         match outcome {
             Ok(task) => {
-                if matches!(name, "complete_task" | "block_task") {
-                    report_to_requester(&self.services, &self.worker, &task).await;
+                let services = &self.services;
+                // A project task moves its project on (and the Manager is woken); a blocked one
+                // is asked in the project room instead of reported.
+                let in_project = match name {
+                    "complete_task" => {
+                        report_to_requester(services, &self.worker, &task).await;
+                        super::project_flow::worker_completed(
+                            services,
+                            &self.worker,
+                            &task,
+                            self.depth,
+                        )
+                        .await
+                    }
+                    "block_task" => {
+                        super::project_flow::worker_blocked(services, &self.worker, &task).await
+                    }
+                    _ => {
+                        super::project_flow::worker_progressed(services, &task).await;
+                        false
+                    }
+                };
+                if name == "block_task" && !in_project {
+                    report_to_requester(services, &self.worker, &task).await;
                 }
                 json!({ "task": task.id, "state": task.state }).to_string()
             }

@@ -44,6 +44,22 @@ pub enum WakeReason {
     RoomMention,
     /// An edit newly added the agent to its `m.mentions`.
     EditMention,
+    // Internal wakes: not read from a message but queued by crew itself (projects), so they are
+    // never bit-packed by `decide` (they are not in `WakeReason::ALL`).
+    /// One of the project tasks the Manager follows was completed by its Worker.
+    TaskCompleted,
+    /// A project task's Worker is blocked on a question.
+    TaskBlocked,
+    /// A project task's Worker has been quiet past its time.
+    ProgressOverdue,
+    /// Everything a project task depends on is done: its Worker starts it.
+    DependencyDone,
+    /// A project task's result was sent back: its Worker redoes it.
+    RevisionNeeded,
+    /// Every task of a project is done: the Manager looks at the results before the summary.
+    ProjectReview,
+    /// A Worker reached its tool-step limit while making progress and goes on in a new turn.
+    StepsContinued,
 }
 
 /// Scratch flag: the agent is joined to the room.
@@ -64,7 +80,8 @@ impl WakeReason {
     ];
 
     fn bit(self) -> u8 {
-        1 << (self as u8)
+        // Internal reasons (after `EditMention`) never reach the packed bits.
+        1u8.checked_shl(self as u32).unwrap_or(0) & REASON_BITS
     }
 
     fn from_bits(bits: u8) -> Vec<WakeReason> {

@@ -89,6 +89,28 @@ impl WakeQueue {
             )
     }
 
+    /// Queues wakes crew decided itself (internal wakes: a project task done, blocked,
+    /// ready), durably: flushed before this returns, so a wake promised is never lost.
+    pub async fn push(&self, wakes: &[PendingWake]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for wake in wakes {
+            let mut key = wake.agent.as_str().as_bytes().to_vec();
+            key.push(0);
+            key.extend_from_slice(&self.store.next_id()?.to_be_bytes());
+            batch.insert(key, self.wakes.encode(wake)?);
+        }
+        self.wakes.raw().apply_batch(batch)?;
+        self.store.flush().await
+    }
+
+    /// Whether a wake for the event `event_id` is queued for `agent` (an internal wake is
+    /// queued once per cause).
+    pub fn has_event(&self, agent: &UserId, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self.pending_for(agent)?.iter().any(|queued| {
+            queued.wake.event.get("event_id").and_then(Value::as_str) == Some(event_id)
+        }))
+    }
+
     /// Every pending wake of `agent`, oldest first.
     pub fn pending_for(&self, agent: &UserId) -> Result<Vec<QueuedWake>, StoreError> {
         let mut prefix = agent.as_str().as_bytes().to_vec();

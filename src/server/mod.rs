@@ -293,6 +293,15 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         })?;
 
     let busy = crate::agent::status::Busy::default();
+    let projects = crate::projects::Projects::open(&store).map_err(|error| {
+        StartupError::Config(format!("cannot open the project records: {error}"))
+    })?;
+    let (internal_sender, internal_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let internal = crate::agent::project_flow::InternalWakes::open(
+        &store,
+        config.dispatch.max_depth,
+        internal_sender,
+    )?;
     let agents = Arc::new(crate::agent::services::AgentServices {
         client: client.clone(),
         team: team.clone(),
@@ -310,6 +319,9 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         sandboxes: sandboxes.clone(),
         allowed: config.invites.clone(),
         limits: config.limits.clone(),
+        projects: crate::projects::ProjectDriver::new(projects, tasks.clone(), storage.clone()),
+        internal,
+        projects_auto_start: config.tasks.projects_start_without_confirmation,
     });
     let journal = crate::agent::journal::TurnJournal::open(&store)?;
     let background = tokio_util::task::TaskTracker::new();
@@ -437,6 +449,25 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.spawn(outbox_runner::run(crew.clone(), shutdown.clone()));
     background.spawn(heartbeat::run(crew.clone(), shutdown.clone()));
     background.spawn(housekeeping::run(crew.clone(), shutdown.clone()));
+    background.spawn(internal_wakes(
+        crew.clone(),
+        internal_receiver,
+        shutdown.clone(),
+    ));
+    // Projects a crash interrupted go on: starts claimed but not made are made, once.
+    match crew
+        .agents
+        .projects
+        .resume_all(crate::clock::now_ms())
+        .await
+    {
+        Ok(advances) => {
+            for advance in &advances {
+                crate::agent::project_flow::announce_started(&crew.agents, advance, 1).await;
+            }
+        }
+        Err(error) => tracing::error!(%error, "cannot resume the running projects"),
+    }
     // Wakes that a previous run acknowledged but did not finish run now.
     match crew.queue.agents_with_pending() {
         Ok(agents) => {
@@ -452,6 +483,30 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     background.wait().await;
     crew.store.flush().await?;
     failed.take().map_or(Ok(()), Err)
+}
+
+/// Records each internal wake's decision for `!crew why` and starts the woken agent's turns.
+async fn internal_wakes(
+    crew: Arc<Service>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<crate::agent::project_flow::QueuedInternal>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            next = queued.recv() => next,
+            () = shutdown.cancelled() => return,
+        };
+        let Some(next) = next else { return };
+        crew.dispatcher
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .dispatcher
+            .reasons
+            .insert(&next.decision, crate::clock::now_ms());
+        if let Some(agent) = next.agent {
+            crew.wake_agent(agent);
+        }
+    }
 }
 
 /// The first listener that failed: it stops the service, and `serve` returns its error.

@@ -428,6 +428,18 @@ async fn answer_command(
                 Err(error) => format!("I could not remove `{name}`: {error}"),
             },
             Command::Why(event_id) => why(crew, &event_id),
+            Command::Projects => commands::projects_answer(
+                crew.agents.projects.projects(),
+                &room_view(crew, room, sender),
+                room,
+                None,
+            ),
+            Command::Project(id) => commands::projects_answer(
+                crew.agents.projects.projects(),
+                &room_view(crew, room, sender),
+                room,
+                Some(&id),
+            ),
             Command::Unknown(verb) => {
                 format!("`{verb}` is not a command I know. {}", commands::help())
             }

@@ -84,6 +84,10 @@ pub struct TaskConfig {
     /// Minutes a task may go without progress before its Worker is nudged, unless the task sets
     /// its own. After another such period without progress the human is told.
     pub default_quiet_minutes: u64,
+    /// Whether a project the Manager proposes starts at once, without the person's
+    /// confirmation. Off by default: nothing starts before someone says yes. An admin who
+    /// wants it automatic sets it in the config.
+    pub projects_start_without_confirmation: bool,
 }
 
 impl Default for TaskConfig {
@@ -91,6 +95,7 @@ impl Default for TaskConfig {
         Self {
             heartbeat_minutes: 15,
             default_quiet_minutes: 60,
+            projects_start_without_confirmation: false,
         }
     }
 }

@@ -1,0 +1,347 @@
+//! Projects end to end: the real `crew` against a real Synapse, the scripted LLM playing the
+//! Manager and three Workers. A person asks for work, the Manager proposes a plan, the person
+//! confirms in chat, and the project runs to its summary through internal wakes alone.
+
+#[path = "support/crew.rs"]
+mod crew;
+#[path = "support/scripted_llm.rs"]
+mod scripted_llm;
+#[path = "support/synapse.rs"]
+mod synapse;
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crew::CrewEnv;
+use scripted_llm::{Gate, Reply, ScriptedLlm, waking_text};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+const MANAGER: &str = "@crew:crew.test";
+
+/// crew with an `llm` route to the scripted provider and `extra` config; Workers ada, bob and
+/// cy created with the CLI.
+async fn crew_with_team(llm: &ScriptedLlm, extra: &'static str) -> CrewEnv {
+    let upstream = llm.url();
+    let env = CrewEnv::start_with(move |config: &Path| {
+        let key_file = config.parent().unwrap().parent().unwrap().join("llm.key");
+        std::fs::write(&key_file, "sk-scripted-provider-key").unwrap();
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str(&format!(
+            "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\nmax_retries = 0\n",
+            key_file.display()
+        ));
+        text.push_str(extra);
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
+    for name in ["ada", "bob", "cy"] {
+        let (ok, out) = env.cli(&["workers", "add", name]);
+        assert!(ok, "{out}");
+    }
+    env
+}
+
+fn system_prompt(body: &Value) -> String {
+    body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn is_manager(body: &Value) -> bool {
+    system_prompt(body).contains("the Manager of a team")
+}
+
+fn is_worker(body: &Value, display: &str) -> bool {
+    system_prompt(body).contains(&format!("You are {display}"))
+}
+
+/// The content of the last tool result in the request, if the turn has run a tool.
+fn last_tool_result(body: &Value) -> Option<String> {
+    body["messages"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "tool")
+        .and_then(|m| m["content"].as_str())
+        .map(str::to_owned)
+}
+
+fn diamond(owner_a: &str) -> Value {
+    json!({
+        "title": "MVP",
+        "tasks": [
+            {"key": "A", "title": "Data model", "owner": owner_a, "acceptance": "tables named"},
+            {"key": "B", "title": "API", "owner": "bob", "depends_on": ["A"]},
+            {"key": "C", "title": "UI", "owner": "cy", "depends_on": ["A"]},
+            {"key": "D", "title": "Release notes", "owner": "ada", "depends_on": ["B", "C"]}
+        ]
+    })
+}
+
+/// The Manager's side: plan on "plan the MVP", confirm on "confirm", a line after each tool,
+/// accept every part, and a line on the final review.
+fn script_the_manager(llm: &ScriptedLlm) {
+    llm.on(
+        |b| is_manager(b) && last_tool_result(b).is_some_and(|r| r.contains("Show the person")),
+        Reply::text("Plan p-1 is ready: A, then B and C together, then D. Confirm?"),
+    );
+    llm.on(
+        |b| is_manager(b) && last_tool_result(b).is_some_and(|r| r.contains("\"started\"")),
+        Reply::text("Project p-1 started; see its room."),
+    );
+    llm.on(
+        |b| is_manager(b) && last_tool_result(b).is_some(),
+        Reply::text("Noted."),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("plan the MVP"),
+        Reply::tool_call("m1", "propose_project", diamond("ada")),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("confirm"),
+        Reply::tool_call("m2", "confirm_project", json!({"project": "p-1"})),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("Every task of project"),
+        Reply::text("Reviewed: every part meets its notes."),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("is done: the result is"),
+        Reply::text("Accepted."),
+    );
+}
+
+/// Each Worker completes the task its wake names (task ids follow the plan's order: A is t-1,
+/// B t-2, C t-3, D t-4) and says one line after.
+fn script_the_workers(llm: &ScriptedLlm, hold_b: Option<&Gate>) {
+    for display in ["Ada", "Bob", "Cy"] {
+        llm.on(
+            move |b| is_worker(b, display) && last_tool_result(b).is_some(),
+            Reply::text("Done."),
+        );
+    }
+    for (display, task) in [
+        ("Ada", "t-1"),
+        ("Bob", "t-2"),
+        ("Cy", "t-3"),
+        ("Ada", "t-4"),
+    ] {
+        let mut reply = Reply::tool_call(
+            "w1",
+            "complete_task",
+            json!({"task": task, "text": format!("Result of {task}.")}),
+        );
+        if task == "t-2"
+            && let Some(gate) = hold_b
+        {
+            reply = reply.hold(gate);
+        }
+        llm.on(
+            move |b| {
+                is_worker(b, display)
+                    && last_tool_result(b).is_none()
+                    && waking_text(b).contains(&format!("task **{task}**"))
+            },
+            reply,
+        );
+    }
+}
+
+/// In a room with the Manager, the admin asks for the MVP and confirms the plan; returns the
+/// project room, which the admin joined.
+async fn confirmed_mvp(env: &CrewEnv) -> (String, String) {
+    let admin = env.admin().await;
+    let hq = admin.create_room("hq", &[MANAGER]).await;
+    admin.wait_joined(&hq, MANAGER).await;
+    admin.send_mention(&hq, "plan the MVP", &[MANAGER]).await;
+    admin.wait_for_message(&hq, MANAGER, "Confirm?").await;
+    assert!(
+        admin.invites_named("Project: MVP").await.is_empty(),
+        "nothing opens before the person confirms"
+    );
+    assert!(
+        !env.data_dir.join("files/tasks").exists(),
+        "no task starts before the person confirms"
+    );
+    let plan = std::fs::read_to_string(env.data_dir.join("files/projects/p-1/plan.md")).unwrap();
+    assert!(plan.contains("- Status: proposed"), "{plan}");
+    admin.send_mention(&hq, "confirm", &[MANAGER]).await;
+    let project_room = tools::wait_for("the project room", WAIT, || async {
+        admin.invites_named("Project: MVP").await.into_iter().next()
+    })
+    .await;
+    admin.join(&project_room).await;
+    (hq, project_room)
+}
+
+/// The Manager's notices in `room` that announce started tasks, oldest first.
+async fn start_notices(admin: &synapse::TestUser, room: &str) -> Vec<String> {
+    admin
+        .messages_from(room, MANAGER)
+        .await
+        .into_iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .filter(|body| body.contains("\": started"))
+        .collect()
+}
+
+async fn wait_for_summary(admin: &synapse::TestUser, room: &str) -> String {
+    tools::wait_for("the completion summary", WAIT, || async {
+        admin
+            .messages_from(room, MANAGER)
+            .await
+            .into_iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+            .find(|body| body.contains("is complete"))
+    })
+    .await
+}
+
+fn spec(env: &CrewEnv, task: &str) -> String {
+    std::fs::read_to_string(env.data_dir.join(format!("files/tasks/{task}/spec.md"))).unwrap()
+}
+
+fn task_dirs(env: &CrewEnv) -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir(env.data_dir.join("files/tasks"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_diamond_project_runs_from_confirmation_to_summary_by_itself() {
+    let llm = ScriptedLlm::start().await;
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    let env = crew_with_team(&llm, "").await;
+    let admin = env.admin().await;
+    let (hq, project_room) = confirmed_mvp(&env).await;
+    let confirmed_at = llm.received();
+
+    let summary = wait_for_summary(&admin, &project_room).await;
+
+    // The waves: A alone, then B and C in one step, then D.
+    let starts = start_notices(&admin, &project_room).await;
+    assert_eq!(starts.len(), 3, "{starts:#?}");
+    assert!(starts[0].contains("`A`") && !starts[0].contains("`B`"));
+    assert!(starts[1].contains("`B`") && starts[1].contains("`C`"));
+    assert!(starts[2].contains("`D`") && !starts[2].contains("`B`"));
+    // Each task is handed its inputs by path, never their content.
+    for task in ["t-2", "t-3"] {
+        let text = spec(&env, task);
+        assert!(text.contains("`tasks/t-1/result.md`"), "{task}: {text}");
+        assert!(!text.contains("Result of t-1"), "{task}: {text}");
+    }
+    let d = spec(&env, "t-4");
+    assert!(
+        d.contains("`tasks/t-2/result.md`") && d.contains("`tasks/t-3/result.md`"),
+        "{d}"
+    );
+    assert_eq!(task_dirs(&env), ["t-1", "t-2", "t-3", "t-4"]);
+
+    // The summary names every result and the cost from the gateway's metering.
+    for task in ["t-1", "t-2", "t-3", "t-4"] {
+        assert!(
+            summary.contains(&format!("`tasks/{task}/result.md`")),
+            "{summary}"
+        );
+    }
+    let total = summary
+        .lines()
+        .find(|line| line.starts_with("- total: "))
+        .unwrap_or_else(|| panic!("no total in {summary}"));
+    assert!(!total.starts_with("- total: 0 tokens"), "{summary}");
+    let plan = std::fs::read_to_string(env.data_dir.join("files/projects/p-1/plan.md")).unwrap();
+    assert!(plan.contains("- Status: completed"), "{plan}");
+
+    // Nobody wrote between the confirmation and the summary.
+    let people: Vec<Value> = admin.messages_from(&project_room, "@admin:crew.test").await;
+    assert!(people.is_empty(), "{people:#?}");
+    let asked = admin.messages_from(&hq, "@admin:crew.test").await;
+    assert_eq!(asked.len(), 2, "the request and the confirmation only");
+
+    // `!crew project p-1` answers from the records, without the LLM.
+    let before = llm.received();
+    admin
+        .send(
+            &project_room,
+            json!({"msgtype": "m.text", "body": "!crew project p-1"}),
+        )
+        .await;
+    let status = admin
+        .wait_for_message(&project_room, MANAGER, "p-1 (completed)")
+        .await;
+    let status = status["content"]["body"].as_str().unwrap().to_owned();
+    assert!(status.contains("- D [done] ada"), "{status}");
+    assert_eq!(llm.received(), before, "no LLM call for a command");
+
+    // Manager LLM calls after the confirmation: one review per part, done by internal wakes.
+    let manager_calls = llm.requests()[confirmed_at..]
+        .iter()
+        .filter(|r| is_manager(&r.json()))
+        .count();
+    eprintln!(
+        "diamond: {} LLM calls in all, {manager_calls} by the Manager after the confirmation; {total}",
+        llm.received()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_in_the_second_wave_starts_nothing_twice_and_the_project_completes() {
+    let llm = ScriptedLlm::start().await;
+    script_the_manager(&llm);
+    let bob_working = Gate::new();
+    script_the_workers(&llm, Some(&bob_working));
+    let mut env = crew_with_team(&llm, "").await;
+    let admin = env.admin().await;
+    let (_, project_room) = confirmed_mvp(&env).await;
+
+    // B is with bob (his model is answering) when crew is killed.
+    tools::wait_for("bob at work on B", WAIT, || async {
+        let started = llm
+            .requests()
+            .iter()
+            .any(|r| is_worker(&r.json(), "Bob") && waking_text(&r.json()).contains("t-2"));
+        started.then_some(())
+    })
+    .await;
+    env.kill_crew();
+    env.start_crew().await;
+    bob_working.release();
+
+    let summary = wait_for_summary(&admin, &project_room).await;
+    assert!(summary.contains("`tasks/t-4/result.md`"), "{summary}");
+    assert_eq!(
+        task_dirs(&env),
+        ["t-1", "t-2", "t-3", "t-4"],
+        "one Worker task per project task"
+    );
+    let starts = start_notices(&admin, &project_room).await;
+    assert_eq!(starts.len(), 3, "each wave announced once: {starts:#?}");
+    let plan = std::fs::read_to_string(env.data_dir.join("files/projects/p-1/plan.md")).unwrap();
+    for (key, task) in [("A", "t-1"), ("B", "t-2"), ("C", "t-3"), ("D", "t-4")] {
+        assert!(
+            plan.contains(&format!("- State: done (task {task})")),
+            "{key}: {plan}"
+        );
+    }
+    let b_wakes = llm
+        .requests()
+        .iter()
+        .filter(|r| {
+            let body = r.json();
+            is_worker(&body, "Bob") && last_tool_result(&body).is_none()
+        })
+        .count();
+    assert!(
+        b_wakes <= 2,
+        "bob's turn ran again after the crash, no more: {b_wakes}"
+    );
+}
