@@ -345,3 +345,287 @@ async fn a_crash_in_the_second_wave_starts_nothing_twice_and_the_project_complet
         "bob's turn ran again after the crash, no more: {b_wakes}"
     );
 }
+
+/// The Manager's notices in `room` whose body contains `needle`.
+async fn manager_said(admin: &synapse::TestUser, room: &str, needle: &str) -> Vec<String> {
+    admin
+        .messages_from(room, MANAGER)
+        .await
+        .into_iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .filter(|body| body.contains(needle))
+        .collect()
+}
+
+fn is_final_review(body: &Value) -> bool {
+    is_manager(body)
+        && last_tool_result(body).is_none()
+        && waking_text(body).contains("Every task of project")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_result_sent_back_is_redone_and_then_the_project_completes() {
+    let llm = ScriptedLlm::start().await;
+    // The first final review finds D lacking; the second accepts.
+    llm.once(
+        is_final_review,
+        Reply::tool_call(
+            "r1",
+            "request_revision",
+            json!({"project": "p-1", "task": "D", "reason": "name the version"}),
+        ),
+    );
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    llm.on(
+        |b| {
+            is_worker(b, "Ada")
+                && last_tool_result(b).is_none()
+                && waking_text(b).contains("task **t-5**")
+        },
+        Reply::tool_call(
+            "w2",
+            "complete_task",
+            json!({"task": "t-5", "text": "Release notes for v1.0."}),
+        ),
+    );
+    let env = crew_with_team(&llm, "").await;
+    let admin = env.admin().await;
+    let (_, project_room) = confirmed_mvp(&env).await;
+
+    let summary = wait_for_summary(&admin, &project_room).await;
+    assert!(summary.contains("`tasks/t-5/result.md`"), "{summary}");
+    assert_eq!(
+        manager_said(&admin, &project_room, "is complete")
+            .await
+            .len(),
+        1,
+        "one summary, after the revision"
+    );
+    let redo = spec(&env, "t-5");
+    assert!(
+        redo.contains("sent back because: name the version"),
+        "{redo}"
+    );
+    assert!(
+        redo.contains("`tasks/t-2/result.md`") && redo.contains("`tasks/t-3/result.md`"),
+        "{redo}"
+    );
+    let starts = start_notices(&admin, &project_room).await;
+    assert!(
+        starts
+            .last()
+            .is_some_and(|s| s.contains("`D`") && s.contains("revision")),
+        "{starts:#?}"
+    );
+    assert_eq!(task_dirs(&env), ["t-1", "t-2", "t-3", "t-4", "t-5"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manager_and_worker_bouncing_a_task_stop_at_the_loop_budget_with_one_notice() {
+    let llm = ScriptedLlm::start().await;
+    // The Manager never accepts D; ada always redoes it.
+    llm.on(
+        is_final_review,
+        Reply::tool_call(
+            "r1",
+            "request_revision",
+            json!({"project": "p-1", "task": "D", "reason": "not yet"}),
+        ),
+    );
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    llm.on(
+        |b| {
+            is_worker(b, "Ada")
+                && last_tool_result(b).is_none()
+                && waking_text(b).contains("task **t-5**")
+        },
+        Reply::tool_call(
+            "w2",
+            "complete_task",
+            json!({"task": "t-5", "text": "Again."}),
+        ),
+    );
+    let env = crew_with_team(&llm, "").await;
+    let admin = env.admin().await;
+    let (_, project_room) = confirmed_mvp(&env).await;
+
+    // D at depth 1, its review 2, the redo 3, its review 4: the next redo would be 5.
+    let stop = tools::wait_for("the loop-budget notice", WAIT, || async {
+        manager_said(&admin, &project_room, "loop budget")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(stop.contains("dispatch.max_depth = 4"), "{stop}");
+    let stopped_id = "$crew.revision_needed.p-1.d.3";
+    assert!(stop.contains(stopped_id), "{stop}");
+    admin
+        .send(
+            &project_room,
+            json!({"msgtype": "m.text", "body": format!("!crew why {stopped_id}")}),
+        )
+        .await;
+    let why = admin
+        .wait_for_message(&project_room, MANAGER, "did not wake")
+        .await;
+    assert!(
+        why["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("loop_budget"),
+        "{why}"
+    );
+    assert_eq!(
+        manager_said(&admin, &project_room, "loop budget")
+            .await
+            .len(),
+        1,
+        "one notice"
+    );
+    assert!(
+        !llm.requests()
+            .iter()
+            .any(|r| waking_text(&r.json()).contains("t-6")),
+        "nobody was woken past the budget"
+    );
+    assert!(
+        manager_said(&admin, &project_room, "is complete")
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_task_asks_the_person_once_and_goes_on_with_the_answer() {
+    let llm = ScriptedLlm::start().await;
+    script_the_manager(&llm);
+    // bob needs an answer before B; with it, he completes B.
+    llm.on(
+        |b| {
+            is_worker(b, "Bob")
+                && last_tool_result(b).is_none()
+                && waking_text(b).contains("use Postgres")
+        },
+        Reply::tool_call(
+            "b2",
+            "complete_task",
+            json!({"task": "t-2", "text": "API on Postgres."}),
+        ),
+    );
+    llm.on(
+        |b| {
+            is_worker(b, "Bob")
+                && last_tool_result(b).is_none()
+                && waking_text(b).contains("task **t-2**")
+        },
+        Reply::tool_call(
+            "b1",
+            "block_task",
+            json!({"task": "t-2", "text": "Which database?"}),
+        ),
+    );
+    script_the_workers(&llm, None);
+    let env = crew_with_team(&llm, "").await;
+    let admin = env.admin().await;
+    let (_, project_room) = confirmed_mvp(&env).await;
+
+    let ask = admin
+        .wait_for_message(&project_room, MANAGER, "needs your answer")
+        .await;
+    let body = ask["content"]["body"].as_str().unwrap();
+    assert!(body.contains("Which database?"), "{body}");
+    assert!(
+        ask["content"]["m.mentions"]["user_ids"]
+            .to_string()
+            .contains("@admin:crew.test"),
+        "{ask}"
+    );
+    admin
+        .send_mention(&project_room, "use Postgres", &["@crew_bob:crew.test"])
+        .await;
+    let summary = wait_for_summary(&admin, &project_room).await;
+    assert!(summary.contains("`tasks/t-4/result.md`"), "{summary}");
+    assert_eq!(
+        manager_said(&admin, &project_room, "needs your answer")
+            .await
+            .len(),
+        1,
+        "asked once"
+    );
+    let result = std::fs::read_to_string(env.data_dir.join("files/tasks/t-2/result.md")).unwrap();
+    assert!(result.contains("Postgres"), "{result}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cycle_is_refused_with_the_cycle_named_and_an_edit_replans() {
+    let llm = ScriptedLlm::start().await;
+    llm.on(
+        |b| is_manager(b) && last_tool_result(b).is_some_and(|r| r.contains("cycle")),
+        Reply::text("That plan goes round in a circle."),
+    );
+    llm.on(
+        |b| {
+            is_manager(b)
+                && last_tool_result(b)
+                    .is_some_and(|r| r.contains("\"status\"") && !r.contains("Show the person"))
+        },
+        Reply::text("Plan updated."),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("make A wait for D"),
+        Reply::tool_call(
+            "e1",
+            "edit_project",
+            json!({"project": "p-1", "change": "add_dependency", "task": "A", "on": "D"}),
+        ),
+    );
+    llm.on(
+        |b| is_manager(b) && waking_text(b).contains("give the API part to cy"),
+        Reply::tool_call(
+            "e2",
+            "edit_project",
+            json!({"project": "p-1", "change": "reassign", "task": "B", "owner": "cy"}),
+        ),
+    );
+    script_the_manager(&llm);
+    let env = crew_with_team(&llm, "").await;
+    let admin = env.admin().await;
+    let hq = admin.create_room("hq", &[MANAGER]).await;
+    admin.wait_joined(&hq, MANAGER).await;
+    admin.send_mention(&hq, "plan the MVP", &[MANAGER]).await;
+    admin.wait_for_message(&hq, MANAGER, "Confirm?").await;
+
+    admin
+        .send_mention(&hq, "make A wait for D", &[MANAGER])
+        .await;
+    admin.wait_for_message(&hq, MANAGER, "circle").await;
+    let edit_result = llm
+        .requests()
+        .iter()
+        .filter_map(|r| last_tool_result(&r.json()))
+        .find(|r| r.contains("cycle"))
+        .expect("the tool's refusal");
+    assert!(
+        edit_result.contains("A → D → B → A"),
+        "the cycle is named: {edit_result}"
+    );
+    let plan = std::fs::read_to_string(env.data_dir.join("files/projects/p-1/plan.md")).unwrap();
+    assert!(
+        plan.contains("### A: Data model\n\n- Owner: ada\n- Depends on: nothing"),
+        "{plan}"
+    );
+
+    admin
+        .send_mention(&hq, "give the API part to cy", &[MANAGER])
+        .await;
+    admin.wait_for_message(&hq, MANAGER, "Plan updated.").await;
+    let plan = std::fs::read_to_string(env.data_dir.join("files/projects/p-1/plan.md")).unwrap();
+    assert!(plan.contains("### B: API\n\n- Owner: cy"), "{plan}");
+    assert!(
+        !env.data_dir.join("files/tasks").exists(),
+        "editing starts nothing"
+    );
+}
