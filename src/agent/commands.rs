@@ -241,6 +241,40 @@ pub fn set_state(registry: &Registry, name: &str, state: WorkerState) -> String 
     }
 }
 
+/// `!crew projects` and `!crew project <id>`, read from the project records without the LLM.
+/// Someone who is not an admin sees the projects they asked for and those of this room (its
+/// project room, or where it was asked for), like the other read-only commands.
+pub fn projects_answer(
+    projects: &crate::projects::Projects,
+    view: &RoomView,
+    room: &RoomId,
+    id: Option<&str>,
+) -> String {
+    let visible = |project: &crate::projects::Project| {
+        view.workers_here.is_none()
+            || project.requester == view.asker
+            || project.room.as_deref() == Some(room)
+            || project.asked_in.as_deref() == Some(room)
+    };
+    match id {
+        None => match projects.list() {
+            Ok(list) => {
+                let shown: Vec<_> = list.into_iter().filter(|p| visible(p)).collect();
+                crate::projects::project_list_text(&shown)
+            }
+            Err(error) => format!("I cannot read the projects: {error}"),
+        },
+        Some(id) => match projects.get(id) {
+            Ok(project) if visible(&project) => crate::projects::project_status_text(&project),
+            Ok(_) => format!(
+                "Project {} is not one you asked for or one of this room.",
+                crate::projects::normalize_id(id)
+            ),
+            Err(error) => error.to_string(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,39 +321,5 @@ mod tests {
             Some(Command::Unknown("model".into()))
         );
         assert!(!Command::Workers.changes_state());
-    }
-}
-
-/// `!crew projects` and `!crew project <id>`, read from the project records without the LLM.
-/// Someone who is not an admin sees the projects they asked for and those of this room (its
-/// project room, or where it was asked for), like the other read-only commands.
-pub fn projects_answer(
-    projects: &crate::projects::Projects,
-    view: &RoomView,
-    room: &RoomId,
-    id: Option<&str>,
-) -> String {
-    let visible = |project: &crate::projects::Project| {
-        view.workers_here.is_none()
-            || project.requester == view.asker
-            || project.room.as_deref() == Some(room)
-            || project.asked_in.as_deref() == Some(room)
-    };
-    match id {
-        None => match projects.list() {
-            Ok(list) => {
-                let shown: Vec<_> = list.into_iter().filter(|p| visible(p)).collect();
-                crate::projects::project_list_text(&shown)
-            }
-            Err(error) => format!("I cannot read the projects: {error}"),
-        },
-        Some(id) => match projects.get(id) {
-            Ok(project) if visible(&project) => crate::projects::project_status_text(&project),
-            Ok(_) => format!(
-                "Project {} is not one you asked for or one of this room.",
-                crate::projects::normalize_id(id)
-            ),
-            Err(error) => error.to_string(),
-        },
     }
 }
