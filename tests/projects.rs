@@ -629,3 +629,51 @@ async fn a_cycle_is_refused_with_the_cycle_named_and_an_edit_replans() {
         "editing starts nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_at_its_step_limit_goes_on_by_itself_and_says_so() {
+    let llm = ScriptedLlm::start().await;
+    let bob = |b: &Value| is_worker(b, "Bob");
+    llm.on(
+        move |b| {
+            bob(b) && waking_text(b).contains("where you stopped") && last_tool_result(b).is_some()
+        },
+        Reply::text("B is finished."),
+    );
+    llm.on(
+        move |b| bob(b) && waking_text(b).contains("where you stopped"),
+        Reply::tool_call(
+            "b9",
+            "complete_task",
+            json!({"task": "t-2", "text": "The API, finished in a second turn."}),
+        ),
+    );
+    // The first turn on B only records progress, step after step, until its limit.
+    llm.on(
+        move |b| bob(b) && waking_text(b).contains("task **t-2**"),
+        Reply::tool_call(
+            "b1",
+            "task_progress",
+            json!({"task": "t-2", "text": "one more endpoint"}),
+        ),
+    );
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    let env = crew_with_team(&llm, "max_tool_steps = 2\n").await;
+    let admin = env.admin().await;
+    let (_, project_room) = confirmed_mvp(&env).await;
+
+    let summary = wait_for_summary(&admin, &project_room).await;
+    assert!(summary.contains("`tasks/t-2/result.md`"), "{summary}");
+    let said: Vec<String> = admin
+        .messages_from(&project_room, "@crew_bob:crew.test")
+        .await
+        .into_iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .filter(|body| body.contains("go on in a new turn by myself"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert!(said[0].contains("(1 of 3)"), "{}", said[0]);
+    let result = std::fs::read_to_string(env.data_dir.join("files/tasks/t-2/result.md")).unwrap();
+    assert!(result.contains("second turn"), "{result}");
+}

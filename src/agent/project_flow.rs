@@ -62,6 +62,9 @@ pub struct InternalWakes {
     /// Causes already queued, by wake id, so each is queued once.
     sent: Tree<String, u64>,
     max_depth: u32,
+    /// New turns a Worker may give itself per start of a project task after reaching its
+    /// tool-step limit (`tasks.project_task_continuations`).
+    continuations: u32,
     notify: tokio::sync::mpsc::UnboundedSender<QueuedInternal>,
 }
 
@@ -104,28 +107,40 @@ impl InternalWakes {
     pub fn open(
         store: &Store,
         max_depth: u32,
+        continuations: u32,
         notify: tokio::sync::mpsc::UnboundedSender<QueuedInternal>,
     ) -> Result<Self, StoreError> {
         Ok(Self {
             queue: WakeQueue::open(store)?,
             sent: store.tree("internal_wakes")?,
             max_depth,
+            continuations,
             notify,
         })
     }
 
+    /// How many wakes were queued whose id starts with `prefix`.
+    fn count_sent(&self, prefix: &str) -> usize {
+        self.sent
+            .raw()
+            .scan_prefix(prefix.as_bytes())
+            .filter(Result::is_ok)
+            .count()
+    }
+
     /// Queues `wake` once per cause, within the depth budget.
     pub async fn queue(&self, wake: InternalWake<'_>) -> Result<Queued, StoreError> {
-        let reason = serde_json::to_value(wake.reason)
-            .ok()
-            .and_then(|value| value.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let id = format!(
-            "$crew.{reason}.{}.{}.{}",
-            wake.project,
-            wake.key.to_ascii_lowercase(),
-            wake.round
-        );
+        let round = wake.round.to_string();
+        self.queue_with_round(wake, &round).await
+    }
+
+    /// As [`InternalWakes::queue`], with the round given as text.
+    async fn queue_with_round(
+        &self,
+        wake: InternalWake<'_>,
+        round: &str,
+    ) -> Result<Queued, StoreError> {
+        let id = format!("{}{round}", id_prefix(wake.reason, wake.project, wake.key));
         let event_id = ruma::EventId::parse(&id).ok();
         let mut decision = Decision {
             event_id,
@@ -195,6 +210,82 @@ impl InternalWakes {
 
     pub fn max_depth(&self) -> u32 {
         self.max_depth
+    }
+}
+
+/// The id of an internal wake without its round: `$crew.<reason>.<project>.<key>.`.
+fn id_prefix(reason: WakeReason, project: &str, key: &str) -> String {
+    let reason = serde_json::to_value(reason)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    format!("$crew.{reason}.{project}.{}.", key.to_ascii_lowercase())
+}
+
+/// A Worker's turn on a project task reached its tool-step limit: it goes on in a new turn by
+/// itself (an internal wake at the same depth: the task's own budget bounds it, not the chain),
+/// up to `tasks.project_task_continuations` times per start; beyond, it reports and waits.
+/// Returns what the Worker says in the room.
+pub async fn continue_after_step_limit(
+    services: &AgentServices,
+    agent: &UserId,
+    room: &RoomId,
+    tag: &InternalTag,
+    depth: u32,
+    steps: usize,
+) -> Option<String> {
+    let project = services.projects.projects().get(&tag.project).ok()?;
+    let task = project.task(&tag.key).ok()?;
+    let worker = services.team.registry.by_user(agent).ok().flatten()?;
+    if task.owner.name() != worker.name || task.state != crate::projects::PlanTaskState::InProgress
+    {
+        return None;
+    }
+    let task_id = task.task_id.clone().unwrap_or_default();
+    let prefix = format!(
+        "{}{}-",
+        id_prefix(WakeReason::StepsContinued, &project.id, &task.key),
+        task.starts
+    );
+    let used = services.internal.count_sent(&prefix) as u32;
+    let budget = services.internal.continuations;
+    if used >= budget {
+        return Some(format!(
+            "I reached my tool-step limit ({steps} rounds) on part `{}` of {} ({task_id}) and have used its step budget ({budget} more turns, tasks.project_task_continuations), so I stop here and wait: {} or the Manager, tell me how to go on.",
+            task.key, project.id, project.requester
+        ));
+    }
+    let round_key = format!("{}-{}", task.starts, used + 1);
+    let body = format!(
+        "Go on with part `{}` of project {} (your task **{task_id}**) where you stopped: your last turn reached the tool-step limit. Finish with complete_task when it is done.",
+        task.key, project.id
+    );
+    // The round is text here (start and count), so the id is built by hand.
+    let queued = services
+        .internal
+        .queue_with_round(
+            InternalWake {
+                agent,
+                room,
+                sender: &project.requester,
+                reason: WakeReason::StepsContinued,
+                project: &project.id,
+                key: &task.key,
+                round: 0,
+                depth,
+                body,
+            },
+            &round_key,
+        )
+        .await;
+    match queued {
+        Ok(Queued::Woken { .. } | Queued::Already { .. }) => Some(format!(
+            "I reached my tool-step limit ({steps} rounds) on part `{}` of {} ({task_id}) while working on it, so I go on in a new turn by myself ({} of {budget}).",
+            task.key,
+            project.id,
+            used + 1
+        )),
+        Ok(Queued::OverBudget { .. }) | Err(_) => None,
     }
 }
 

@@ -367,6 +367,7 @@ async fn answer_with_llm(
         depth: group.iter().map(|wake| wake.depth).max().unwrap_or(0),
         people,
         reply_target,
+        project_task: project_task.clone(),
         authority,
     };
     let supervisor = WakeSupervisor {
@@ -450,6 +451,9 @@ struct Answering<'a> {
     people: Vec<(OwnedUserId, String)>,
     /// The newest message someone sent, replied to; `None` when only internal wakes woke.
     reply_target: Option<&'a PendingWake>,
+    /// The project task the run works for, if any (its cost is charged there; a Worker that
+    /// reaches its step limit on it goes on by itself).
+    project_task: Option<crate::agent::project_flow::InternalTag>,
     /// Whose words are in the run (the senders, and anyone adopted mid-turn).
     authority: TurnAuthority,
 }
@@ -765,6 +769,28 @@ async fn llm_answer(
         ),
         Ok(TurnOutcome::Answer(text)) if !text.trim().is_empty() => (text, false, true),
         Ok(TurnOutcome::Answer(_)) => ("(I have nothing to add.)".into(), true, true),
+        Ok(TurnOutcome::StepLimit { steps }) if *agent != crew.manager => {
+            let going_on = match &answering.project_task {
+                Some(tag) => {
+                    crate::agent::project_flow::continue_after_step_limit(
+                        &crew.agents,
+                        agent,
+                        &answering.first.room,
+                        tag,
+                        answering.depth,
+                        steps,
+                    )
+                    .await
+                }
+                None => None,
+            };
+            let text = going_on.unwrap_or_else(|| {
+                TurnOutcome::StepLimit { steps }
+                    .notice()
+                    .unwrap_or_default()
+            });
+            (text, true, false)
+        }
         Ok(outcome) => (outcome.notice().unwrap_or_default(), true, false),
         Err(error) => (format!("I could not finish this: {error}"), true, false),
     };

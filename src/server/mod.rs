@@ -300,6 +300,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     let internal = crate::agent::project_flow::InternalWakes::open(
         &store,
         config.dispatch.max_depth,
+        config.tasks.project_task_continuations,
         internal_sender,
     )?;
     let agents = Arc::new(crate::agent::services::AgentServices {

@@ -88,6 +88,9 @@ pub struct TaskConfig {
     /// confirmation. Off by default: nothing starts before someone says yes. An admin who
     /// wants it automatic sets it in the config.
     pub projects_start_without_confirmation: bool,
+    /// How many new turns a Worker gives itself, per start of a project task, after reaching
+    /// its tool-step limit (`llm.max_tool_steps`) on it; beyond that it reports and waits.
+    pub project_task_continuations: u32,
 }
 
 impl Default for TaskConfig {
@@ -96,6 +99,7 @@ impl Default for TaskConfig {
             heartbeat_minutes: 15,
             default_quiet_minutes: 60,
             projects_start_without_confirmation: false,
+            project_task_continuations: 3,
         }
     }
 }
