@@ -257,7 +257,12 @@ async fn a_diamond_project_runs_from_confirmation_to_summary_by_itself() {
         .lines()
         .find(|line| line.starts_with("- total: "))
         .unwrap_or_else(|| panic!("no total in {summary}"));
-    assert!(!total.starts_with("- total: 0 tokens"), "{summary}");
+    // Each part: its Worker's two calls and the Manager's review, 10 + 5 scripted tokens each.
+    assert_eq!(total, "- total: 180 tokens (120 in, 60 out) in 12 requests");
+    assert!(
+        summary.contains("- B: 45 tokens (30 in, 15 out) in 3 requests"),
+        "{summary}"
+    );
     let plan = std::fs::read_to_string(env.data_dir.join("files/projects/p-1/plan.md")).unwrap();
     assert!(plan.contains("- Status: completed"), "{plan}");
 
@@ -282,14 +287,30 @@ async fn a_diamond_project_runs_from_confirmation_to_summary_by_itself() {
     assert!(status.contains("- D [done] ada"), "{status}");
     assert_eq!(llm.received(), before, "no LLM call for a command");
 
-    // Manager LLM calls after the confirmation: one review per part, done by internal wakes.
-    let manager_calls = llm.requests()[confirmed_at..]
+    // What the project cost in LLM calls (docs/benchmarks.md): one Manager call per part's
+    // review after the confirmation turn, nothing else.
+    let requests = llm.requests();
+    let manager_total = requests.iter().filter(|r| is_manager(&r.json())).count();
+    let manager_after = requests[confirmed_at..]
         .iter()
         .filter(|r| is_manager(&r.json()))
         .count();
+    let reviews = requests
+        .iter()
+        .filter(|r| {
+            let body = r.json();
+            is_manager(&body)
+                && last_tool_result(&body).is_none()
+                && (waking_text(&body).contains("is done: the result is")
+                    || waking_text(&body).contains("Every task of project"))
+        })
+        .count();
+    assert_eq!(reviews, 4, "one review per part");
+    let tokens: u64 = requests.len() as u64 * 15;
     eprintln!(
-        "diamond: {} LLM calls in all, {manager_calls} by the Manager after the confirmation; {total}",
-        llm.received()
+        "diamond: {} LLM calls ({tokens} scripted tokens), Manager {manager_total} (after the confirmation turn started: {manager_after}, reviews {reviews}), Workers {}; project cost {total}",
+        requests.len(),
+        requests.len() - manager_total
     );
 }
 

@@ -96,6 +96,7 @@ mod tests {
             reply: Message::assistant("done"),
             results: vec!["ok".into()],
             tokens: 12,
+            prompt_tokens: 10,
         };
         one.save(0, &entry).await.unwrap();
         one.save(1, &entry).await.unwrap();

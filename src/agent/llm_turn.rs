@@ -88,6 +88,9 @@ pub struct JournaledStep {
     pub results: Vec<String>,
     /// Tokens the step used, as the provider reported.
     pub tokens: u64,
+    /// Of those, the prompt's (the rest is the completion); 0 in journals of older crews.
+    #[serde(default)]
+    pub prompt_tokens: u64,
 }
 
 /// Where steps are recorded durably. `save` must not return `Ok` before the record is on disk:
@@ -378,6 +381,7 @@ pub async fn run(
                     reply,
                     results: Vec::new(),
                     tokens: response.usage.map(|usage| usage.total_tokens).unwrap_or(0),
+                    prompt_tokens: response.usage.map(|usage| usage.prompt_tokens).unwrap_or(0),
                 };
                 journal.save(step, &entry).await?;
                 if !entry.reply.tool_calls.is_empty() {

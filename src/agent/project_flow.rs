@@ -289,6 +289,58 @@ pub async fn continue_after_step_limit(
     }
 }
 
+/// The heartbeat found a project task quiet: its Worker is woken directly (reason
+/// `progress_overdue`) in the project room, and the room is told. Returns `None` for a task
+/// outside any project (the heartbeat nudges it in chat), else whether the wake was queued.
+pub async fn nudge_overdue(services: &AgentServices, task: &Task, nudge: u32) -> Option<bool> {
+    let (project, key) = services
+        .projects
+        .projects()
+        .find_by_worker_task(&task.id)
+        .ok()
+        .flatten()?;
+    let room = project_room(&project)?;
+    let worker = services.team.registry.get(&task.assignee).ok().flatten()?;
+    let body = format!(
+        "Part `{key}` of project {} (your task **{}**, {}) has been quiet for a while. Record progress with task_progress, complete it, or say what blocks you with block_task.",
+        project.id, task.id, task.title
+    );
+    let queued = services
+        .internal
+        .queue(InternalWake {
+            agent: &worker.user_id,
+            room: &room,
+            sender: &services.manager,
+            reason: WakeReason::ProgressOverdue,
+            project: &project.id,
+            key: &key,
+            round: nudge,
+            depth: PLAN_START_DEPTH,
+            body,
+        })
+        .await;
+    Some(match queued {
+        Ok(Queued::Woken { id } | Queued::Already { id }) => {
+            manager_notice(
+                services,
+                &room,
+                &format!("overdue:{id}"),
+                format!(
+                    "Part `{key}` ({}, {}) has been quiet; I asked {} how it is going.",
+                    task.id, task.title, worker.display_name
+                ),
+            )
+            .await;
+            true
+        }
+        Ok(Queued::OverBudget { .. }) => true,
+        Err(error) => {
+            tracing::error!(%error, "cannot queue a quiet project task's nudge");
+            false
+        }
+    })
+}
+
 /// Where a project's messages go: its room, else where it was asked for.
 fn project_room(project: &Project) -> Option<OwnedRoomId> {
     project.room.clone().or_else(|| project.asked_in.clone())

@@ -375,21 +375,10 @@ async fn answer_with_llm(
         room,
         authority: &answering.authority,
     };
-    let metered = project_task.as_ref().map(|_| consumer_usage(crew, agent));
     let (message, answered) = llm_answer(crew, agent, base, &answering, context, &supervisor).await;
-    if let (Some(tag), Some(before)) = (&project_task, metered) {
-        let after = consumer_usage(crew, agent);
-        crate::agent::project_flow::charge(
-            &crew.agents,
-            tag,
-            crate::projects::Usage {
-                prompt_tokens: after.prompt_tokens.saturating_sub(before.prompt_tokens),
-                completion_tokens: after
-                    .completion_tokens
-                    .saturating_sub(before.completion_tokens),
-                requests: after.requests.saturating_sub(before.requests),
-            },
-        );
+    if let Some(tag) = &project_task {
+        let usage = turn_usage(crew, agent, event_id(&first.event)).await;
+        crate::agent::project_flow::charge(&crew.agents, tag, usage);
     }
     send_answer(crew, agent, first, &message).await;
     if !answered {
@@ -399,23 +388,23 @@ async fn answer_with_llm(
     }
 }
 
-/// Everything `agent`'s gateway consumer has used (all days), as the gateway metered it: the
-/// difference across a turn is what the turn cost (one turn per agent runs at a time).
-fn consumer_usage(crew: &Service, agent: &UserId) -> crate::projects::Usage {
-    let mut total = crate::projects::Usage::default();
-    match crew.gateway.usage() {
-        Ok(rows) => {
-            for row in rows.iter().filter(|row| row.consumer == agent.localpart()) {
-                total.add(crate::projects::Usage {
-                    prompt_tokens: row.usage.prompt_tokens,
-                    completion_tokens: row.usage.completion_tokens,
-                    requests: row.usage.requests,
-                });
-            }
-        }
-        Err(error) => tracing::warn!(%error, "cannot read the gateway's metering"),
+/// What a run cost, from its journalled steps: the tokens the provider reported through the
+/// gateway for each request (the gateway meters the same numbers per consumer). Read before
+/// the journal is forgotten; steps replayed after a crash count once, as they were paid once.
+async fn turn_usage(crew: &Service, agent: &UserId, waking: &str) -> crate::projects::Usage {
+    use crate::agent::llm_turn::StepJournal;
+    let journal = crew.journal.for_wake(agent, waking);
+    let mut usage = crate::projects::Usage::default();
+    let mut step = 0;
+    while let Ok(Some(entry)) = journal.load(step).await {
+        usage.add(crate::projects::Usage {
+            prompt_tokens: entry.prompt_tokens,
+            completion_tokens: entry.tokens.saturating_sub(entry.prompt_tokens),
+            requests: 1,
+        });
+        step += 1;
     }
-    total
+    usage
 }
 
 /// Stages a turn's answer in the outbox, keyed by the (first) waking event: it is sent in the

@@ -51,6 +51,12 @@ async fn post(crew: &Service, action: &HeartbeatAction, now: u64) -> bool {
             else {
                 return false;
             };
+            // A project task's Worker is woken directly, through the wake queue.
+            if let Some(queued) =
+                crate::agent::project_flow::nudge_overdue(&crew.agents, &task, task.nudges).await
+            {
+                return queued;
+            }
             let Some(room) = task.room.clone() else {
                 return false;
             };
