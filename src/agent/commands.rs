@@ -322,4 +322,54 @@ mod tests {
         );
         assert!(!Command::Workers.changes_state());
     }
+
+    #[test]
+    fn project_commands_show_a_person_their_projects_and_this_rooms_only() {
+        use crate::projects::{Owner, ProjectDraft, Projects, TaskDraft};
+        assert_eq!(Command::parse("!crew projects"), Some(Command::Projects));
+        assert_eq!(
+            Command::parse("!crew project P-2"),
+            Some(Command::Project("P-2".into()))
+        );
+        assert!(!Command::Projects.changes_state());
+        let store = crate::store::Store::temporary().unwrap();
+        let projects = Projects::open(&store).unwrap();
+        let draft = |title: &str| ProjectDraft {
+            title: title.to_owned(),
+            tasks: vec![TaskDraft {
+                key: "a".into(),
+                title: "Part a".into(),
+                owner: Owner::Worker { name: "ada".into() },
+                depends_on: Vec::new(),
+                acceptance: String::new(),
+            }],
+        };
+        let here = RoomId::parse("!here:x").unwrap();
+        let alice = UserId::parse("@alice:x").unwrap();
+        let bob = UserId::parse("@bob:x").unwrap();
+        projects
+            .propose(draft("Alice's"), alice.clone(), None, 0)
+            .unwrap();
+        projects
+            .propose(draft("Here"), bob.clone(), Some(here.clone()), 0)
+            .unwrap();
+        projects.propose(draft("Elsewhere"), bob, None, 0).unwrap();
+        let view = RoomView {
+            workers_here: Some(Vec::new()),
+            asker: alice,
+        };
+        let list = projects_answer(&projects, &view, &here, None);
+        assert!(list.contains("p-1") && list.contains("p-2"), "{list}");
+        assert!(!list.contains("Elsewhere"), "{list}");
+        let one = projects_answer(&projects, &view, &here, Some("2"));
+        assert!(one.starts_with("p-2 (proposed): Here"), "{one}");
+        assert!(one.contains("- a [pending] ada: Part a"), "{one}");
+        let hidden = projects_answer(&projects, &view, &here, Some("p-3"));
+        assert!(hidden.contains("is not one you asked for"), "{hidden}");
+        let admin = RoomView {
+            workers_here: None,
+            asker: UserId::parse("@admin:x").unwrap(),
+        };
+        assert!(projects_answer(&projects, &admin, &here, None).contains("Elsewhere"));
+    }
 }

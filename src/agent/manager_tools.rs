@@ -1014,6 +1014,18 @@ impl ManagerTools {
 
     async fn request_revision(&self, arguments: &str) -> Result<String, String> {
         let args: RevisionArgs = parse(arguments)?;
+        let project = self
+            .services
+            .projects
+            .projects()
+            .get(&args.project)
+            .map_err(|error| format!("error: {error}"))?;
+        // The person who asked, an admin, or the Manager reviewing a Worker's report.
+        let asker = self.requester()?;
+        let reviewing = matches!(self.services.team.registry.by_user(&asker), Ok(Some(_)));
+        if !reviewing {
+            self.require_decider(&project)?;
+        }
         let (outcome, advance) = self
             .services
             .projects

@@ -341,6 +341,38 @@ pub async fn nudge_overdue(services: &AgentServices, task: &Task, nudge: u32) ->
     })
 }
 
+/// After a restart: a project task whose Worker task was completed while crew went down
+/// (between the task's record and the plan's) moves the plan on now, as the completion would
+/// have. Safe to repeat: the plan and the wakes are idempotent.
+pub async fn reconcile(services: &AgentServices) {
+    let Ok(projects) = services.projects.projects().unfinished() else {
+        return;
+    };
+    for project in projects {
+        for planned in &project.tasks {
+            let Some(task_id) = &planned.task_id else {
+                continue;
+            };
+            if !matches!(
+                planned.state,
+                crate::projects::PlanTaskState::InProgress
+                    | crate::projects::PlanTaskState::Blocked
+            ) {
+                continue;
+            }
+            let Ok(task) = services.tasks.get(task_id) else {
+                continue;
+            };
+            if task.state != crate::tasks::TaskState::Done {
+                continue;
+            }
+            if let Ok(Some(worker)) = services.team.registry.get(&task.assignee) {
+                worker_completed(services, &worker, &task, PLAN_START_DEPTH).await;
+            }
+        }
+    }
+}
+
 /// Where a project's messages go: its room, else where it was asked for.
 fn project_room(project: &Project) -> Option<OwnedRoomId> {
     project.room.clone().or_else(|| project.asked_in.clone())

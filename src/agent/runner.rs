@@ -212,6 +212,11 @@ async fn run_turn(crew: &Arc<Service>, agent: &UserId, wakes: &[QueuedWake]) -> 
         }
         None => {
             for queued in wakes {
+                // Crew's own wakes need a model; without one there is nobody to answer.
+                if crate::agent::project_flow::internal_tag(&queued.wake.event).is_some() {
+                    tracing::info!(%agent, "an internal wake without an LLM configured is dropped");
+                    continue;
+                }
                 acknowledge_without_llm(crew, agent, &queued.wake).await;
             }
         }

@@ -251,7 +251,23 @@ impl WorkerTools {
                 }
                 json!({ "task": task.id, "state": task.state }).to_string()
             }
-            Err(error) => format!("error: {error}"),
+            Err(error) => {
+                // Re-run after a crash between the task's record and the project's: the task
+                // is done already; the project still moves on (idempotently).
+                if name == "complete_task"
+                    && let Ok(done) = tasks.get(&task.id)
+                    && done.state == TaskState::Done
+                {
+                    super::project_flow::worker_completed(
+                        &self.services,
+                        &self.worker,
+                        &done,
+                        self.depth,
+                    )
+                    .await;
+                }
+                format!("error: {error}")
+            }
         }
     }
 

@@ -469,6 +469,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         }
         Err(error) => tracing::error!(%error, "cannot resume the running projects"),
     }
+    crate::agent::project_flow::reconcile(&crew.agents).await;
     // Wakes that a previous run acknowledged but did not finish run now.
     match crew.queue.agents_with_pending() {
         Ok(agents) => {
