@@ -786,3 +786,30 @@ async fn only_an_admin_confirms_a_plan_that_creates_workers() {
     let (_, workers) = env.cli(&["workers", "list"]);
     assert!(workers.contains("dee"), "{workers}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_may_have_plans_start_without_confirmation() {
+    let llm = ScriptedLlm::start().await;
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    let env = crew_with_team(
+        &llm,
+        "\n[tasks]\nprojects_start_without_confirmation = true\n",
+    )
+    .await;
+    let admin = env.admin().await;
+    let hq = admin.create_room("hq", &[MANAGER]).await;
+    admin.wait_joined(&hq, MANAGER).await;
+    admin.send_mention(&hq, "plan the MVP", &[MANAGER]).await;
+    let project_room = tools::wait_for("the project room", WAIT, || async {
+        admin.invites_named("Project: MVP").await.into_iter().next()
+    })
+    .await;
+    admin.join(&project_room).await;
+    wait_for_summary(&admin, &project_room).await;
+    assert_eq!(
+        admin.messages_from(&hq, "@admin:crew.test").await.len(),
+        1,
+        "asked once, never confirmed"
+    );
+}
