@@ -795,3 +795,71 @@ pub fn task_worked_on(
                 })
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use ruma::{owned_room_id, owned_user_id};
+
+    use super::*;
+
+    fn wake<'a>(agent: &'a UserId, room: &'a RoomId, depth: u32, round: u32) -> InternalWake<'a> {
+        InternalWake {
+            agent,
+            room,
+            sender: agent,
+            reason: WakeReason::TaskCompleted,
+            project: "p-1",
+            key: "B",
+            round,
+            depth,
+            body: "Part `B` is done.".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_cause_is_queued_once_and_the_budget_stops_deeper_wakes() {
+        let store = Store::temporary().unwrap();
+        let (sender, mut decisions) = tokio::sync::mpsc::unbounded_channel();
+        let internal = InternalWakes::open(&store, 4, 3, sender).unwrap();
+        let queue = WakeQueue::open(&store).unwrap();
+        let manager = owned_user_id!("@crew:example.org");
+        let room = owned_room_id!("!project:example.org");
+
+        let first = internal.queue(wake(&manager, &room, 2, 1)).await.unwrap();
+        assert_eq!(
+            first,
+            Queued::Woken {
+                id: "$crew.task_completed.p-1.b.1".to_owned()
+            }
+        );
+        assert!(matches!(
+            internal.queue(wake(&manager, &room, 2, 1)).await.unwrap(),
+            Queued::Already { .. }
+        ));
+        let pending = queue.pending_for(&manager).unwrap();
+        assert_eq!(pending.len(), 1, "a re-run queues nothing twice");
+        let tag = internal_tag(&pending[0].wake.event).expect("tagged as internal");
+        assert_eq!((tag.project.as_str(), tag.key.as_str()), ("p-1", "B"));
+        assert_eq!(pending[0].wake.depth, 2);
+        let decision = decisions.recv().await.unwrap();
+        assert_eq!(decision.agent.as_ref(), Some(&manager));
+        assert_eq!(
+            decision.decision.wakes[0].reasons,
+            [WakeReason::TaskCompleted]
+        );
+
+        let deep = internal.queue(wake(&manager, &room, 5, 2)).await.unwrap();
+        assert!(matches!(deep, Queued::OverBudget { .. }));
+        assert_eq!(queue.pending_for(&manager).unwrap().len(), 1, "not queued");
+        let stopped = decisions.recv().await.unwrap();
+        assert_eq!(stopped.agent, None);
+        assert_eq!(stopped.decision.skips[0].reason, SkipReason::LoopBudget);
+        assert!(
+            matches!(
+                internal.queue(wake(&manager, &room, 5, 2)).await.unwrap(),
+                Queued::Already { .. }
+            ),
+            "the stop is said once"
+        );
+    }
+}
