@@ -813,3 +813,52 @@ async fn an_admin_may_have_plans_start_without_confirmation() {
         "asked once, never confirmed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_heartbeat_wakes_the_worker_of_a_quiet_project_task_directly() {
+    let llm = ScriptedLlm::start().await;
+    let bob = |b: &Value| is_worker(b, "Bob");
+    llm.on(
+        move |b| {
+            bob(b) && waking_text(b).contains("has been quiet") && last_tool_result(b).is_none()
+        },
+        Reply::tool_call(
+            "b2",
+            "complete_task",
+            json!({"task": "t-2", "text": "The API, after the nudge."}),
+        ),
+    );
+    // On its start, bob only answers; he records no progress.
+    llm.on(
+        move |b| bob(b) && waking_text(b).contains("task **t-2**") && last_tool_result(b).is_none(),
+        Reply::text("Looking into it."),
+    );
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    let env = crew_with_team(
+        &llm,
+        "\n[tasks]\nheartbeat_minutes = 1\ndefault_quiet_minutes = 1\n",
+    )
+    .await;
+    let admin = env.admin().await;
+    let (_, project_room) = confirmed_mvp(&env).await;
+
+    // Up to two beats for the nudge; then the project completes by itself.
+    let noted = tools::wait_for("the nudge", Duration::from_secs(150), || async {
+        manager_said(&admin, &project_room, "has been quiet; I asked Bob")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(noted.contains("t-2"), "{noted}");
+    wait_for_summary(&admin, &project_room).await;
+    assert!(
+        manager_said(&admin, &project_room, "How is it going?")
+            .await
+            .is_empty(),
+        "no chat nudge: the Worker was woken through the queue"
+    );
+    let result = std::fs::read_to_string(env.data_dir.join("files/tasks/t-2/result.md")).unwrap();
+    assert!(result.contains("after the nudge"), "{result}");
+}
