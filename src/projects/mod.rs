@@ -25,7 +25,7 @@
 //! project is the sum of its tasks' metered tokens and requests ([`Project::cost`]).
 //!
 //! Not for: talking to Matrix or the LLM, or creating Workers (the Manager's tools and the
-//! server do that and call in here). Not yet wired to the Manager's tools or the server.
+//! server do that and call in here: `agent::manager_tools` and `agent::project_flow`).
 
 pub mod driver;
 pub mod plan;
