@@ -354,6 +354,7 @@ mod tests {
 
     /// Loads `path` with `vars` set in the process environment, inside figment's `Jail` (which
     /// serialises the tests that touch the environment and restores it afterwards).
+    #[allow(clippy::result_large_err)] // figment's Jail takes a closure returning its own error.
     fn load_with_env(path: &Path, vars: Vec<(String, String)>) -> Result<Loaded, ConfigError> {
         let mut loaded = None;
         figment::Jail::expect_with(|jail| {
