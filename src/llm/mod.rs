@@ -431,4 +431,56 @@ mod tests {
             "http://127.0.0.1:1/llm/chat/completions"
         );
     }
+
+    fn quick_client(max_retries: u32) -> LlmClient {
+        LlmClient::new(
+            &url::Url::parse("http://127.0.0.1:1/llm").unwrap(),
+            Secret::new("t"),
+            LlmConfig {
+                max_retries,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 5,
+                ..LlmConfig::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_until_done_gives_up_after_the_last_and_never_retries_a_final_error() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let calls = AtomicU32::new(0);
+        let flaky = || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                Ok(Attempt::Retry {
+                    reason: "503".into(),
+                    after: Some(Duration::from_millis(1)),
+                })
+            } else {
+                Ok(Attempt::Done("answer"))
+            }
+        };
+        assert_eq!(quick_client(4).with_retries(flaky).await.unwrap(), "answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        calls.store(0, Ordering::SeqCst);
+        let error = quick_client(1).with_retries(flaky).await.unwrap_err();
+        assert!(
+            matches!(&error, LlmError::GaveUp { attempts: 2, last } if last == "503"),
+            "{error:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        calls.store(0, Ordering::SeqCst);
+        let refused = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<Attempt<()>, _>(LlmError::Forbidden {
+                code: "route".into(),
+                message: "no".into(),
+            })
+        };
+        let error = quick_client(4).with_retries(refused).await.unwrap_err();
+        assert!(matches!(error, LlmError::Forbidden { .. }), "{error:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }
