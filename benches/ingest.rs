@@ -2,13 +2,19 @@
 //! persisted (flushed to disk) and acknowledged, against a bare axum handler that does no work.
 //!
 //! Run: `cargo bench --bench ingest`. Prints events/s and p50/p99 acknowledgement latency, one
-//! transaction at a time (as homeservers send) and 10 concurrent, plus the cost of the flush.
+//! transaction at a time (as homeservers send) and 10 concurrent, plus the cost of the flush;
+//! then the same single stream with a consumer beside it as busy as the pump (it reads the
+//! inbox in arrival order, runs the dispatcher on every event and removes the entry), and the
+//! resident size after a minute of such sustained ingest (`INGEST_SOAK_SECS` changes the
+//! minute).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use matrix_crew::appservice::inbox::Inbox;
 use matrix_crew::appservice::{AppserviceState, router};
+use matrix_crew::dispatch::{Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, Roster};
 use matrix_crew::registration::{NewRegistration, Registration};
 use matrix_crew::store::Store;
 use serde_json::json;
@@ -110,6 +116,54 @@ fn print(label: &str, figures: &Figures) {
     );
 }
 
+/// A consumer as busy as the pump: reads the inbox in arrival order, runs the dispatcher on each
+/// event and removes the entry. Counts what it handled.
+fn consume_beside(inbox: Arc<Inbox>, stop: Arc<AtomicBool>, handled: Arc<AtomicU64>) {
+    let manager = ruma::UserId::parse("@crew:example.org").expect("valid id");
+    let roster = Roster::new(
+        vec![Agent {
+            user_id: manager,
+            role: Role::Manager,
+            display_name: "Crew Manager".into(),
+            keywords: Vec::new(),
+        }],
+        [ruma::UserId::parse("@human:example.org").expect("valid id")],
+        [],
+        &DispatchConfig::default(),
+    )
+    .expect("valid roster");
+    let mut dispatcher = Dispatcher::new(DispatchConfig::default(), roster).expect("valid");
+    let history = MemoryHistory::new(10_000);
+    while !stop.load(Ordering::Relaxed) {
+        let pending = inbox.pending(256).expect("inbox");
+        if pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        for (seq, entry) in pending {
+            let decision =
+                dispatcher.dispatch(&entry.event, &history, matrix_crew::clock::now_ms());
+            std::hint::black_box(decision);
+            inbox.complete(seq).expect("complete");
+            handled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// This process's resident set size, in MiB (Linux).
+fn resident_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -174,5 +228,48 @@ async fn main() {
         "flush of one 100-event transaction: p50 {:.3} ms, p99 {:.3} ms",
         flushes[flushes.len() / 2].as_secs_f64() * 1e3,
         flushes[flushes.len() * 99 / 100].as_secs_f64() * 1e3
+    );
+
+    // With a consumer as busy as the pump beside it, as in production.
+    let stop = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(AtomicU64::new(0));
+    let consumer = {
+        let (inbox, stop, handled) = (inbox.clone(), stop.clone(), handled.clone());
+        std::thread::spawn(move || consume_beside(inbox, stop, handled))
+    };
+    let busy = drive(&crew_url, &token, 1, SEQUENTIAL_TXNS, 4_000_000).await;
+    print("crew, one at a time, consumer beside", &busy);
+
+    // Sustained ingest for a minute (batches of the single stream), then the resident size.
+    let soak = Duration::from_secs(
+        std::env::var("INGEST_SOAK_SECS")
+            .ok()
+            .and_then(|secs| secs.parse().ok())
+            .unwrap_or(60),
+    );
+    let before = resident_mib();
+    let started = Instant::now();
+    let mut round = 0;
+    let mut worst_p99 = Duration::ZERO;
+    while started.elapsed() < soak {
+        let figures = drive(&crew_url, &token, 1, 100, 10_000_000 + round * 1_000).await;
+        worst_p99 = worst_p99.max(figures.p99);
+        round += 1;
+    }
+    let ingested = round * 100 * EVENTS_PER_TXN;
+    // Let the consumer catch up before reading how much it kept.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !inbox.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    consumer.join().expect("consumer");
+    println!(
+        "sustained ingest {:.0} s: {ingested} events in, {} handled beside, worst p99 of a 100-transaction batch {:.3} ms; resident {before:.0} MiB before, {:.0} MiB after (sled cache {} MiB)",
+        soak.as_secs_f64(),
+        handled.load(Ordering::Relaxed),
+        worst_p99.as_secs_f64() * 1e3,
+        resident_mib(),
+        matrix_crew::store::DatabaseConfig::default().cache_mb,
     );
 }

@@ -1,7 +1,9 @@
 //! Wall-clock time as the rest of crew reads it: milliseconds since the Unix epoch, and UTC
-//! dates for people (links, task notes, usage tables) without a time-zone database.
+//! dates for people (links, task notes, usage tables), formatted by `chrono`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use chrono::DateTime;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
@@ -11,35 +13,25 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's `civil_from_days`.
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// `YYYY-MM-DD` for a day number since the Unix epoch.
 pub fn format_day(days: i64) -> String {
-    let (year, month, day) = civil_from_days(days);
-    format!("{year:04}-{month:02}-{day:02}")
+    days.checked_mul(86_400)
+        .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
+        .map_or_else(
+            || format!("day {days}"),
+            |day| day.format("%Y-%m-%d").to_string(),
+        )
 }
 
 /// `YYYY-MM-DD HH:MM UTC` for seconds since the Unix epoch.
 pub fn format_utc(unix_seconds: u64) -> String {
-    let of_day = unix_seconds % 86_400;
-    format!(
-        "{} {:02}:{:02} UTC",
-        format_day((unix_seconds / 86_400) as i64),
-        of_day / 3600,
-        (of_day % 3600) / 60
-    )
+    i64::try_from(unix_seconds)
+        .ok()
+        .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
+        .map_or_else(
+            || format!("{unix_seconds} s after 1970"),
+            |at| at.format("%Y-%m-%d %H:%M UTC").to_string(),
+        )
 }
 
 #[cfg(test)]
@@ -53,5 +45,6 @@ mod tests {
         assert_eq!(format_day(20_416), "2025-11-24");
         assert_eq!(format_utc(0), "1970-01-01 00:00 UTC");
         assert_eq!(format_utc(1_709_214_300), "2024-02-29 13:45 UTC");
+        assert_eq!(format_utc(u64::MAX), format!("{} s after 1970", u64::MAX));
     }
 }

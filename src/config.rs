@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use ruma::{OwnedServerName, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
@@ -195,7 +195,10 @@ const CONFIG_KEYS: &[&str] = &[
     "llm",
     "storage",
     "tasks",
+    "limits",
+    "sandbox",
     "log",
+    "database",
 ];
 
 fn default_data_dir() -> PathBuf {
@@ -212,47 +215,25 @@ pub struct Loaded {
 }
 
 impl Config {
-    /// Reads `path`, applies `CREW_…` overrides from the process environment, resolves relative
-    /// paths and loads the registration file.
+    /// Reads `path`, applies `CREW_…` overrides from the process environment (figment's
+    /// [`Env`] provider: `__` between levels, values parsed as TOML scalars), resolves relative
+    /// paths and loads the registration file, with `CREW_AS_TOKEN` / `CREW_HS_TOKEN` (or their
+    /// `_FILE` forms) over its tokens.
     pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-        Self::load_with_env(path, std::env::vars())
-    }
-
-    /// As [`Config::load`], with the environment given as pairs so tests need not touch the
-    /// process environment.
-    pub fn load_with_env(
-        path: &Path,
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Loaded, ConfigError> {
-        let vars: Vec<(String, String)> = vars
-            .into_iter()
-            .filter(|(name, _)| name.starts_with("CREW_"))
-            .collect();
-        let env = |name: &str| {
-            vars.iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-        };
+        let env = |name: &str| std::env::var(name).ok();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: format!("{} (create one with `crew init`)", path.display()),
             source,
         })?;
-        let mut figment = Figment::new().merge(Toml::string(&text));
-        for (name, value) in &vars {
-            let key = name["CREW_".len()..]
-                .to_ascii_lowercase()
-                .replace("__", ".");
-            // Only variables that name a config section or top-level key are overrides; others
-            // (CREW_CONFIG, CREW_AS_TOKEN, a tool's CREW_TEST_TOOLS…) are not config.
-            let top = key.split('.').next().unwrap_or("");
-            if !CONFIG_KEYS.contains(&top) {
-                continue;
-            }
-            let parsed = value
-                .parse::<figment::value::Value>()
-                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
-            figment = figment.merge(Serialized::default(&key, parsed));
-        }
+        // Only variables that name a config section or top-level key are overrides; others
+        // (CREW_CONFIG, CREW_AS_TOKEN, a tool's CREW_TEST_TOOLS…) are not config.
+        let overrides = Env::prefixed("CREW_").split("__").filter(|key| {
+            let top = key.as_str().split('.').next().unwrap_or("");
+            CONFIG_KEYS
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(top))
+        });
+        let figment = Figment::new().merge(Toml::string(&text)).merge(overrides);
         let mut config: Config = figment.extract().map_err(Box::new)?;
         let base = path
             .parent()
@@ -371,6 +352,21 @@ pub fn secret_from_env(
 mod tests {
     use super::*;
 
+    /// Loads `path` with `vars` set in the process environment, inside figment's `Jail` (which
+    /// serialises the tests that touch the environment and restores it afterwards).
+    #[allow(clippy::result_large_err)] // figment's Jail takes a closure returning its own error.
+    fn load_with_env(path: &Path, vars: Vec<(String, String)>) -> Result<Loaded, ConfigError> {
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            for (name, value) in &vars {
+                jail.set_env(name, value);
+            }
+            loaded = Some(Config::load(path));
+            Ok(())
+        });
+        loaded.expect("the jail ran the closure")
+    }
+
     fn write_example(dir: &Path) -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let config = dir.join("crew.toml");
@@ -389,7 +385,7 @@ mod tests {
     #[test]
     fn the_documented_example_loads() {
         let dir = tempfile::tempdir().unwrap();
-        let loaded = Config::load_with_env(&write_example(dir.path()), Vec::new()).unwrap();
+        let loaded = load_with_env(&write_example(dir.path()), Vec::new()).unwrap();
         assert_eq!(loaded.config.homeserver.server_name.as_str(), "example.org");
         assert_eq!(
             loaded.config.appservice.registration,
@@ -420,16 +416,18 @@ mod tests {
                 "CREW_AS_TOKEN_FILE".to_owned(),
                 token_file.display().to_string(),
             ),
+            ("CREW_DATABASE__CACHE_MB".to_owned(), "16".to_owned()),
             ("UNRELATED".to_owned(), "x".to_owned()),
             ("CREW_TEST_TOOLS".to_owned(), "/tmp/tools".to_owned()),
             ("CREW_CONFIG".to_owned(), "elsewhere.toml".to_owned()),
         ];
-        let loaded = Config::load_with_env(&config, vars).unwrap();
+        let loaded = load_with_env(&config, vars).unwrap();
         assert_eq!(
             loaded.config.homeserver.url.as_str(),
             "http://hs.internal:8008/"
         );
         assert_eq!(loaded.config.appservice.ping_interval_secs, 5);
+        assert_eq!(loaded.config.database.cache_mb, 16);
         assert_eq!(
             loaded.registration.as_token.expose(),
             "from-a-file-0123456789-0123456789-0123456789"
@@ -461,7 +459,7 @@ mod tests {
             ),
         ];
         for (name, value, named) in cases {
-            let error = Config::load_with_env(&config, vec![(name.to_owned(), value)])
+            let error = load_with_env(&config, vec![(name.to_owned(), value)])
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(named), "{name}: {error}");
@@ -473,7 +471,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = write_example(dir.path());
         let wide = vec![("CREW_ADMIN_API__BIND".to_owned(), "0.0.0.0:9002".to_owned())];
-        let error = Config::load_with_env(&config, wide.clone())
+        let error = load_with_env(&config, wide.clone())
             .unwrap_err()
             .to_string();
         assert!(error.contains("admin_api.allow_non_loopback"), "{error}");
@@ -482,7 +480,7 @@ mod tests {
             "CREW_ADMIN_API__ALLOW_NON_LOOPBACK".to_owned(),
             "true".to_owned(),
         ));
-        Config::load_with_env(&config, allowed).unwrap();
+        load_with_env(&config, allowed).unwrap();
     }
 
     #[test]
@@ -492,9 +490,7 @@ mod tests {
         let mut text = std::fs::read_to_string(&config).unwrap();
         text.push_str("\n[homeserver2]\nurl = 1\n");
         std::fs::write(&config, text).unwrap();
-        let error = Config::load_with_env(&config, Vec::new())
-            .unwrap_err()
-            .to_string();
+        let error = load_with_env(&config, Vec::new()).unwrap_err().to_string();
         assert!(error.contains("homeserver2"), "{error}");
     }
 }

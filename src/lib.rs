@@ -24,6 +24,7 @@ pub mod matrix;
 pub mod outbox;
 pub mod projects;
 pub mod registration;
+pub mod retry;
 pub mod sandbox;
 pub mod secret;
 pub mod server;

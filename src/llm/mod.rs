@@ -290,50 +290,66 @@ impl LlmClient {
         }
     }
 
+    /// Runs `attempt` until it is done, fails for good, or `max_retries` retries have failed
+    /// (then [`LlmError::GaveUp`]); waits per [`crate::retry`], at least the server's
+    /// `Retry-After`, at most `max_backoff_ms`.
     async fn with_retries<T, F, Fut>(&self, mut attempt: F) -> Result<T, LlmError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, LlmError>>,
     {
-        let mut tries = 0u32;
-        loop {
-            tries += 1;
-            match attempt().await? {
-                Attempt::Done(value) => return Ok(value),
-                Attempt::Retry { reason, after } => {
-                    if tries > self.config.max_retries {
-                        return Err(LlmError::GaveUp {
-                            attempts: tries,
-                            last: reason,
-                        });
-                    }
-                    let delay = self.backoff(tries, after);
-                    tracing::warn!(
-                        attempt = tries,
-                        delay_ms = delay.as_millis() as u64,
-                        %reason,
-                        "LLM call failed; retrying"
-                    );
-                    tokio::time::sleep(delay).await;
+        use backon::Retryable;
+        /// An attempt worth repeating, or the final error.
+        enum Failure {
+            Retry {
+                reason: String,
+                after: Option<Duration>,
+            },
+            Final(LlmError),
+        }
+        let cap = Duration::from_millis(self.config.max_backoff_ms);
+        let policy = crate::retry::exponential(
+            Duration::from_millis(self.config.initial_backoff_ms),
+            cap,
+            self.config.max_retries as usize,
+        );
+        let mut retries = 0u32;
+        let result = (|| {
+            let attempt = attempt();
+            async move {
+                match attempt.await {
+                    Ok(Attempt::Done(value)) => Ok(value),
+                    Ok(Attempt::Retry { reason, after }) => Err(Failure::Retry { reason, after }),
+                    Err(error) => Err(Failure::Final(error)),
                 }
             }
-        }
-    }
-
-    /// `initial · 2^(n-1)` with ±20 % jitter (so agents that failed together do not retry
-    /// together), at least the server's `Retry-After`, at most `max_backoff_ms`.
-    fn backoff(&self, tries: u32, retry_after: Option<Duration>) -> Duration {
-        use rand::Rng;
-        let base = self
-            .config
-            .initial_backoff_ms
-            .saturating_mul(1u64 << (tries - 1).min(20));
-        let jitter = rand::thread_rng().gen_range(0.8..1.2);
-        let mut delay = Duration::from_millis((base as f64 * jitter) as u64);
-        if let Some(after) = retry_after {
-            delay = delay.max(after);
-        }
-        delay.min(Duration::from_millis(self.config.max_backoff_ms))
+        })
+        .retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(|failure| matches!(failure, Failure::Retry { .. }))
+        .adjust(|failure, wait| match failure {
+            Failure::Retry { after, .. } => crate::retry::at_least_asked(wait, *after, cap),
+            Failure::Final(_) => None,
+        })
+        .notify(|failure, delay| {
+            retries += 1;
+            if let Failure::Retry { reason, .. } = failure {
+                tracing::warn!(
+                    attempt = retries,
+                    delay_ms = delay.as_millis() as u64,
+                    %reason,
+                    "LLM call failed; retrying"
+                );
+            }
+        })
+        .await;
+        result.map_err(|failure| match failure {
+            Failure::Retry { reason, .. } => LlmError::GaveUp {
+                attempts: retries + 1,
+                last: reason,
+            },
+            Failure::Final(error) => error,
+        })
     }
 }
 
@@ -403,28 +419,68 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_respects_the_caps() {
+    fn the_endpoint_is_the_route_and_the_path() {
         let client = LlmClient::new(
             &url::Url::parse("http://127.0.0.1:1/llm").unwrap(),
             Secret::new("t"),
-            LlmConfig {
-                initial_backoff_ms: 100,
-                max_backoff_ms: 1000,
-                ..LlmConfig::default()
-            },
+            LlmConfig::default(),
         )
         .unwrap();
         assert_eq!(
             client.endpoint.as_str(),
             "http://127.0.0.1:1/llm/chat/completions"
         );
-        let first = client.backoff(1, None);
-        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
-        assert_eq!(client.backoff(10, None), Duration::from_millis(1000));
-        assert_eq!(
-            client.backoff(1, Some(Duration::from_secs(60))),
-            Duration::from_millis(1000)
+    }
+
+    fn quick_client(max_retries: u32) -> LlmClient {
+        LlmClient::new(
+            &url::Url::parse("http://127.0.0.1:1/llm").unwrap(),
+            Secret::new("t"),
+            LlmConfig {
+                max_retries,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 5,
+                ..LlmConfig::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_until_done_gives_up_after_the_last_and_never_retries_a_final_error() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let calls = AtomicU32::new(0);
+        let flaky = || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                Ok(Attempt::Retry {
+                    reason: "503".into(),
+                    after: Some(Duration::from_millis(1)),
+                })
+            } else {
+                Ok(Attempt::Done("answer"))
+            }
+        };
+        assert_eq!(quick_client(4).with_retries(flaky).await.unwrap(), "answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        calls.store(0, Ordering::SeqCst);
+        let error = quick_client(1).with_retries(flaky).await.unwrap_err();
+        assert!(
+            matches!(&error, LlmError::GaveUp { attempts: 2, last } if last == "503"),
+            "{error:?}"
         );
-        assert!(client.backoff(1, Some(Duration::from_millis(500))) >= Duration::from_millis(500));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        calls.store(0, Ordering::SeqCst);
+        let refused = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<Attempt<()>, _>(LlmError::Forbidden {
+                code: "route".into(),
+                message: "no".into(),
+            })
+        };
+        let error = quick_client(4).with_retries(refused).await.unwrap_err();
+        assert!(matches!(error, LlmError::Forbidden { .. }), "{error:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -1,12 +1,28 @@
-//! The HTTP side of the Matrix client: one method per endpoint we use.
+//! The HTTP side of the Matrix client: one method per endpoint we use, each a typed ruma request
+//! (`ruma::api::client`) sent over our reqwest client and read back as ruma's typed response or
+//! error, so paths, bodies and error codes come from one well-kept definition of the spec.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
 
-use reqwest::Method;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use backon::Retryable;
+use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
+use ruma::api::client::{
+    account, alias, appservice, authenticated_media, discovery, media, membership, message,
+    profile, room as rooms, state, typing as typing_api,
+};
+use ruma::api::error::{
+    Error as RumaError, ErrorBody, ErrorKind, FromHttpResponseError, RetryAfter,
+};
+use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
+use ruma::api::{
+    AppserviceUserIdentity, EndpointError, IncomingResponse, MatrixVersion, OutgoingRequest,
+    OutgoingRequestAppserviceExt, SupportedVersions,
+};
+use ruma::serde::Raw;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::error::MatrixError;
@@ -17,12 +33,16 @@ use crate::secret::Secret;
 pub type MediaStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static>>;
 
-/// Attempts for one request before giving up (429 and network errors are retried).
-const MAX_ATTEMPTS: u32 = 6;
-/// First backoff; doubles each attempt.
+/// Retries for one request after its first attempt (429, 5xx and network errors are retried).
+const MAX_RETRIES: usize = 5;
+/// First backoff; doubles each attempt (with jitter).
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-/// Longest wait honoured from a 429's `retry_after_ms`.
+/// Longest wait honoured from a 429's `Retry-After` / `retry_after_ms`.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The spec version whose endpoint paths we use (ruma picks the stable path for each endpoint
+/// from it): 1.11, for authenticated media; Synapse and Tuwunel both serve it.
+const SPEC_VERSION: MatrixVersion = MatrixVersion::V1_11;
 
 /// A client acting as the appservice (and, by masquerading, any of its users).
 #[derive(Clone)]
@@ -30,13 +50,11 @@ pub struct MatrixClient {
     http: reqwest::Client,
     base: url::Url,
     as_token: Secret,
+    versions: SupportedVersions,
 }
 
 /// A joined member of a room.
-#[derive(Debug, Clone, Deserialize)]
-pub struct RoomMember {
-    pub display_name: Option<String>,
-}
+pub type RoomMember = membership::joined_members::v3::RoomMember;
 
 /// A room to create.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +65,32 @@ pub struct CreateRoom {
     pub is_direct: bool,
     /// Power levels by user (the creator always has full power).
     pub power_levels: BTreeMap<OwnedUserId, i64>,
+}
+
+/// The path input of the endpoints we call: versioned paths are chosen for [`SPEC_VERSION`].
+trait PathFor: PathBuilder {
+    fn input(versions: &SupportedVersions) -> Self::Input<'_>;
+}
+
+impl PathFor for VersionHistory {
+    fn input(versions: &SupportedVersions) -> Cow<'_, SupportedVersions> {
+        Cow::Borrowed(versions)
+    }
+}
+
+impl PathFor for SinglePath {
+    fn input(_: &SupportedVersions) {}
+}
+
+/// Who a request is sent as: the appservice's token always, and the puppet as `user_id`.
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    /// No token at all (`/versions`: the check is about the URL, not the token).
+    Anonymous,
+    /// The appservice's own user.
+    Appservice,
+    /// One of our users, by masquerading.
+    As(&'a UserId),
 }
 
 impl MatrixClient {
@@ -60,6 +104,10 @@ impl MatrixClient {
             http,
             base,
             as_token,
+            versions: SupportedVersions {
+                versions: BTreeSet::from([SPEC_VERSION]),
+                features: BTreeSet::new(),
+            },
         }
     }
 
@@ -69,104 +117,59 @@ impl MatrixClient {
 
     /// `GET /_matrix/client/versions`: is there a Matrix homeserver at this URL?
     pub async fn versions(&self) -> Result<Vec<String>, MatrixError> {
-        // Unauthenticated: some homeservers reject a wrong token even here, and this check is
-        // about the URL, not the token.
-        let path = "/_matrix/client/versions";
-        let response = self
-            .http
-            .get(self.url(path, None, &[]))
-            .send()
-            .await
-            .map_err(|error| self.unreachable(error))?;
-        let answer = Self::answer(Method::GET, path, response).await?;
-        Ok(answer
-            .get("versions")
-            .and_then(Value::as_array)
-            .map(|list| {
-                list.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let request = discovery::get_supported_versions::Request::new();
+        let answer = self.call_once(request, Auth::Anonymous).await?;
+        Ok(answer.versions)
     }
 
     /// `GET /account/whoami` as `user` (or the appservice's own user).
     pub async fn whoami(&self, user: Option<&UserId>) -> Result<OwnedUserId, MatrixError> {
-        let path = "/_matrix/client/v3/account/whoami";
-        let answer = self.call_once(Method::GET, path, user, None, &[]).await?;
-        answer
-            .get("user_id")
-            .and_then(Value::as_str)
-            .and_then(|id| UserId::parse(id).ok())
-            .ok_or_else(|| bad(path, "no user_id in whoami answer"))
+        let auth = user.map_or(Auth::Appservice, Auth::As);
+        let request = account::whoami::v3::Request::new();
+        Ok(self.call_once(request, auth).await?.user_id)
     }
 
     /// Registers a virtual user in our namespace; an existing user is success.
     pub async fn register(&self, localpart: &str) -> Result<(), MatrixError> {
-        let body = json!({
-            "type": "m.login.application_service",
-            "username": localpart,
-            "inhibit_login": true,
-        });
-        match self
-            .call(
-                Method::POST,
-                "/_matrix/client/v3/register",
-                None,
-                Some(body),
-                &[],
-            )
-            .await
-        {
+        let mut request = account::register::v3::Request::new();
+        request.username = Some(localpart.to_owned());
+        request.inhibit_login = true;
+        request.login_type = Some(account::register::LoginType::ApplicationService);
+        match self.call(request, Auth::Appservice).await {
             Ok(_) => Ok(()),
             Err(error) if error.errcode() == Some("M_USER_IN_USE") => Ok(()),
             Err(error) => Err(error),
         }
     }
 
+    // The per-field profile endpoints: the generic `profile/{user}/{field}` one is stable only
+    // from spec 1.16, which Tuwunel does not announce.
+    #[allow(deprecated)]
     pub async fn set_display_name(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
-        let path = profile_path(user, "displayname");
-        self.call(
-            Method::PUT,
-            &path,
-            Some(user),
-            Some(json!({ "displayname": name })),
-            &[],
-        )
-        .await
-        .map(drop)
+        let request =
+            profile::set_display_name::v3::Request::new(user.to_owned(), Some(name.to_owned()));
+        self.call(request, Auth::As(user)).await.map(drop)
     }
 
+    #[allow(deprecated)]
     pub async fn display_name(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
-        let path = profile_path(user, "displayname");
-        match self.call(Method::GET, &path, Some(user), None, &[]).await {
-            Ok(answer) => Ok(answer
-                .get("displayname")
-                .and_then(Value::as_str)
-                .map(str::to_owned)),
+        let request = profile::get_display_name::v3::Request::new(user.to_owned());
+        match self.call(request, Auth::As(user)).await {
+            Ok(answer) => Ok(answer.displayname),
             Err(error) if error.status() == Some(404) => Ok(None),
             Err(error) => Err(error),
         }
     }
 
+    #[allow(deprecated)]
     pub async fn set_avatar_url(&self, user: &UserId, mxc: &str) -> Result<(), MatrixError> {
-        let path = profile_path(user, "avatar_url");
-        self.call(
-            Method::PUT,
-            &path,
-            Some(user),
-            Some(json!({ "avatar_url": mxc })),
-            &[],
-        )
-        .await
-        .map(drop)
+        let request = profile::set_avatar_url::v3::Request::new(user.to_owned(), Some(mxc.into()));
+        self.call(request, Auth::As(user)).await.map(drop)
     }
 
     pub async fn join(&self, user: &UserId, room: &RoomId) -> Result<(), MatrixError> {
-        let path = format!("/_matrix/client/v3/rooms/{}/join", enc(room.as_str()));
-        self.call(Method::POST, &path, Some(user), Some(json!({})), &[])
-            .await
-            .map(drop)
+        let request = membership::join_room_by_id::v3::Request::new(room.to_owned());
+        self.call(request, Auth::As(user)).await.map(drop)
     }
 
     /// Leaves a room, or declines an invite, with a reason the inviter sees.
@@ -176,14 +179,9 @@ impl MatrixClient {
         room: &RoomId,
         reason: Option<&str>,
     ) -> Result<(), MatrixError> {
-        let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(room.as_str()));
-        let body = match reason {
-            Some(reason) => json!({ "reason": reason }),
-            None => json!({}),
-        };
-        self.call(Method::POST, &path, Some(user), Some(body), &[])
-            .await
-            .map(drop)
+        let mut request = membership::leave_room::v3::Request::new(room.to_owned());
+        request.reason = reason.map(str::to_owned);
+        self.call(request, Auth::As(user)).await.map(drop)
     }
 
     pub async fn invite(
@@ -192,27 +190,20 @@ impl MatrixClient {
         room: &RoomId,
         invitee: &UserId,
     ) -> Result<(), MatrixError> {
-        let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(room.as_str()));
-        self.call(
-            Method::POST,
-            &path,
-            Some(user),
-            Some(json!({ "user_id": invitee })),
-            &[],
-        )
-        .await
-        .map(drop)
+        use membership::invite_user::v3::{InvitationRecipient, InviteUserId};
+        let recipient = InvitationRecipient::UserId(InviteUserId::new(invitee.to_owned()));
+        let request = membership::invite_user::v3::Request::new(room.to_owned(), recipient);
+        self.call(request, Auth::As(user)).await.map(drop)
     }
 
     /// The room an alias (`#name:server`) points to.
     pub async fn resolve_alias(&self, alias: &str) -> Result<OwnedRoomId, MatrixError> {
-        let path = format!("/_matrix/client/v3/directory/room/{}", enc(alias));
-        let answer = self.call(Method::GET, &path, None, None, &[]).await?;
-        answer
-            .get("room_id")
-            .and_then(Value::as_str)
-            .and_then(|id| RoomId::parse(id).ok())
-            .ok_or_else(|| bad(&path, "no room_id in the alias answer"))
+        let alias = RoomAliasId::parse(alias).map_err(|error| MatrixError::Request {
+            what: "resolve a room alias".to_owned(),
+            message: format!("`{alias}` is not a room alias: {error}"),
+        })?;
+        let request = alias::get_alias::v3::Request::new(alias);
+        Ok(self.call(request, Auth::Appservice).await?.room_id)
     }
 
     /// Creates a room as `user`, in the homeserver's default room version. Rooms crew creates
@@ -227,19 +218,9 @@ impl MatrixClient {
 
     /// The homeserver's default room version (`/capabilities`), if it says.
     pub async fn default_room_version(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
-        let answer = self
-            .call(
-                Method::GET,
-                "/_matrix/client/v3/capabilities",
-                Some(user),
-                None,
-                &[],
-            )
-            .await?;
-        Ok(answer
-            .pointer("/capabilities/m.room_versions/default")
-            .and_then(Value::as_str)
-            .map(str::to_owned))
+        let request = discovery::get_capabilities::v3::Request::new();
+        let answer = self.call(request, Auth::As(user)).await?;
+        Ok(Some(answer.capabilities.room_versions.default.to_string()))
     }
 
     /// As [`MatrixClient::create_room`], in `version` when given (else the homeserver's
@@ -252,38 +233,44 @@ impl MatrixClient {
         room: &CreateRoom,
         version: Option<&str>,
     ) -> Result<OwnedRoomId, MatrixError> {
-        let path = "/_matrix/client/v3/createRoom";
+        use rooms::create_room::RoomPowerLevelsContentOverride;
+        use rooms::create_room::v3::{Request, RoomPreset};
         let version = match version {
             Some(version) => Some(version.to_owned()),
             None if room.power_levels.is_empty() => None,
             None => self.default_room_version(user).await?,
         };
-        let mut body = json!({
-            "preset": if room.is_direct { "trusted_private_chat" } else { "private_chat" },
-            "is_direct": room.is_direct,
-            "invite": room.invite,
+        let mut request = Request::new();
+        request.preset = Some(if room.is_direct {
+            RoomPreset::TrustedPrivateChat
+        } else {
+            RoomPreset::PrivateChat
         });
-        if let Some(name) = &room.name {
-            body["name"] = json!(name);
-        }
-        if let Some(topic) = &room.topic {
-            body["topic"] = json!(topic);
-        }
-        if let Some(version) = &version {
-            body["room_version"] = json!(version);
-        }
+        request.is_direct = room.is_direct;
+        request.invite = room.invite.clone();
+        request.name = room.name.clone();
+        request.topic = room.topic.clone();
+        request.room_version = version
+            .as_deref()
+            .map(ruma::RoomVersionId::try_from)
+            .transpose()
+            .map_err(|error| MatrixError::Request {
+                what: "createRoom".to_owned(),
+                message: format!("room version: {error}"),
+            })?;
         if !room.power_levels.is_empty() {
-            let users = power_level_users(version.as_deref(), user, &room.power_levels);
-            body["power_level_content_override"] = json!({ "users": users });
+            let mut content = RoomPowerLevelsContentOverride::new();
+            content.users = power_level_users(version.as_deref(), user, &room.power_levels)
+                .into_iter()
+                .map(|(user, level)| (user, ruma::Int::new_saturating(level)))
+                .collect();
+            request.power_level_content_override =
+                Some(Raw::new(&content).map_err(|error| MatrixError::Request {
+                    what: "createRoom".to_owned(),
+                    message: error.to_string(),
+                })?);
         }
-        let answer = self
-            .call(Method::POST, path, Some(user), Some(body), &[])
-            .await?;
-        answer
-            .get("room_id")
-            .and_then(Value::as_str)
-            .and_then(|id| RoomId::parse(id).ok())
-            .ok_or_else(|| bad(path, "no room_id in createRoom answer"))
+        Ok(self.call(request, Auth::As(user)).await?.room_id)
     }
 
     /// Sends a message as `user`. `txn_key` identifies this send: the same key gives the same
@@ -309,20 +296,18 @@ impl MatrixClient {
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
         let txn_id = transaction_id(user.as_str(), txn_key);
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/send/{}/{}",
-            enc(room.as_str()),
-            enc(event_type),
-            txn_id
+        let body =
+            serde_json::value::to_raw_value(&content).map_err(|error| MatrixError::Request {
+                what: format!("send {event_type}"),
+                message: error.to_string(),
+            })?;
+        let request = message::send_message_event::v3::Request::new_raw(
+            room.to_owned(),
+            txn_id.into(),
+            event_type.into(),
+            Raw::from_json(body),
         );
-        let answer = self
-            .call(Method::PUT, &path, Some(user), Some(content), &[])
-            .await?;
-        answer
-            .get("event_id")
-            .and_then(Value::as_str)
-            .and_then(|id| ruma::EventId::parse(id).ok())
-            .ok_or_else(|| bad(&path, "no event_id in send answer"))
+        Ok(self.call(request, Auth::As(user)).await?.event_id)
     }
 
     pub async fn typing(
@@ -331,19 +316,14 @@ impl MatrixClient {
         room: &RoomId,
         typing: bool,
     ) -> Result<(), MatrixError> {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/typing/{}",
-            enc(room.as_str()),
-            enc(user.as_str())
-        );
-        let body = if typing {
-            json!({ "typing": true, "timeout": 30_000 })
+        use typing_api::create_typing_event::v3::{Request, Typing, TypingInfo};
+        let state = if typing {
+            Typing::Yes(TypingInfo::new(Duration::from_secs(30)))
         } else {
-            json!({ "typing": false })
+            Typing::No
         };
-        self.call(Method::PUT, &path, Some(user), Some(body), &[])
-            .await
-            .map(drop)
+        let request = Request::new(user.to_owned(), room.to_owned(), state);
+        self.call(request, Auth::As(user)).await.map(drop)
     }
 
     /// The joined members of a room, as seen by `user` (who must be in it).
@@ -352,85 +332,61 @@ impl MatrixClient {
         user: &UserId,
         room: &RoomId,
     ) -> Result<BTreeMap<OwnedUserId, RoomMember>, MatrixError> {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/joined_members",
-            enc(room.as_str())
-        );
-        let answer = self.call(Method::GET, &path, Some(user), None, &[]).await?;
-        let joined = answer
-            .get("joined")
-            .cloned()
-            .ok_or_else(|| bad(&path, "no `joined` in answer"))?;
-        serde_json::from_value(joined).map_err(|error| bad(&path, &error.to_string()))
+        let request = membership::joined_members::v3::Request::new(room.to_owned());
+        Ok(self.call(request, Auth::As(user)).await?.joined)
     }
 
-    /// The full current state of a room (membership, encryption, power levels, name…).
+    /// The full current state of a room (membership, encryption, power levels, name…), as the
+    /// raw events: the room model reads them as it reads the events of a transaction.
     pub async fn room_state(
         &self,
         user: &UserId,
         room: &RoomId,
     ) -> Result<Vec<Value>, MatrixError> {
-        let path = format!("/_matrix/client/v3/rooms/{}/state", enc(room.as_str()));
-        let answer = self.call(Method::GET, &path, Some(user), None, &[]).await?;
-        serde_json::from_value(answer).map_err(|error| bad(&path, &error.to_string()))
+        let request = state::get_state_events::v3::Request::new(room.to_owned());
+        let answer = self.call(request, Auth::As(user)).await?;
+        answer
+            .room_state
+            .iter()
+            .map(|event| {
+                serde_json::from_str(event.json().get()).map_err(|error| MatrixError::BadResponse {
+                    path: format!("room state of {room}"),
+                    message: error.to_string(),
+                })
+            })
+            .collect()
     }
 
     /// The rooms `user` has joined.
     pub async fn joined_rooms(&self, user: &UserId) -> Result<Vec<OwnedRoomId>, MatrixError> {
-        let path = "/_matrix/client/v3/joined_rooms";
-        let answer = self.call(Method::GET, path, Some(user), None, &[]).await?;
-        let rooms = answer
-            .get("joined_rooms")
-            .cloned()
-            .ok_or_else(|| bad(path, "no `joined_rooms` in answer"))?;
-        serde_json::from_value(rooms).map_err(|error| bad(path, &error.to_string()))
-    }
-
-    /// One event by id, as `user` sees it.
-    pub async fn event(
-        &self,
-        user: &UserId,
-        room: &RoomId,
-        event_id: &str,
-    ) -> Result<Value, MatrixError> {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/event/{}",
-            enc(room.as_str()),
-            enc(event_id)
-        );
-        self.call(Method::GET, &path, Some(user), None, &[]).await
+        let request = membership::joined_rooms::v3::Request::new();
+        Ok(self.call(request, Auth::As(user)).await?.joined_rooms)
     }
 
     /// Uploads bytes to the media repository; returns the `mxc://` URI.
     pub async fn upload(
         &self,
         user: &UserId,
-        bytes: impl Into<reqwest::Body>,
+        bytes: impl Into<Vec<u8>>,
         content_type: &str,
         filename: &str,
     ) -> Result<String, MatrixError> {
-        let path = "/_matrix/media/v3/upload";
-        let url = self.url(path, Some(user), &[("filename", filename)]);
-        let response = self
-            .http
-            .post(url)
-            .bearer_auth(self.as_token.expose())
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(bytes.into())
-            .send()
-            .await
-            .map_err(|error| self.unreachable(error))?;
-        let answer = Self::answer(Method::POST, path, response).await?;
-        answer
-            .get("content_uri")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| bad(path, "no content_uri in upload answer"))
+        let mut request = media::create_content::v3::Request::new(bytes.into());
+        request.content_type = Some(content_type.to_owned());
+        request.filename = Some(filename.to_owned());
+        Ok(self
+            .call(request, Auth::As(user))
+            .await?
+            .content_uri
+            .to_string())
     }
 
     /// `GET /_matrix/client/v1/media/download/{server}/{id}` as `user`: the media as a stream
     /// of chunks (never held whole in memory) and its content type. A file announced or found to
     /// be over `max_bytes` fails (the stream ends with an error once past the limit).
+    ///
+    /// The request is ruma's; the answer is read by hand, because ruma's typed response holds
+    /// the whole file in memory and we stream it with a size cap.
     pub async fn download(
         &self,
         user: &UserId,
@@ -443,23 +399,20 @@ impl MatrixClient {
             .and_then(|rest| rest.split_once('/'))
             .filter(|(server, id)| !server.is_empty() && !id.is_empty() && !id.contains('/'))
             .ok_or_else(|| bad("media download", "not an mxc:// URI"))?;
-        let path = format!(
-            "/_matrix/client/v1/media/download/{}/{}",
-            enc(server),
-            enc(media_id)
-        );
-        let response = self
-            .http
-            .get(self.url(&path, Some(user), &[]))
-            .bearer_auth(self.as_token.expose())
-            .send()
-            .await
-            .map_err(|error| self.unreachable(error))?;
+        let server = ruma::ServerName::parse(server)
+            .map_err(|_| bad("media download", "not an mxc:// URI"))?;
+        let request =
+            authenticated_media::get_content::v1::Request::new(media_id.to_owned(), server);
+        let http_request = self.http_request(request, Auth::As(user))?;
+        let path = http_request.uri().path().to_owned();
+        let response = self.execute(http_request).await?;
         if !response.status().is_success() {
-            return Err(Self::answer(Method::GET, &path, response)
-                .await
-                .err()
-                .unwrap_or_else(|| bad(&path, "download failed")));
+            let response = read_whole(response, &path).await?;
+            return Err(api_error(
+                "GET",
+                &path,
+                RumaError::from_http_response(response),
+            ));
         }
         if response.content_length().is_some_and(|len| len > max_bytes) {
             return Err(bad(
@@ -493,142 +446,117 @@ impl MatrixClient {
     /// `POST /_matrix/client/v1/appservice/{id}/ping`: asks the homeserver to call us back. A
     /// success also makes it resend transactions it was holding back.
     pub async fn ping(&self, appservice_id: &str, txn_id: &str) -> Result<u64, MatrixError> {
-        let path = format!("/_matrix/client/v1/appservice/{}/ping", enc(appservice_id));
-        let answer = self
-            .call_once(
-                Method::POST,
-                &path,
-                None,
-                Some(json!({ "transaction_id": txn_id })),
-                &[],
-            )
-            .await?;
-        Ok(answer
-            .get("duration_ms")
-            .and_then(Value::as_u64)
-            .unwrap_or(0))
+        let mut request = appservice::request_ping::v1::Request::new(appservice_id.to_owned());
+        request.transaction_id = Some(txn_id.into());
+        let answer = self.call_once(request, Auth::Appservice).await?;
+        Ok(u64::try_from(answer.duration.as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// A request with retries on 429 (honouring `retry_after_ms`) and on network errors.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        user: Option<&UserId>,
-        body: Option<Value>,
-        query: &[(&str, &str)],
-    ) -> Result<Value, MatrixError> {
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1;
-        loop {
-            let result = self
-                .call_once(method.clone(), path, user, body.clone(), query)
-                .await;
-            let wait = match &result {
-                Err(MatrixError::Unreachable { .. }) => backoff,
-                Err(MatrixError::Api {
-                    status: 429, error, ..
-                }) => retry_after(error).unwrap_or(backoff),
-                Err(MatrixError::Api { status, .. }) if *status >= 500 => backoff,
-                _ => return result,
-            };
-            if attempt >= MAX_ATTEMPTS {
-                return result;
-            }
-            tracing::debug!(path, attempt, ?wait, "retrying homeserver request");
-            tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
-            backoff *= 2;
-            attempt += 1;
-        }
-    }
-
-    async fn call_once(
-        &self,
-        method: Method,
-        path: &str,
-        user: Option<&UserId>,
-        body: Option<Value>,
-        query: &[(&str, &str)],
-    ) -> Result<Value, MatrixError> {
-        let mut request = self
-            .http
-            .request(method.clone(), self.url(path, user, query))
-            .bearer_auth(self.as_token.expose());
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request
-            .send()
+    /// A request with retries on 429 (honouring `Retry-After` / `retry_after_ms`), 5xx and
+    /// network errors: exponential backoff with jitter.
+    async fn call<R>(&self, request: R, auth: Auth<'_>) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::EndpointError: ServerError,
+        R::PathBuilder: PathFor,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let http_request = self.http_request(request, auth)?;
+        let path = http_request.uri().path().to_owned();
+        (|| self.send_and_read::<R>(http_request.clone()))
+            .retry(crate::retry::exponential(
+                FIRST_BACKOFF,
+                MAX_RETRY_AFTER,
+                MAX_RETRIES,
+            ))
+            .sleep(tokio::time::sleep)
+            .when(MatrixError::is_transient)
+            .adjust(|error, wait| honour_retry_after(error, wait, MAX_RETRY_AFTER))
+            .notify(|error, wait| {
+                tracing::debug!(%path, %error, ?wait, "retrying homeserver request");
+            })
             .await
-            .map_err(|error| self.unreachable(error))?;
-        Self::answer(method, path, response).await
     }
 
-    async fn answer(
-        method: Method,
-        path: &str,
-        response: reqwest::Response,
-    ) -> Result<Value, MatrixError> {
-        let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|error| MatrixError::BadResponse {
-                path: path.to_owned(),
-                message: error.to_string(),
-            })?;
-        let value: Value = if text.is_empty() {
-            json!({})
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| json!({ "error": text }))
+    /// One attempt, no retry (for checks whose caller decides what a failure means).
+    async fn call_once<R>(
+        &self,
+        request: R,
+        auth: Auth<'_>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::EndpointError: ServerError,
+        R::PathBuilder: PathFor,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let http_request = self.http_request(request, auth)?;
+        self.send_and_read::<R>(http_request).await
+    }
+
+    /// The HTTP request for `request`: ruma builds the path, query and body; we add the
+    /// appservice token and, for a puppet, the `user_id` query parameter.
+    fn http_request<R>(
+        &self,
+        request: R,
+        auth: Auth<'_>,
+    ) -> Result<http::Request<Vec<u8>>, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathFor,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let token = match auth {
+            Auth::Anonymous => SendAccessToken::None,
+            Auth::Appservice | Auth::As(_) => SendAccessToken::Always(self.as_token.expose()),
         };
-        if status.is_success() {
-            return Ok(value);
-        }
-        let errcode = value
-            .get("errcode")
-            .and_then(Value::as_str)
-            .unwrap_or("M_UNKNOWN")
-            .to_owned();
-        // Keep retry_after_ms reachable for the retry loop without a second type.
-        let mut error = value
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        if let Some(ms) = value.get("retry_after_ms").and_then(Value::as_u64) {
-            error = format!("{error} [retry_after_ms={ms}]");
-        }
-        Err(MatrixError::Api {
-            method: method.to_string(),
-            path: path.split('?').next().unwrap_or(path).to_owned(),
-            status: status.as_u16(),
-            errcode,
-            error,
+        let identity = match auth {
+            Auth::As(user) => AppserviceUserIdentity::new(user),
+            Auth::Anonymous | Auth::Appservice => AppserviceUserIdentity::default(),
+        };
+        let path_input = <R::PathBuilder as PathFor>::input(&self.versions);
+        request
+            .try_into_http_request_with_identity(self.base.as_str(), token, identity, path_input)
+            .map_err(|error| MatrixError::Request {
+                what: format!(
+                    "{} {}",
+                    R::METHOD,
+                    R::PATH_BUILDER.all_paths().next().unwrap_or("")
+                ),
+                // ruma's message never holds the token: it is a header.
+                message: error.to_string(),
+            })
+    }
+
+    async fn send_and_read<R>(
+        &self,
+        http_request: http::Request<Vec<u8>>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::EndpointError: ServerError,
+    {
+        let method = http_request.method().to_string();
+        let path = http_request.uri().path().to_owned();
+        let response = self.execute(http_request).await?;
+        let response = read_whole(response, &path).await?;
+        R::IncomingResponse::try_from_http_response(response).map_err(|error| match error {
+            FromHttpResponseError::Server(error) => error.into_matrix_error(&method, &path),
+            FromHttpResponseError::Deserialization(error) => bad(&path, &error.to_string()),
+            other => bad(&path, &other.to_string()),
         })
     }
 
-    fn url(&self, path: &str, user: Option<&UserId>, query: &[(&str, &str)]) -> url::Url {
-        let mut url = self.base.clone();
-        // `path` is already percent-encoded where it carries ids.
-        url.set_path(&format!(
-            "{}{}",
-            self.base.path().trim_end_matches('/'),
-            path
-        ));
-        {
-            let mut pairs = url.query_pairs_mut();
-            if let Some(user) = user {
-                pairs.append_pair("user_id", user.as_str());
-            }
-            for (key, value) in query {
-                pairs.append_pair(key, value);
-            }
-        }
-        if url.query() == Some("") {
-            url.set_query(None);
-        }
-        url
+    async fn execute(
+        &self,
+        http_request: http::Request<Vec<u8>>,
+    ) -> Result<reqwest::Response, MatrixError> {
+        let request =
+            reqwest::Request::try_from(http_request).map_err(|error| self.unreachable(error))?;
+        self.http
+            .execute(request)
+            .await
+            .map_err(|error| self.unreachable(error))
     }
 
     fn unreachable(&self, error: reqwest::Error) -> MatrixError {
@@ -640,10 +568,119 @@ impl MatrixClient {
     }
 }
 
-fn retry_after(error: &str) -> Option<Duration> {
-    let start = error.find("[retry_after_ms=")? + "[retry_after_ms=".len();
-    let end = error[start..].find(']')? + start;
-    error[start..end].parse().ok().map(Duration::from_millis)
+/// The wait before the next homeserver attempt: the backoff's, at least what the homeserver
+/// asked for (`Retry-After` / `retry_after_ms`), at most `cap`.
+pub fn honour_retry_after(
+    error: &MatrixError,
+    wait: Option<Duration>,
+    cap: Duration,
+) -> Option<Duration> {
+    crate::retry::at_least_asked(wait, error.retry_after(), cap)
+}
+
+/// The whole body of `response`, as the `http::Response` ruma reads.
+async fn read_whole(
+    response: reqwest::Response,
+    path: &str,
+) -> Result<http::Response<bytes::Bytes>, MatrixError> {
+    let mut builder = http::Response::builder().status(response.status());
+    if let Some(headers) = builder.headers_mut() {
+        headers.extend(
+            response
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|error| MatrixError::BadResponse {
+            path: path.to_owned(),
+            message: error.without_url().to_string(),
+        })?;
+    builder
+        .body(body)
+        .map_err(|error| bad(path, &error.to_string()))
+}
+
+/// The error answers of the endpoints we call, as a [`MatrixError`].
+trait ServerError: EndpointError {
+    fn into_matrix_error(self, method: &str, path: &str) -> MatrixError;
+}
+
+impl ServerError for RumaError {
+    fn into_matrix_error(self, method: &str, path: &str) -> MatrixError {
+        api_error(method, path, self)
+    }
+}
+
+/// `/register` may answer with user-interactive authentication, which an appservice never
+/// needs: that answer means the homeserver does not take our registration as an appservice's.
+impl ServerError for ruma::api::client::uiaa::UiaaResponse {
+    fn into_matrix_error(self, method: &str, path: &str) -> MatrixError {
+        match self {
+            Self::MatrixError(error) => api_error(method, path, error),
+            Self::AuthResponse(info) => MatrixError::Api {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                status: 401,
+                errcode: info
+                    .auth_error
+                    .as_ref()
+                    .map_or("M_FORBIDDEN".to_owned(), |error| {
+                        error.kind.errcode().to_string()
+                    }),
+                error: "the homeserver asked for interactive authentication".to_owned(),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// A Matrix error answer, with its code, message and the wait a rate limit asked for.
+fn api_error(method: &str, path: &str, error: RumaError) -> MatrixError {
+    let status = error.status_code.as_u16();
+    let (errcode, message, retry_after) = match error.body {
+        ErrorBody::Standard(body) => {
+            let retry_after = match &body.kind {
+                ErrorKind::LimitExceeded(data) => data.retry_after.map(|after| match after {
+                    RetryAfter::Delay(delay) => delay,
+                    RetryAfter::DateTime(at) => at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO),
+                }),
+                _ => None,
+            };
+            (body.kind.errcode().to_string(), body.message, retry_after)
+        }
+        ErrorBody::Json(value) => (
+            value
+                .get("errcode")
+                .and_then(Value::as_str)
+                .unwrap_or("M_UNKNOWN")
+                .to_owned(),
+            value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            None,
+        ),
+        ErrorBody::NotJson { bytes, .. } => (
+            "M_UNKNOWN".to_owned(),
+            String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned(),
+            None,
+        ),
+    };
+    MatrixError::Api {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        status,
+        errcode,
+        error: message,
+        retry_after,
+    }
 }
 
 /// A transaction id derived from who sends and why, so that a retry reuses it.
@@ -653,22 +690,6 @@ fn transaction_id(sender: &str, key: &str) -> String {
     hasher.update([0]);
     hasher.update(key.as_bytes());
     format!("crew.{}", &hex::encode(hasher.finalize())[..32])
-}
-
-/// `/_matrix/client/v3/profile/{user}/{field}`.
-fn profile_path(user: &UserId, field: &str) -> String {
-    format!("/_matrix/client/v3/profile/{}/{field}", enc(user.as_str()))
-}
-
-/// Characters escaped in a path segment: everything but RFC 3986's unreserved characters.
-const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-fn enc(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, PATH_SEGMENT).to_string()
 }
 
 fn bad(path: &str, message: &str) -> MatrixError {
@@ -705,6 +726,8 @@ pub fn power_level_users(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -731,12 +754,63 @@ mod tests {
         }
     }
 
+    fn limit_exceeded(headers: &[(&str, &str)], body: Value) -> MatrixError {
+        let mut response = http::Response::builder().status(429);
+        for (name, value) in headers {
+            response = response.header(*name, *value);
+        }
+        let response = response.body(body.to_string().into_bytes()).unwrap();
+        api_error("PUT", "/send", RumaError::from_http_response(response))
+    }
+
     #[test]
-    fn retry_after_is_read_back() {
-        assert_eq!(
-            retry_after("Too many [retry_after_ms=1500]"),
-            Some(Duration::from_millis(1500))
+    fn a_rate_limit_says_how_long_to_wait() {
+        let error = limit_exceeded(
+            &[],
+            json!({"errcode": "M_LIMIT_EXCEEDED", "error": "Too many", "retry_after_ms": 1500}),
         );
-        assert_eq!(retry_after("nothing"), None);
+        assert_eq!(error.errcode(), Some("M_LIMIT_EXCEEDED"));
+        assert_eq!(error.retry_after(), Some(Duration::from_millis(1500)));
+        assert!(error.is_transient());
+        // The Retry-After header, in seconds, wins over the body.
+        let error = limit_exceeded(
+            &[("retry-after", "3")],
+            json!({"errcode": "M_LIMIT_EXCEEDED", "error": "Too many", "retry_after_ms": 1500}),
+        );
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn the_backoff_waits_at_least_what_the_homeserver_asked_within_the_cap() {
+        let cap = Duration::from_secs(30);
+        let asked = limit_exceeded(
+            &[],
+            json!({"errcode": "M_LIMIT_EXCEEDED", "error": "", "retry_after_ms": 5000}),
+        );
+        let short = Some(Duration::from_millis(200));
+        assert_eq!(
+            honour_retry_after(&asked, short, cap),
+            Some(Duration::from_secs(5))
+        );
+        let greedy = limit_exceeded(
+            &[],
+            json!({"errcode": "M_LIMIT_EXCEEDED", "error": "", "retry_after_ms": 3_600_000}),
+        );
+        assert_eq!(honour_retry_after(&greedy, short, cap), Some(cap));
+        // The backoff's end stays the end.
+        assert_eq!(honour_retry_after(&asked, None, cap), None);
+    }
+
+    #[test]
+    fn a_refusal_is_not_transient() {
+        let response = http::Response::builder()
+            .status(403)
+            .body(br#"{"errcode":"M_FORBIDDEN","error":"no"}"#.to_vec())
+            .unwrap();
+        let error = api_error("POST", "/join", RumaError::from_http_response(response));
+        assert_eq!(error.errcode(), Some("M_FORBIDDEN"));
+        assert_eq!(error.status(), Some(403));
+        assert!(!error.is_transient());
+        assert_eq!(error.retry_after(), None);
     }
 }

@@ -14,7 +14,13 @@ pub enum MatrixError {
         status: u16,
         errcode: String,
         error: String,
+        /// How long a rate limit (`M_LIMIT_EXCEEDED`) asked us to wait, from `Retry-After` or
+        /// `retry_after_ms`.
+        retry_after: Option<std::time::Duration>,
     },
+    /// The request could not be built (an id or a body that ruma refuses); nothing was sent.
+    #[error("cannot {what}: {message}")]
+    Request { what: String, message: String },
     /// The homeserver answered something that is not the expected JSON.
     #[error("unexpected answer from {path}: {message}")]
     BadResponse { path: String, message: String },
@@ -33,6 +39,24 @@ impl MatrixError {
         match self {
             MatrixError::Api { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// How long the homeserver asked us to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            MatrixError::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether trying again may succeed: network errors, rate limits and server errors. Any
+    /// other answer is the homeserver's for good.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MatrixError::Unreachable { .. } => true,
+            MatrixError::Api { status, .. } => *status == 429 || *status >= 500,
+            MatrixError::Request { .. } | MatrixError::BadResponse { .. } => false,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::BackoffBuilder;
 use ruma::{OwnedRoomId, RoomId};
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +14,7 @@ use super::Service;
 use crate::matrix::MatrixError;
 use crate::outbox::{Effect, Staged};
 
-/// First wait after a transient failure; doubles up to [`MAX_BACKOFF`].
+/// First wait after a transient failure; doubles (with jitter) up to [`MAX_BACKOFF`], for ever.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -74,7 +75,9 @@ async fn drain(crew: Arc<Service>, room: OwnedRoomId, shutdown: CancellationToke
             draining.remove(&room);
             return;
         };
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = crate::retry::exponential(FIRST_BACKOFF, MAX_BACKOFF, 0)
+            .without_max_times()
+            .build();
         loop {
             // A shutdown drops the call in flight: the effect stays pending and is performed
             // again on the next start (sends keep their transaction id; joins are idempotent).
@@ -92,16 +95,18 @@ async fn drain(crew: Arc<Service>, room: OwnedRoomId, shutdown: CancellationToke
                     }
                     break;
                 }
-                Err(error) if is_transient(&error) => {
-                    tracing::warn!(%error, %room, what = %staged.effect.describe(), ?backoff, "homeserver call failed; retrying");
+                Err(error) if error.is_transient() => {
+                    let wait =
+                        crate::matrix::honour_retry_after(&error, backoff.next(), MAX_BACKOFF)
+                            .unwrap_or(MAX_BACKOFF);
+                    tracing::warn!(%error, %room, what = %staged.effect.describe(), ?wait, "homeserver call failed; retrying");
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(wait) => {}
                         () = shutdown.cancelled() => {
                             release(&crew, &room);
                             return;
                         }
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(error) => {
                     tracing::warn!(%error, %room, what = %staged.effect.describe(), "the homeserver refused; recorded for !crew why");
@@ -131,16 +136,6 @@ fn record_failure(crew: &Service, key: &[u8], staged: &Staged, error: &MatrixErr
         .failed(key, staged, error.to_string(), crate::clock::now_ms())
     {
         tracing::error!(error = %store, "cannot record an outbox failure");
-    }
-}
-
-/// Network errors, rate limits and server errors pass; anything else is the homeserver's
-/// answer for good.
-fn is_transient(error: &MatrixError) -> bool {
-    match error {
-        MatrixError::Unreachable { .. } => true,
-        MatrixError::Api { status, .. } => *status == 429 || *status >= 500,
-        MatrixError::BadResponse { .. } => false,
     }
 }
 

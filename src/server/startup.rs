@@ -126,33 +126,26 @@ pub(super) async fn check_homeserver(
     Ok(())
 }
 
-/// Runs `call` again after transient failures (unreachable, 429, 5xx) until `deadline`; the
-/// client's own retries come first, so this only matters for longer trouble.
+/// Runs `call` again after transient failures (unreachable, 429, 5xx) until `deadline`, once a
+/// second; the client's own retries come first, so this only matters for longer trouble.
 async fn until_deadline<T, F, Fut>(
     deadline: tokio::time::Instant,
-    mut call: F,
+    call: F,
 ) -> Result<T, MatrixError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, MatrixError>>,
 {
-    loop {
-        match call().await {
-            Err(error) if is_transient(&error) && tokio::time::Instant::now() < deadline => {
-                tracing::info!(%error, "the homeserver is not ready yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-fn is_transient(error: &MatrixError) -> bool {
-    match error {
-        MatrixError::Unreachable { .. } => true,
-        MatrixError::Api { status, .. } => *status == 429 || *status >= 500,
-        MatrixError::BadResponse { .. } => false,
-    }
+    use backon::Retryable;
+    call.retry(
+        backon::ConstantBuilder::default()
+            .with_delay(Duration::from_secs(1))
+            .without_max_times(),
+    )
+    .sleep(tokio::time::sleep)
+    .when(|error: &MatrixError| error.is_transient() && tokio::time::Instant::now() < deadline)
+    .notify(|error, _| tracing::info!(%error, "the homeserver is not ready yet; retrying"))
+    .await
 }
 
 fn manager_error(crew: &Service, error: MatrixError) -> StartupError {

@@ -1,11 +1,11 @@
 //! Recurring-task schedules (a five-field cron expression and an IANA time zone), when they are
 //! due, and the UTC time format used in progress notes.
 //!
-//! The syntax is checked here with messages that name the field at fault, so a typo is refused
-//! when the schedule is set rather than silently never firing. Evaluating the expression (which
-//! minutes match, read on the wall clock of the schedule's zone, across daylight-saving changes)
-//! is left to `croner` with the zone database of `chrono-tz`: calendar arithmetic is easy to get
-//! subtly wrong. Cron reads like Vixie cron: when both day of month and day of week are
+//! `croner` is the one source of truth for the syntax and for evaluating the expression (which
+//! minutes match, read on the wall clock of the schedule's zone, across daylight-saving changes,
+//! with the zone database of `chrono-tz`): calendar arithmetic is easy to get subtly wrong. A
+//! refused expression is refused when the schedule is set, rather than silently never firing,
+//! with croner's reason and the field at fault (found by giving croner that field alone). Cron reads like Vixie cron: when both day of month and day of week are
 //! restricted, a day matching either runs. A wall-clock time skipped by a spring-forward change
 //! runs at the first instant after the gap; one repeated by a fall-back change runs once.
 //!
@@ -32,52 +32,19 @@ pub struct Schedule {
     pub timezone: String,
 }
 
-/// The allowed numeric range and names of each cron field, in order.
-const FIELDS: [(&str, u32, u32, &[&str]); 5] = [
-    ("minute", 0, 59, &[]),
-    ("hour", 0, 23, &[]),
-    ("day of month", 1, 31, &[]),
-    (
-        "month",
-        1,
-        12,
-        &[
-            "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-        ],
-    ),
-    // 0 and 7 are both Sunday in the common crons.
-    (
-        "day of week",
-        0,
-        7,
-        &["sun", "mon", "tue", "wed", "thu", "fri", "sat"],
-    ),
-];
+/// The names of the five cron fields, in order, for messages.
+const FIELDS: [&str; 5] = ["minute", "hour", "day of month", "month", "day of week"];
 
 impl Schedule {
-    /// Checks the syntax of `cron` (five fields of `*`, numbers, names, ranges, steps and lists)
-    /// and that `timezone` is in the zone database; the zone is stored under its canonical name.
+    /// Checks `cron` with croner (five fields of `*`, numbers, names, ranges, steps and lists,
+    /// and croner's extensions) and that `timezone` is in the zone database; the zone is stored
+    /// under its canonical name.
     pub fn parse(cron: &str, timezone: &str) -> Result<Self, TaskError> {
         let fields: Vec<&str> = cron.split_whitespace().collect();
-        if fields.len() != FIELDS.len() {
-            return Err(invalid_cron(
-                cron,
-                format!(
-                    "it has {} fields; write five: minute hour day-of-month month day-of-week, e.g. `0 9 * * mon-fri`",
-                    fields.len()
-                ),
-            ));
-        }
-        for (field, (name, min, max, names)) in fields.iter().zip(FIELDS) {
-            check_field(field, min, max, names)
-                .map_err(|why| invalid_cron(cron, format!("the {name} field `{field}` {why}")))?;
-        }
         let cron = fields.join(" ");
-        // The checks above accept a subset of what croner reads, so this only fails if the two
-        // disagree; its message is then the best there is.
-        cron_parser()
-            .parse(&cron)
-            .map_err(|error| invalid_cron(&cron, error.to_string()))?;
+        if let Err(error) = cron_parser().parse(&cron) {
+            return Err(invalid_cron(&cron, why_refused(&fields, &error)));
+        }
         let zone = zone(timezone).ok_or_else(|| TaskError::InvalidTimezone {
             timezone: timezone.trim().to_owned(),
         })?;
@@ -176,48 +143,30 @@ fn invalid_cron(cron: &str, reason: String) -> TaskError {
     }
 }
 
-fn check_field(field: &str, min: u32, max: u32, names: &[&str]) -> Result<(), String> {
-    for part in field.split(',') {
-        let (range, step) = match part.split_once('/') {
-            Some((range, step)) => (range, Some(step)),
-            None => (part, None),
-        };
-        if let Some(step) = step {
-            match step.parse::<u32>() {
-                Ok(step) if step >= 1 && step <= max => {}
-                _ => return Err(format!("has a step `{step}` that is not 1..={max}")),
-            }
-        }
-        if range == "*" {
-            continue;
-        }
-        let (low, high) = match range.split_once('-') {
-            Some((low, high)) => (value(low, min, max, names)?, value(high, min, max, names)?),
-            None => {
-                let single = value(range, min, max, names)?;
-                (single, single)
-            }
-        };
-        if low > high {
-            return Err(format!("has a backwards range `{range}`"));
-        }
+/// Croner's reason for refusing `fields`, with the field at fault when croner refuses that
+/// field alone (the others `*`), or how many fields there are when that is the trouble.
+fn why_refused(fields: &[&str], error: &croner::errors::CronError) -> String {
+    if fields.len() != FIELDS.len() {
+        return format!(
+            "it has {} fields; write five: minute hour day-of-month month day-of-week, e.g. `0 9 * * mon-fri` ({error})",
+            fields.len()
+        );
     }
-    Ok(())
-}
-
-fn value(raw: &str, min: u32, max: u32, names: &[&str]) -> Result<u32, String> {
-    if let Ok(number) = raw.parse::<u32>() {
-        if (min..=max).contains(&number) {
-            return Ok(number);
-        }
-        return Err(format!("has `{raw}` outside {min}..={max}"));
+    let at_fault = (0..FIELDS.len()).find_map(|index| {
+        let mut alone = ["*"; 5];
+        alone[index] = fields[index];
+        cron_parser()
+            .parse(&alone.join(" "))
+            .err()
+            .map(|error| (index, error))
+    });
+    match at_fault {
+        Some((index, error)) => format!(
+            "the {} field `{}` is refused: {error}",
+            FIELDS[index], fields[index]
+        ),
+        None => error.to_string(),
     }
-    let lower = raw.to_ascii_lowercase();
-    names
-        .iter()
-        .position(|name| *name == lower)
-        .map(|index| index as u32 + if min == 1 { 1 } else { 0 })
-        .ok_or_else(|| format!("has `{raw}`, which is not a number or a known name"))
 }
 
 /// Formats milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM UTC` for notes humans read.
@@ -252,9 +201,9 @@ mod tests {
             ("* 24 * * *", "hour field"),
             ("* * 0 * *", "day of month"),
             ("* * * 13 *", "month field"),
-            ("* * * * funday", "not a number or a known name"),
-            ("*/0 * * * *", "step"),
-            ("30-10 * * * *", "backwards"),
+            ("* * * * funday", "day of week field `funday`"),
+            ("*/0 * * * *", "minute field `*/0`"),
+            ("30-10 * * * *", "minute field `30-10`"),
             ("0 0 30 2 *", "matches no date"),
         ];
         for (cron, expected) in cases {
