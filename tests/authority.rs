@@ -1118,7 +1118,16 @@ credentials = [{{ file = "{key}" }}]
     .await;
     let added = cli(
         &env,
-        &["gateway", "consumers", "add", "tester", "--rpm", "0", "--max-concurrent", "0"],
+        &[
+            "gateway",
+            "consumers",
+            "add",
+            "tester",
+            "--rpm",
+            "0",
+            "--max-concurrent",
+            "0",
+        ],
     );
     let token = added
         .lines()
@@ -1146,7 +1155,11 @@ credentials = [{{ file = "{key}" }}]
         ("/llm/x%2F..%2F..%2Fgh", "path_encoded_slash"),
     ] {
         let (status, body) = raw_request(port, "GET", path, &token).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (400, Some(code)), "{path}: {body}");
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{path}: {body}"
+        );
     }
     // An `openai` route allows only its listed methods and paths.
     for (method, path) in [
@@ -1178,7 +1191,10 @@ credentials = [{{ file = "{key}" }}]
     for header in ["openai-organization", "openai-project", "x-forwarded-host"] {
         assert_eq!(seen.header(header), None, "{header} went upstream");
     }
-    assert!(!seen.everything().contains(&token), "the consumer token went upstream");
+    assert!(
+        !seen.everything().contains(&token),
+        "the consumer token went upstream"
+    );
 
     // A stream that opts out of usage is still charged, and sees no usage chunk.
     llm.push(Reply::text("a b c").usage(20, 7));
@@ -1243,12 +1259,18 @@ credentials = [{{ file = "{key}" }}]
         .unwrap();
     assert_eq!(answer.status(), 302);
     assert_eq!(
-        answer.headers().get("location").map(|v| v.to_str().unwrap()),
+        answer
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap()),
         Some(target.as_str())
     );
     let headers = format!("{:?}", answer.headers());
     let seen_by_consumer = format!("{headers}{}", answer.text().await.unwrap());
-    assert!(!seen_by_consumer.contains(UPSTREAM_KEY), "{seen_by_consumer}");
+    assert!(
+        !seen_by_consumer.contains(UPSTREAM_KEY),
+        "{seen_by_consumer}"
+    );
     let asked = redirecting.headers();
     assert_eq!(asked.len(), 1);
     assert_eq!(

@@ -757,7 +757,11 @@ async fn a_stream_that_opts_out_of_usage_is_still_charged() {
         .await;
     assert_eq!(answer.status, 200);
     assert!(answer.text.contains("\"e\""), "{}", answer.text);
-    assert!(answer.text.trim_end().ends_with("data: [DONE]"), "{}", answer.text);
+    assert!(
+        answer.text.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        answer.text
+    );
     assert!(!answer.text.contains("\"usage\""), "{}", answer.text);
     h.upstream.push(Reply::text("f g").usage(5, 2));
     let answer = h
@@ -766,7 +770,11 @@ async fn a_stream_that_opts_out_of_usage_is_still_charged() {
             json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": []}),
         )
         .await;
-    assert!(answer.text.contains("\"total_tokens\":7"), "{}", answer.text);
+    assert!(
+        answer.text.contains("\"total_tokens\":7"),
+        "{}",
+        answer.text
+    );
     let usage = h.gateway.usage().unwrap();
     assert_eq!(usage[0].usage.total_tokens, 27 + 7 + 7);
     h.stop().await;

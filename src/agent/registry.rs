@@ -298,13 +298,20 @@ mod tests {
         registry.create("alice", "", 1).unwrap();
         registry.create("bob", "", 1).unwrap();
         let refused = registry.check_cap("carol", 2).unwrap_err();
-        assert!(matches!(refused, RegistryError::WorkerCap { count: 2, max: 2 }));
+        assert!(matches!(
+            refused,
+            RegistryError::WorkerCap { count: 2, max: 2 }
+        ));
         assert!(refused.to_string().contains("limits.max_workers = 2"));
-        registry.check_cap("alice", 2).expect("an existing name is not a new Worker");
+        registry
+            .check_cap("alice", 2)
+            .expect("an existing name is not a new Worker");
         registry
             .update("bob", |worker| worker.state = WorkerState::Removed)
             .unwrap();
-        registry.check_cap("carol", 2).expect("a removed Worker does not count");
+        registry
+            .check_cap("carol", 2)
+            .expect("a removed Worker does not count");
         assert!(matches!(
             registry.check_cap("manager", 10),
             Err(RegistryError::Reserved(_))
@@ -366,7 +373,13 @@ mod tests {
         config.worker_pairs = vec![["crew_coder".into(), "crew_writer".into()]];
         let manager = UserId::parse("@crew:example.org").unwrap();
         let roster = |registry: &Registry| {
-            registry.dispatch_roster(&manager, "Manager".into(), &[], &Default::default(), &config)
+            registry.dispatch_roster(
+                &manager,
+                "Manager".into(),
+                &[],
+                &Default::default(),
+                &config,
+            )
         };
         roster(&registry).expect("every name is an active agent");
         registry
@@ -384,7 +397,13 @@ mod tests {
         // A name that was never an agent is still a typo worth refusing.
         config.keywords.insert("nobody".into(), vec!["x".into()]);
         let error = registry
-            .dispatch_roster(&manager, "Manager".into(), &[], &Default::default(), &config)
+            .dispatch_roster(
+                &manager,
+                "Manager".into(),
+                &[],
+                &Default::default(),
+                &config,
+            )
             .unwrap_err();
         assert!(error.contains("nobody"), "{error}");
     }

@@ -688,7 +688,7 @@ async fn send_with_failover(
     route: &Route,
     method: http::Method,
     url: url::Url,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<reqwest::Response, Refusal> {
     let now_ms = gateway.clock.now_ms();
@@ -705,7 +705,12 @@ async fn send_with_failover(
     let mut failure = None;
     for (attempt, &index) in order.iter().enumerate() {
         let key = &route.keys[index];
-        let mut request_headers = headers.clone();
+        // The last (usually the only) attempt takes the headers instead of copying them.
+        let mut request_headers = if attempt == last {
+            std::mem::take(&mut headers)
+        } else {
+            headers.clone()
+        };
         request_headers.insert(header_name.clone(), key.header_value.clone());
         let request = gateway
             .http
@@ -1177,7 +1182,8 @@ mod tests {
     use super::*;
 
     const USAGE_ONLY: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
-    const CONTENT: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+    const CONTENT: &str =
+        "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
 
     /// Feeds `stream` to a filter cut at every `step` bytes; what the consumer would see.
@@ -1209,7 +1215,10 @@ mod tests {
         let stream = format!(": keep-alive\n\nevent: x\n{CONTENT}{DONE}");
         assert_eq!(filtered(&stream, 3), stream);
         // A stream cut short: what arrived still reaches the consumer.
-        assert_eq!(filtered("data: {\"choices\":[{}]}", 4), "data: {\"choices\":[{}]}");
+        assert_eq!(
+            filtered("data: {\"choices\":[{}]}", 4),
+            "data: {\"choices\":[{}]}"
+        );
         // A complete event is passed at once, not held for the next one.
         let mut filter = UsageChunkFilter::default();
         assert_eq!(&filter.push(CONTENT.as_bytes())[..], CONTENT.as_bytes());
