@@ -957,7 +957,8 @@ async fn large_files_sent_to_an_agent_are_streamed_into_storage_within_the_limit
     assert!(stored == file(UNDER), "stored byte for byte");
     assert!(
         said.contains("huge.bin`, but it could not be saved")
-            && said.contains("larger than 41943040 bytes"),
+            && said.contains("larger than 41943040 bytes")
+            && said.contains("storage.max_file_bytes"),
         "{said}"
     );
     let inbox = env.data_dir.join("files/agents/manager/inbox");
