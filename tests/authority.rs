@@ -730,6 +730,14 @@ async fn non_admins_cannot_create_workers_or_minutely_tasks_and_the_caps_name_th
     let tasks_dir = env.data_dir.join("files/tasks");
     assert!(!tasks_dir.exists(), "no task was recorded");
 
+    // The cap holds for the operator's CLI (the admin API) too, naming itself; an existing
+    // Worker's name is not a new Worker.
+    let (ok, out) = env.cli(&["workers", "add", "dave"]);
+    assert!(!ok && out.contains("limits.max_workers = 1"), "{out}");
+    cli(&env, &["workers", "add", "alice"]);
+    let workers = cli(&env, &["workers", "list"]);
+    assert!(!workers.contains("crew_dave"), "{workers}");
+
     // Nobody may name a Worker `manager`: its folder holds the Manager's own files.
     let (ok, out) = env.cli(&["workers", "add", "manager"]);
     assert!(!ok && out.contains("reserved name"), "{out}");
@@ -821,7 +829,7 @@ async fn wait_answer(admin: &synapse::TestUser, room: &str, command: &str) -> St
 #[tokio::test(flavor = "multi_thread")]
 async fn crew_commands_answer_only_allowed_people_about_their_room_a_few_times_a_minute() {
     let llm = ScriptedLlm::start().await;
-    let env = crew_with(&llm, "\n[dispatch]\nagent_wakes_per_minute = 3\n").await;
+    let env = crew_with(&llm, "\n[dispatch]\nagent_wakes_per_minute = 5\n").await;
     cli(&env, &["workers", "add", "alice"]);
     cli(&env, &["workers", "add", "bob"]);
     let admin = env.admin().await;
@@ -856,7 +864,24 @@ async fn crew_commands_answer_only_allowed_people_about_their_room_a_few_times_a
     assert!(answer.contains("@crew_bob:crew.test"), "{answer}");
     assert_eq!(answer_to(&admin, &work, &mallorys).await, None);
 
-    // Three commands a minute in this room: the fourth gets no answer; another room's does.
+    // `!crew why` about another room's message: carol learns nothing (not even that it
+    // exists); the admin gets the decision.
+    let secret = admin
+        .send(&elsewhere, text("a quiet word for crew_bob only"))
+        .await;
+    let carols = carol
+        .send(&work, text(&format!("!crew why {secret}")))
+        .await;
+    let answer = wait_answer(&admin, &work, &carols).await;
+    assert!(answer.contains("I kept no decision"), "{answer}");
+    assert!(!answer.contains("crew_bob"), "{answer}");
+    let admins = admin
+        .send(&work, text(&format!("!crew why {secret}")))
+        .await;
+    let answer = wait_answer(&admin, &work, &admins).await;
+    assert!(!answer.contains("I kept no decision"), "{answer}");
+
+    // Five commands a minute in this room: the sixth gets no answer; another room's does.
     let third = carol.send(&work, text("!crew help")).await;
     wait_answer(&admin, &work, &third).await;
     let fourth = carol.send(&work, text("!crew help")).await;
@@ -864,4 +889,394 @@ async fn crew_commands_answer_only_allowed_people_about_their_room_a_few_times_a
     wait_answer(&admin, &elsewhere, &other).await;
     assert_eq!(answer_to(&admin, &work, &fourth).await, None);
     assert_eq!(answer_to(&admin, &work, &mallorys).await, None);
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// Large files a person sends are streamed from the homeserver into storage, checked against
+/// `storage.max_file_bytes` on the way: one under the limit is stored whole, one over it is
+/// refused with the limit named and nothing stored, and crew's peak memory stays flat.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_files_sent_to_an_agent_are_streamed_into_storage_within_the_limit() {
+    const MIB: usize = 1024 * 1024;
+    // Under Synapse's default 50M upload limit.
+    const UNDER: usize = 35 * MIB;
+    const OVER: usize = 45 * MIB;
+    let llm = ScriptedLlm::start().await;
+    llm.set_default(Reply::text("Got it."));
+    let env = crew_with(&llm, "\n[storage]\nmax_file_bytes = 41943040\n").await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let dm = admin.create_room("manager dm", &[&manager]).await;
+    admin.wait_joined(&dm, &manager).await;
+    let pid = env.crew.as_ref().unwrap().pid();
+    let before = peak_kib(pid);
+
+    // Not a repeated byte: a pattern storage could not compress or dedupe by accident.
+    let file = |len: usize| -> Vec<u8> { (0..len).map(|i| (i % 251) as u8).collect() };
+    for (name, len) in [("big.bin", UNDER), ("huge.bin", OVER)] {
+        let mxc = admin
+            .upload(file(len), "application/octet-stream", name)
+            .await;
+        admin
+            .send(
+                &dm,
+                json!({"msgtype": "m.file", "body": name, "url": mxc, "info": {"size": len}}),
+            )
+            .await;
+    }
+    let scripted = &llm;
+    tools::wait_for("both files to reach a turn", 4 * WAIT, || async move {
+        let said: String = scripted
+            .requests()
+            .iter()
+            .map(|r| first_user_text(&r.json()))
+            .collect();
+        (said.contains("big.bin") && said.contains("huge.bin")).then_some(())
+    })
+    .await;
+    let said: String = llm
+        .requests()
+        .iter()
+        .map(|r| first_user_text(&r.json()))
+        .collect();
+
+    let start = said.find("saved at `").expect("big.bin was saved") + "saved at `".len();
+    let path = said[start..].split('`').next().unwrap().to_owned();
+    assert!(path.ends_with("big.bin"), "{said}");
+    assert!(said.contains(&format!("({UNDER} bytes")), "{said}");
+    let stored = std::fs::read(env.data_dir.join("files").join(&path)).unwrap();
+    assert!(stored == file(UNDER), "stored byte for byte");
+    assert!(
+        said.contains("huge.bin`, but it could not be saved")
+            && said.contains("larger than 41943040 bytes")
+            && said.contains("storage.max_file_bytes"),
+        "{said}"
+    );
+    let inbox = env.data_dir.join("files/agents/manager/inbox");
+    let mut left = Vec::new();
+    let mut stack = vec![inbox];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                left.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    assert!(
+        !left.iter().any(|name| name.contains("huge")),
+        "nothing of the refused file is kept: {left:?}"
+    );
+
+    let grown_mib = peak_kib(pid).saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 20,
+        "crew's peak memory grew by {grown_mib} MiB for {} MiB of files",
+        (UNDER + OVER) / MIB
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway of the real `crew serve`, attacked over its own port. (Pure unit checks of the
+// gateway stay in-process in tests/gateway.rs.)
+
+/// A loopback HTTP server answering every request with `status` and fixed headers; it records
+/// the request headers it saw.
+struct Recorder {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<reqwest::header::HeaderMap>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start(status: u16, headers: &[(&str, &str)]) -> Self {
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<reqwest::header::HeaderMap>>> =
+            Default::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        let recorded = std::sync::Arc::clone(&seen);
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (recorded, headers) = (std::sync::Arc::clone(&recorded), headers.clone());
+            async move {
+                recorded.lock().unwrap().push(request.headers().clone());
+                let mut response = axum::response::Response::new(axum::body::Body::from("{}"));
+                *response.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                for (name, value) in &headers {
+                    response.headers_mut().insert(
+                        axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        value.parse().unwrap(),
+                    );
+                }
+                response
+            }
+        });
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { url, seen, task }
+    }
+
+    fn headers(&self) -> Vec<reqwest::header::HeaderMap> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends one request exactly as written (no client-side normalisation of the path); the
+/// status and the JSON body.
+async fn raw_request(port: u16, method: &str, path: &str, token: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Today's usage of `consumer` as the running crew's admin API reports it (pending charges
+/// included).
+async fn usage_of(env: &CrewEnv, consumer: &str) -> Option<Value> {
+    let rows = env.admin_api("/gateway/usage").await?;
+    rows.as_array()?
+        .iter()
+        .find(|row| row["consumer"] == consumer)
+        .map(|row| row["usage"].clone())
+}
+
+const UPSTREAM_KEY: &str = "sk-test";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_gateway_refuses_every_way_around_its_routes_and_its_meter() {
+    let llm = ScriptedLlm::start().await;
+    // Another loopback server the redirecting upstream points to: never to be called.
+    let elsewhere = Recorder::start(200, &[]).await;
+    let target = format!("{}/collect", elsewhere.url);
+    let redirecting = Recorder::start(302, &[("location", &target)]).await;
+    let (upstream, moved) = (llm.url(), redirecting.url.clone());
+    let env = CrewEnv::start_with(move |config: &Path| {
+        let key_file = config.parent().unwrap().parent().unwrap().join("llm.key");
+        std::fs::write(&key_file, UPSTREAM_KEY).unwrap();
+        let key = key_file.display();
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str(&format!(
+            r#"
+[[gateway.routes]]
+name = "llm"
+prefix = "/llm"
+upstream = "{upstream}/v1"
+kind = "openai"
+credentials = [{{ file = "{key}" }}]
+
+[[gateway.routes]]
+name = "gh"
+prefix = "/gh"
+upstream = "{upstream}/gh"
+kind = "http"
+credentials = [{{ file = "{key}" }}]
+
+[[gateway.routes]]
+name = "moved"
+prefix = "/moved"
+upstream = "{moved}/v1"
+kind = "openai"
+inject = {{ header = "x-api-key", format = "{{key}}" }}
+credentials = [{{ file = "{key}" }}]
+"#
+        ));
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
+    let added = cli(
+        &env,
+        &[
+            "gateway",
+            "consumers",
+            "add",
+            "tester",
+            "--rpm",
+            "0",
+            "--max-concurrent",
+            "0",
+        ],
+    );
+    let token = added
+        .lines()
+        .find_map(|line| line.strip_prefix("token: "))
+        .expect("the new token")
+        .trim()
+        .to_owned();
+    let port = env.gateway_port;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // Paths that a URL library would normalise into another route (`/gh`, with its key).
+    for (path, code) in [
+        ("/llm/../gh/user", "path_dot_segment"),
+        ("/llm/%2e%2e/gh/user", "path_dot_segment"),
+        ("/llm/%2E%2e/gh/user", "path_dot_segment"),
+        ("/llm/.%2E/gh/user", "path_dot_segment"),
+        ("/llm/./../gh/user", "path_dot_segment"),
+        ("/llm/..\\gh\\user", "path_backslash"),
+        ("/llm/..%5Cgh%5Cuser", "path_backslash"),
+        ("/llm/..%2fgh%2fuser", "path_encoded_slash"),
+        ("/llm/x%2F..%2F..%2Fgh", "path_encoded_slash"),
+    ] {
+        let (status, body) = raw_request(port, "GET", path, &token).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{path}: {body}"
+        );
+    }
+    // An `openai` route allows only its listed methods and paths.
+    for (method, path) in [
+        ("DELETE", "/llm/files/file-abc"),
+        ("DELETE", "/llm/chat/completions"),
+        ("POST", "/llm/fine_tuning/jobs"),
+    ] {
+        let (status, body) = raw_request(port, method, path, &token).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "endpoint_not_allowed", "{body}");
+    }
+    assert_eq!(llm.received(), 0, "nothing reached the upstream");
+
+    // Request headers go upstream from the allowlist only: no billing selectors, no token.
+    llm.push(Reply::text("hello"));
+    let answer = http
+        .post(format!("{base}/llm/chat/completions"))
+        .bearer_auth(&token)
+        .header("OpenAI-Organization", "org-attacker")
+        .header("OpenAI-Project", "proj-attacker")
+        .header("X-Forwarded-Host", "evil.example")
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let seen = llm.requests().pop().unwrap();
+    assert_eq!(seen.header("authorization"), Some("Bearer sk-test"));
+    for header in ["openai-organization", "openai-project", "x-forwarded-host"] {
+        assert_eq!(seen.header(header), None, "{header} went upstream");
+    }
+    assert!(
+        !seen.everything().contains(&token),
+        "the consumer token went upstream"
+    );
+
+    // A stream that opts out of usage is still charged, and sees no usage chunk.
+    llm.push(Reply::text("a b c").usage(20, 7));
+    let answer = http
+        .post(format!("{base}/llm/chat/completions"))
+        .bearer_auth(&token)
+        .json(&json!({"model": "m", "stream": true, "stream_options": {"include_usage": false}, "messages": []}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(answer.trim_end().ends_with("data: [DONE]"), "{answer}");
+    assert!(!answer.contains("\"usage\""), "{answer}");
+    assert_eq!(
+        llm.requests().pop().unwrap().json()["stream_options"]["include_usage"],
+        true
+    );
+    let usage = usage_of(&env, "tester").await.expect("tester's usage");
+    // The first answer's 10 + 5 (the scripted default), then this stream's 20 + 7.
+    assert_eq!(usage["total_tokens"], 15 + 27, "{usage}");
+    assert_eq!(usage["requests"], 2, "{usage}");
+
+    // A consumer that hangs up mid-stream is still charged the upstream's own figures.
+    let gate = Gate::new();
+    llm.push(
+        Reply::text("one two three four five")
+            .usage(30, 12)
+            .hold_after(2, &gate),
+    );
+    let response = http
+        .post(format!("{base}/llm/chat/completions"))
+        .bearer_auth(&token)
+        .json(&json!({"model": "m", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    use futures::StreamExt;
+    assert!(!stream.next().await.unwrap().unwrap().is_empty());
+    drop(stream);
+    gate.reached().await;
+    gate.release();
+    let env = &env;
+    let charged = tools::wait_for("the abandoned stream to be charged", WAIT, || async move {
+        usage_of(env, "tester")
+            .await
+            .filter(|usage| usage["requests"] == 3)
+    })
+    .await;
+    assert_eq!(charged["total_tokens"], 15 + 27 + 42, "{charged}");
+
+    // A redirect goes back to the consumer, untouched and without the key; never followed.
+    let answer = http
+        .post(format!("{base}/moved/chat/completions"))
+        .bearer_auth(&token)
+        .json(&json!({"model": "m", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 302);
+    assert_eq!(
+        answer
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap()),
+        Some(target.as_str())
+    );
+    let headers = format!("{:?}", answer.headers());
+    let seen_by_consumer = format!("{headers}{}", answer.text().await.unwrap());
+    assert!(
+        !seen_by_consumer.contains(UPSTREAM_KEY),
+        "{seen_by_consumer}"
+    );
+    let asked = redirecting.headers();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        asked[0].get("x-api-key").map(|v| v.as_bytes()),
+        Some(UPSTREAM_KEY.as_bytes())
+    );
+    assert!(elsewhere.headers().is_empty(), "the redirect was followed");
 }

@@ -483,7 +483,8 @@ async fn the_daily_token_budget_is_charged_and_renews() {
     h.upstream.set_default(Reply::text("ok").usage(10, 5));
 
     assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
-    // A streamed answer is charged too (the gateway asked for the usage chunk).
+    // A streamed answer is charged too (the gateway asked for the usage chunk, and kept it
+    // from this consumer, which did not ask for it).
     let streamed = h
         .chat(
             Some(&token),
@@ -491,7 +492,7 @@ async fn the_daily_token_budget_is_charged_and_renews() {
         )
         .await;
     assert_eq!(streamed.status, 200);
-    assert!(streamed.text.contains("\"usage\""));
+    assert!(!streamed.text.contains("\"usage\""), "{}", streamed.text);
     let usage = h.gateway.usage().unwrap();
     assert_eq!(usage.len(), 1);
     assert_eq!(usage[0].usage.total_tokens, 30);
@@ -737,51 +738,45 @@ async fn a_stream_that_opts_out_of_usage_is_still_charged() {
         true,
         "metering cannot be opted out of"
     );
+    assert!(
+        !answer.text.contains("\"usage\""),
+        "the consumer did not ask for the usage chunk: {}",
+        answer.text
+    );
     let usage = h.gateway.usage().unwrap();
     assert_eq!(usage.len(), 1);
     assert_eq!(usage[0].usage.total_tokens, 27);
-    h.stop().await;
-}
 
-#[tokio::test]
-async fn a_consumer_that_hangs_up_mid_stream_is_still_charged() {
-    let h = Harness::start(|_| {}).await;
-    let token = h.token("agent-quitter").await;
-    let gate = Gate::new();
-    h.upstream.push(
-        Reply::text("one two three four five")
-            .usage(30, 12)
-            .hold_after(2, &gate),
+    // Nor when it did not mention usage at all; a consumer that asked for it gets it.
+    h.upstream.push(Reply::text("d e").usage(5, 2));
+    let answer = h
+        .chat(
+            Some(&token),
+            json!({"model": "m", "stream": true, "messages": []}),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.text.contains("\"e\""), "{}", answer.text);
+    assert!(
+        answer.text.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        answer.text
     );
-    let response = h
-        .http
-        .post(format!("{}/llm/chat/completions", h.base))
-        .bearer_auth(&token)
-        .json(&json!({"model": "m", "stream": true, "messages": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    let first = stream.next().await.unwrap().unwrap();
-    assert!(!first.is_empty());
-    // The consumer hangs up while the upstream is still generating (and billing).
-    drop(stream);
-    gate.reached().await;
-    gate.release();
-    let charged = wait_until("the abandoned stream to be charged", || {
-        let usage = h.gateway.usage().unwrap();
-        usage
-            .iter()
-            .find(|row| row.consumer == "agent-quitter" && row.usage.requests == 1)
-            .map(|row| row.usage.clone())
-    })
-    .await;
-    assert_eq!(charged.total_tokens, 42, "the upstream's own figures");
-    let audit = h.gateway.audit_log(10).unwrap();
-    let last = audit.last().unwrap();
-    assert_eq!(last.code.as_deref(), Some("consumer_went_away"));
-    assert_eq!(last.total_tokens, 42);
+    assert!(!answer.text.contains("\"usage\""), "{}", answer.text);
+    h.upstream.push(Reply::text("f g").usage(5, 2));
+    let answer = h
+        .chat(
+            Some(&token),
+            json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": []}),
+        )
+        .await;
+    assert!(
+        answer.text.contains("\"total_tokens\":7"),
+        "{}",
+        answer.text
+    );
+    let usage = h.gateway.usage().unwrap();
+    assert_eq!(usage[0].usage.total_tokens, 27 + 7 + 7);
     h.stop().await;
 }
 
@@ -857,174 +852,10 @@ async fn raw_request(base: &str, method: &str, path: &str, token: &str) -> (u16,
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// The refusals of unlisted endpoints are tried against the real binary (tests/authority.rs);
+/// here: a route that lists DELETE allows it, and then only what it lists.
 #[tokio::test]
-async fn paths_that_could_leave_the_route_are_refused_before_routing() {
-    let h = Harness::start(|_| {}).await;
-    let token = h.token("agent-a").await;
-    // Each would reach `/gh/user` (the github route's upstream, with its key) through the llm
-    // route once a URL library normalised it.
-    for (path, code) in [
-        ("/llm/../gh/user", "path_dot_segment"),
-        ("/llm/%2e%2e/gh/user", "path_dot_segment"),
-        ("/llm/%2E%2e/gh/user", "path_dot_segment"),
-        ("/llm/.%2E/gh/user", "path_dot_segment"),
-        ("/llm/./../gh/user", "path_dot_segment"),
-        ("/llm/..\\gh\\user", "path_backslash"),
-        ("/llm/..%5Cgh%5Cuser", "path_backslash"),
-        ("/llm/..%2fgh%2fuser", "path_encoded_slash"),
-        ("/llm/x%2F..%2F..%2Fgh", "path_encoded_slash"),
-    ] {
-        let (status, body) = raw_request(&h.base, "GET", path, &token).await;
-        assert_eq!(status, 400, "{path}: {body}");
-        assert_eq!(body["error"]["code"], code, "{path}: {body}");
-    }
-    assert_eq!(h.upstream.received(), 0, "nothing reached any upstream");
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn a_redirect_goes_back_to_the_consumer_and_is_never_followed() {
-    // Another loopback server, where the upstream points: it must never be called.
-    let elsewhere = Recorder::start(|_| StatusCode::OK).await;
-    let target = format!("{}/collect", elsewhere.url);
-    let location = target.clone();
-    let redirecting = Recorder::start(move |_| StatusCode::FOUND)
-        .await
-        .with_header("location", &location);
-    let h = Harness::start(|config| {
-        config.routes[0].upstream = format!("{}/v1", redirecting.url).parse().unwrap();
-        // A header reqwest would not strip by itself on a cross-origin redirect.
-        config.routes[0].inject = Injection {
-            header: "x-api-key".into(),
-            format: "{key}".into(),
-        };
-    })
-    .await;
-    let token = h.token("agent-a").await;
-    // The consumer's own client must not follow either, to see what the gateway answered.
-    let consumer = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let response = consumer
-        .post(format!("{}/llm/chat/completions", h.base))
-        .bearer_auth(&token)
-        .json(&chat_body("m"))
-        .send()
-        .await
-        .unwrap();
-    let answer = Answer::read(response).await;
-    assert_eq!(answer.status.as_u16(), 302, "{}", answer.text);
-    assert_eq!(
-        answer.headers.get("location").map(|v| v.to_str().unwrap()),
-        Some(target.as_str())
-    );
-    answer.assert_no_real_key();
-    assert_eq!(redirecting.count(), 1);
-    assert_eq!(
-        redirecting.headers()[0]
-            .get("x-api-key")
-            .map(|v| v.as_bytes()),
-        Some(REAL_KEY.as_bytes())
-    );
-    assert_eq!(elsewhere.count(), 0, "the redirect was followed");
-    h.stop().await;
-}
-
-/// A loopback HTTP server that answers every request with a fixed status (and headers) and
-/// records the request headers.
-struct Recorder {
-    url: String,
-    seen: Arc<Mutex<Vec<reqwest::header::HeaderMap>>>,
-    extra: Arc<Mutex<Vec<(String, String)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Recorder {
-    async fn start(status: impl Fn(&str) -> StatusCode + Clone + Send + Sync + 'static) -> Self {
-        let seen: Arc<Mutex<Vec<reqwest::header::HeaderMap>>> = Arc::default();
-        let extra: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (seen_in, extra_in) = (Arc::clone(&seen), Arc::clone(&extra));
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (seen, extra, status) =
-                (Arc::clone(&seen_in), Arc::clone(&extra_in), status.clone());
-            async move {
-                seen.lock().unwrap().push(request.headers().clone());
-                let mut response = axum::response::Response::new(axum::body::Body::from("{}"));
-                *response.status_mut() = status(request.uri().path());
-                for (name, value) in extra.lock().unwrap().iter() {
-                    response.headers_mut().insert(
-                        reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                        value.parse().unwrap(),
-                    );
-                }
-                response
-            }
-        });
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self {
-            url,
-            seen,
-            extra,
-            task,
-        }
-    }
-
-    fn with_header(self, name: &str, value: &str) -> Self {
-        self.extra
-            .lock()
-            .unwrap()
-            .push((name.to_owned(), value.to_owned()));
-        self
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    fn headers(&self) -> Vec<reqwest::header::HeaderMap> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-#[tokio::test]
-async fn an_openai_route_allows_only_its_listed_endpoints() {
-    let h = Harness::start(|_| {}).await;
-    let token = h.token("agent-a").await;
-    for (method, path) in [
-        ("DELETE", "/llm/files/file-abc"),
-        ("DELETE", "/llm/chat/completions"),
-        ("POST", "/llm/fine_tuning/jobs"),
-        ("GET", "/llm/organization/costs"),
-    ] {
-        let (status, body) = raw_request(&h.base, method, path, &token).await;
-        assert_eq!(status, 403, "{method} {path}: {body}");
-        assert_eq!(body["error"]["code"], "endpoint_not_allowed", "{body}");
-    }
-    assert_eq!(h.upstream.received(), 0);
-    // The defaults still work.
-    assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
-    let models = h
-        .http
-        .get(format!("{}/llm/models", h.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(models.status(), 200);
-    h.stop().await;
-
-    // A route that lists DELETE allows it.
+async fn an_openai_route_allows_exactly_the_endpoints_it_lists() {
     let h = Harness::start(|config| {
         config.routes[0].endpoints = Some(vec!["DELETE /files/*".into()]);
     })
@@ -1034,40 +865,6 @@ async fn an_openai_route_allows_only_its_listed_endpoints() {
     assert_eq!(status, 200);
     let (status, _) = raw_request(&h.base, "POST", "/llm/chat/completions", &token).await;
     assert_eq!(status, 403);
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn billing_headers_reach_the_upstream_only_when_the_route_sets_them() {
-    let h = Harness::start(|config| {
-        config.routes[1]
-            .set_headers
-            .insert("OpenAI-Organization".into(), "org-operator".into());
-    })
-    .await;
-    let token = h.token("agent-a").await;
-    for path in ["/llm/chat/completions", "/github/x"] {
-        let answer = h
-            .http
-            .post(format!("{}{path}", h.base))
-            .bearer_auth(&token)
-            .header("OpenAI-Organization", "org-attacker")
-            .header("OpenAI-Project", "proj-attacker")
-            .header("X-Forwarded-Host", "evil.example")
-            .json(&chat_body("m"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
-    }
-    let seen = h.upstream.requests();
-    assert_eq!(seen[0].header("openai-organization"), None);
-    assert_eq!(seen[1].header("openai-organization"), Some("org-operator"));
-    for request in &seen {
-        assert_eq!(request.header("openai-project"), None);
-        assert_eq!(request.header("x-forwarded-host"), None);
-        assert!(!request.everything().contains("attacker"));
-    }
     h.stop().await;
 }
 

@@ -635,24 +635,18 @@ impl ManagerTools {
 
     /// Refuses a new Worker past `limits.max_workers` (an existing name is not a new Worker).
     fn check_worker_cap(&self, name: &str) -> Result<(), String> {
-        let registry = &self.services.team.registry;
-        let exists = registry
-            .get(name)
-            .map_err(|error| format!("error: {error}"))?
-            .is_some();
-        let count = registry
-            .list()
-            .map_err(|error| format!("error: {error}"))?
-            .iter()
-            .filter(|worker| worker.state != WorkerState::Removed)
-            .count();
-        let max = self.services.limits.max_workers;
-        if !exists && count >= max {
-            return Err(self.authority.refuse(format!(
-                "the crew already has {count} Workers, the most the limit limits.max_workers = {max} allows; remove one or ask the operator to raise the limit"
-            )));
+        match self
+            .services
+            .team
+            .registry
+            .check_cap(name, self.services.limits.max_workers)
+        {
+            Ok(()) => Ok(()),
+            Err(error @ crate::agent::registry::RegistryError::WorkerCap { .. }) => {
+                Err(self.authority.refuse(error.to_string()))
+            }
+            Err(error) => Err(format!("error: {error}")),
         }
-        Ok(())
     }
 
     fn cancel_task(&self, arguments: &str) -> Result<String, String> {

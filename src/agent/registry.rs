@@ -59,6 +59,11 @@ pub enum RegistryError {
         "`{0}` is a reserved name (it is the Manager's own folder or one of ours); choose another worker name"
     )]
     Reserved(String),
+    /// A new Worker would pass `limits.max_workers`; the message names the limit.
+    #[error(
+        "the crew already has {count} Workers, the most the limit limits.max_workers = {max} allows; remove one or ask the operator to raise the limit"
+    )]
+    WorkerCap { count: usize, max: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -114,10 +119,7 @@ impl Registry {
         role: &str,
         now_ms: u64,
     ) -> Result<(Worker, bool), RegistryError> {
-        let name = Self::normalise_name(name)?;
-        if crate::storage::access::RESERVED_AGENT_NAMES.contains(&name.as_str()) {
-            return Err(RegistryError::Reserved(name));
-        }
+        let name = Self::new_worker_name(name)?;
         let user_id = self.user_id_for(&name)?;
         let worker = Worker {
             display_name: capitalise(&name),
@@ -139,6 +141,34 @@ impl Registry {
             .get(&name)?
             .ok_or_else(|| RegistryError::Unknown(name.clone()))?;
         Ok((existing, false))
+    }
+
+    /// A name a new Worker may take: valid, and not one of the reserved names.
+    fn new_worker_name(name: &str) -> Result<String, RegistryError> {
+        let name = Self::normalise_name(name)?;
+        if crate::storage::access::RESERVED_AGENT_NAMES.contains(&name.as_str()) {
+            return Err(RegistryError::Reserved(name));
+        }
+        Ok(name)
+    }
+
+    /// Refuses a new Worker named `name` past `max` Workers (removed ones do not count, and an
+    /// existing name is not a new Worker): the one check behind the Manager's `create_worker`,
+    /// `crew workers add` and the admin API alike.
+    pub fn check_cap(&self, name: &str, max: usize) -> Result<(), RegistryError> {
+        let name = Self::new_worker_name(name)?;
+        if self.workers.get(&name)?.is_some() {
+            return Ok(());
+        }
+        let count = self
+            .list()?
+            .iter()
+            .filter(|worker| worker.state != WorkerState::Removed)
+            .count();
+        if count >= max {
+            return Err(RegistryError::WorkerCap { count, max });
+        }
+        Ok(())
     }
 
     /// Changes whenever the roster changes.
@@ -214,7 +244,7 @@ impl Registry {
         manager: &UserId,
         manager_name: String,
         admins: &[OwnedUserId],
-        allowed: &[OwnedUserId],
+        allowed: &crate::config::InvitePolicy,
         config: &crate::dispatch::DispatchConfig,
     ) -> Result<crate::dispatch::Roster, String> {
         use crate::dispatch::{Agent, Role};
@@ -241,9 +271,10 @@ impl Registry {
             agents,
             &retired,
             admins.iter().cloned(),
-            allowed.iter().cloned(),
+            allowed.allow_users.iter().cloned(),
             config,
         )
+        .map(|roster| roster.allowing_servers(allowed.allow_servers.iter().cloned()))
         .map_err(|error| error.to_string())
     }
 }
@@ -259,6 +290,33 @@ fn capitalise(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_worker_cap_counts_live_workers_and_names_its_limit() {
+        let store = Store::temporary().unwrap();
+        let registry = Registry::open(&store, "crew_", "example.org").unwrap();
+        registry.create("alice", "", 1).unwrap();
+        registry.create("bob", "", 1).unwrap();
+        let refused = registry.check_cap("carol", 2).unwrap_err();
+        assert!(matches!(
+            refused,
+            RegistryError::WorkerCap { count: 2, max: 2 }
+        ));
+        assert!(refused.to_string().contains("limits.max_workers = 2"));
+        registry
+            .check_cap("alice", 2)
+            .expect("an existing name is not a new Worker");
+        registry
+            .update("bob", |worker| worker.state = WorkerState::Removed)
+            .unwrap();
+        registry
+            .check_cap("carol", 2)
+            .expect("a removed Worker does not count");
+        assert!(matches!(
+            registry.check_cap("manager", 10),
+            Err(RegistryError::Reserved(_))
+        ));
+    }
 
     #[test]
     fn creating_twice_returns_the_same_worker() {
@@ -315,7 +373,13 @@ mod tests {
         config.worker_pairs = vec![["crew_coder".into(), "crew_writer".into()]];
         let manager = UserId::parse("@crew:example.org").unwrap();
         let roster = |registry: &Registry| {
-            registry.dispatch_roster(&manager, "Manager".into(), &[], &[], &config)
+            registry.dispatch_roster(
+                &manager,
+                "Manager".into(),
+                &[],
+                &Default::default(),
+                &config,
+            )
         };
         roster(&registry).expect("every name is an active agent");
         registry
@@ -333,9 +397,51 @@ mod tests {
         // A name that was never an agent is still a typo worth refusing.
         config.keywords.insert("nobody".into(), vec!["x".into()]);
         let error = registry
-            .dispatch_roster(&manager, "Manager".into(), &[], &[], &config)
+            .dispatch_roster(
+                &manager,
+                "Manager".into(),
+                &[],
+                &Default::default(),
+                &config,
+            )
             .unwrap_err();
         assert!(error.contains("nobody"), "{error}");
+    }
+
+    /// Who is an allowed person is one rule: admins, listed users and users of listed servers.
+    /// The dispatcher's roster (who may wake agents) agrees with the invite policy (who may
+    /// invite them, who gets `!crew` answers) for every kind of person.
+    #[test]
+    fn the_roster_allows_exactly_whom_the_invite_policy_allows() {
+        let store = Store::temporary().unwrap();
+        let registry = Registry::open(&store, "crew_", "example.org").unwrap();
+        let manager = UserId::parse("@crew:example.org").unwrap();
+        let admins = [UserId::parse("@admin:example.org").unwrap()];
+        let policy = crate::config::InvitePolicy {
+            allow_users: vec![UserId::parse("@carol:elsewhere.org").unwrap()],
+            allow_servers: vec!["friends.org".try_into().unwrap()],
+        };
+        let roster = registry
+            .dispatch_roster(
+                &manager,
+                "Manager".into(),
+                &admins,
+                &policy,
+                &crate::dispatch::DispatchConfig::default(),
+            )
+            .unwrap();
+        for (who, allowed) in [
+            ("@admin:example.org", true),
+            ("@carol:elsewhere.org", true),
+            ("@dave:friends.org", true),
+            ("@mallory:elsewhere.org", false),
+            ("@eve:example.org", false),
+            ("@dave:notfriends.org", false),
+        ] {
+            let user = UserId::parse(who).unwrap();
+            assert_eq!(policy.allows(&user, &admins), allowed, "{who} (invites)");
+            assert_eq!(roster.is_allowed_person(&user), allowed, "{who} (dispatch)");
+        }
     }
 
     #[test]

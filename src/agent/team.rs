@@ -34,6 +34,8 @@ pub struct Team {
     manager: ruma::OwnedUserId,
     /// Removing a Worker removes its sandbox.
     sandboxes: Option<Arc<crate::sandbox::Sandboxes>>,
+    /// `limits.max_workers`: no path (Manager, CLI, admin API) creates a Worker past it.
+    max_workers: usize,
 }
 
 /// The answer to a create request.
@@ -57,7 +59,14 @@ impl Team {
             gateway,
             manager,
             sandboxes: None,
+            max_workers: usize::MAX,
         }
+    }
+
+    /// The most Workers the crew may have (`limits.max_workers`).
+    pub fn with_max_workers(mut self, max_workers: usize) -> Self {
+        self.max_workers = max_workers;
+        self
     }
 
     /// The sandboxes to remove a Worker's container from when it is removed.
@@ -169,6 +178,7 @@ impl Team {
     #[tracing::instrument(skip(self))]
     pub async fn create_worker(&self, name: &str, role: &str) -> Result<Created, TeamError> {
         let now = crate::clock::now_ms();
+        self.registry.check_cap(name, self.max_workers)?;
         let (worker, created) = self.registry.create(name, role, now)?;
         self.gateway
             .consumer_token(worker.user_id.localpart())
@@ -228,6 +238,9 @@ async fn create(
         Err(TeamError::Registry(
             error @ (RegistryError::InvalidName(_) | RegistryError::Reserved(_)),
         )) => crate::admin::error_response(StatusCode::BAD_REQUEST, error.to_string()),
+        Err(TeamError::Registry(error @ RegistryError::WorkerCap { .. })) => {
+            crate::admin::error_response(StatusCode::CONFLICT, error.to_string())
+        }
         Err(error) => crate::admin::error_response(StatusCode::BAD_GATEWAY, error.to_string()),
     }
 }

@@ -377,7 +377,15 @@ impl Workspace {
             let (body, content_type) = client
                 .download(agent, mxc, self.storage.max_file_bytes())
                 .await
-                .map_err(|error| format!("downloading it failed: {error}"))?;
+                .map_err(|error| {
+                    let error = error.to_string();
+                    if error.contains("larger than") {
+                        // Say which setting the person's admin would raise.
+                        format!("downloading it failed: {error} (storage.max_file_bytes)")
+                    } else {
+                        format!("downloading it failed: {error}")
+                    }
+                })?;
             let size = self
                 .storage
                 .put(&path, body)

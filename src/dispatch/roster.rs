@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use ruma::{EventId, OwnedEventId, OwnedUserId, UserId};
+use ruma::{EventId, OwnedEventId, OwnedServerName, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::{DispatchConfig, DispatchError};
@@ -52,6 +52,8 @@ pub struct Roster {
     index: HashMap<OwnedUserId, usize>,
     admins: HashSet<OwnedUserId>,
     allowed: HashSet<OwnedUserId>,
+    /// Every user of these servers is an allowed person (`invites.allow_servers`).
+    allowed_servers: HashSet<OwnedServerName>,
     worker_to_worker: bool,
     /// Unordered pairs of agent indexes, stored both ways.
     worker_pairs: HashSet<(usize, usize)>,
@@ -140,6 +142,7 @@ impl Roster {
             index,
             admins: admins.into_iter().collect(),
             allowed: allowed.into_iter().collect(),
+            allowed_servers: HashSet::new(),
             worker_to_worker: config.worker_to_worker,
             worker_pairs,
             any_keywords,
@@ -167,9 +170,19 @@ impl Roster {
         self.index.get(user).copied()
     }
 
-    /// True for admins and the people they allowed.
+    /// Also allows every user of `servers` (`invites.allow_servers`), as
+    /// `config::InvitePolicy::allows` does: a person the invite rule lets in may wake agents.
+    pub fn allowing_servers(mut self, servers: impl IntoIterator<Item = OwnedServerName>) -> Self {
+        self.allowed_servers = servers.into_iter().collect();
+        self
+    }
+
+    /// True for admins and the people they allowed: listed users and users of listed servers
+    /// (the same rule as `config::InvitePolicy::allows`, which decides invites and `!crew`).
     pub fn is_allowed_person(&self, user: &UserId) -> bool {
-        self.admins.contains(user) || self.allowed.contains(user)
+        self.admins.contains(user)
+            || self.allowed.contains(user)
+            || self.allowed_servers.contains(user.server_name())
     }
 
     /// Whether `sender` may wake agent number `target` (not the sender itself).

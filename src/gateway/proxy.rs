@@ -240,10 +240,12 @@ async fn forward(
 
     let is_llm = route.config.kind == RouteKind::Openai;
     let mut max_tokens = 0;
+    let mut forced_usage = false;
     if is_llm && !body.is_empty() {
         let checked = check_llm_body(body, policy, &record.id, audit)?;
         body = checked.body;
         max_tokens = checked.max_tokens;
+        forced_usage = checked.forced_usage;
     } else if is_llm && !policy.any_model() && parts.method == http::Method::POST {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -324,9 +326,16 @@ async fn forward(
     // `accept-encoding` is not forwarded, and the meter only watches), so the upstream's
     // `Content-Length` stays true: a fixed-length answer ends with its last byte, without the
     // extra terminating chunk (and wake-up) of chunked encoding.
+    // Usage the gateway asked for on the consumer's behalf is metered, then left out.
+    let strip_usage = (is_llm && is_sse && forced_usage).then(UsageChunkFilter::default);
+    if strip_usage.is_some() {
+        response_headers.remove(header::CONTENT_LENGTH);
+    }
     let metered = Metered {
         inner: Box::pin(response.bytes_stream()),
         meter,
+        strip_usage,
+        ended: false,
         usage: None,
         seen_bytes: 0,
         draining: false,
@@ -501,6 +510,9 @@ struct CheckedLlmBody {
     /// The most completion tokens the request asks for (`max_tokens` or
     /// `max_completion_tokens`), 0 when it does not say.
     max_tokens: u64,
+    /// The gateway turned `include_usage` on for a stream whose consumer did not ask for it:
+    /// the usage-only chunk is metered, then left out of what the consumer sees.
+    forced_usage: bool,
 }
 
 /// Checks the model against the allowlist and makes streams report usage: metering cannot be
@@ -524,12 +536,17 @@ fn check_llm_body(
                 != Some(true);
         if !needs_usage {
             let max_tokens = peek.max_tokens.or(peek.max_completion_tokens).unwrap_or(0);
-            return Ok(CheckedLlmBody { body, max_tokens });
+            return Ok(CheckedLlmBody {
+                body,
+                max_tokens,
+                forced_usage: false,
+            });
         }
     }
     let unchanged = |body: Bytes| CheckedLlmBody {
         body,
         max_tokens: 0,
+        forced_usage: false,
     };
     let mut json: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(json) => json,
@@ -557,7 +574,11 @@ fn check_llm_body(
         .unwrap_or(0);
     let streaming = object.get("stream").and_then(|s| s.as_bool()) == Some(true);
     if !streaming {
-        return Ok(CheckedLlmBody { body, max_tokens });
+        return Ok(CheckedLlmBody {
+            body,
+            max_tokens,
+            forced_usage: false,
+        });
     }
     let options = object
         .entry("stream_options")
@@ -565,13 +586,19 @@ fn check_llm_body(
     if !options.is_object() {
         *options = serde_json::json!({});
     }
+    let mut forced_usage = false;
     if let Some(options) = options.as_object_mut() {
+        forced_usage = options.get("include_usage").and_then(|v| v.as_bool()) != Some(true);
         options.insert("include_usage".into(), serde_json::Value::Bool(true));
     }
     let body = serde_json::to_vec(&json)
         .map(Bytes::from)
         .map_err(Refusal::internal)?;
-    Ok(CheckedLlmBody { body, max_tokens })
+    Ok(CheckedLlmBody {
+        body,
+        max_tokens,
+        forced_usage,
+    })
 }
 
 /// The top-level request fields the gateway looks at.
@@ -661,7 +688,7 @@ async fn send_with_failover(
     route: &Route,
     method: http::Method,
     url: url::Url,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<reqwest::Response, Refusal> {
     let now_ms = gateway.clock.now_ms();
@@ -678,7 +705,12 @@ async fn send_with_failover(
     let mut failure = None;
     for (attempt, &index) in order.iter().enumerate() {
         let key = &route.keys[index];
-        let mut request_headers = headers.clone();
+        // The last (usually the only) attempt takes the headers instead of copying them.
+        let mut request_headers = if attempt == last {
+            std::mem::take(&mut headers)
+        } else {
+            headers.clone()
+        };
         request_headers.insert(header_name.clone(), key.header_value.clone());
         let request = gateway
             .http
@@ -889,6 +921,111 @@ fn usage_of(raw: &[u8]) -> Option<Usage> {
     })
 }
 
+/// Leaves out of an SSE stream the events that carry only usage (`"choices": []` and a
+/// `usage` object), which the upstream sends because the gateway forced `include_usage`: the
+/// consumer sees the stream it asked for. Other events pass unchanged, each as soon as it is
+/// complete (an event ends with a blank line); an incomplete one is held until its end.
+#[derive(Default)]
+struct UsageChunkFilter {
+    /// The start of an event whose end has not arrived yet.
+    held: Vec<u8>,
+}
+
+impl UsageChunkFilter {
+    /// What of `chunk` (after what was held) may go to the consumer now.
+    fn push(&mut self, chunk: &[u8]) -> Bytes {
+        if self.held.is_empty() && !contains(chunk, b"\"usage\"") {
+            // The common case: no usage in sight. Pass every complete event, hold the rest.
+            return match last_event_end(chunk) {
+                Some(end) if end == chunk.len() => Bytes::copy_from_slice(chunk),
+                Some(end) => {
+                    self.held.extend_from_slice(&chunk[end..]);
+                    Bytes::copy_from_slice(&chunk[..end])
+                }
+                None => {
+                    self.held.extend_from_slice(chunk);
+                    Bytes::new()
+                }
+            };
+        }
+        self.held.extend_from_slice(chunk);
+        let Some(end) = last_event_end(&self.held) else {
+            return Bytes::new();
+        };
+        let rest = self.held.split_off(end);
+        let complete = std::mem::replace(&mut self.held, rest);
+        let mut out = Vec::with_capacity(complete.len());
+        let mut start = 0;
+        while let Some(len) = next_event_len(&complete[start..]) {
+            let event = &complete[start..start + len];
+            if !is_usage_only_event(event) {
+                out.extend_from_slice(event);
+            }
+            start += len;
+        }
+        Bytes::from(out)
+    }
+
+    /// What was held at the end of the stream (an event without its closing blank line).
+    fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.held);
+        if is_usage_only_event(&rest) {
+            Bytes::new()
+        } else {
+            Bytes::from(rest)
+        }
+    }
+}
+
+/// The length of the first complete event in `bytes` (up to and including its blank line).
+fn next_event_len(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(newline) = bytes[i..].iter().position(|&b| b == b'\n') {
+        let after = i + newline + 1;
+        match bytes.get(after) {
+            Some(b'\n') => return Some(after + 1),
+            Some(b'\r') if bytes.get(after + 1) == Some(&b'\n') => return Some(after + 2),
+            _ => i = after,
+        }
+    }
+    None
+}
+
+/// Where the last complete event in `bytes` ends.
+fn last_event_end(bytes: &[u8]) -> Option<usize> {
+    let mut end = None;
+    let mut start = 0;
+    while let Some(len) = next_event_len(&bytes[start..]) {
+        start += len;
+        end = Some(start);
+    }
+    end
+}
+
+/// An event whose data is a chunk with no choices and a usage object.
+fn is_usage_only_event(event: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct UsageChunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    if !contains(event, b"\"usage\"") {
+        return false;
+    }
+    let mut data = Vec::new();
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(value) = line.strip_prefix(b"data:") {
+            data.extend_from_slice(value);
+        }
+    }
+    serde_json::from_slice::<UsageChunk>(&data).is_ok_and(|chunk| {
+        chunk.usage.is_some() && chunk.choices.as_ref().is_none_or(Vec::is_empty)
+    })
+}
+
 /// What happens once the response body is done (or the consumer went away).
 struct Finish {
     gateway: Arc<Gateway>,
@@ -908,6 +1045,10 @@ struct Finish {
 struct Metered {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     meter: Meter,
+    /// Set when the usage-only chunk must not reach the consumer (it did not ask for it).
+    strip_usage: Option<UsageChunkFilter>,
+    /// The upstream's answer ended (what the filter held back has been sent).
+    ended: bool,
     usage: Option<Usage>,
     /// Response bytes seen so far, for the estimate.
     seen_bytes: u64,
@@ -963,26 +1104,43 @@ impl Stream for Metered {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                this.seen_bytes += chunk.len() as u64;
-                this.meter.observe(&chunk, &mut this.usage);
-                Poll::Ready(Some(Ok(chunk)))
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(error))) => {
-                if let Some(finish) = &mut this.finish
-                    && finish.audit.code.is_none()
-                {
-                    finish.audit.code = Some("upstream_interrupted".into());
+            return match this.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.seen_bytes += chunk.len() as u64;
+                    this.meter.observe(&chunk, &mut this.usage);
+                    let Some(filter) = &mut this.strip_usage else {
+                        return Poll::Ready(Some(Ok(chunk)));
+                    };
+                    let passed = filter.push(&chunk);
+                    if passed.is_empty() {
+                        // All of it held back (an incomplete event) or left out: read on.
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(passed)))
                 }
-                this.complete();
-                Poll::Ready(Some(Err(error.without_url())))
-            }
-            Poll::Ready(None) => {
-                this.complete();
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Err(error))) => {
+                    if let Some(finish) = &mut this.finish
+                        && finish.audit.code.is_none()
+                    {
+                        finish.audit.code = Some("upstream_interrupted".into());
+                    }
+                    this.complete();
+                    Poll::Ready(Some(Err(error.without_url())))
+                }
+                Poll::Ready(None) => {
+                    this.complete();
+                    this.ended = true;
+                    match this.strip_usage.as_mut().map(UsageChunkFilter::finish) {
+                        Some(rest) if !rest.is_empty() => Poll::Ready(Some(Ok(rest))),
+                        _ => Poll::Ready(None),
+                    }
+                }
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }
@@ -1005,6 +1163,8 @@ impl Drop for Metered {
             let rest = Metered {
                 inner: std::mem::replace(&mut self.inner, Box::pin(futures::stream::empty())),
                 meter: std::mem::replace(&mut self.meter, Meter::Off),
+                strip_usage: None,
+                ended: false,
                 usage: None,
                 seen_bytes: self.seen_bytes,
                 draining: true,
@@ -1014,5 +1174,54 @@ impl Drop for Metered {
             return;
         }
         self.complete();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE_ONLY: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const CONTENT: &str =
+        "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    /// Feeds `stream` to a filter cut at every `step` bytes; what the consumer would see.
+    fn filtered(stream: &str, step: usize) -> String {
+        let mut filter = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        for piece in stream.as_bytes().chunks(step) {
+            out.extend_from_slice(&filter.push(piece));
+        }
+        out.extend_from_slice(&filter.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_usage_only_event_is_left_out_wherever_the_chunks_are_cut() {
+        let stream = format!("{CONTENT}{CONTENT}{USAGE_ONLY}{DONE}");
+        for step in [1, 2, 7, 16, 64, stream.len()] {
+            assert_eq!(filtered(&stream, step), format!("{CONTENT}{CONTENT}{DONE}"));
+        }
+        let crlf = stream.replace('\n', "\r\n");
+        assert_eq!(
+            filtered(&crlf, 5),
+            format!("{CONTENT}{CONTENT}{DONE}").replace('\n', "\r\n")
+        );
+    }
+
+    #[test]
+    fn other_events_pass_unchanged_and_whole() {
+        let stream = format!(": keep-alive\n\nevent: x\n{CONTENT}{DONE}");
+        assert_eq!(filtered(&stream, 3), stream);
+        // A stream cut short: what arrived still reaches the consumer.
+        assert_eq!(
+            filtered("data: {\"choices\":[{}]}", 4),
+            "data: {\"choices\":[{}]}"
+        );
+        // A complete event is passed at once, not held for the next one.
+        let mut filter = UsageChunkFilter::default();
+        assert_eq!(&filter.push(CONTENT.as_bytes())[..], CONTENT.as_bytes());
+        assert!(filter.push(b"data: {\"cho").is_empty());
     }
 }

@@ -196,7 +196,7 @@ fn dispatch_roster(
         manager,
         manager_name,
         &config.admins,
-        &config.invites.allow_users,
+        &config.invites,
         &config.dispatch,
     )
 }
@@ -240,7 +240,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     ));
     let team = Arc::new(
         Team::new(registry, client.clone(), gateway.clone(), manager.clone())
-            .with_sandboxes(sandboxes.clone()),
+            .with_sandboxes(sandboxes.clone())
+            .with_max_workers(config.limits.max_workers),
     );
     let manager_profile: Tree<String, crate::agent::manager::ManagerProfile> =
         store.tree("manager_profile")?;

@@ -427,7 +427,7 @@ async fn answer_command(
                 ),
                 Err(error) => format!("I could not remove `{name}`: {error}"),
             },
-            Command::Why(event_id) => why(crew, &event_id),
+            Command::Why(event_id) => why(crew, room, sender, &event_id),
             Command::Projects => commands::projects_answer(
                 crew.agents.projects.projects(),
                 &room_view(crew, room, sender),
@@ -488,8 +488,10 @@ fn room_view(crew: &Service, room: &RoomId, sender: &UserId) -> commands::RoomVi
     }
 }
 
-/// `!crew why`: the dispatcher's kept decision, in words.
-fn why(crew: &Service, event_id: &str) -> String {
+/// `!crew why`: the dispatcher's kept decision, in words. Room-scoped like the other read-only
+/// commands: to anyone but an admin, a decision about another room's event is answered as if
+/// none was kept, so the answer does not even say that the event exists.
+fn why(crew: &Service, room: &RoomId, sender: &UserId, event_id: &str) -> String {
     let Ok(event_id) = ruma::EventId::parse(event_id) else {
         return format!("`{event_id}` is not an event id (they start with `$`).");
     };
@@ -497,7 +499,12 @@ fn why(crew: &Service, event_id: &str) -> String {
         .dispatcher
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(kept) = state.dispatcher.reasons.get(&event_id) else {
+    let kept = state
+        .dispatcher
+        .reasons
+        .get(&event_id)
+        .filter(|kept| crew.is_admin(sender) || kept.decision.room_id.as_deref() == Some(room));
+    let Some(kept) = kept else {
         return "I kept no decision for that event (unknown to me, or older than the retention)."
             .to_owned();
     };

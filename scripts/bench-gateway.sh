@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The gateway's cost measured from outside, as issue #10 measured it: nginx on loopback answers a
+# canned chat completion (the fixed upstream), the release `crew serve` runs its credential
+# gateway in front of it, and wrk sends POST /chat/completions with an Authorization header,
+# 1 and 10 connections, straight to nginx ("direct") and through the gateway, alternating.
+#
+# Usage: scripts/bench-gateway.sh            (builds `crew` in release first)
+#   CREW=path/to/crew   use this binary instead of building
+#   ROUNDS=3            direct/gateway pairs per concurrency (alternating)
+#   DURATION=10s        each wrk run
+#   CONNECTIONS="1 10"  concurrencies
+#
+# Needs nginx and wrk (Debian: `apt-get install -y nginx-light wrk`). Everything listens on
+# 127.0.0.1 only, in a temporary directory removed at the end. On a 2-core machine wrk, nginx and
+# crew share the cores: read the figures as relative (gateway vs direct), not absolute.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-"1 10"}
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+for tool in nginx wrk; do
+  if ! command -v "$tool" >/dev/null && ! [ -x "/usr/sbin/$tool" ]; then
+    echo "bench-gateway: $tool is missing; install it with: apt-get install -y nginx-light wrk" >&2
+    exit 1
+  fi
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+if [ -z "${CREW:-}" ]; then
+  (cd "$here" && cargo build --release --bin crew >&2)
+  CREW="${CARGO_TARGET_DIR:-$here/target}/release/crew"
+fi
+
+work=$(mktemp -d)
+nginx_pid=""
+crew_pid=""
+cleanup() {
+  [ -n "$crew_pid" ] && kill "$crew_pid" 2>/dev/null && wait "$crew_pid" 2>/dev/null || true
+  [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+upstream_port=$(free_port)
+homeserver_port=$(free_port)
+appservice_port=$(free_port)
+admin_port=$(free_port)
+gateway_port=$(free_port)
+
+# The canned completion: the size of a short real answer, with usage figures to meter.
+completion='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}'
+
+# nginx: the LLM upstream, and a stand-in homeserver that answers crew's start-up checks
+# (versions, whoami, display name, ping) so that `crew serve` runs without a Synapse.
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$upstream_port;
+    location = /v1/chat/completions {
+      default_type application/json;
+      return 200 '$completion';
+    }
+  }
+  server {
+    listen 127.0.0.1:$homeserver_port;
+    default_type application/json;
+    location = /_matrix/client/versions { return 200 '{"versions":["v1.11"]}'; }
+    location = /_matrix/client/v3/account/whoami { return 200 '{"user_id":"@crew:bench.test"}'; }
+    location ~ /displayname\$ { return 200 '{"displayname":"Crew Manager"}'; }
+    location ~ /ping\$ { return 200 '{"duration_ms":1}'; }
+    location / { return 200 '{}'; }
+  }
+}
+EOF
+"$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
+nginx_pid=$!
+
+"$CREW" init --homeserver "http://127.0.0.1:$homeserver_port" --server-name bench.test \
+  --admin @admin:bench.test --data-dir "$work/data" \
+  --bind "127.0.0.1:$appservice_port" --admin-bind "127.0.0.1:$admin_port" >/dev/null
+echo "sk-bench-upstream-key" >"$work/llm.key"
+cat >>"$work/data/config.toml" <<EOF
+
+[gateway]
+bind = "127.0.0.1:$gateway_port"
+
+[[gateway.routes]]
+name = "llm"
+prefix = "/llm"
+upstream = "http://127.0.0.1:$upstream_port/v1"
+kind = "openai"
+credentials = [{ file = "$work/llm.key" }]
+EOF
+# crew's default logging (info, to stderr), as it runs in production.
+"$CREW" --config "$work/data/config.toml" serve 2>"$work/crew.log" &
+crew_pid=$!
+
+wait_for() {
+  local url=$1
+  for _ in $(seq 1 100); do
+    if curl -s -o /dev/null "$url"; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench-gateway: nothing answers at $url; crew log:" >&2
+  cat "$work/crew.log" >&2
+  exit 1
+}
+wait_for "http://127.0.0.1:$upstream_port/"
+wait_for "http://127.0.0.1:$gateway_port/"
+token=""
+for _ in $(seq 1 100); do
+  if out=$("$CREW" --config "$work/data/config.toml" gateway consumers add bench \
+      --rpm 0 --max-concurrent 0 --daily-tokens 0 2>/dev/null); then
+    token=$(printf '%s\n' "$out" | sed -n 's/^token: //p')
+    break
+  fi
+  sleep 0.1
+done
+[ -n "$token" ] || { echo "bench-gateway: cannot add a consumer; crew log:" >&2; cat "$work/crew.log" >&2; exit 1; }
+
+body='{"model":"bench-model","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello."}],"max_tokens":64}'
+lua() {
+  cat <<EOF
+wrk.method = "POST"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $1"
+EOF
+}
+lua sk-direct >"$work/direct.lua"
+lua "$token" >"$work/gateway.lua"
+
+# A first short run of each path: connections, caches and the CPU frequency settle.
+wrk -t1 -c10 -d2s -s "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" >/dev/null
+wrk -t1 -c10 -d2s -s "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" >/dev/null
+
+# wrk's "50%" latency in ms, and its requests/s.
+run() {
+  local script=$1 url=$2 connections=$3 out
+  out=$(wrk -t1 -c"$connections" -d"$DURATION" --latency -s "$script" "$url")
+  if printf '%s\n' "$out" | grep -q "Non-2xx"; then
+    echo "bench-gateway: non-2xx answers:" >&2
+    printf '%s\n' "$out" >&2
+    exit 1
+  fi
+  local p50 rps
+  p50=$(printf '%s\n' "$out" | awk '$1=="50%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000}; printf "%.3f", v}')
+  rps=$(printf '%s\n' "$out" | awk '$1=="Requests/sec:" {printf "%.0f", $2}')
+  echo "$p50 $rps"
+}
+
+echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION"
+echo
+echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+for connections in $CONNECTIONS; do
+  for round in $(seq 1 "$ROUNDS"); do
+    read -r d50 drps < <(run "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" "$connections")
+    read -r g50 grps < <(run "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" "$connections")
+    awk -v c="$connections" -v r="$round" -v d50="$d50" -v g50="$g50" -v drps="$drps" -v grps="$grps" \
+      'BEGIN { printf "| %d | %d | %.3f ms | %.3f ms | **%.3f ms** | %d | %d | **%.0f %%** |\n", c, r, d50, g50, g50-d50, drps, grps, 100*grps/drps }'
+  done
+done
+
+# The gateway metered what it served: its usage row counts the requests.
+"$CREW" --config "$work/data/config.toml" gateway usage | sed -n '1,3p' | sed 's/^/    /' >&2
