@@ -8,9 +8,14 @@
 //! the others and a failed join is not lost. A permanent refusal (403, 404…) is recorded with
 //! its reason under the event that caused it, where `!crew why` shows it.
 //!
-//! Sends carry deterministic transaction ids (from the waking event), so a send repeated after
-//! a crash between the homeserver's answer and the outbox's "done" is deduplicated; joins and
-//! declines are idempotent on the homeserver.
+//! Nothing that creates something on the homeserver is sent blindly twice. Every message
+//! carries its outbox key in its content ([`OUTBOX_KEY_FIELD`]) and a transaction id derived
+//! from it; a room the outbox creates carries the key in its `creation_content`. The first
+//! attempt is recorded ([`Outbox::mark_attempted`]) before the request leaves; an attempted
+//! effect is re-run only after looking on the homeserver for what the first attempt made (the
+//! room's recent events, the agent's rooms), because a homeserver that restarted has forgotten
+//! its transaction ids. What was made (the event id, the room id) is recorded before the effect
+//! is marked done. Joins, declines and leaves are idempotent on the homeserver.
 //!
 //! Keys are `<room id> 0x00 <sequence, big-endian>`: one room's effects are one ordered prefix
 //! scan.
@@ -24,6 +29,10 @@ use tokio::sync::Notify;
 
 use crate::store::{Store, StoreError, Tree};
 
+/// The content field that carries an effect's outbox key in every message and created room, so
+/// that a re-run finds what an unacknowledged attempt made.
+pub const OUTBOX_KEY_FIELD: &str = "org.matrix-crew.outbox_key";
+
 /// Something to do on the homeserver, in one room, as one of our agents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -34,11 +43,29 @@ pub enum Effect {
     Decline { agent: OwnedUserId, reason: String },
     /// Learn the room's state as `agent` (after its join was seen).
     Seed { agent: OwnedUserId },
-    /// Send an `m.room.message`; `txn_key` makes the transaction id.
+    /// Send an `m.room.message`; `txn_key` makes the transaction id and is the outbox key.
     Send {
         agent: OwnedUserId,
         txn_key: String,
         content: Value,
+    },
+    /// The offer of an encrypted room: `agent` creates an unencrypted room (once, keyed by
+    /// `txn_key`) with `invite`d, then says so in this room (or, if the homeserver refused the
+    /// room, how to invite it elsewhere).
+    OfferRoom {
+        agent: OwnedUserId,
+        name: String,
+        topic: String,
+        invite: Vec<OwnedUserId>,
+        txn_key: String,
+    },
+    /// `!crew remove <name>`: the Worker is removed (token revoked, sandbox gone, it leaves its
+    /// rooms), then the Manager answers `command` in this room, in reply to it.
+    RemoveWorker {
+        name: String,
+        /// The command event, as far as a reply needs it (`event_id`, `content.m.relates_to`).
+        command: Value,
+        txn_key: String,
     },
 }
 
@@ -70,12 +97,24 @@ pub struct Sent {
     pub at_ms: u64,
 }
 
-/// The `outbox`, `outbox_failures` and `outbox_sent` trees.
+/// A room the outbox created, recorded before its effect is marked done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    pub room_id: OwnedRoomId,
+    pub at_ms: u64,
+}
+
+/// The `outbox`, `outbox_failures`, `outbox_sent`, `outbox_attempted` and `outbox_created`
+/// trees.
 pub struct Outbox {
     store: Store,
     pending: Tree<String, Staged>,
     failures: Tree<String, Vec<Failure>>,
     sent: Tree<String, Sent>,
+    /// Creating requests that may have reached the homeserver (by agent and outbox key), with
+    /// when: a re-run looks for what they made before sending again.
+    attempted: Tree<String, u64>,
+    created: Tree<String, Created>,
     staged: Notify,
 }
 
@@ -86,6 +125,8 @@ impl Outbox {
             pending: store.tree("outbox")?,
             failures: store.tree("outbox_failures")?,
             sent: store.tree("outbox_sent")?,
+            attempted: store.tree("outbox_attempted")?,
+            created: store.tree("outbox_created")?,
             staged: Notify::new(),
         })
     }
@@ -137,13 +178,68 @@ impl Outbox {
         )
     }
 
-    /// Forgets sent records older than `before_ms`.
+    /// Records that a creating request (a send, a createRoom) for `agent` under `key` is about
+    /// to leave, flushed before it does: after a crash or an unanswered request, whether the
+    /// homeserver has it must be looked up, not assumed. Returns whether an earlier attempt was
+    /// already recorded (then look before sending again).
+    pub async fn mark_attempted(
+        &self,
+        agent: &UserId,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let key = sent_key(agent, key);
+        if self.attempted.get(&key)?.is_some() {
+            return Ok(true);
+        }
+        self.attempted.insert(&key, &now_ms)?;
+        self.store.flush().await?;
+        Ok(false)
+    }
+
+    /// The room the outbox created for `agent` under `key`, if recorded.
+    pub fn created(&self, agent: &UserId, key: &str) -> Result<Option<Created>, StoreError> {
+        self.created.get(&sent_key(agent, key))
+    }
+
+    /// Records a created room; call before [`Outbox::done`].
+    pub fn record_created(
+        &self,
+        agent: &UserId,
+        key: &str,
+        room_id: &RoomId,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.created.insert(
+            &sent_key(agent, key),
+            &Created {
+                room_id: room_id.to_owned(),
+                at_ms: now_ms,
+            },
+        )
+    }
+
+    /// Forgets sent, attempted and created records older than `before_ms`.
     pub fn prune_sent(&self, before_ms: u64) -> Result<usize, StoreError> {
         let mut pruned = 0;
         for entry in self.sent.iter() {
             let (key, sent) = entry?;
             if sent.at_ms < before_ms {
                 self.sent.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        for entry in self.attempted.iter() {
+            let (key, at_ms) = entry?;
+            if at_ms < before_ms {
+                self.attempted.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        for entry in self.created.iter() {
+            let (key, created) = entry?;
+            if created.at_ms < before_ms {
+                self.created.remove(&key)?;
                 pruned += 1;
             }
         }
@@ -263,6 +359,8 @@ impl Effect {
             Effect::Decline { agent, .. } => format!("{agent} declining the invite"),
             Effect::Seed { agent } => format!("{agent} reading the room's state"),
             Effect::Send { agent, .. } => format!("{agent}'s message"),
+            Effect::OfferRoom { agent, .. } => format!("{agent} opening an unencrypted room"),
+            Effect::RemoveWorker { name, .. } => format!("removing the Worker `{name}`"),
         }
     }
 }

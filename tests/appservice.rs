@@ -1033,10 +1033,11 @@ async fn an_answer_the_homeserver_fails_to_take_is_sent_later_once() {
     let manager = env.manager_id();
     let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
     env.start_crew().await;
-    // More 500s than two homeserver calls retry by themselves (6 each): the first call is the
-    // one-time note that no LLM is configured, the second the answer. The turn is over long
-    // before the homeserver takes its answer, which the outbox keeps and re-sends.
-    relay.fail_sends(&room, 500, 12);
+    // More 500s than the first call retries by itself (6: the one-time note that no LLM is
+    // configured), then three for the answer, which the outbox sends in one attempt at a time
+    // (looking first whether an earlier one was taken). The turn is over long before the
+    // homeserver takes its answer, which the outbox keeps and re-sends.
+    relay.fail_sends(&room, 500, 9);
     let asked = admin
         .send_mention(&room, "are you there?", &[&manager])
         .await;

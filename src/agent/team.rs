@@ -127,6 +127,7 @@ impl Team {
                         invite: vec![requester.to_owned(), worker.user_id.clone()],
                         is_direct: false,
                         power_levels,
+                        ..Default::default()
                     },
                 )
                 .await?;

@@ -47,7 +47,16 @@ pub struct CreateRoom {
     pub is_direct: bool,
     /// Power levels by user (the creator always has full power).
     pub power_levels: BTreeMap<OwnedUserId, i64>,
+    /// Extra `creation_content` fields (the outbox's idempotency key, found again by
+    /// [`MatrixClient::created_room_with`]).
+    pub creation_content: serde_json::Map<String, Value>,
 }
+
+/// How many of a room's latest events [`MatrixClient::recent_event_where`] reads at most: an
+/// unacknowledged send is looked for soon after it, so it is among the last few hundred.
+pub const RECENT_EVENTS_SEARCHED: usize = 500;
+/// Events per `/messages` page.
+const MESSAGES_PAGE: usize = 100;
 
 impl MatrixClient {
     pub fn new(base: url::Url, as_token: Secret) -> Self {
@@ -272,12 +281,17 @@ impl MatrixClient {
         if let Some(version) = &version {
             body["room_version"] = json!(version);
         }
+        if !room.creation_content.is_empty() {
+            body["creation_content"] = Value::Object(room.creation_content.clone());
+        }
         if !room.power_levels.is_empty() {
             let users = power_level_users(version.as_deref(), user, &room.power_levels);
             body["power_level_content_override"] = json!({ "users": users });
         }
+        // Never re-posted blindly (a lost answer would make a second room): only a refusal
+        // (429, nothing created) is asked again.
         let answer = self
-            .call(Method::POST, path, Some(user), Some(body), &[])
+            .call_unless_sent(Method::POST, path, Some(user), Some(body))
             .await?;
         answer
             .get("room_id")
@@ -323,6 +337,98 @@ impl MatrixClient {
             .and_then(Value::as_str)
             .and_then(|id| ruma::EventId::parse(id).ok())
             .ok_or_else(|| bad(&path, "no event_id in send answer"))
+    }
+
+    /// As [`MatrixClient::send_event`], in one attempt (no retry inside): the caller looks
+    /// for an unacknowledged attempt's event before it sends again.
+    pub async fn send_event_once(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        event_type: &str,
+        txn_key: &str,
+        content: Value,
+    ) -> Result<OwnedEventId, MatrixError> {
+        let txn_id = transaction_id(user.as_str(), txn_key);
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/{}/{}",
+            enc(room.as_str()),
+            enc(event_type),
+            txn_id
+        );
+        let answer = self
+            .call_unless_sent(Method::PUT, &path, Some(user), Some(content))
+            .await?;
+        answer
+            .get("event_id")
+            .and_then(Value::as_str)
+            .and_then(|id| ruma::EventId::parse(id).ok())
+            .ok_or_else(|| bad(&path, "no event_id in send answer"))
+    }
+
+    /// The newest of `room`'s latest [`RECENT_EVENTS_SEARCHED`] events (`/messages`
+    /// backwards, as `user`) that `matches`, if any.
+    pub async fn recent_event_where(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Option<OwnedEventId>, MatrixError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/messages", enc(room.as_str()));
+        let limit = MESSAGES_PAGE.to_string();
+        let mut from: Option<String> = None;
+        let mut seen = 0;
+        while seen < RECENT_EVENTS_SEARCHED {
+            let mut query = vec![("dir", "b"), ("limit", limit.as_str())];
+            if let Some(from) = &from {
+                query.push(("from", from.as_str()));
+            }
+            let answer = self
+                .call(Method::GET, &path, Some(user), None, &query)
+                .await?;
+            let chunk = answer
+                .get("chunk")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(found) = chunk.iter().find(|event| matches(event)) {
+                return Ok(found
+                    .get("event_id")
+                    .and_then(Value::as_str)
+                    .and_then(|id| ruma::EventId::parse(id).ok()));
+            }
+            seen += chunk.len();
+            match answer.get("end").and_then(Value::as_str) {
+                Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(None)
+    }
+
+    /// A room `user` is in whose `m.room.create` content has `field` = `value` (a room an
+    /// unacknowledged createRoom made), if any.
+    pub async fn created_room_with(
+        &self,
+        user: &UserId,
+        field: &str,
+        value: &str,
+    ) -> Result<Option<OwnedRoomId>, MatrixError> {
+        for room in self.joined_rooms(user).await? {
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.create/",
+                enc(room.as_str())
+            );
+            match self.call(Method::GET, &path, Some(user), None, &[]).await {
+                Ok(content) if content.get(field).and_then(Value::as_str) == Some(value) => {
+                    return Ok(Some(room));
+                }
+                Ok(_) => {}
+                Err(error) if error.status().is_some_and(|status| status < 500) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(None)
     }
 
     pub async fn typing(
@@ -542,6 +648,34 @@ impl MatrixClient {
         }
     }
 
+    /// A request retried only while the homeserver refuses it with 429 (it made nothing): a
+    /// network error or a 5xx may hide a request that was carried out, so it is the caller's
+    /// to look before asking again.
+    async fn call_unless_sent(
+        &self,
+        method: Method,
+        path: &str,
+        user: Option<&UserId>,
+        body: Option<Value>,
+    ) -> Result<Value, MatrixError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .call_once(method.clone(), path, user, body.clone(), &[])
+                .await;
+            let wait = match &result {
+                Err(MatrixError::Api {
+                    status: 429, error, ..
+                }) if attempt < MAX_ATTEMPTS => retry_after(error).unwrap_or(backoff),
+                _ => return result,
+            };
+            tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
+            backoff *= 2;
+            attempt += 1;
+        }
+    }
+
     async fn call_once(
         &self,
         method: Method,
@@ -570,12 +704,13 @@ impl MatrixClient {
         response: reqwest::Response,
     ) -> Result<Value, MatrixError> {
         let status = response.status();
+        // A body cut off is the connection failing, not the homeserver's answer: retried.
         let text = response
             .text()
             .await
-            .map_err(|error| MatrixError::BadResponse {
-                path: path.to_owned(),
-                message: error.to_string(),
+            .map_err(|error| MatrixError::Unreachable {
+                url: path.to_owned(),
+                message: error.without_url().to_string(),
             })?;
         let value: Value = if text.is_empty() {
             json!({})

@@ -201,8 +201,21 @@ fn dispatch_roster(
     )
 }
 
-/// Runs until `shutdown` is cancelled or a listener fails.
-pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// What [`open`] gives `serve`: the service, and what the appservice API and the start-up
+/// check share with it.
+pub(crate) struct Opened {
+    pub crew: Arc<Service>,
+    state: Arc<AppserviceState>,
+    ping_seen: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+/// Opens everything the running service shares (database, roster, dispatcher, gateway,
+/// storage…) without binding a socket or calling the homeserver, so the pump and the outbox can
+/// be driven over a temporary directory in tests.
+pub(crate) async fn open(
+    loaded: Loaded,
+    shutdown: CancellationToken,
+) -> Result<Opened, ServeError> {
     let Loaded {
         config,
         registration,
@@ -281,17 +294,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     });
     let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;
     let tasks = crate::tasks::Tasks::open(&store, storage.clone(), &config.tasks)?;
-    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
-    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
-    let admin_listener = bind("admin API", config.admin_api.bind).await?;
-    let admin_token =
-        crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
-            ServeError::DataDir {
-                path: config.admin_token_path().display().to_string(),
-                source,
-            }
-        })?;
-
     let busy = crate::agent::status::Busy::default();
     let agents = Arc::new(crate::agent::services::AgentServices {
         client: client.clone(),
@@ -344,6 +346,38 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         background: background.clone(),
         shutdown: shutdown.clone(),
     });
+
+    Ok(Opened {
+        crew,
+        state,
+        ping_seen,
+    })
+}
+
+/// Runs until `shutdown` is cancelled or a listener fails.
+pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let Opened {
+        crew,
+        state,
+        ping_seen,
+    } = open(loaded, shutdown.clone()).await?;
+    let config = &crew.config;
+    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
+    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
+    let admin_listener = bind("admin API", config.admin_api.bind).await?;
+    let admin_token =
+        crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
+            ServeError::DataDir {
+                path: config.admin_token_path().display().to_string(),
+                source,
+            }
+        })?;
+    let background = crew.background.clone();
+    let team = crew.team.clone();
+    let gateway = crew.gateway.clone();
+    let storage = crew.storage.clone();
+    let links = crew.links.clone();
+    let sandboxes = crew.agents.sandboxes.clone();
 
     // Signed file links are served next to the appservice API (under /files/), at the address
     // `storage.public_base_url` points to.

@@ -280,7 +280,7 @@ pub(super) async fn refresh_rooms(crew: Arc<Service>) {
         }
     };
     for room in rooms {
-        super::pump::seed_room(&crew, &crew.manager, &room).await;
+        super::outbox_runner::seed_room(&crew, &crew.manager, &room).await;
     }
     tracing::debug!("room state refreshed");
 }

@@ -8,6 +8,9 @@
 //! [`TuwunelReplay::push`]es are delivered Tuwunel style: held after a failure, and re-sent when
 //! the next event is queued, which is a pushed event or an event crew itself sends through the
 //! relay (a `PUT …/send/…` or `…/state/…` that Synapse accepted). A ping delivers nothing.
+//!
+//! As a client-API proxy it can also fail, hold or cut crew's requests (a homeserver in
+//! trouble, or a send that reached it whose answer was lost).
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,14 @@ struct Inner {
     joins: std::sync::atomic::AtomicUsize,
     /// As `failing_joins`, for message sends in one room.
     failing_sends: Mutex<(String, u16, usize)>,
+    /// Whether only the outbox's sends (their content carries `org.matrix-crew.outbox_key`)
+    /// are held by `hold_sends`.
+    hold_only_outbox: std::sync::atomic::AtomicBool,
+    /// The next outbox send is forwarded, then its connection is cut before the answer, and
+    /// every request after it is held until `release_all`.
+    cut_next_outbox_send: std::sync::atomic::AtomicBool,
+    cuts: std::sync::atomic::AtomicUsize,
+    hold_all: tokio::sync::watch::Sender<bool>,
 }
 
 impl TuwunelReplay {
@@ -58,6 +69,10 @@ impl TuwunelReplay {
             failing_joins: Mutex::new((0, 0)),
             joins: Default::default(),
             failing_sends: Mutex::new((String::new(), 0, 0)),
+            hold_only_outbox: Default::default(),
+            cut_next_outbox_send: Default::default(),
+            cuts: Default::default(),
+            hold_all: tokio::sync::watch::channel(false).0,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -97,6 +112,33 @@ impl TuwunelReplay {
     /// left mid-request, as with a slow homeserver.
     pub fn hold_sends(&self) {
         self.inner.hold_sends.send_replace(true);
+    }
+
+    /// As [`TuwunelReplay::hold_sends`], for the outbox's sends only (a turn's answer, a
+    /// `!crew` answer): other messages pass.
+    pub fn hold_outbox_sends(&self) {
+        self.inner
+            .hold_only_outbox
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.hold_sends.send_replace(true);
+    }
+
+    /// The next outbox send reaches Synapse, but its answer never reaches crew: the connection
+    /// is cut first (sent but unacknowledged). Every request after it is held until
+    /// [`TuwunelReplay::release_all`], so the test decides what crew finds when it asks again.
+    pub fn cut_next_outbox_send(&self) {
+        self.inner
+            .cut_next_outbox_send
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections cut so far.
+    pub fn cuts(&self) -> usize {
+        self.inner.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn release_all(&self) {
+        self.inner.hold_all.send_replace(false);
     }
 
     pub fn release_sends(&self) {
@@ -194,8 +236,19 @@ async fn relay(
                 .into_response();
         }
     }
+    let mut hold_all = inner.hold_all.subscribe();
+    if *hold_all.borrow() {
+        let _ = hold_all.wait_for(|held| !held).await;
+    }
     let creates_event =
         method == Method::PUT && (uri.path().contains("/send/") || uri.path().contains("/state/"));
+    let outbox_send = method == Method::PUT
+        && uri.path().contains("/send/m.room.message/")
+        && String::from_utf8_lossy(&body).contains("org.matrix-crew.outbox_key");
+    let cut = outbox_send
+        && inner
+            .cut_next_outbox_send
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
         let failed = {
             let mut failing = inner.failing_sends.lock().unwrap();
@@ -213,7 +266,10 @@ async fn relay(
                 .into_response();
         }
         let mut hold = inner.hold_sends.subscribe();
-        if *hold.borrow() {
+        let only_outbox = inner
+            .hold_only_outbox
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if *hold.borrow() && (outbox_send || !only_outbox) {
             inner.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _ = hold.wait_for(|held| !held).await;
             inner.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -232,6 +288,14 @@ async fn relay(
     match request.send().await {
         Ok(response) => {
             let status = response.status();
+            if cut {
+                // Synapse has the event; crew never hears so. Ending this connection's task
+                // (without the panic hook) drops the socket before any answer is written.
+                let _ = response.bytes().await;
+                inner.hold_all.send_replace(true);
+                inner.cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::panic::resume_unwind(Box::new("connection cut by the test relay"));
+            }
             if creates_event && status.is_success() {
                 // An event for the appservice is queued: Tuwunel sends its backlog first. Not
                 // awaited here: the sender gets its answer as from Tuwunel, at once.

@@ -1,0 +1,99 @@
+//! No answer twice, whatever happens to the homeserver: the real `crew` against a real Synapse
+//! that is restarted (its memory of transaction ids gone) while an answer is on its way, with
+//! the test's relay in front of Synapse's client API to hold a send or cut its answer.
+
+#[path = "support/crew.rs"]
+mod crew;
+#[path = "support/synapse.rs"]
+mod synapse;
+#[path = "support/tools.rs"]
+mod tools;
+#[path = "support/tuwunel_replay.rs"]
+mod tuwunel_replay;
+
+use std::time::Duration;
+
+use crew::CrewEnv;
+use synapse::TestUser;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The Manager's messages in `room` that reply to `asked`.
+async fn replies(admin: &TestUser, room: &str, manager: &str, asked: &str) -> usize {
+    admin
+        .messages_from(room, manager)
+        .await
+        .into_iter()
+        .filter(|m| m["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == asked)
+        .count()
+}
+
+/// Waits until `asked` has an answer and crew's outbox holds nothing more, then until a later
+/// mention is answered too (everything before it in the room's outbox order is done).
+async fn settled(env: &CrewEnv, admin: &TestUser, room: &str, asked: &str) {
+    let manager = env.manager_id();
+    tools::wait_for("the answer", WAIT, || async {
+        (replies(admin, room, &manager, asked).await > 0).then_some(())
+    })
+    .await;
+    tools::wait_for("an empty outbox", WAIT, || async {
+        let outbox = env.admin_api("/dispatch/outbox").await?;
+        outbox["pending"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    let later = admin.send_mention(room, "and now?", &[&manager]).await;
+    tools::wait_for("the answer to a later mention", WAIT, || async {
+        (replies(admin, room, &manager, &later).await > 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synapse_restarted_under_an_unsent_and_an_unacknowledged_answer_gives_one_answer_each() {
+    let mut env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let room = admin.create_room("work", &[&manager]).await;
+    admin.wait_joined(&room, &manager).await;
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+
+    // Journalled but unsent: the answer waits in crew's outbox (held on its way) while Synapse
+    // restarts.
+    relay.hold_outbox_sends();
+    let first = admin
+        .send_mention(&room, "are you there?", &[&manager])
+        .await;
+    tools::wait_for("the answer held on its way", WAIT, || async {
+        (relay.held() > 0).then_some(())
+    })
+    .await;
+    env.synapse.restart().await;
+    relay.release_sends();
+    settled(&env, &admin, &room, &first).await;
+    assert_eq!(replies(&admin, &room, &manager, &first).await, 1);
+
+    // Sent but unacknowledged: Synapse stores the answer, crew never hears so, and Synapse
+    // forgets the transaction id (restart) before crew asks again.
+    relay.cut_next_outbox_send();
+    let second = admin
+        .send_mention(&room, "still there?", &[&manager])
+        .await;
+    tools::wait_for("the answer's connection cut", WAIT, || async {
+        (relay.cuts() > 0).then_some(())
+    })
+    .await;
+    env.synapse.restart().await;
+    relay.release_all();
+    settled(&env, &admin, &room, &second).await;
+    assert_eq!(
+        replies(&admin, &room, &manager, &second).await,
+        1,
+        "the answer Synapse took before it restarted is not sent again"
+    );
+    assert!(
+        env.all_logs()
+            .contains("an earlier attempt was sent; not sending again"),
+        "crew found the unacknowledged answer in the room"
+    );
+}
