@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
 
+use crate::matrix::{CreateRoom, MatrixClient, MatrixError};
 use crate::store::{Store, StoreError, Tree};
 
 /// The content field that carries an effect's outbox key in every message and created room, so
@@ -97,7 +98,7 @@ pub struct Sent {
     pub at_ms: u64,
 }
 
-/// A room the outbox created, recorded before its effect is marked done.
+/// A room created once, recorded before its effect is marked done.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Created {
     pub room_id: OwnedRoomId,
@@ -115,7 +116,84 @@ pub struct Outbox {
     /// when: a re-run looks for what they made before sending again.
     attempted: Tree<String, u64>,
     created: Tree<String, Created>,
+    /// Rooms created once (the offer of an unencrypted room; a Worker's room through
+    /// `agent::team`).
+    pub rooms: RoomsCreatedOnce,
     staged: Notify,
+}
+
+/// Creates rooms at most once per key, whatever happens to the request: the room is recorded
+/// once created, the attempt is recorded (and flushed) before the request leaves, and a repeated
+/// attempt first looks for a room of the creator's whose `m.room.create` content carries the
+/// key ([`OUTBOX_KEY_FIELD`]). A Clone is a handle on the same trees.
+#[derive(Clone)]
+pub struct RoomsCreatedOnce {
+    store: Store,
+    attempted: Tree<String, u64>,
+    created: Tree<String, Created>,
+}
+
+/// Why a room could not be created (yet).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateOnceError {
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// The records of what was created could not be read or written: nothing was sent.
+    #[error("the record of created rooms: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl RoomsCreatedOnce {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: store.clone(),
+            attempted: store.tree("outbox_attempted")?,
+            created: store.tree("outbox_created")?,
+        })
+    }
+
+    /// The room `creator` created under `key`, creating it unless an earlier attempt did.
+    pub async fn create(
+        &self,
+        client: &MatrixClient,
+        creator: &UserId,
+        mut room: CreateRoom,
+        key: &str,
+    ) -> Result<OwnedRoomId, CreateOnceError> {
+        let record = sent_key(creator, key);
+        if let Some(created) = self.created.get(&record)? {
+            return Ok(created.room_id);
+        }
+        let attempt = sent_key(creator, &format!("create:{key}"));
+        if self.attempted.get(&attempt)?.is_some() {
+            if let Some(found) = client
+                .created_room_with(creator, OUTBOX_KEY_FIELD, key)
+                .await?
+            {
+                tracing::info!(room = %found, "an earlier attempt created the room; not creating again");
+                self.record(&record, &found)?;
+                return Ok(found);
+            }
+        } else {
+            self.attempted.insert(&attempt, &crate::clock::now_ms())?;
+            self.store.flush().await?;
+        }
+        room.creation_content
+            .insert(OUTBOX_KEY_FIELD.to_owned(), Value::from(key));
+        let created = client.create_room(creator, &room).await?;
+        self.record(&record, &created)?;
+        Ok(created)
+    }
+
+    fn record(&self, record: &String, room: &RoomId) -> Result<(), StoreError> {
+        self.created.insert(
+            record,
+            &Created {
+                room_id: room.to_owned(),
+                at_ms: crate::clock::now_ms(),
+            },
+        )
+    }
 }
 
 impl Outbox {
@@ -127,6 +205,7 @@ impl Outbox {
             sent: store.tree("outbox_sent")?,
             attempted: store.tree("outbox_attempted")?,
             created: store.tree("outbox_created")?,
+            rooms: RoomsCreatedOnce::open(store)?,
             staged: Notify::new(),
         })
     }
@@ -195,28 +274,6 @@ impl Outbox {
         self.attempted.insert(&key, &now_ms)?;
         self.store.flush().await?;
         Ok(false)
-    }
-
-    /// The room the outbox created for `agent` under `key`, if recorded.
-    pub fn created(&self, agent: &UserId, key: &str) -> Result<Option<Created>, StoreError> {
-        self.created.get(&sent_key(agent, key))
-    }
-
-    /// Records a created room; call before [`Outbox::done`].
-    pub fn record_created(
-        &self,
-        agent: &UserId,
-        key: &str,
-        room_id: &RoomId,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.created.insert(
-            &sent_key(agent, key),
-            &Created {
-                room_id: room_id.to_owned(),
-                at_ms: now_ms,
-            },
-        )
     }
 
     /// Forgets sent, attempted and created records older than `before_ms`.

@@ -97,3 +97,73 @@ async fn synapse_restarted_under_an_unsent_and_an_unacknowledged_answer_gives_on
         "crew found the unacknowledged answer in the room"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unencrypted_room_offered_is_created_once_when_the_answer_to_create_it_is_lost() {
+    let mut env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    // The greeting (its DM is a createRoom too) is done before the cut is armed.
+    let dm = tools::wait_for("the Manager's DM invite", WAIT, || async {
+        admin.invites().await.into_iter().next()
+    })
+    .await;
+    admin.join(&dm).await;
+    tools::wait_for("the greeting", WAIT, || async {
+        admin.messages_from(&dm, &manager).await.into_iter().next()
+    })
+    .await;
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+    relay.cut_next_create_room();
+    let (status, created) = admin
+        .request(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(serde_json::json!({"preset": "private_chat", "invite": [manager],
+                "initial_state": [{"type": "m.room.encryption", "state_key": "",
+                                   "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let secret_room = created["room_id"].as_str().unwrap().to_owned();
+    admin.wait_joined(&secret_room, &manager).await;
+    // Something said in the room the Manager cannot read.
+    let (status, _) = admin
+        .request(
+            reqwest::Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.encrypted/t1",
+                synapse::enc(&secret_room)
+            ),
+            Some(serde_json::json!({"algorithm": "m.megolm.v1.aes-sha2",
+                "ciphertext": "AwgAEnAcool", "sender_key": "k", "session_id": "s",
+                "device_id": "D"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let notice = admin.wait_for_notice(&secret_room, &manager).await;
+    assert!(
+        notice["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("I opened an unencrypted room"),
+        "{notice}"
+    );
+    assert_eq!(relay.cuts(), 1, "the createRoom's answer was lost");
+    let invites = admin.invites_named("Crew Manager (unencrypted)").await;
+    assert_eq!(
+        invites.len(),
+        1,
+        "one unencrypted room, not one per attempt: {invites:?}"
+    );
+    let logs = env.all_logs();
+    assert!(
+        logs.contains("an earlier attempt created the room; not creating again"),
+        "{}",
+        logs.lines()
+            .filter(|line| line.contains("WARN") || line.contains("createRoom") || line.contains("ERROR") || line.contains("earlier"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -253,7 +253,8 @@ pub(crate) async fn open(
     ));
     let team = Arc::new(
         Team::new(registry, client.clone(), gateway.clone(), manager.clone())
-            .with_sandboxes(sandboxes.clone()),
+            .with_sandboxes(sandboxes.clone())
+            .with_rooms_created_once(crate::outbox::RoomsCreatedOnce::open(&store)?),
     );
     let manager_profile: Tree<String, crate::agent::manager::ManagerProfile> =
         store.tree("manager_profile")?;

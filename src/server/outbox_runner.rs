@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::Service;
 use crate::matrix::message::ReplyTo;
 use crate::matrix::{CreateRoom, MatrixError, OutgoingMessage};
-use crate::outbox::{Effect, OUTBOX_KEY_FIELD, Staged};
+use crate::outbox::{CreateOnceError, Effect, OUTBOX_KEY_FIELD, Staged};
 use crate::store::StoreError;
 
 /// First wait after a transient failure; doubles up to [`MAX_BACKOFF`].
@@ -202,7 +202,16 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), P
                 invite: invite.clone(),
                 ..CreateRoom::default()
             };
-            let text = match create_room_once(crew, agent, offer, txn_key).await {
+            let created = crew
+                .outbox
+                .rooms
+                .create(&crew.client, agent, offer, txn_key)
+                .await
+                .map_err(|error| match error {
+                    CreateOnceError::Matrix(error) => PerformError::Matrix(error),
+                    CreateOnceError::Store(error) => PerformError::Store(error),
+                });
+            let text = match created {
                 Ok(_) => "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there.",
                 Err(error) if is_transient(&error) => return Err(error),
                 Err(error) => {
@@ -279,40 +288,6 @@ async fn send_once(
     crew.outbox
         .record_sent(agent, txn_key, event_id.as_str(), crate::clock::now_ms())?;
     Ok(())
-}
-
-/// Creates `room` as `agent` once, keyed by `key`: the created room is recorded, the attempt
-/// is recorded before the request leaves, and a repeated attempt first looks for a room of
-/// `agent`'s whose creation content carries the key.
-async fn create_room_once(
-    crew: &Service,
-    agent: &UserId,
-    mut room: CreateRoom,
-    key: &str,
-) -> Result<OwnedRoomId, PerformError> {
-    if let Some(created) = crew.outbox.created(agent, key)? {
-        return Ok(created.room_id);
-    }
-    let now = crate::clock::now_ms();
-    if crew
-        .outbox
-        .mark_attempted(agent, &format!("create:{key}"), now)
-        .await?
-        && let Some(found) = crew
-            .client
-            .created_room_with(agent, OUTBOX_KEY_FIELD, key)
-            .await?
-    {
-        tracing::info!(room = %found, "an earlier attempt created the room; not creating again");
-        crew.outbox.record_created(agent, key, &found, now)?;
-        return Ok(found);
-    }
-    room.creation_content
-        .insert(OUTBOX_KEY_FIELD.to_owned(), Value::from(key));
-    let created = crew.client.create_room(agent, &room).await?;
-    crew.outbox
-        .record_created(agent, key, &created, crate::clock::now_ms())?;
-    Ok(created)
 }
 
 /// Fetches a room's whole state as `agent` (we see nothing from before we joined) and gives it

@@ -236,10 +236,21 @@ pub(super) async fn greet_admins(crew: Arc<Service>) {
                     is_direct: true,
                     ..CreateRoom::default()
                 };
-                match crew.client.create_room(&crew.manager, &create).await {
+                // Once per admin, even if the answer to createRoom is lost.
+                match crew
+                    .outbox
+                    .rooms
+                    .create(
+                        &crew.client,
+                        &crew.manager,
+                        create,
+                        &format!("greeting:{admin}"),
+                    )
+                    .await
+                {
                     Ok(room) => room,
                     Err(error) => {
-                        super::log_matrix_error("cannot open a DM with an admin", &error);
+                        tracing::warn!(%error, "cannot open a DM with an admin");
                         continue;
                     }
                 }

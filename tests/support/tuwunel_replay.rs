@@ -51,6 +51,8 @@ struct Inner {
     /// The next outbox send is forwarded, then its connection is cut before the answer, and
     /// every request after it is held until `release_all`.
     cut_next_outbox_send: std::sync::atomic::AtomicBool,
+    /// The next `POST …/createRoom` is forwarded and its connection cut before the answer.
+    cut_next_create_room: std::sync::atomic::AtomicBool,
     cuts: std::sync::atomic::AtomicUsize,
     hold_all: tokio::sync::watch::Sender<bool>,
 }
@@ -71,6 +73,7 @@ impl TuwunelReplay {
             failing_sends: Mutex::new((String::new(), 0, 0)),
             hold_only_outbox: Default::default(),
             cut_next_outbox_send: Default::default(),
+            cut_next_create_room: Default::default(),
             cuts: Default::default(),
             hold_all: tokio::sync::watch::channel(false).0,
         });
@@ -129,6 +132,14 @@ impl TuwunelReplay {
     pub fn cut_next_outbox_send(&self) {
         self.inner
             .cut_next_outbox_send
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next createRoom reaches Synapse (the room exists), but its answer never reaches
+    /// crew: the connection is cut first.
+    pub fn cut_next_create_room(&self) {
+        self.inner
+            .cut_next_create_room
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -249,6 +260,11 @@ async fn relay(
         && inner
             .cut_next_outbox_send
             .swap(false, std::sync::atomic::Ordering::SeqCst);
+    let cut_create = method == Method::POST
+        && uri.path().ends_with("/createRoom")
+        && inner
+            .cut_next_create_room
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
     if method == Method::PUT && uri.path().contains("/send/m.room.message/") {
         let failed = {
             let mut failing = inner.failing_sends.lock().unwrap();
@@ -288,11 +304,14 @@ async fn relay(
     match request.send().await {
         Ok(response) => {
             let status = response.status();
-            if cut {
-                // Synapse has the event; crew never hears so. Ending this connection's task
-                // (without the panic hook) drops the socket before any answer is written.
+            if cut || cut_create {
+                // Synapse has the event (or room); crew never hears so. Ending this
+                // connection's task (without the panic hook) drops the socket before any answer
+                // is written.
                 let _ = response.bytes().await;
-                inner.hold_all.send_replace(true);
+                if cut {
+                    inner.hold_all.send_replace(true);
+                }
                 inner.cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 std::panic::resume_unwind(Box::new("connection cut by the test relay"));
             }
