@@ -4,7 +4,9 @@
 //! the next event for the appservice is queued (checked in its source and on a real 1.4.6). It
 //! sends the hs_token both as a Bearer header and as the `access_token` query parameter, its
 //! transaction ids are hashes of the events, and it sends no to-device events or device lists.
-//! This relay forwards every client-server request to Synapse unchanged; the events the test
+//! It delivers an invite for the appservice's sender user only when that user id matches the
+//! registration's users namespace. This relay forwards every client-server request to Synapse
+//! unchanged; the events the test
 //! [`TuwunelReplay::push`]es are delivered Tuwunel style: held after a failure, and re-sent when
 //! the next event is queued, which is a pushed event or an event crew itself sends through the
 //! relay (a `PUT …/send/…` or `…/state/…` that Synapse accepted). A ping delivers nothing.
@@ -55,10 +57,36 @@ struct Inner {
     cut_next_create_room: std::sync::atomic::AtomicBool,
     cuts: std::sync::atomic::AtomicUsize,
     hold_all: tokio::sync::watch::Sender<bool>,
+    /// The appservice's sender user and its users namespaces, for the invite rule.
+    sender_user: String,
+    users_namespaces: Vec<regex::Regex>,
+    /// Invites Tuwunel would not deliver (the sender user outside the users namespace).
+    undelivered_invites: std::sync::atomic::AtomicUsize,
 }
 
 impl TuwunelReplay {
-    pub async fn start(synapse: &str, appservice: &str, hs_token: &str) -> TuwunelReplay {
+    /// A relay to `synapse` that delivers to `appservice` as the appservice `registration`
+    /// (its YAML) says.
+    pub async fn start(
+        synapse: &str,
+        appservice: &str,
+        registration: &serde_yaml::Value,
+        server_name: &str,
+    ) -> TuwunelReplay {
+        let hs_token = registration["hs_token"].as_str().expect("an hs_token");
+        let sender_user = format!(
+            "@{}:{server_name}",
+            registration["sender_localpart"]
+                .as_str()
+                .expect("a sender_localpart")
+        );
+        let users_namespaces = registration["namespaces"]["users"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|namespace| namespace["regex"].as_str())
+            .map(|pattern| regex::Regex::new(pattern).expect("a valid namespace regex"))
+            .collect();
         let inner = Arc::new(Inner {
             synapse: synapse.to_owned(),
             appservice: appservice.to_owned(),
@@ -76,6 +104,9 @@ impl TuwunelReplay {
             cut_next_create_room: Default::default(),
             cuts: Default::default(),
             hold_all: tokio::sync::watch::channel(false).0,
+            sender_user,
+            users_namespaces,
+            undelivered_invites: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -89,7 +120,13 @@ impl TuwunelReplay {
     /// Stops `env`'s crew and puts a relay between it and its Synapse: crew uses the relay as
     /// its homeserver from its next start, and the relay delivers to crew Tuwunel-style.
     pub async fn between(env: &mut super::crew::CrewEnv) -> TuwunelReplay {
-        let relay = Self::start(&env.synapse.url, &env.appservice_url(), &env.hs_token()).await;
+        let relay = Self::start(
+            &env.synapse.url,
+            &env.appservice_url(),
+            &env.registration(),
+            &env.synapse.server_name,
+        )
+        .await;
         env.kill_crew();
         env.homeserver_url = relay.url.clone();
         relay
@@ -97,7 +134,35 @@ impl TuwunelReplay {
 
     /// Queues events as one transaction (id = hash of the events) and tries to deliver the
     /// backlog once, as Tuwunel does when a new event arrives.
+    ///
+    /// Tuwunel's invite rule is applied first: an invite for the appservice's sender user is
+    /// delivered only when that user id also matches the users namespace (Tuwunel 1.4.6
+    /// compares the full user id with the bare `sender_localpart`, which never matches, so only
+    /// the namespace lets it through; otherwise the invite is dropped, not held).
     pub async fn push(&self, events: Vec<Value>) {
+        let events: Vec<Value> = events
+            .into_iter()
+            .filter(|event| {
+                let sender_invite = event["type"] == "m.room.member"
+                    && event["content"]["membership"] == "invite"
+                    && event["state_key"] == self.inner.sender_user.as_str();
+                let listed = self
+                    .inner
+                    .users_namespaces
+                    .iter()
+                    .any(|namespace| namespace.is_match(&self.inner.sender_user));
+                let dropped = sender_invite && !listed;
+                if dropped {
+                    self.inner
+                        .undelivered_invites
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                !dropped
+            })
+            .collect();
+        if events.is_empty() {
+            return;
+        }
         let mut hasher = Sha256::new();
         for event in &events {
             hasher.update(event.to_string().as_bytes());
@@ -176,6 +241,13 @@ impl TuwunelReplay {
     /// Join requests seen so far.
     pub fn joins(&self) -> usize {
         self.inner.joins.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Invites for the sender user that Tuwunel would not have delivered.
+    pub fn undelivered_invites(&self) -> usize {
+        self.inner
+            .undelivered_invites
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn backlog_len(&self) -> usize {
