@@ -167,3 +167,177 @@ async fn the_unencrypted_room_offered_is_created_once_when_the_answer_to_create_
             .join("\n")
     );
 }
+
+/// Rooms, mentions per room, and crashes of the kill -9 tests.
+const ROOMS: usize = 3;
+const MENTIONS: usize = 50;
+const KILLS: usize = 4;
+
+/// Every event of `room`, newest first (all pages of `/messages`).
+async fn whole_history(admin: &TestUser, room: &str) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    let mut from = String::new();
+    loop {
+        let (status, page) = admin
+            .request(
+                reqwest::Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500{from}",
+                    synapse::enc(room)
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
+        if chunk.is_empty() {
+            return events;
+        }
+        events.extend(chunk);
+        match page["end"].as_str() {
+            Some(end) => from = format!("&from={}", synapse::enc(end)),
+            None => return events,
+        }
+    }
+}
+
+/// How many of the Manager's messages in `room` reply to each event id.
+async fn replies_by_event(
+    admin: &TestUser,
+    room: &str,
+    manager: &str,
+) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for event in whole_history(admin, room).await {
+        if event["sender"] == manager
+            && let Some(asked) = event["content"]["m.relates_to"]["m.in_reply_to"]["event_id"].as_str()
+        {
+            *counts.entry(asked.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// A small deterministic generator for the kill points (the seed is printed, so a failure can
+/// be replayed).
+struct KillPoints(u64);
+
+impl KillPoints {
+    fn next_ms(&mut self, low: u64, high: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        low + (self.0 >> 33) % (high - low)
+    }
+}
+
+/// 3 rooms × 50 mentions while crew is killed with SIGKILL at random points and started again:
+/// every room joined, every mention answered exactly once (counted by `m.in_reply_to`). Without
+/// an LLM route each mention gets its own acknowledgement, so each has one reply to count.
+async fn kill_9_under_load(through_relay: bool) {
+    let mut env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let _relay = if through_relay {
+        let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+        env.start_crew().await;
+        Some(relay)
+    } else {
+        None
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill points seed: {seed}");
+    let mut points = KillPoints(seed);
+    let traffic_done = std::sync::atomic::AtomicBool::new(false);
+
+    let traffic = async {
+        let mut rooms = Vec::new();
+        for index in 0..ROOMS {
+            rooms.push(admin.create_room(&format!("load {index}"), &[&manager]).await);
+        }
+        // No join lost: each invite, made while crew is being killed, ends in a join.
+        for room in &rooms {
+            tools::wait_for("the Manager's join despite the kills", WAIT, || async {
+                (admin.membership(room, &manager).await?["membership"] == "join").then_some(())
+            })
+            .await;
+        }
+        let mut asked = Vec::new();
+        for index in 0..MENTIONS {
+            for room in &rooms {
+                let id = admin
+                    .send_mention(room, &format!("mention {index}"), &[&manager])
+                    .await;
+                asked.push((room.clone(), id));
+            }
+        }
+        traffic_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (rooms, asked)
+    };
+    let chaos = async {
+        let mut kills = 0;
+        while kills < KILLS || !traffic_done.load(std::sync::atomic::Ordering::SeqCst) {
+            // A random point in the traffic, not a synchronisation: any moment must be safe.
+            tokio::time::sleep(Duration::from_millis(points.next_ms(200, 1_500))).await;
+            env.kill_crew();
+            kills += 1;
+            env.start_crew().await;
+        }
+        kills
+    };
+    let ((rooms, asked), kills) = tokio::join!(traffic, chaos);
+    assert!(kills >= KILLS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut unanswered = Vec::new();
+        for room in &rooms {
+            let counts = replies_by_event(&admin, room, &manager).await;
+            unanswered.extend(
+                asked
+                    .iter()
+                    .filter(|(r, id)| r == room && !counts.contains_key(id))
+                    .cloned(),
+            );
+        }
+        if unanswered.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{} of {} mentions unanswered after 90 s (seed {seed}): {:?}\nqueue: {:?}\noutbox: {:?}",
+                unanswered.len(),
+                asked.len(),
+                unanswered.iter().take(5).collect::<Vec<_>>(),
+                env.admin_api("/dispatch/queue").await,
+                env.admin_api("/dispatch/outbox").await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Settled (nothing left in the outbox), then counted: exactly one answer each.
+    tools::wait_for("an empty outbox", WAIT, || async {
+        let outbox = env.admin_api("/dispatch/outbox").await?;
+        outbox["pending"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    for room in &rooms {
+        let counts = replies_by_event(&admin, room, &manager).await;
+        for (_, id) in asked.iter().filter(|(r, _)| r == room) {
+            assert_eq!(counts.get(id), Some(&1), "answers to {id} in {room} (seed {seed})");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_answers_every_mention_once_against_synapse() {
+    kill_9_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_answers_every_mention_once_through_the_tuwunel_relay() {
+    kill_9_under_load(true).await;
+}
