@@ -236,7 +236,13 @@ impl KillPoints {
 /// every room joined, every mention answered exactly once (counted by `m.in_reply_to`). Without
 /// an LLM route each mention gets its own acknowledgement, so each has one reply to count.
 async fn kill_9_under_load(through_relay: bool) {
-    let mut env = CrewEnv::start().await;
+    // A load test: the per-agent wake rate (20 a minute by default) would skip most of the 150.
+    let mut env = CrewEnv::start_with(|config| {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str("\n[dispatch]\nagent_wakes_per_minute = 10000\n");
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
     let admin = env.admin().await;
     let manager = env.manager_id();
     let _relay = if through_relay {
@@ -307,8 +313,11 @@ async fn kill_9_under_load(through_relay: bool) {
             break;
         }
         if std::time::Instant::now() > deadline {
+            let why = env
+                .admin_api(&format!("/dispatch/why/{}", synapse::enc(&unanswered[0].1)))
+                .await;
             panic!(
-                "{} of {} mentions unanswered after 90 s (seed {seed}): {:?}\nqueue: {:?}\noutbox: {:?}",
+                "{} of {} mentions unanswered after 90 s (seed {seed}): {:?}\nwhy the first: {why:?}\nqueue: {:?}\noutbox: {:?}",
                 unanswered.len(),
                 asked.len(),
                 unanswered.iter().take(5).collect::<Vec<_>>(),
