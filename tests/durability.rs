@@ -76,9 +76,7 @@ async fn synapse_restarted_under_an_unsent_and_an_unacknowledged_answer_gives_on
     // Sent but unacknowledged: Synapse stores the answer, crew never hears so, and Synapse
     // forgets the transaction id (restart) before crew asks again.
     relay.cut_next_outbox_send();
-    let second = admin
-        .send_mention(&room, "still there?", &[&manager])
-        .await;
+    let second = admin.send_mention(&room, "still there?", &[&manager]).await;
     tools::wait_for("the answer's connection cut", WAIT, || async {
         (relay.cuts() > 0).then_some(())
     })
@@ -120,9 +118,11 @@ async fn the_unencrypted_room_offered_is_created_once_when_the_answer_to_create_
         .request(
             reqwest::Method::POST,
             "/_matrix/client/v3/createRoom",
-            Some(serde_json::json!({"preset": "private_chat", "invite": [manager],
+            Some(
+                serde_json::json!({"preset": "private_chat", "invite": [manager],
                 "initial_state": [{"type": "m.room.encryption", "state_key": "",
-                                   "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]})),
+                                   "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]}),
+            ),
         )
         .await;
     assert_eq!(status, 200, "{created}");
@@ -162,7 +162,10 @@ async fn the_unencrypted_room_offered_is_created_once_when_the_answer_to_create_
         logs.contains("an earlier attempt created the room; not creating again"),
         "{}",
         logs.lines()
-            .filter(|line| line.contains("WARN") || line.contains("createRoom") || line.contains("ERROR") || line.contains("earlier"))
+            .filter(|line| line.contains("WARN")
+                || line.contains("createRoom")
+                || line.contains("ERROR")
+                || line.contains("earlier"))
             .collect::<Vec<_>>()
             .join("\n")
     );
@@ -210,7 +213,8 @@ async fn replies_by_event(
     let mut counts = std::collections::HashMap::new();
     for event in whole_history(admin, room).await {
         if event["sender"] == manager
-            && let Some(asked) = event["content"]["m.relates_to"]["m.in_reply_to"]["event_id"].as_str()
+            && let Some(asked) =
+                event["content"]["m.relates_to"]["m.in_reply_to"]["event_id"].as_str()
         {
             *counts.entry(asked.to_owned()).or_default() += 1;
         }
@@ -263,7 +267,11 @@ async fn kill_9_under_load(through_relay: bool) {
     let traffic = async {
         let mut rooms = Vec::new();
         for index in 0..ROOMS {
-            rooms.push(admin.create_room(&format!("load {index}"), &[&manager]).await);
+            rooms.push(
+                admin
+                    .create_room(&format!("load {index}"), &[&manager])
+                    .await,
+            );
         }
         // No join lost: each invite, made while crew is being killed, ends in a join.
         for room in &rooms {
@@ -336,7 +344,11 @@ async fn kill_9_under_load(through_relay: bool) {
     for room in &rooms {
         let counts = replies_by_event(&admin, room, &manager).await;
         for (_, id) in asked.iter().filter(|(r, _)| r == room) {
-            assert_eq!(counts.get(id), Some(&1), "answers to {id} in {room} (seed {seed})");
+            assert_eq!(
+                counts.get(id),
+                Some(&1),
+                "answers to {id} in {room} (seed {seed})"
+            );
         }
     }
 }

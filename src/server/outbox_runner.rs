@@ -212,7 +212,9 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), P
                     CreateOnceError::Store(error) => PerformError::Store(error),
                 });
             let text = match created {
-                Ok(_) => "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there.",
+                Ok(_) => {
+                    "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there."
+                }
                 Err(error) if is_transient(&error) => return Err(error),
                 Err(error) => {
                     tracing::warn!(%error, "cannot open an unencrypted room");
@@ -232,7 +234,9 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), P
                     "Removed {}: its gateway token is revoked and it left its rooms. Its files and history stay.",
                     worker.display_name
                 ),
-                Err(crate::agent::team::TeamError::Matrix(error)) if is_transient_matrix(&error) => {
+                Err(crate::agent::team::TeamError::Matrix(error))
+                    if is_transient_matrix(&error) =>
+                {
                     return Err(error.into());
                 }
                 Err(error) => format!("I could not remove `{name}`: {error}"),

@@ -18,8 +18,8 @@ use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
-use crate::matrix::message::ReplyTo;
 use crate::matrix::OutgoingMessage;
+use crate::matrix::message::ReplyTo;
 use crate::outbox::{Effect, Staged};
 
 /// Events taken from the inbox per round.
@@ -644,19 +644,24 @@ mod tests {
         )
         .await;
         let manager = UserId::parse(MANAGER).unwrap();
-        assert_eq!(woken, [manager.clone()]);
+        assert_eq!(woken, std::slice::from_ref(&manager));
         let queued = crew.queue.pending_for(&manager).unwrap();
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].wake.event["event_id"], "$ask");
-        assert!(effects(&crew).is_empty(), "a mention needs no homeserver effect");
+        assert!(
+            effects(&crew).is_empty(),
+            "a mention needs no homeserver effect"
+        );
 
         // A stranger's invite is declined, with the reason, through the outbox too.
         pump(
             &crew,
             "t-stranger",
-            &[json!({"type": "m.room.member", "room_id": "!other:crew.test",
+            &[
+                json!({"type": "m.room.member", "room_id": "!other:crew.test",
                      "event_id": "$stranger", "sender": "@mallory:crew.test",
-                     "state_key": MANAGER, "content": {"membership": "invite"}})],
+                     "state_key": MANAGER, "content": {"membership": "invite"}}),
+            ],
         )
         .await;
         let declined = effects(&crew);
@@ -671,11 +676,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let crew = service(dir.path()).await;
         joined(&crew).await;
-        pump(&crew, "t-remove", &[message("$rm", "!crew remove alice", &[])]).await;
+        pump(
+            &crew,
+            "t-remove",
+            &[message("$rm", "!crew remove alice", &[])],
+        )
+        .await;
         let staged = effects(&crew);
         assert!(
-            staged.iter().any(|effect| matches!(effect, Effect::RemoveWorker { name, command, txn_key }
-                if name == "alice" && command["event_id"] == "$rm" && txn_key == "command:$rm")),
+            staged.iter().any(
+                |effect| matches!(effect, Effect::RemoveWorker { name, command, txn_key }
+                if name == "alice" && command["event_id"] == "$rm" && txn_key == "command:$rm")
+            ),
             "{staged:?}"
         );
         // (Besides the one-time hint that the Manager wakes only when mentioned.)
@@ -686,9 +698,11 @@ mod tests {
         pump(
             &crew,
             "t-encryption",
-            &[json!({"type": "m.room.encryption", "room_id": ROOM, "event_id": "$enc",
+            &[
+                json!({"type": "m.room.encryption", "room_id": ROOM, "event_id": "$enc",
                      "sender": ADMIN, "state_key": "",
-                     "content": {"algorithm": "m.megolm.v1.aes-sha2"}})],
+                     "content": {"algorithm": "m.megolm.v1.aes-sha2"}}),
+            ],
         )
         .await;
         let staged = effects(&crew);
@@ -696,7 +710,7 @@ mod tests {
         let admin = UserId::parse(ADMIN).unwrap();
         assert!(
             matches!(&staged[..], [Effect::OfferRoom { agent, invite, txn_key, .. }]
-                if *agent == manager && *invite == [admin.clone()]
+                if *agent == manager && *invite == std::slice::from_ref(&admin)
                     && txn_key == &format!("encrypted:{ROOM}:{MANAGER}")),
             "{staged:?}"
         );
@@ -704,8 +718,10 @@ mod tests {
         pump(
             &crew,
             "t-encrypted",
-            &[json!({"type": "m.room.encrypted", "room_id": ROOM, "event_id": "$e1",
-                     "sender": ADMIN, "content": {}})],
+            &[
+                json!({"type": "m.room.encrypted", "room_id": ROOM, "event_id": "$e1",
+                     "sender": ADMIN, "content": {}}),
+            ],
         )
         .await;
         assert_eq!(effects(&crew).len(), 1);
