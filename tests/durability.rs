@@ -171,6 +171,17 @@ async fn the_unencrypted_room_offered_is_created_once_when_the_answer_to_create_
     );
 }
 
+/// A crew for load tests: the per-agent wake rate limit (20 a minute by default), which is not
+/// what they are about, would skip most of their mentions.
+async fn start_for_load() -> CrewEnv {
+    CrewEnv::start_with(|config| {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str("\n[dispatch]\nagent_wakes_per_minute = 10000\n");
+        std::fs::write(config, text).unwrap();
+    })
+    .await
+}
+
 /// Rooms, mentions per room, and crashes of the kill -9 tests.
 const ROOMS: usize = 3;
 const MENTIONS: usize = 50;
@@ -240,13 +251,7 @@ impl KillPoints {
 /// every room joined, every mention answered exactly once (counted by `m.in_reply_to`). Without
 /// an LLM route each mention gets its own acknowledgement, so each has one reply to count.
 async fn kill_9_under_load(through_relay: bool) {
-    // A load test: the per-agent wake rate (20 a minute by default) would skip most of the 150.
-    let mut env = CrewEnv::start_with(|config| {
-        let mut text = std::fs::read_to_string(config).unwrap();
-        text.push_str("\n[dispatch]\nagent_wakes_per_minute = 10000\n");
-        std::fs::write(config, text).unwrap();
-    })
-    .await;
+    let mut env = start_for_load().await;
     let admin = env.admin().await;
     let manager = env.manager_id();
     let _relay = if through_relay {
@@ -361,4 +366,122 @@ async fn kill_9_under_load_answers_every_mention_once_against_synapse() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_under_load_answers_every_mention_once_through_the_tuwunel_relay() {
     kill_9_under_load(true).await;
+}
+
+/// Milliseconds from each mention in `room` to the Manager's reply to it (both stamped by
+/// Synapse), for the mentions in `asked`.
+async fn answer_latencies(
+    admin: &TestUser,
+    room: &str,
+    manager: &str,
+    asked: &[String],
+) -> Vec<u64> {
+    let history = whole_history(admin, room).await;
+    let stamp = |id: &str| {
+        history
+            .iter()
+            .find(|event| event["event_id"] == id)
+            .and_then(|event| event["origin_server_ts"].as_u64())
+    };
+    asked
+        .iter()
+        .filter_map(|id| {
+            let reply = history.iter().find(|event| {
+                event["sender"] == manager
+                    && event["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == id.as_str()
+            })?;
+            Some(reply["origin_server_ts"].as_u64()?.saturating_sub(stamp(id)?))
+        })
+        .collect()
+}
+
+fn p95(mut latencies: Vec<u64>) -> u64 {
+    latencies.sort_unstable();
+    latencies[(latencies.len() * 95).div_ceil(100) - 1]
+}
+
+/// Mentions the Manager in each of `rooms` `per_room` times (interleaved), waits for every
+/// answer, and gives the p95 of the answer latencies.
+async fn measured_round(
+    admin: &TestUser,
+    manager: &str,
+    rooms: &[String],
+    per_room: usize,
+    round: &str,
+) -> u64 {
+    let mut asked: Vec<(String, String)> = Vec::new();
+    for index in 0..per_room {
+        for room in rooms {
+            let id = admin
+                .send_mention(room, &format!("{round} {index}"), &[manager])
+                .await;
+            asked.push((room.clone(), id));
+        }
+    }
+    let mut latencies = Vec::new();
+    for room in rooms {
+        let ids: Vec<String> = asked
+            .iter()
+            .filter(|(r, _)| r == room)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let measured = tools::wait_for(&format!("the {round} answers"), WAIT, || async {
+            let measured = answer_latencies(admin, room, manager, &ids).await;
+            (measured.len() == ids.len()).then_some(measured)
+        })
+        .await;
+        latencies.extend(measured);
+    }
+    p95(latencies)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_room_and_failing_joins_do_not_delay_the_other_rooms() {
+    const HEALTHY: usize = 3;
+    const PER_ROOM: usize = 8;
+    const STALL: Duration = Duration::from_secs(30);
+    let mut env = start_for_load().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+    // The first two joins fail with 500: the outbox retries them, the rooms are joined.
+    relay.fail_joins(500, 2);
+    let mut rooms = Vec::new();
+    for index in 0..=HEALTHY {
+        rooms.push(admin.create_room(&format!("room {index}"), &[&manager]).await);
+    }
+    for room in &rooms {
+        admin.wait_joined(room, &manager).await;
+    }
+    assert!(relay.joins() >= rooms.len() + 2, "{} joins", relay.joins());
+    let (stalled, healthy) = rooms.split_first().unwrap();
+
+    // Unstalled: every room answered once already (the one-time notes are behind us), then
+    // the healthy rooms' answers measured.
+    measured_round(&admin, &manager, &rooms, 1, "warm-up").await;
+    let unstalled = measured_round(&admin, &manager, healthy, PER_ROOM, "unstalled").await;
+
+    // One room's sends stall for 30 s, with an answer waiting in it.
+    relay.stall_sends(stalled, STALL);
+    let waiting = admin
+        .send_mention(stalled, "are you stuck?", &[&manager])
+        .await;
+    let during = measured_round(&admin, &manager, healthy, PER_ROOM, "stalled").await;
+    eprintln!("answer p95 of the healthy rooms: unstalled {unstalled} ms, one room stalled {during} ms");
+    assert!(
+        replies(&admin, stalled, &manager, &waiting).await == 0,
+        "the stalled room's answer is still held, so the healthy rooms were measured during the stall"
+    );
+    // Generous for a loaded 2-core machine: twice the unstalled p95, plus a second.
+    assert!(
+        during <= 2 * unstalled + 1_000,
+        "the healthy rooms waited on the stalled one: p95 {during} ms against {unstalled} ms unstalled"
+    );
+    // And the stalled room gets its answer once the homeserver takes it, once.
+    tools::wait_for("the stalled room's answer", STALL + WAIT, || async {
+        (replies(&admin, stalled, &manager, &waiting).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(replies(&admin, stalled, &manager, &waiting).await, 1);
 }

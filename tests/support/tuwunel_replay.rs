@@ -57,6 +57,8 @@ struct Inner {
     cut_next_create_room: std::sync::atomic::AtomicBool,
     cuts: std::sync::atomic::AtomicUsize,
     hold_all: tokio::sync::watch::Sender<bool>,
+    /// Message sends in this room wait until this instant before they are forwarded.
+    stalled_room: Mutex<Option<(String, std::time::Instant)>>,
     /// The appservice's sender user and its users namespaces, for the invite rule.
     sender_user: String,
     users_namespaces: Vec<regex::Regex>,
@@ -104,6 +106,7 @@ impl TuwunelReplay {
             cut_next_create_room: Default::default(),
             cuts: Default::default(),
             hold_all: tokio::sync::watch::channel(false).0,
+            stalled_room: Mutex::new(None),
             sender_user,
             users_namespaces,
             undelivered_invites: Default::default(),
@@ -206,6 +209,13 @@ impl TuwunelReplay {
         self.inner
             .cut_next_create_room
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds every message send in `room` until `stall` has passed from now (a homeserver slow
+    /// in one room), then forwards it.
+    pub fn stall_sends(&self, room: &str, stall: std::time::Duration) {
+        *self.inner.stalled_room.lock().unwrap() =
+            Some((room.to_owned(), std::time::Instant::now() + stall));
     }
 
     /// Connections cut so far.
@@ -352,6 +362,17 @@ async fn relay(
                 axum::Json(json!({"errcode": "M_UNKNOWN", "error": "failed by the test relay"})),
             )
                 .into_response();
+        }
+        let stalled_until = {
+            let stalled = inner.stalled_room.lock().unwrap();
+            let path = percent_encoding::percent_decode_str(uri.path()).decode_utf8_lossy();
+            stalled
+                .as_ref()
+                .filter(|(room, _)| path.contains(&format!("/rooms/{room}/")))
+                .map(|(_, until)| *until)
+        };
+        if let Some(until) = stalled_until {
+            tokio::time::sleep_until(until.into()).await;
         }
         let mut hold = inner.hold_sends.subscribe();
         let only_outbox = inner
