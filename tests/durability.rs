@@ -329,11 +329,18 @@ async fn kill_9_under_load(through_relay: bool) {
             let why = env
                 .admin_api(&format!("/dispatch/why/{}", synapse::enc(&unanswered[0].1)))
                 .await;
+            let logs = env.all_logs();
+            let about: Vec<&str> = logs
+                .lines()
+                .filter(|line| line.contains(unanswered[0].1.as_str()))
+                .take(20)
+                .collect();
             panic!(
-                "{} of {} mentions unanswered after 90 s (seed {seed}): {:?}\nwhy the first: {why:?}\nqueue: {:?}\noutbox: {:?}",
+                "{} of {} mentions unanswered after 90 s (seed {seed}): {:?}\nwhy the first: {why:?}\ncrew's log about it:\n{}\nqueue: {:?}\noutbox: {:?}",
                 unanswered.len(),
                 asked.len(),
                 unanswered.iter().take(5).collect::<Vec<_>>(),
+                about.join("\n"),
                 env.admin_api("/dispatch/queue").await,
                 env.admin_api("/dispatch/outbox").await,
             );
@@ -390,7 +397,11 @@ async fn answer_latencies(
                 event["sender"] == manager
                     && event["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == id.as_str()
             })?;
-            Some(reply["origin_server_ts"].as_u64()?.saturating_sub(stamp(id)?))
+            Some(
+                reply["origin_server_ts"]
+                    .as_u64()?
+                    .saturating_sub(stamp(id)?),
+            )
         })
         .collect()
 }
@@ -449,7 +460,11 @@ async fn a_stalled_room_and_failing_joins_do_not_delay_the_other_rooms() {
     relay.fail_joins(500, 2);
     let mut rooms = Vec::new();
     for index in 0..=HEALTHY {
-        rooms.push(admin.create_room(&format!("room {index}"), &[&manager]).await);
+        rooms.push(
+            admin
+                .create_room(&format!("room {index}"), &[&manager])
+                .await,
+        );
     }
     for room in &rooms {
         admin.wait_joined(room, &manager).await;
@@ -468,7 +483,9 @@ async fn a_stalled_room_and_failing_joins_do_not_delay_the_other_rooms() {
         .send_mention(stalled, "are you stuck?", &[&manager])
         .await;
     let during = measured_round(&admin, &manager, healthy, PER_ROOM, "stalled").await;
-    eprintln!("answer p95 of the healthy rooms: unstalled {unstalled} ms, one room stalled {during} ms");
+    eprintln!(
+        "answer p95 of the healthy rooms: unstalled {unstalled} ms, one room stalled {during} ms"
+    );
     assert!(
         replies(&admin, stalled, &manager, &waiting).await == 0,
         "the stalled room's answer is still held, so the healthy rooms were measured during the stall"

@@ -366,6 +366,20 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     let appservice_listener = bind("appservice API", config.appservice.bind).await?;
     let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
     let admin_listener = bind("admin API", config.admin_api.bind).await?;
+    // The bound address (the configured port may be 0: any free one), for the CLI and tests.
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            what: "admin API",
+            addr: config.admin_api.bind,
+            source,
+        })?;
+    std::fs::write(config.admin_addr_path(), admin_addr.to_string()).map_err(|source| {
+        ServeError::DataDir {
+            path: config.admin_addr_path().display().to_string(),
+            source,
+        }
+    })?;
     let admin_token =
         crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
             ServeError::DataDir {
@@ -460,6 +474,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     tracing::info!(
         manager = %crew.manager,
         appservice = %crew.config.appservice.bind,
+        admin_api = %admin_addr,
         "crew is ready"
     );
 
