@@ -300,6 +300,12 @@ impl Config {
     pub fn admin_token_path(&self) -> PathBuf {
         self.data_dir.join("admin.token")
     }
+
+    /// Where `crew serve` writes the admin API's bound address, so that `admin_api.bind` may
+    /// ask for any free port (`127.0.0.1:0`) and the CLI and tests still find it.
+    pub fn admin_addr_path(&self) -> PathBuf {
+        self.data_dir.join("admin.addr")
+    }
 }
 
 fn resolve(base: &Path, path: &Path) -> PathBuf {

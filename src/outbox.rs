@@ -8,9 +8,14 @@
 //! the others and a failed join is not lost. A permanent refusal (403, 404…) is recorded with
 //! its reason under the event that caused it, where `!crew why` shows it.
 //!
-//! Sends carry deterministic transaction ids (from the waking event), so a send repeated after
-//! a crash between the homeserver's answer and the outbox's "done" is deduplicated; joins and
-//! declines are idempotent on the homeserver.
+//! Nothing that creates something on the homeserver is sent blindly twice. Every message
+//! carries its outbox key in its content ([`OUTBOX_KEY_FIELD`]) and a transaction id derived
+//! from it; a room the outbox creates carries the key in its `creation_content`. The first
+//! attempt is recorded ([`Outbox::mark_attempted`]) before the request leaves; an attempted
+//! effect is re-run only after looking on the homeserver for what the first attempt made (the
+//! room's recent events, the agent's rooms), because a homeserver that restarted has forgotten
+//! its transaction ids. What was made (the event id, the room id) is recorded before the effect
+//! is marked done. Joins, declines and leaves are idempotent on the homeserver.
 //!
 //! Keys are `<room id> 0x00 <sequence, big-endian>`: one room's effects are one ordered prefix
 //! scan.
@@ -22,7 +27,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
 
+use crate::matrix::{CreateRoom, MatrixClient, MatrixError};
 use crate::store::{Store, StoreError, Tree};
+
+/// The content field that carries an effect's outbox key in every message and created room, so
+/// that a re-run finds what an unacknowledged attempt made.
+pub const OUTBOX_KEY_FIELD: &str = "org.matrix-crew.outbox_key";
 
 /// Something to do on the homeserver, in one room, as one of our agents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,11 +44,29 @@ pub enum Effect {
     Decline { agent: OwnedUserId, reason: String },
     /// Learn the room's state as `agent` (after its join was seen).
     Seed { agent: OwnedUserId },
-    /// Send an `m.room.message`; `txn_key` makes the transaction id.
+    /// Send an `m.room.message`; `txn_key` makes the transaction id and is the outbox key.
     Send {
         agent: OwnedUserId,
         txn_key: String,
         content: Value,
+    },
+    /// The offer of an encrypted room: `agent` creates an unencrypted room (once, keyed by
+    /// `txn_key`) with `invite`d, then says so in this room (or, if the homeserver refused the
+    /// room, how to invite it elsewhere).
+    OfferRoom {
+        agent: OwnedUserId,
+        name: String,
+        topic: String,
+        invite: Vec<OwnedUserId>,
+        txn_key: String,
+    },
+    /// `!crew remove <name>`: the Worker is removed (token revoked, sandbox gone, it leaves its
+    /// rooms), then the Manager answers `command` in this room, in reply to it.
+    RemoveWorker {
+        name: String,
+        /// The command event, as far as a reply needs it (`event_id`, `content.m.relates_to`).
+        command: Value,
+        txn_key: String,
     },
 }
 
@@ -70,13 +98,102 @@ pub struct Sent {
     pub at_ms: u64,
 }
 
-/// The `outbox`, `outbox_failures` and `outbox_sent` trees.
+/// A room created once, recorded before its effect is marked done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    pub room_id: OwnedRoomId,
+    pub at_ms: u64,
+}
+
+/// The `outbox`, `outbox_failures`, `outbox_sent`, `outbox_attempted` and `outbox_created`
+/// trees.
 pub struct Outbox {
     store: Store,
     pending: Tree<String, Staged>,
     failures: Tree<String, Vec<Failure>>,
     sent: Tree<String, Sent>,
+    /// Creating requests that may have reached the homeserver (by agent and outbox key), with
+    /// when: a re-run looks for what they made before sending again.
+    attempted: Tree<String, u64>,
+    created: Tree<String, Created>,
+    /// Rooms created once (the offer of an unencrypted room; a Worker's room through
+    /// `agent::team`).
+    pub rooms: RoomsCreatedOnce,
     staged: Notify,
+}
+
+/// Creates rooms at most once per key, whatever happens to the request: the room is recorded
+/// once created, the attempt is recorded (and flushed) before the request leaves, and a repeated
+/// attempt first looks for a room of the creator's whose `m.room.create` content carries the
+/// key ([`OUTBOX_KEY_FIELD`]). A Clone is a handle on the same trees.
+#[derive(Clone)]
+pub struct RoomsCreatedOnce {
+    store: Store,
+    attempted: Tree<String, u64>,
+    created: Tree<String, Created>,
+}
+
+/// Why a room could not be created (yet).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateOnceError {
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// The records of what was created could not be read or written: nothing was sent.
+    #[error("the record of created rooms: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl RoomsCreatedOnce {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: store.clone(),
+            attempted: store.tree("outbox_attempted")?,
+            created: store.tree("outbox_created")?,
+        })
+    }
+
+    /// The room `creator` created under `key`, creating it unless an earlier attempt did.
+    pub async fn create(
+        &self,
+        client: &MatrixClient,
+        creator: &UserId,
+        mut room: CreateRoom,
+        key: &str,
+    ) -> Result<OwnedRoomId, CreateOnceError> {
+        let record = sent_key(creator, key);
+        if let Some(created) = self.created.get(&record)? {
+            return Ok(created.room_id);
+        }
+        let attempt = sent_key(creator, &format!("create:{key}"));
+        if self.attempted.get(&attempt)?.is_some() {
+            if let Some(found) = client
+                .created_room_with(creator, OUTBOX_KEY_FIELD, key)
+                .await?
+            {
+                tracing::info!(room = %found, "an earlier attempt created the room; not creating again");
+                self.record(&record, &found)?;
+                return Ok(found);
+            }
+        } else {
+            self.attempted.insert(&attempt, &crate::clock::now_ms())?;
+            self.store.flush().await?;
+        }
+        room.creation_content
+            .insert(OUTBOX_KEY_FIELD.to_owned(), Value::from(key));
+        let created = client.create_room(creator, &room).await?;
+        self.record(&record, &created)?;
+        Ok(created)
+    }
+
+    fn record(&self, record: &String, room: &RoomId) -> Result<(), StoreError> {
+        self.created.insert(
+            record,
+            &Created {
+                room_id: room.to_owned(),
+                at_ms: crate::clock::now_ms(),
+            },
+        )
+    }
 }
 
 impl Outbox {
@@ -86,6 +203,9 @@ impl Outbox {
             pending: store.tree("outbox")?,
             failures: store.tree("outbox_failures")?,
             sent: store.tree("outbox_sent")?,
+            attempted: store.tree("outbox_attempted")?,
+            created: store.tree("outbox_created")?,
+            rooms: RoomsCreatedOnce::open(store)?,
             staged: Notify::new(),
         })
     }
@@ -137,13 +257,46 @@ impl Outbox {
         )
     }
 
-    /// Forgets sent records older than `before_ms`.
+    /// Records that a creating request (a send, a createRoom) for `agent` under `key` is about
+    /// to leave, flushed before it does: after a crash or an unanswered request, whether the
+    /// homeserver has it must be looked up, not assumed. Returns whether an earlier attempt was
+    /// already recorded (then look before sending again).
+    pub async fn mark_attempted(
+        &self,
+        agent: &UserId,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let key = sent_key(agent, key);
+        if self.attempted.get(&key)?.is_some() {
+            return Ok(true);
+        }
+        self.attempted.insert(&key, &now_ms)?;
+        self.store.flush().await?;
+        Ok(false)
+    }
+
+    /// Forgets sent, attempted and created records older than `before_ms`.
     pub fn prune_sent(&self, before_ms: u64) -> Result<usize, StoreError> {
         let mut pruned = 0;
         for entry in self.sent.iter() {
             let (key, sent) = entry?;
             if sent.at_ms < before_ms {
                 self.sent.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        for entry in self.attempted.iter() {
+            let (key, at_ms) = entry?;
+            if at_ms < before_ms {
+                self.attempted.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        for entry in self.created.iter() {
+            let (key, created) = entry?;
+            if created.at_ms < before_ms {
+                self.created.remove(&key)?;
                 pruned += 1;
             }
         }
@@ -263,6 +416,8 @@ impl Effect {
             Effect::Decline { agent, .. } => format!("{agent} declining the invite"),
             Effect::Seed { agent } => format!("{agent} reading the room's state"),
             Effect::Send { agent, .. } => format!("{agent}'s message"),
+            Effect::OfferRoom { agent, .. } => format!("{agent} opening an unencrypted room"),
+            Effect::RemoveWorker { name, .. } => format!("removing the Worker `{name}`"),
         }
     }
 }

@@ -1033,10 +1033,11 @@ async fn an_answer_the_homeserver_fails_to_take_is_sent_later_once() {
     let manager = env.manager_id();
     let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
     env.start_crew().await;
-    // More 500s than two homeserver calls retry by themselves (6 each): the first call is the
-    // one-time note that no LLM is configured, the second the answer. The turn is over long
-    // before the homeserver takes its answer, which the outbox keeps and re-sends.
-    relay.fail_sends(&room, 500, 12);
+    // More 500s than the first call retries by itself (6: the one-time note that no LLM is
+    // configured), then three for the answer, which the outbox sends in one attempt at a time
+    // (looking first whether an earlier one was taken). The turn is over long before the
+    // homeserver takes its answer, which the outbox keeps and re-sends.
+    relay.fail_sends(&room, 500, 9);
     let asked = admin
         .send_mention(&room, "are you there?", &[&manager])
         .await;
@@ -1068,4 +1069,60 @@ async fn an_answer_the_homeserver_fails_to_take_is_sent_later_once() {
     })
     .await;
     assert_eq!(replies(asked).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tuwunel_delivers_the_managers_invite_only_with_the_manager_in_the_users_namespace() {
+    let mut env = CrewEnv::start().await;
+    let admin = env.admin().await;
+    let manager = env.manager_id();
+    let invite = |id: &str| {
+        json!({"type": "m.room.member", "event_id": format!("$invite-{id}"),
+               "room_id": format!("!tuwunel-{id}:crew.test"), "sender": admin.user_id,
+               "state_key": manager, "origin_server_ts": 1_700_000_000_000u64,
+               "content": {"membership": "invite"}})
+    };
+    // The registration `crew init` writes lists the Manager: its invite is delivered.
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+    relay.push(vec![invite("listed")]).await;
+    assert_eq!(relay.undelivered_invites(), 0);
+    assert!(
+        relay
+            .deliveries()
+            .iter()
+            .any(|(_, status)| *status == Some(200)),
+        "{:?}",
+        relay.deliveries()
+    );
+    assert!(
+        !env.all_logs().contains("leaves out the Manager"),
+        "no advice for a registration that lists the Manager"
+    );
+
+    // An older registration without the Manager in its users namespace: Tuwunel drops the
+    // invite, and crew's start-up says what to add.
+    let path = env.data_dir.join("registration.yaml");
+    let mut registration = env.registration();
+    let users = registration["namespaces"]["users"]
+        .as_sequence_mut()
+        .unwrap();
+    users.retain(|namespace| {
+        !regex::Regex::new(namespace["regex"].as_str().unwrap())
+            .unwrap()
+            .is_match(&manager)
+    });
+    assert_eq!(users.len(), 1, "the Workers' namespace stays");
+    std::fs::write(&path, serde_yaml::to_string(&registration).unwrap()).unwrap();
+    let relay = tuwunel_replay::TuwunelReplay::between(&mut env).await;
+    env.start_crew().await;
+    relay.push(vec![invite("unlisted")]).await;
+    assert_eq!(relay.undelivered_invites(), 1);
+    assert!(relay.deliveries().is_empty(), "{:?}", relay.deliveries());
+    let log = env.crew.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("leaves out the Manager @crew:crew.test")
+            && log.contains("regex: '^@crew:crew\\.test$'"),
+        "{log}"
+    );
 }

@@ -139,8 +139,17 @@ impl AdminClient {
                 path: path.display().to_string(),
                 source,
             })?;
+        // Port 0 asks `crew serve` for any free port; it writes the one it got.
+        let addr = if config.admin_api.bind.port() == 0 {
+            std::fs::read_to_string(config.admin_addr_path())
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(config.admin_api.bind)
+        } else {
+            config.admin_api.bind
+        };
         Ok(Self {
-            addr: config.admin_api.bind,
+            addr,
             token,
             http: reqwest::Client::new(),
         })

@@ -36,6 +36,8 @@ pub struct Team {
     sandboxes: Option<Arc<crate::sandbox::Sandboxes>>,
     /// `limits.max_workers`: no path (Manager, CLI, admin API) creates a Worker past it.
     max_workers: usize,
+    /// A Worker's room is created once, even when the answer to createRoom is lost.
+    rooms: Option<crate::outbox::RoomsCreatedOnce>,
 }
 
 /// The answer to a create request.
@@ -60,6 +62,7 @@ impl Team {
             manager,
             sandboxes: None,
             max_workers: usize::MAX,
+            rooms: None,
         }
     }
 
@@ -72,6 +75,12 @@ impl Team {
     /// The sandboxes to remove a Worker's container from when it is removed.
     pub fn with_sandboxes(mut self, sandboxes: Arc<crate::sandbox::Sandboxes>) -> Self {
         self.sandboxes = Some(sandboxes);
+        self
+    }
+
+    /// Creates Workers' rooms through `rooms`: never a second room for one Worker.
+    pub fn with_rooms_created_once(mut self, rooms: crate::outbox::RoomsCreatedOnce) -> Self {
+        self.rooms = Some(rooms);
         self
     }
 
@@ -122,23 +131,37 @@ impl Team {
             let mut power_levels = std::collections::BTreeMap::new();
             power_levels.insert(requester.to_owned(), 100);
             power_levels.insert(worker.user_id.clone(), 10);
-            let room = self
-                .client
-                .create_room(
-                    &self.manager,
-                    &crate::matrix::CreateRoom {
-                        name: Some(format!("Worker: {}", worker.display_name)),
-                        topic: Some(if worker.role.is_empty() {
-                            format!("{} works here", worker.display_name)
-                        } else {
-                            worker.role.clone()
-                        }),
-                        invite: vec![requester.to_owned(), worker.user_id.clone()],
-                        is_direct: false,
-                        power_levels,
-                    },
-                )
-                .await?;
+            let create = crate::matrix::CreateRoom {
+                name: Some(format!("Worker: {}", worker.display_name)),
+                topic: Some(if worker.role.is_empty() {
+                    format!("{} works here", worker.display_name)
+                } else {
+                    worker.role.clone()
+                }),
+                invite: vec![requester.to_owned(), worker.user_id.clone()],
+                is_direct: false,
+                power_levels,
+                ..Default::default()
+            };
+            let room = match &self.rooms {
+                // Keyed by the Worker's creation, so a Worker made again under the same name
+                // gets a room of its own.
+                Some(rooms) => rooms
+                    .create(
+                        &self.client,
+                        &self.manager,
+                        create,
+                        &format!("worker-room:{}:{}", worker.name, worker.created_ms),
+                    )
+                    .await
+                    .map_err(|error| match error {
+                        crate::outbox::CreateOnceError::Matrix(error) => TeamError::Matrix(error),
+                        crate::outbox::CreateOnceError::Store(error) => {
+                            TeamError::Registry(error.into())
+                        }
+                    })?,
+                None => self.client.create_room(&self.manager, &create).await?,
+            };
             self.client.join(&worker.user_id, &room).await?;
             created.worker = self.registry.update(&worker.name, |worker| {
                 worker.room = Some(room.clone());

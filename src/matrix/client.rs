@@ -65,6 +65,9 @@ pub struct CreateRoom {
     pub is_direct: bool,
     /// Power levels by user (the creator always has full power).
     pub power_levels: BTreeMap<OwnedUserId, i64>,
+    /// Extra `creation_content` fields (the outbox's idempotency key, found again by
+    /// [`MatrixClient::created_room_with`]).
+    pub creation_content: serde_json::Map<String, Value>,
 }
 
 /// The path input of the endpoints we call: versioned paths are chosen for [`SPEC_VERSION`].
@@ -92,6 +95,12 @@ enum Auth<'a> {
     /// One of our users, by masquerading.
     As(&'a UserId),
 }
+
+/// How many of a room's latest events [`MatrixClient::recent_event_where`] reads at most: an
+/// unacknowledged send is looked for soon after it, so it is among the last few hundred.
+pub const RECENT_EVENTS_SEARCHED: usize = 500;
+/// Events per `/messages` page.
+const MESSAGES_PAGE: u32 = 100;
 
 impl MatrixClient {
     pub fn new(base: url::Url, as_token: Secret) -> Self {
@@ -258,6 +267,16 @@ impl MatrixClient {
                 what: "createRoom".to_owned(),
                 message: format!("room version: {error}"),
             })?;
+        if !room.creation_content.is_empty() {
+            let content =
+                serde_json::value::to_raw_value(&room.creation_content).map_err(|error| {
+                    MatrixError::Request {
+                        what: "createRoom".to_owned(),
+                        message: format!("creation content: {error}"),
+                    }
+                })?;
+            request.creation_content = Some(Raw::from_json(content));
+        }
         if !room.power_levels.is_empty() {
             let mut content = RoomPowerLevelsContentOverride::new();
             content.users = power_level_users(version.as_deref(), user, &room.power_levels)
@@ -270,7 +289,12 @@ impl MatrixClient {
                     message: error.to_string(),
                 })?);
         }
-        Ok(self.call(request, Auth::As(user)).await?.room_id)
+        // Never re-posted blindly (a lost answer would make a second room): only a refusal
+        // (429, nothing created) is asked again.
+        Ok(self
+            .call_unless_sent(request, Auth::As(user))
+            .await?
+            .room_id)
     }
 
     /// Sends a message as `user`. `txn_key` identifies this send: the same key gives the same
@@ -295,19 +319,93 @@ impl MatrixClient {
         txn_key: &str,
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
-        let txn_id = transaction_id(user.as_str(), txn_key);
-        let body =
-            serde_json::value::to_raw_value(&content).map_err(|error| MatrixError::Request {
-                what: format!("send {event_type}"),
-                message: error.to_string(),
-            })?;
-        let request = message::send_message_event::v3::Request::new_raw(
-            room.to_owned(),
-            txn_id.into(),
-            event_type.into(),
-            Raw::from_json(body),
-        );
+        let request = send_request(user, room, event_type, txn_key, &content)?;
         Ok(self.call(request, Auth::As(user)).await?.event_id)
+    }
+
+    /// As [`MatrixClient::send_event`], retried only on 429: the caller looks for an
+    /// unacknowledged attempt's event before it sends again.
+    pub async fn send_event_once(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        event_type: &str,
+        txn_key: &str,
+        content: Value,
+    ) -> Result<OwnedEventId, MatrixError> {
+        let request = send_request(user, room, event_type, txn_key, &content)?;
+        Ok(self
+            .call_unless_sent(request, Auth::As(user))
+            .await?
+            .event_id)
+    }
+
+    /// The newest of `room`'s latest [`RECENT_EVENTS_SEARCHED`] events (`/messages`
+    /// backwards, as `user`) that `matches`, if any.
+    pub async fn recent_event_where(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Option<OwnedEventId>, MatrixError> {
+        use message::get_message_events::v3::Request;
+        let mut from: Option<String> = None;
+        let mut seen = 0;
+        while seen < RECENT_EVENTS_SEARCHED {
+            let mut request = Request::new(room.to_owned(), ruma::api::Direction::Backward);
+            request.limit = ruma::UInt::from(MESSAGES_PAGE);
+            request.from = from.take();
+            let answer = self.call(request, Auth::As(user)).await?;
+            let found = answer.chunk.iter().find_map(|event| {
+                let event: Value = serde_json::from_str(event.json().get()).ok()?;
+                if !matches(&event) {
+                    return None;
+                }
+                event
+                    .get("event_id")
+                    .and_then(Value::as_str)
+                    .and_then(|id| ruma::EventId::parse(id).ok())
+            });
+            if found.is_some() {
+                return Ok(found);
+            }
+            seen += answer.chunk.len();
+            match answer.end {
+                Some(end) if !answer.chunk.is_empty() => from = Some(end),
+                _ => break,
+            }
+        }
+        Ok(None)
+    }
+
+    /// A room `user` is in whose `m.room.create` content has `field` = `value` (a room an
+    /// unacknowledged createRoom made), if any.
+    pub async fn created_room_with(
+        &self,
+        user: &UserId,
+        field: &str,
+        value: &str,
+    ) -> Result<Option<OwnedRoomId>, MatrixError> {
+        use state::get_state_event_for_key::v3::Request;
+        for room in self.joined_rooms(user).await? {
+            let request = Request::new(
+                room.clone(),
+                ruma::events::StateEventType::RoomCreate,
+                String::new(),
+            );
+            match self.call(request, Auth::As(user)).await {
+                Ok(answer) => {
+                    let content: Value =
+                        serde_json::from_str(answer.event_or_content.get()).unwrap_or_default();
+                    if content.get(field).and_then(Value::as_str) == Some(value) {
+                        return Ok(Some(room));
+                    }
+                }
+                Err(error) if error.status().is_some_and(|status| status < 500) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(None)
     }
 
     pub async fn typing(
@@ -461,6 +559,42 @@ impl MatrixClient {
         R::PathBuilder: PathFor,
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
     {
+        self.call_retrying(request, auth, MatrixError::is_transient)
+            .await
+    }
+
+    /// A request retried only while the homeserver refuses it with 429 (it made nothing): a
+    /// network error or a 5xx may hide a request that was carried out, so it is the caller's
+    /// to look before asking again.
+    async fn call_unless_sent<R>(
+        &self,
+        request: R,
+        auth: Auth<'_>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::EndpointError: ServerError,
+        R::PathBuilder: PathFor,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        self.call_retrying(request, auth, |error| error.status() == Some(429))
+            .await
+    }
+
+    /// A request retried while `retried` says so (honouring `Retry-After` / `retry_after_ms`):
+    /// exponential backoff with jitter.
+    async fn call_retrying<R>(
+        &self,
+        request: R,
+        auth: Auth<'_>,
+        retried: fn(&MatrixError) -> bool,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::EndpointError: ServerError,
+        R::PathBuilder: PathFor,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
         let http_request = self.http_request(request, auth)?;
         let path = http_request.uri().path().to_owned();
         (|| self.send_and_read::<R>(http_request.clone()))
@@ -470,7 +604,7 @@ impl MatrixClient {
                 MAX_RETRIES,
             ))
             .sleep(tokio::time::sleep)
-            .when(MatrixError::is_transient)
+            .when(retried)
             .adjust(|error, wait| honour_retry_after(error, wait, MAX_RETRY_AFTER))
             .notify(|error, wait| {
                 tracing::debug!(%path, %error, ?wait, "retrying homeserver request");
@@ -578,6 +712,28 @@ pub fn honour_retry_after(
     crate::retry::at_least_asked(wait, error.retry_after(), cap)
 }
 
+/// The `PUT /rooms/{room}/send/{type}/{txnId}` request for `content`, its transaction id derived
+/// from `user` and `txn_key` (the same key, the same id).
+fn send_request(
+    user: &UserId,
+    room: &RoomId,
+    event_type: &str,
+    txn_key: &str,
+    content: &Value,
+) -> Result<message::send_message_event::v3::Request, MatrixError> {
+    let txn_id = transaction_id(user.as_str(), txn_key);
+    let body = serde_json::value::to_raw_value(content).map_err(|error| MatrixError::Request {
+        what: format!("send {event_type}"),
+        message: error.to_string(),
+    })?;
+    Ok(message::send_message_event::v3::Request::new_raw(
+        room.to_owned(),
+        txn_id.into(),
+        event_type.into(),
+        Raw::from_json(body),
+    ))
+}
+
 /// The whole body of `response`, as the `http::Response` ruma reads.
 async fn read_whole(
     response: reqwest::Response,
@@ -592,11 +748,12 @@ async fn read_whole(
                 .map(|(name, value)| (name.clone(), value.clone())),
         );
     }
+    // A body cut off is the connection failing, not the homeserver's answer: retried.
     let body = response
         .bytes()
         .await
-        .map_err(|error| MatrixError::BadResponse {
-            path: path.to_owned(),
+        .map_err(|error| MatrixError::Unreachable {
+            url: path.to_owned(),
             message: error.without_url().to_string(),
         })?;
     builder

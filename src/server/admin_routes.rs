@@ -63,14 +63,15 @@ async fn share(
 }
 
 /// `/dispatch/why/{event_id}` (the dispatcher's reasons), `/dispatch/turns` (turns per agent),
-/// `/dispatch/queue` (wakes not yet answered, per agent) and `/dispatch/team` (what every
-/// Worker is doing, for `crew workers status`).
+/// `/dispatch/queue` (wakes not yet answered, per agent), `/dispatch/team` (what every
+/// Worker is doing, for `crew workers status`) and `/dispatch/outbox` (effects not yet done).
 pub(super) fn dispatch_router(crew: Arc<Service>) -> axum::Router {
     axum::Router::new()
         .route("/why/{event_id}", get(why))
         .route("/turns", get(turns))
         .route("/queue", get(queue))
         .route("/team", get(team))
+        .route("/outbox", get(outbox))
         .with_state(crew)
 }
 
@@ -152,6 +153,17 @@ async fn team(State(crew): State<Arc<Service>>) -> Response {
         &crew.agents.busy,
     ) {
         Ok(statuses) => axum::Json(statuses).into_response(),
+        Err(error) => {
+            crate::admin::error_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+        }
+    }
+}
+
+/// `GET /dispatch/outbox`: the effects not yet performed, oldest first per room (what a
+/// homeserver in trouble holds up).
+async fn outbox(State(crew): State<Arc<Service>>) -> Response {
+    match crew.outbox.pending() {
+        Ok(pending) => axum::Json(serde_json::json!({ "pending": pending })).into_response(),
         Err(error) => {
             crate::admin::error_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
         }

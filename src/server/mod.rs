@@ -201,8 +201,24 @@ fn dispatch_roster(
     )
 }
 
-/// Runs until `shutdown` is cancelled or a listener fails.
-pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// What [`open`] gives `serve`: the service, and what the appservice API and the start-up
+/// check share with it.
+pub(crate) struct Opened {
+    pub crew: Arc<Service>,
+    state: Arc<AppserviceState>,
+    ping_seen: tokio::sync::watch::Receiver<Option<String>>,
+    /// The project flow's internal wakes, recorded for `!crew why` by a task of `serve`.
+    internal_receiver:
+        tokio::sync::mpsc::UnboundedReceiver<crate::agent::project_flow::QueuedInternal>,
+}
+
+/// Opens everything the running service shares (database, roster, dispatcher, gateway,
+/// storage…) without binding a socket or calling the homeserver, so the pump and the outbox can
+/// be driven over a temporary directory in tests.
+pub(crate) async fn open(
+    loaded: Loaded,
+    shutdown: CancellationToken,
+) -> Result<Opened, ServeError> {
     let Loaded {
         config,
         registration,
@@ -241,7 +257,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     let team = Arc::new(
         Team::new(registry, client.clone(), gateway.clone(), manager.clone())
             .with_sandboxes(sandboxes.clone())
-            .with_max_workers(config.limits.max_workers),
+            .with_max_workers(config.limits.max_workers)
+            .with_rooms_created_once(crate::outbox::RoomsCreatedOnce::open(&store)?),
     );
     let manager_profile: Tree<String, crate::agent::manager::ManagerProfile> =
         store.tree("manager_profile")?;
@@ -282,17 +299,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     });
     let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;
     let tasks = crate::tasks::Tasks::open(&store, storage.clone(), &config.tasks)?;
-    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
-    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
-    let admin_listener = bind("admin API", config.admin_api.bind).await?;
-    let admin_token =
-        crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
-            ServeError::DataDir {
-                path: config.admin_token_path().display().to_string(),
-                source,
-            }
-        })?;
-
     let busy = crate::agent::status::Busy::default();
     let projects = crate::projects::Projects::open(&store).map_err(|error| {
         StartupError::Config(format!("cannot open the project records: {error}"))
@@ -358,6 +364,54 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         background: background.clone(),
         shutdown: shutdown.clone(),
     });
+
+    Ok(Opened {
+        crew,
+        state,
+        ping_seen,
+        internal_receiver,
+    })
+}
+
+/// Runs until `shutdown` is cancelled or a listener fails.
+pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let Opened {
+        crew,
+        state,
+        ping_seen,
+        internal_receiver,
+    } = open(loaded, shutdown.clone()).await?;
+    let config = &crew.config;
+    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
+    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
+    let admin_listener = bind("admin API", config.admin_api.bind).await?;
+    // The bound address (the configured port may be 0: any free one), for the CLI and tests.
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            what: "admin API",
+            addr: config.admin_api.bind,
+            source,
+        })?;
+    std::fs::write(config.admin_addr_path(), admin_addr.to_string()).map_err(|source| {
+        ServeError::DataDir {
+            path: config.admin_addr_path().display().to_string(),
+            source,
+        }
+    })?;
+    let admin_token =
+        crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
+            ServeError::DataDir {
+                path: config.admin_token_path().display().to_string(),
+                source,
+            }
+        })?;
+    let background = crew.background.clone();
+    let team = crew.team.clone();
+    let gateway = crew.gateway.clone();
+    let storage = crew.storage.clone();
+    let links = crew.links.clone();
+    let sandboxes = crew.agents.sandboxes.clone();
 
     // Signed file links are served next to the appservice API (under /files/), at the address
     // `storage.public_base_url` points to.
@@ -439,6 +493,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     tracing::info!(
         manager = %crew.manager,
         appservice = %crew.config.appservice.bind,
+        admin_api = %admin_addr,
         "crew is ready"
     );
 

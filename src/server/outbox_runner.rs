@@ -7,12 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use ruma::{OwnedRoomId, RoomId};
+use ruma::{OwnedRoomId, RoomId, UserId};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Service;
-use crate::matrix::MatrixError;
-use crate::outbox::{Effect, Staged};
+use crate::matrix::message::ReplyTo;
+use crate::matrix::{CreateRoom, MatrixError, OutgoingMessage};
+use crate::outbox::{CreateOnceError, Effect, OUTBOX_KEY_FIELD, Staged};
+use crate::store::StoreError;
 
 /// First wait after a transient failure; doubles (with jitter) up to [`MAX_BACKOFF`], for ever.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -80,7 +83,8 @@ async fn drain(crew: Arc<Service>, room: OwnedRoomId, shutdown: CancellationToke
             .build();
         loop {
             // A shutdown drops the call in flight: the effect stays pending and is performed
-            // again on the next start (sends keep their transaction id; joins are idempotent).
+            // again on the next start (a send or a createRoom looks first for what the dropped
+            // attempt made; joins are idempotent).
             let performed = tokio::select! {
                 performed = perform(&crew, &room, &staged.effect) => performed,
                 () = shutdown.cancelled() => {
@@ -95,10 +99,13 @@ async fn drain(crew: Arc<Service>, room: OwnedRoomId, shutdown: CancellationToke
                     }
                     break;
                 }
-                Err(error) if error.is_transient() => {
-                    let wait =
-                        crate::matrix::honour_retry_after(&error, backoff.next(), MAX_BACKOFF)
-                            .unwrap_or(MAX_BACKOFF);
+                Err(error) if is_transient(&error) => {
+                    let asked = match &error {
+                        PerformError::Matrix(matrix) => matrix.retry_after(),
+                        PerformError::Store(_) => None,
+                    };
+                    let wait = crate::retry::at_least_asked(backoff.next(), asked, MAX_BACKOFF)
+                        .unwrap_or(MAX_BACKOFF);
                     tracing::warn!(%error, %room, what = %staged.effect.describe(), ?wait, "homeserver call failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
@@ -130,7 +137,7 @@ fn release(crew: &Service, room: &RoomId) {
         .remove(room);
 }
 
-fn record_failure(crew: &Service, key: &[u8], staged: &Staged, error: &MatrixError) {
+fn record_failure(crew: &Service, key: &[u8], staged: &Staged, error: &PerformError) {
     if let Err(store) = crew
         .outbox
         .failed(key, staged, error.to_string(), crate::clock::now_ms())
@@ -139,14 +146,33 @@ fn record_failure(crew: &Service, key: &[u8], staged: &Staged, error: &MatrixErr
     }
 }
 
-async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), MatrixError> {
+/// Why an effect was not performed this time.
+#[derive(Debug, thiserror::Error)]
+enum PerformError {
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// The outbox's own records could not be read or written: retried, never sent unrecorded.
+    #[error("the outbox's records: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Network errors, rate limits, server errors and our own storage's trouble pass; anything else
+/// is the homeserver's answer for good.
+fn is_transient(error: &PerformError) -> bool {
+    match error {
+        PerformError::Matrix(error) => error.is_transient(),
+        PerformError::Store(_) => true,
+    }
+}
+
+async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), PerformError> {
     match effect {
         Effect::Join { agent } => {
             crew.client.join(agent, room).await?;
             tracing::info!(%room, %agent, "joined on invite");
             // Know the room now, not when our join's echo arrives: the next message in the
             // inbox may already be for us.
-            super::pump::seed_room(crew, agent, room).await;
+            seed_room(crew, agent, room).await;
             Ok(())
         }
         Effect::Decline { agent, reason } => {
@@ -155,29 +181,134 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), M
             Ok(())
         }
         Effect::Seed { agent } => {
-            super::pump::seed_room(crew, agent, room).await;
+            seed_room(crew, agent, room).await;
             Ok(())
         }
         Effect::Send {
             agent,
             txn_key,
             content,
+        } => send_once(crew, agent, room, txn_key, content).await,
+        Effect::OfferRoom {
+            agent,
+            name,
+            topic,
+            invite,
+            txn_key,
         } => {
-            if let Ok(Some(sent)) = crew.outbox.sent(agent, txn_key) {
-                tracing::debug!(event_id = %sent.event_id, "already sent; not sending again");
-                return Ok(());
-            }
-            let event_id = crew
-                .client
-                .send_event(agent, room, "m.room.message", txn_key, content.clone())
-                .await?;
-            if let Err(error) =
-                crew.outbox
-                    .record_sent(agent, txn_key, event_id.as_str(), crate::clock::now_ms())
-            {
-                tracing::error!(%error, "cannot record a sent message");
-            }
-            Ok(())
+            let offer = CreateRoom {
+                name: Some(name.clone()),
+                topic: Some(topic.clone()),
+                invite: invite.clone(),
+                ..CreateRoom::default()
+            };
+            let created = crew
+                .outbox
+                .rooms
+                .create(&crew.client, agent, offer, txn_key)
+                .await
+                .map_err(|error| match error {
+                    CreateOnceError::Matrix(error) => PerformError::Matrix(error),
+                    CreateOnceError::Store(error) => PerformError::Store(error),
+                });
+            let text = match created {
+                Ok(_) => {
+                    "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there."
+                }
+                Err(error) if is_transient(&error) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot open an unencrypted room");
+                    "This room is encrypted, so I cannot read anything said here. Invite me into an unencrypted room instead."
+                }
+            };
+            let content = OutgoingMessage::notice(text).to_content();
+            send_once(crew, agent, room, txn_key, &content).await
         }
+        Effect::RemoveWorker {
+            name,
+            command,
+            txn_key,
+        } => {
+            let text = match crew.team.remove(name).await {
+                Ok(worker) => format!(
+                    "Removed {}: its gateway token is revoked and it left its rooms. Its files and history stay.",
+                    worker.display_name
+                ),
+                Err(crate::agent::team::TeamError::Matrix(error)) if error.is_transient() => {
+                    return Err(error.into());
+                }
+                Err(error) => format!("I could not remove `{name}`: {error}"),
+            };
+            let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::event(command));
+            send_once(crew, &crew.manager, room, txn_key, &reply.to_content()).await
+        }
+    }
+}
+
+/// Sends `content` as `agent` once, whatever happens to the homeserver: it carries its outbox
+/// key, the attempt is recorded before it leaves, and a repeated attempt first looks for the
+/// key among the room's recent events (an earlier attempt may have been carried out without
+/// its answer reaching us, and a restarted homeserver has forgotten its transaction ids).
+async fn send_once(
+    crew: &Service,
+    agent: &UserId,
+    room: &RoomId,
+    txn_key: &str,
+    content: &Value,
+) -> Result<(), PerformError> {
+    if let Some(sent) = crew.outbox.sent(agent, txn_key)? {
+        tracing::debug!(event_id = %sent.event_id, "already sent; not sending again");
+        return Ok(());
+    }
+    let mut content = content.clone();
+    if let Some(fields) = content.as_object_mut() {
+        fields.insert(OUTBOX_KEY_FIELD.to_owned(), Value::from(txn_key));
+    }
+    let now = crate::clock::now_ms();
+    if crew.outbox.mark_attempted(agent, txn_key, now).await? {
+        let found = crew
+            .client
+            .recent_event_where(agent, room, |event| {
+                event.get("sender").and_then(Value::as_str) == Some(agent.as_str())
+                    && event
+                        .pointer(&format!("/content/{OUTBOX_KEY_FIELD}"))
+                        .and_then(Value::as_str)
+                        == Some(txn_key)
+            })
+            .await?;
+        if let Some(event_id) = found {
+            tracing::info!(%event_id, %room, "an earlier attempt was sent; not sending again");
+            crew.outbox
+                .record_sent(agent, txn_key, event_id.as_str(), now)?;
+            return Ok(());
+        }
+    }
+    let event_id = crew
+        .client
+        .send_event_once(agent, room, "m.room.message", txn_key, content)
+        .await?;
+    crew.outbox
+        .record_sent(agent, txn_key, event_id.as_str(), crate::clock::now_ms())?;
+    Ok(())
+}
+
+/// Fetches a room's whole state as `agent` (we see nothing from before we joined) and gives it
+/// to the dispatcher.
+pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
+    match crew.client.room_state(agent, room).await {
+        Ok(events) => {
+            let mut state = crew
+                .dispatcher
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let room_state = state.dispatcher.rooms.entry(room);
+            for event in &events {
+                room_state.apply_event(event);
+            }
+            let snapshot = room_state.clone();
+            drop(state);
+            crew.persist_room(room, &snapshot);
+        }
+        Err(error) => super::log_matrix_error("cannot fetch room state", &error),
     }
 }

@@ -2,6 +2,10 @@
 //! wakes, and turns the decision into durable wakes in the same sled transaction that removes the
 //! event from the inbox. A crash therefore means handling an event again (never losing it), and
 //! every send uses a transaction id derived from the event, so handling twice never answers twice.
+//!
+//! Nothing here calls the homeserver: joins, declines, notices, `!crew` answers, the offer of an
+//! unencrypted room and `!crew remove` are [`crate::outbox::Effect`]s, committed with the wakes
+//! and performed by `server::outbox_runner`.
 
 use std::sync::Arc;
 
@@ -14,8 +18,8 @@ use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
+use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
-use crate::matrix::{CreateRoom, OutgoingMessage};
 use crate::outbox::{Effect, Staged};
 
 /// Events taken from the inbox per round.
@@ -43,28 +47,42 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
             if shutdown.is_cancelled() {
                 return;
             }
-            let (wakes, effects) = handle(&crew, &entry.event).await;
-            if let Err(error) =
-                crew.queue
-                    .commit_with_effects(&crew.inbox, seq, &wakes, &crew.outbox, &effects)
-            {
-                tracing::error!(%error, seq, "cannot queue wakes; the event stays in the inbox");
-                continue;
-            }
-            if !effects.is_empty() {
-                crew.outbox.notify();
-            }
-            for wake in wakes {
-                crew.wake_agent(wake.agent);
+            let woken = match decide_and_commit(&crew, seq, &entry.event) {
+                Ok(woken) => woken,
+                Err(error) => {
+                    tracing::error!(%error, seq, "cannot queue wakes; the event stays in the inbox");
+                    continue;
+                }
+            };
+            for agent in woken {
+                crew.wake_agent(agent);
             }
         }
     }
 }
 
+/// Read → decide → commit for inbox entry `seq`: the dispatcher's decision, its wakes and its
+/// effects are committed in one sled transaction with the entry's removal, and the outbox is
+/// told. Returns the agents woken (whose turns the caller starts).
+pub(crate) fn decide_and_commit(
+    crew: &Arc<Service>,
+    seq: u64,
+    event: &Value,
+) -> Result<Vec<OwnedUserId>, crate::store::StoreError> {
+    let (wakes, effects) = handle(crew, event);
+    crew.queue
+        .commit_with_effects(&crew.inbox, seq, &wakes, &crew.outbox, &effects)?;
+    if !effects.is_empty() {
+        crew.outbox.notify();
+    }
+    Ok(wakes.into_iter().map(|wake| wake.agent).collect())
+}
+
 /// Handles one event and returns the wakes and the homeserver effects it causes (committed
-/// together by the caller). Never fails: problems are logged.
+/// together by the caller). Never fails: problems are logged. Not `async`: nothing here may
+/// wait on the homeserver, which the compiler now checks.
 #[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
-async fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>) {
+fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>) {
     let decision = dispatch(crew, event);
     if let Some(Err(error)) = decision
         .remember
@@ -106,14 +124,14 @@ async fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<St
         stage(effect);
     }
     for signal in &decision.signals {
-        if let Some(effect) = signal_effect(crew, &room, event, &decision, signal).await {
+        if let Some(effect) = signal_effect(crew, &room, event, &decision, signal) {
             stage(effect);
         }
     }
     if let Some(command) = command_for_manager(crew, &room, &sender, event) {
         let may_talk = crew.config.invites.allows(&sender, &crew.config.admins);
         match crew.commands.admit(&room, may_talk, now_ms()) {
-            Ok(()) => stage(answer_command(crew, &room, &sender, event, command).await),
+            Ok(()) => stage(answer_command(crew, &room, &sender, event, command)),
             Err(why) => tracing::info!(?why, %room, %sender, "a !crew command left unanswered"),
         }
         return (Vec::new(), effects);
@@ -251,30 +269,9 @@ fn membership_effect(crew: &Service, sender: &UserId, event: &Value) -> Option<E
     }
 }
 
-/// Fetches a room's whole state as `agent` (we see nothing from before we joined) and gives it
-/// to the dispatcher.
-pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
-    match crew.client.room_state(agent, room).await {
-        Ok(events) => {
-            let mut state = crew
-                .dispatcher
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let room_state = state.dispatcher.rooms.entry(room);
-            for event in &events {
-                room_state.apply_event(event);
-            }
-            let snapshot = room_state.clone();
-            drop(state);
-            crew.persist_room(room, &snapshot);
-        }
-        Err(error) => super::log_matrix_error("cannot fetch room state", &error),
-    }
-}
-
-/// The one-time notice a dispatcher signal asks for (never waking anyone: `m.notice`). The
-/// offer of an unencrypted room is still created here, before the notice that names it.
-async fn signal_effect(
+/// The one-time notice a dispatcher signal asks for (never waking anyone: `m.notice`), or the
+/// offer of an unencrypted room (created by the outbox, which then says so).
+fn signal_effect(
     crew: &Service,
     room: &OwnedRoomId,
     event: &Value,
@@ -310,24 +307,13 @@ async fn signal_effect(
         Signal::EncryptedRoom { agent } => {
             let humans = joined_members_where(crew, room, |member| !crew.is_ours(member));
             let name = display_name(crew, room, agent);
-            let offer = CreateRoom {
-                name: Some(format!("{name} (unencrypted)")),
-                topic: Some(format!("A room where {name} can read what you write")),
+            return Some(Effect::OfferRoom {
+                agent: agent.clone(),
+                name: format!("{name} (unencrypted)"),
+                topic: format!("A room where {name} can read what you write"),
                 invite: humans,
-                ..CreateRoom::default()
-            };
-            let text = match crew.client.create_room(agent, &offer).await {
-                Ok(_) => "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there.".to_owned(),
-                Err(error) => {
-                    super::log_matrix_error("cannot open an unencrypted room", &error);
-                    "This room is encrypted, so I cannot read anything said here. Invite me into an unencrypted room instead.".to_owned()
-                }
-            };
-            (
-                agent.clone(),
-                OutgoingMessage::notice(text),
-                format!("encrypted:{room}:{agent}"),
-            )
+                txn_key: format!("encrypted:{room}:{agent}"),
+            });
         }
     };
     Some(Effect::Send {
@@ -375,9 +361,9 @@ fn command_for_manager(
     joined.then_some(command)
 }
 
-/// The Manager's answer to a `!crew` command, in reply to it. (Only `!crew remove` acts on the
-/// homeserver here: the Worker leaves its rooms.)
-async fn answer_command(
+/// The Manager's answer to a `!crew` command, in reply to it. `!crew remove` acts on the
+/// homeserver (the Worker leaves its rooms), so the outbox removes the Worker and then answers.
+fn answer_command(
     crew: &Arc<Service>,
     room: &OwnedRoomId,
     sender: &UserId,
@@ -385,6 +371,7 @@ async fn answer_command(
     command: Command,
 ) -> Effect {
     use crate::agent::registry::WorkerState;
+    let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
     let text = if command.changes_state() && !crew.is_admin(sender) {
         "Sorry, only the admins can do that. `!crew help` lists what everyone can ask.".to_owned()
     } else {
@@ -420,13 +407,13 @@ async fn answer_command(
             Command::Start(name) => {
                 commands::set_state(&crew.team.registry, &name, WorkerState::Active)
             }
-            Command::Remove(name) => match crew.team.remove(&name).await {
-                Ok(worker) => format!(
-                    "Removed {}: its gateway token is revoked and it left its rooms. Its files and history stay.",
-                    worker.display_name
-                ),
-                Err(error) => format!("I could not remove `{name}`: {error}"),
-            },
+            Command::Remove(name) => {
+                return Effect::RemoveWorker {
+                    name,
+                    command: reply_context(event),
+                    txn_key: format!("command:{event_id}"),
+                };
+            }
             Command::Why(event_id) => why(crew, room, sender, &event_id),
             Command::Projects => commands::projects_answer(
                 crew.agents.projects.projects(),
@@ -445,13 +432,21 @@ async fn answer_command(
             }
         }
     };
-    let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
     let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::event(event));
     Effect::Send {
         agent: crew.manager.clone(),
         txn_key: format!("command:{event_id}"),
         content: reply.to_content(),
     }
+}
+
+/// What a reply to `event` needs of it (its id and thread), kept in an effect.
+fn reply_context(event: &Value) -> Value {
+    let mut kept = serde_json::json!({ "event_id": event.get("event_id") });
+    if let Some(relates) = event.pointer("/content/m.relates_to") {
+        kept["content"] = serde_json::json!({ "m.relates_to": relates });
+    }
+    kept
 }
 
 /// The members joined to `room` (as the dispatcher's room model knows them) that `keep` accepts.
@@ -552,4 +547,239 @@ fn wire_name<T: serde::Serialize>(value: &T) -> String {
         .ok()
         .and_then(|value| value.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// The pump over a sled temp dir, with no homeserver: its homeserver URL points at a closed
+/// port, and `handle` cannot await, so nothing here could have called one.
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::outbox::Effect;
+
+    const ADMIN: &str = "@admin:crew.test";
+    const MANAGER: &str = "@crew:crew.test";
+    const ROOM: &str = "!room:crew.test";
+
+    async fn service(dir: &std::path::Path) -> Arc<Service> {
+        let written = crate::init::init(&crate::init::InitOptions {
+            data_dir: dir.join("data"),
+            homeserver: "http://127.0.0.1:9".parse().unwrap(),
+            server_name: "crew.test".try_into().unwrap(),
+            admins: vec![UserId::parse(ADMIN).unwrap()],
+            user_prefix: "crew_".into(),
+            appservice_id: "crew".into(),
+            manager_localpart: "crew".into(),
+            appservice_url: "http://127.0.0.1:9".parse().unwrap(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            admin_bind: "127.0.0.1:0".parse().unwrap(),
+            force: false,
+            llm: None,
+        })
+        .unwrap();
+        let loaded = crate::config::Config::load(&written.config).unwrap();
+        super::super::open(loaded, CancellationToken::new())
+            .await
+            .unwrap()
+            .crew
+    }
+
+    /// Puts `events` into the inbox as one transaction and runs read → decide → commit on each.
+    async fn pump(crew: &Arc<Service>, txn: &str, events: &[Value]) -> Vec<OwnedUserId> {
+        let raw: Vec<Box<serde_json::value::RawValue>> = events
+            .iter()
+            .map(|event| serde_json::value::to_raw_value(event).unwrap())
+            .collect();
+        crew.inbox.ingest_durably(txn, &raw).await.unwrap();
+        let mut woken = Vec::new();
+        for (seq, entry) in crew.inbox.pending(100).unwrap() {
+            woken.extend(decide_and_commit(crew, seq, &entry.event).unwrap());
+        }
+        assert!(crew.inbox.is_empty(), "every event left the inbox");
+        woken
+    }
+
+    fn effects(crew: &Service) -> Vec<Effect> {
+        crew.outbox
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|staged| staged.effect)
+            .collect()
+    }
+
+    fn member(id: &str, sender: &str, target: &str, membership: &str) -> Value {
+        json!({"type": "m.room.member", "room_id": ROOM, "event_id": id, "sender": sender,
+               "state_key": target, "origin_server_ts": 1, "content": {"membership": membership}})
+    }
+
+    fn message(id: &str, body: &str, mentions: &[&str]) -> Value {
+        json!({"type": "m.room.message", "room_id": ROOM, "event_id": id, "sender": ADMIN,
+               "origin_server_ts": 2,
+               "content": {"msgtype": "m.text", "body": body, "m.mentions": {"user_ids": mentions}}})
+    }
+
+    /// The Manager invited by an admin and joined: what every later test starts from.
+    async fn joined(crew: &Arc<Service>) {
+        let woken = pump(
+            crew,
+            "t-invite",
+            &[
+                member("$invite", ADMIN, MANAGER, "invite"),
+                // (The room's earlier state comes from seeding it after the join, in real life.)
+                member("$admin", ADMIN, ADMIN, "join"),
+            ],
+        )
+        .await;
+        assert!(woken.is_empty());
+        let manager = UserId::parse(MANAGER).unwrap();
+        assert_eq!(
+            effects(crew),
+            [Effect::Join {
+                agent: manager.clone()
+            }]
+        );
+        let pending = crew.outbox.pending().unwrap();
+        assert_eq!(pending[0].cause, "$invite", "kept for !crew why");
+        // The outbox has not run: the pump decides as if the join had happened.
+        let (key, _) = crew
+            .outbox
+            .next(&RoomId::parse(ROOM).unwrap())
+            .unwrap()
+            .unwrap();
+        crew.outbox.done(&key).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_invite_commits_a_join_and_a_mention_a_wake_with_the_inbox_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let crew = service(dir.path()).await;
+        joined(&crew).await;
+        let woken = pump(
+            &crew,
+            "t-mention",
+            &[message("$ask", &format!("{MANAGER}: hello"), &[MANAGER])],
+        )
+        .await;
+        let manager = UserId::parse(MANAGER).unwrap();
+        assert_eq!(woken, std::slice::from_ref(&manager));
+        let queued = crew.queue.pending_for(&manager).unwrap();
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].wake.event["event_id"], "$ask");
+        assert!(
+            effects(&crew).is_empty(),
+            "a mention needs no homeserver effect"
+        );
+
+        // A stranger's invite is declined, with the reason, through the outbox too.
+        pump(
+            &crew,
+            "t-stranger",
+            &[
+                json!({"type": "m.room.member", "room_id": "!other:crew.test",
+                     "event_id": "$stranger", "sender": "@mallory:crew.test",
+                     "state_key": MANAGER, "content": {"membership": "invite"}}),
+            ],
+        )
+        .await;
+        let declined = effects(&crew);
+        assert!(
+            matches!(&declined[..], [Effect::Decline { reason, .. }] if reason.contains("admins allow")),
+            "{declined:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn crew_remove_and_the_encrypted_room_offer_are_effects_not_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let crew = service(dir.path()).await;
+        joined(&crew).await;
+        pump(
+            &crew,
+            "t-remove",
+            &[message("$rm", "!crew remove alice", &[])],
+        )
+        .await;
+        let staged = effects(&crew);
+        assert!(
+            staged.iter().any(
+                |effect| matches!(effect, Effect::RemoveWorker { name, command, txn_key }
+                if name == "alice" && command["event_id"] == "$rm" && txn_key == "command:$rm")
+            ),
+            "{staged:?}"
+        );
+        // (Besides the one-time hint that the Manager wakes only when mentioned.)
+        while let Some((key, _)) = crew.outbox.next(&RoomId::parse(ROOM).unwrap()).unwrap() {
+            crew.outbox.done(&key).unwrap();
+        }
+
+        pump(
+            &crew,
+            "t-encryption",
+            &[
+                json!({"type": "m.room.encryption", "room_id": ROOM, "event_id": "$enc",
+                     "sender": ADMIN, "state_key": "",
+                     "content": {"algorithm": "m.megolm.v1.aes-sha2"}}),
+            ],
+        )
+        .await;
+        let staged = effects(&crew);
+        let manager = UserId::parse(MANAGER).unwrap();
+        let admin = UserId::parse(ADMIN).unwrap();
+        assert!(
+            matches!(&staged[..], [Effect::OfferRoom { agent, invite, txn_key, .. }]
+                if *agent == manager && *invite == std::slice::from_ref(&admin)
+                    && txn_key == &format!("encrypted:{ROOM}:{MANAGER}")),
+            "{staged:?}"
+        );
+        // Said once: the next encrypted event stages nothing more.
+        pump(
+            &crew,
+            "t-encrypted",
+            &[
+                json!({"type": "m.room.encrypted", "room_id": ROOM, "event_id": "$e1",
+                     "sender": ADMIN, "content": {}}),
+            ],
+        )
+        .await;
+        assert_eq!(effects(&crew).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_commit_leaves_the_event_and_after_it_everything_it_caused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let crew = service(dir.path()).await;
+            joined(&crew).await;
+            let raw = [serde_json::value::to_raw_value(&message(
+                "$ask",
+                &format!("{MANAGER}: hi"),
+                &[MANAGER],
+            ))
+            .unwrap()];
+            crew.inbox.ingest_durably("t-ask", &raw).await.unwrap();
+            // Decided but not committed (the process dies here): nothing is queued.
+            let _ = handle(&crew, &crew.inbox.pending(1).unwrap()[0].1.event);
+            crew.store.flush().await.unwrap();
+        }
+        let crew = service_again(dir.path()).await;
+        let manager = UserId::parse(MANAGER).unwrap();
+        assert!(crew.queue.pending_for(&manager).unwrap().is_empty());
+        assert_eq!(crew.inbox.len(), 1, "the event waits in the inbox");
+        for (seq, entry) in crew.inbox.pending(10).unwrap() {
+            decide_and_commit(&crew, seq, &entry.event).unwrap();
+        }
+        assert_eq!(crew.queue.pending_for(&manager).unwrap().len(), 1);
+        assert!(crew.inbox.is_empty());
+    }
+
+    /// The service over an existing data directory (a restart).
+    async fn service_again(dir: &std::path::Path) -> Arc<Service> {
+        let loaded = crate::config::Config::load(&dir.join("data/config.toml")).unwrap();
+        super::super::open(loaded, CancellationToken::new())
+            .await
+            .unwrap()
+            .crew
+    }
 }

@@ -229,10 +229,21 @@ pub(super) async fn greet_admins(crew: Arc<Service>) {
                     is_direct: true,
                     ..CreateRoom::default()
                 };
-                match crew.client.create_room(&crew.manager, &create).await {
+                // Once per admin, even if the answer to createRoom is lost.
+                match crew
+                    .outbox
+                    .rooms
+                    .create(
+                        &crew.client,
+                        &crew.manager,
+                        create,
+                        &format!("greeting:{admin}"),
+                    )
+                    .await
+                {
                     Ok(room) => room,
                     Err(error) => {
-                        super::log_matrix_error("cannot open a DM with an admin", &error);
+                        tracing::warn!(%error, "cannot open a DM with an admin");
                         continue;
                     }
                 }
@@ -273,7 +284,7 @@ pub(super) async fn refresh_rooms(crew: Arc<Service>) {
         }
     };
     for room in rooms {
-        super::pump::seed_room(&crew, &crew.manager, &room).await;
+        super::outbox_runner::seed_room(&crew, &crew.manager, &room).await;
     }
     tracing::debug!("room state refreshed");
 }

@@ -23,6 +23,7 @@ pub struct CrewEnv {
     pub crew: Option<CrewProcess>,
     pub data_dir: PathBuf,
     pub appservice_port: u16,
+    /// The admin API's port, as the running crew reported it (it binds any free port).
     pub admin_port: u16,
     pub gateway_port: u16,
     /// The homeserver URL crew is told to use (Synapse, or a relay in front of it).
@@ -47,7 +48,6 @@ impl CrewEnv {
         let root = tempfile::tempdir().unwrap();
         let data_dir = root.path().join("data");
         let appservice_port = tools::free_port();
-        let admin_port = tools::free_port();
         let output = Command::new(crew_binary())
             .args([
                 "init",
@@ -60,7 +60,8 @@ impl CrewEnv {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--bind", &format!("127.0.0.1:{appservice_port}")])
-            .args(["--admin-bind", &format!("127.0.0.1:{admin_port}")])
+            // Any free port: crew writes the one it bound to `admin.addr`.
+            .args(["--admin-bind", "127.0.0.1:0"])
             .args(init_args)
             .output()
             .unwrap();
@@ -85,7 +86,7 @@ impl CrewEnv {
             crew: None,
             data_dir,
             appservice_port,
-            admin_port,
+            admin_port: 0,
             gateway_port,
             homeserver_url: String::new(),
             admin,
@@ -130,6 +131,11 @@ impl CrewEnv {
         let mut crew = crew;
         crew.wait_for_log("crew is ready", Duration::from_secs(60))
             .await;
+        self.admin_port = std::fs::read_to_string(self.data_dir.join("admin.addr"))
+            .ok()
+            .and_then(|addr| addr.trim().parse::<std::net::SocketAddr>().ok())
+            .map(|addr| addr.port())
+            .expect("crew serve wrote the admin API's address to admin.addr");
         self.crew = Some(crew);
     }
 

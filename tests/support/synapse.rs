@@ -54,30 +54,37 @@ impl Synapse {
         let config = synapse_config(dir, port, &server_name, registrations);
         let config_path = dir.join("homeserver.yaml");
         std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.join("synapse.log")).unwrap();
-        let child = Command::new(&python)
-            .args(["-m", "synapse.app.homeserver", "-c"])
-            .arg(&config_path)
-            .current_dir(dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start synapse");
+        let child = spawn(&python, &config_path, dir);
         let mut synapse = Synapse {
             url: format!("http://127.0.0.1:{port}"),
             server_name,
             dir: dir.to_path_buf(),
             child,
         };
+        synapse.wait_ready().await;
+        synapse
+    }
+
+    /// Kills Synapse (SIGKILL: its memory, such as the transaction ids it saw, is gone) and
+    /// starts it again on the same database, port and config.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&python(), &self.dir.join("homeserver.yaml"), &self.dir);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let dir = self.dir.clone();
         let http = reqwest::Client::new();
-        let versions = format!("{}/_matrix/client/versions", synapse.url);
+        let versions = format!("{}/_matrix/client/versions", self.url);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let answered = http.get(&versions).send().await;
             if answered.is_ok_and(|response| response.status().is_success()) {
                 break;
             }
-            if let Ok(Some(status)) = synapse.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "synapse exited with {status} during start-up:\n{}",
                     tail(&dir.join("synapse.log"))
@@ -91,7 +98,6 @@ impl Synapse {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        synapse
     }
 
     /// Registers a human user with a password; returns a logged-in client.
@@ -125,6 +131,23 @@ impl Synapse {
     pub fn user_id(&self, localpart: &str) -> String {
         format!("@{localpart}:{}", self.server_name)
     }
+}
+
+/// Starts Synapse on `config`, appending to its log.
+fn spawn(python: &Path, config: &Path, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("synapse.log"))
+        .unwrap();
+    Command::new(python)
+        .args(["-m", "synapse.app.homeserver", "-c"])
+        .arg(config)
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start synapse")
 }
 
 impl Drop for Synapse {

@@ -57,12 +57,30 @@ pub fn run(command: &mut Command) -> Result<(), String> {
     }
 }
 
-/// A free TCP port on loopback (bound then released; the caller binds it next).
+/// A free TCP port on loopback (bound then released; the caller binds it next), below the
+/// kernel's ephemeral range (32768 and up on Linux): a port from that range can be taken by
+/// any outgoing connection while a killed `crew` is down, and its restart then fails to bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("find a free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    /// Where this test process starts looking, spread by process id so that test binaries
+    /// running side by side look in different places.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 12_000;
+    const SPAN: u16 = 20_000;
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + (std::process::id() % u32::from(SPAN)) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = LOW + (port - LOW) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 /// Waits for `condition` to hold, polling, until `deadline` passes; panics with `what` if not.
