@@ -1,6 +1,7 @@
 //! The HTTP side of the Matrix client: one method per endpoint we use.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -30,6 +31,8 @@ pub struct MatrixClient {
     http: reqwest::Client,
     base: url::Url,
     as_token: Secret,
+    /// crate::crypto hook: encrypts sends into encrypted rooms once set (shared by clones).
+    encryptor: Arc<std::sync::OnceLock<Arc<dyn crate::crypto::RoomEncryptor>>>,
 }
 
 /// A joined member of a room.
@@ -60,7 +63,14 @@ impl MatrixClient {
             http,
             base,
             as_token,
+            encryptor: Arc::default(),
         }
+    }
+
+    /// crate::crypto hook: from now on, messages into encrypted rooms are sent encrypted (by
+    /// this client and every clone of it).
+    pub fn set_encryptor(&self, encryptor: Arc<dyn crate::crypto::RoomEncryptor>) {
+        let _ = self.encryptor.set(encryptor);
     }
 
     pub fn homeserver_url(&self) -> &url::Url {
@@ -308,6 +318,16 @@ impl MatrixClient {
         txn_key: &str,
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
+        // crate::crypto hook: the same transaction id either way, so a retry stays one event.
+        let (event_type, content) = match self.encryptor.get() {
+            Some(encryptor) if event_type != "m.room.encrypted" => {
+                match encryptor.encrypt(user, room, event_type, &content).await? {
+                    Some(encrypted) => ("m.room.encrypted", encrypted),
+                    None => (event_type, content),
+                }
+            }
+            _ => (event_type, content),
+        };
         let txn_id = transaction_id(user.as_str(), txn_key);
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/{}/{}",

@@ -317,10 +317,10 @@ async fn signal_effect(
                 ..CreateRoom::default()
             };
             let text = match crew.client.create_room(agent, &offer).await {
-                Ok(_) => "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there.".to_owned(),
+                Ok(_) => "This room is encrypted and encryption is turned off for this crew (`encryption.enabled = false` in its config), so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there.".to_owned(),
                 Err(error) => {
                     super::log_matrix_error("cannot open an unencrypted room", &error);
-                    "This room is encrypted, so I cannot read anything said here. Invite me into an unencrypted room instead.".to_owned()
+                    "This room is encrypted and encryption is turned off for this crew (`encryption.enabled = false` in its config), so I cannot read anything said here. Invite me into an unencrypted room instead.".to_owned()
                 }
             };
             (
