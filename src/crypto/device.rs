@@ -1,8 +1,8 @@
 //! One agent's device: its Olm machine over its own sqlite store, the device's access token, and
 //! the loop that carries the machine's requests to the homeserver.
 //!
-//! On disk, `<data_dir>/crypto/<localpart>/` (mode 0700) holds `device.json` (user, device id,
-//! the device's access token; mode 0600) and the sqlite crypto store (identity keys, Olm
+//! On disk, `<data_dir>/crypto/<localpart>/` (mode 0700) holds `device.json` (user and device
+//! id; mode 0600) and the sqlite crypto store (identity keys, Olm
 //! sessions, Megolm room keys, tracked users and their devices).
 
 use std::path::{Path, PathBuf};
@@ -19,12 +19,10 @@ use ruma::events::room::encryption::RoomEncryptionEventContent;
 use ruma::events::room::history_visibility::HistoryVisibility;
 use ruma::serde::Raw;
 use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, UserId};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::transport::Transport;
+use super::transport::{DeviceIdentity, Transport};
 use super::{CryptoError, DeviceChanges};
-use crate::secret::Secret;
 
 const SESSION_FILE: &str = "device.json";
 
@@ -32,17 +30,12 @@ const SESSION_FILE: &str = "device.json";
 /// upload can make a query due, a query a claim); the rest waits for the next call.
 const MAX_REQUEST_ROUNDS: usize = 4;
 
-#[derive(Serialize, Deserialize)]
-struct DeviceSession {
-    user_id: OwnedUserId,
-    device_id: OwnedDeviceId,
-    access_token: Secret,
-}
 
-/// An agent's device and its Olm machine.
+/// An agent's device and its Olm machine. Requests assert the device with the appservice token
+/// (`user_id` + `device_id`), so no per-device access token is kept.
 pub struct AgentDevice {
     machine: OlmMachine,
-    session: DeviceSession,
+    session: DeviceIdentity,
     dir: PathBuf,
     /// Serialises the machine's requests and room key sharing, as the SDK expects (one
     /// outgoing-requests loop per machine).
@@ -75,8 +68,8 @@ impl AgentDevice {
         &self.machine
     }
 
-    pub(super) fn token(&self) -> &Secret {
-        &self.session.access_token
+    pub(super) fn identity(&self) -> &DeviceIdentity {
+        &self.session
     }
 
     /// Opens the device kept in `dir`.
@@ -86,7 +79,7 @@ impl AgentDevice {
             path: path.display().to_string(),
             source,
         })?;
-        let session: DeviceSession =
+        let session: DeviceIdentity =
             serde_json::from_str(&text).map_err(|error| CryptoError::CryptoStore {
                 path: path.display().to_string(),
                 message: error.to_string(),
@@ -94,7 +87,7 @@ impl AgentDevice {
         Self::open(dir, session).await
     }
 
-    async fn open(dir: &Path, session: DeviceSession) -> Result<Self, CryptoError> {
+    async fn open(dir: &Path, session: DeviceIdentity) -> Result<Self, CryptoError> {
         let store_error = |message: String| CryptoError::CryptoStore {
             path: dir.display().to_string(),
             message,
@@ -122,13 +115,12 @@ impl AgentDevice {
         let dir = crypto_dir.join(agent.localpart());
         super::create_private_dir(&dir)?;
         let device_id = OwnedDeviceId::from(format!("CREW{}", random_suffix()));
-        let token = transport
+        transport
             .login(agent, device_id.as_str(), "crew agent")
             .await?;
-        let session = DeviceSession {
+        let session = DeviceIdentity {
             user_id: agent.to_owned(),
             device_id,
-            access_token: token,
         };
         let path = dir.join(SESSION_FILE);
         let text = serde_json::to_vec_pretty(&session).expect("a device session serialises");
@@ -146,25 +138,17 @@ impl AgentDevice {
             device: self.session.device_id.clone(),
             why,
         };
-        match transport.whoami_device(self.token()).await? {
-            None => {
-                return Err(mismatch(
-                    "the homeserver no longer accepts the device's access token (the device was deleted or the homeserver reset)".to_owned(),
-                ));
-            }
-            Some(device) if device != self.session.device_id.as_str() => {
-                return Err(mismatch(format!(
-                    "its access token belongs to device {device}"
-                )));
-            }
-            Some(_) => {}
+        if !transport.device_exists(&self.session).await? {
+            return Err(mismatch(
+                "the homeserver does not know the device (it was deleted, or the homeserver's database was reset)".to_owned(),
+            ));
         }
         let mut request = get_keys::v3::Request::new();
         request.device_keys.insert(
             self.session.user_id.clone(),
             vec![self.session.device_id.clone()],
         );
-        let response = transport.send(request, self.token()).await?;
+        let response = transport.send(request, self.identity()).await?;
         let published = response
             .device_keys
             .get(&self.session.user_id)
@@ -240,7 +224,7 @@ impl AgentDevice {
         request_id: &ruma::TransactionId,
         request: &AnyOutgoingRequest,
     ) -> Result<(), CryptoError> {
-        let token = self.token();
+        let token = self.identity();
         let olm = |error: matrix_sdk_crypto::OlmError| CryptoError::Olm(error.to_string());
         match request {
             AnyOutgoingRequest::KeysUpload(request) => {
@@ -319,7 +303,7 @@ impl AgentDevice {
             .await
             .map_err(|error| olm(error.to_string()))?
         {
-            let response = transport.send(request, self.token()).await?;
+            let response = transport.send(request, self.identity()).await?;
             self.machine
                 .mark_request_as_sent(&request_id, &response)
                 .await
@@ -341,7 +325,7 @@ impl AgentDevice {
                 share.txn_id.clone(),
                 share.messages.clone(),
             );
-            let response = transport.send(send, self.token()).await?;
+            let response = transport.send(send, self.identity()).await?;
             self.machine
                 .mark_request_as_sent(&share.txn_id, &response)
                 .await

@@ -29,7 +29,7 @@ pub(super) async fn run(crypto: Arc<Crypto>, device: Arc<AgentDevice>) {
             .flatten();
         // The first sync (no position yet) answers at once: it catches up without waiting.
         let answer = tokio::select! {
-            answer = crypto.transport.sync(device.token(), FILTER, since.as_deref(), TIMEOUT_MS) => answer,
+            answer = crypto.transport.sync(device.identity(), FILTER, since.as_deref(), TIMEOUT_MS) => answer,
             () = crypto.shutdown.cancelled() => return,
         };
         match answer {

@@ -11,8 +11,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ruma::api::auth_scheme::SendAccessToken;
-use ruma::api::{IncomingResponse, MatrixVersion, OutgoingRequest, SupportedVersions};
-use ruma::{RoomId, UserId};
+use ruma::api::{
+    AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest,
+    OutgoingRequestAppserviceExt, SupportedVersions,
+};
+use ruma::{OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use crate::matrix::MatrixError;
@@ -21,6 +24,15 @@ use crate::secret::Secret;
 /// Attempts per request (network errors, 429, 5xx).
 const MAX_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// An agent's device, as requests assert it (`user_id` and `device_id` with the appservice
+/// token: Synapse accepts a device of an appservice user this way, even for the appservice's own
+/// sender user, whose login tokens it does not accept).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceIdentity {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+}
 
 /// HTTP to the homeserver for the encryption layer.
 #[derive(Clone)]
@@ -51,8 +63,13 @@ impl Transport {
         url
     }
 
-    /// Sends one ruma request with `token`, retrying transient failures.
-    pub async fn send<R>(&self, request: R, token: &Secret) -> Result<R::IncomingResponse, MatrixError>
+    /// Sends one ruma request as `device` (the appservice token with identity assertion of the
+    /// agent and its device), retrying transient failures.
+    pub async fn send<R>(
+        &self,
+        request: R,
+        device: &DeviceIdentity,
+    ) -> Result<R::IncomingResponse, MatrixError>
     where
         R: OutgoingRequest + Clone,
         for<'a> R::Authentication:
@@ -68,11 +85,14 @@ impl Transport {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
+            let mut identity = AppserviceUserIdentity::new(&device.user_id);
+            identity.device_id = Some(&device.device_id);
             let http_request = request
                 .clone()
-                .try_into_http_request::<Vec<u8>>(
+                .try_into_http_request_with_identity::<Vec<u8>>(
                     &base,
-                    SendAccessToken::Always(token.expose()),
+                    SendAccessToken::Appservice(self.as_token.expose()),
+                    identity,
                     Cow::Borrowed(&versions),
                 )
                 .map_err(|error| MatrixError::BadResponse {
@@ -209,9 +229,10 @@ impl Transport {
         }
     }
 
-    /// Logs `user` in as the appservice with a new device `device_id`: the device and its access
-    /// token. (The spec's `m.login.application_service`: works on Synapse and Tuwunel alike.)
-    pub async fn login(&self, user: &UserId, device_id: &str, display_name: &str) -> Result<Secret, MatrixError> {
+    /// Creates the device `device_id` for `user` by logging in as the appservice (the spec's
+    /// `m.login.application_service`, on Synapse and Tuwunel alike). The access token it returns
+    /// is not kept: requests assert the device with the appservice token instead.
+    pub async fn login(&self, user: &UserId, device_id: &str, display_name: &str) -> Result<(), MatrixError> {
         let body = json!({
             "type": "m.login.application_service",
             "identifier": {"type": "m.id.user", "user": user.as_str()},
@@ -226,33 +247,37 @@ impl Transport {
                 Some(body),
             )
             .await?;
-        answer
-            .get("access_token")
-            .and_then(Value::as_str)
-            .map(|token| Secret::new(token.to_owned()))
-            .ok_or_else(|| MatrixError::BadResponse {
+        match answer.get("device_id").and_then(Value::as_str) {
+            Some(created) if created == device_id => Ok(()),
+            other => Err(MatrixError::BadResponse {
                 path: "/_matrix/client/v3/login".to_owned(),
-                message: "no access_token in the login answer".to_owned(),
-            })
+                message: format!("the login made device {other:?}, not {device_id}"),
+            }),
+        }
     }
 
-    /// Whether the homeserver still knows the device behind `token`: its device id, or None when
-    /// the token (and so the device) is gone.
-    pub async fn whoami_device(&self, token: &Secret) -> Result<Option<String>, MatrixError> {
+    fn device_url(&self, path: &str, device: &DeviceIdentity) -> url::Url {
+        let mut url = self.url(path);
+        url.query_pairs_mut()
+            .append_pair("user_id", device.user_id.as_str())
+            .append_pair("device_id", device.device_id.as_str());
+        url
+    }
+
+    /// Whether the homeserver still knows `device`: false when it refuses the device
+    /// (`M_UNKNOWN_DEVICE`, or any 400/401/403/404 answer about it).
+    pub async fn device_exists(&self, device: &DeviceIdentity) -> Result<bool, MatrixError> {
+        let url = self.device_url("/_matrix/client/v3/account/whoami", device);
         match self
-            .json_call(
-                reqwest::Method::GET,
-                self.url("/_matrix/client/v3/account/whoami"),
-                token,
-                None,
-            )
+            .json_call(reqwest::Method::GET, url, &self.as_token, None)
             .await
         {
-            Ok(answer) => Ok(answer
-                .get("device_id")
-                .and_then(Value::as_str)
-                .map(str::to_owned)),
-            Err(MatrixError::Api { status: 401, .. }) => Ok(None),
+            Ok(answer) => Ok(answer.get("device_id").and_then(Value::as_str)
+                == Some(device.device_id.as_str())),
+            Err(MatrixError::Api {
+                status: 400 | 401 | 403 | 404,
+                ..
+            }) => Ok(false),
             Err(error) => Err(error),
         }
     }
@@ -293,15 +318,15 @@ impl Transport {
             .unwrap_or_default())
     }
 
-    /// One `/sync` long poll with `token` and `filter`.
+    /// One `/sync` long poll as `device` with `filter`.
     pub async fn sync(
         &self,
-        token: &Secret,
+        device: &DeviceIdentity,
         filter: &str,
         since: Option<&str>,
         timeout_ms: u64,
     ) -> Result<Value, MatrixError> {
-        let mut url = self.url("/_matrix/client/v3/sync");
+        let mut url = self.device_url("/_matrix/client/v3/sync", device);
         {
             let mut query = url.query_pairs_mut();
             query.append_pair("filter", filter);
@@ -310,7 +335,8 @@ impl Transport {
                 query.append_pair("since", since);
             }
         }
-        self.json_call(reqwest::Method::GET, url, token, None).await
+        self.json_call(reqwest::Method::GET, url, &self.as_token, None)
+            .await
     }
 }
 

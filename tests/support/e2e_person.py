@@ -6,13 +6,14 @@ Every answer is {"ok": true, ...} or {"ok": false, "error": "..."}. Messages the
 
 Commands (field "cmd"):
   login        homeserver, user_id, password, store  -> device_id
-  create_room  invite (list), name, direct (bool)     -> room_id   (encrypted from its creation)
+  create_room  invite (list), name, direct (bool), encrypted (default true) -> room_id
   wait_joined  room_id, user_id, timeout               -> joined
   send         room_id, body, mentions (list)          -> event_id  (encrypted)
   send_held    room_id, body, mentions                 -> event_id  (encrypted; its room key is held back)
   release_keys room_id                                 -> sent      (sends the held room keys)
   send_file    room_id, name, data (text)              -> event_id  (an encrypted attachment)
-  session_key  room_id                                 -> session_key, session_id (the room key shared)
+  session_key  room_id                                 -> session_keys (the room keys shared so far)
+  roundtrip    room_id, body, mentions, sender         -> ms        (send, then wait for sender's answer)
   messages     room_id, timeout                        -> messages: [{event_id, sender, body, msgtype, encrypted, decrypted}]
   wait_message room_id, sender, contains, timeout      -> message
   quit
@@ -34,8 +35,11 @@ from nio import (
     UploadResponse,
 )
 from nio.api import Api
-from nio.crypto import AsyncDataCipher  # noqa: F401  (imported to fail early without the E2E extra)
 from nio.responses import ToDeviceResponse
+from nio.crypto import ENCRYPTION_ENABLED
+
+if not ENCRYPTION_ENABLED:
+    raise SystemExit("matrix-nio was installed without its e2e extra: pip install \"matrix-nio[e2e]\"")
 
 
 class Person:
@@ -44,6 +48,7 @@ class Person:
         self.messages = {}  # room_id -> list of message dicts, in arrival order
         self.seen = set()
         self.held = {}  # room_id -> list of to-device payloads
+        self.shared_keys = {}  # room_id -> room keys shared so far
 
     def on_event(self, room, event):
         if event.event_id in self.seen:
@@ -92,17 +97,18 @@ class Person:
         return {"device_id": self.client.device_id}
 
     async def create_room(self, cmd):
+        encryption = [
+            {
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }
+        ]
         answer = await self.client.room_create(
             name=cmd.get("name"),
             invite=cmd.get("invite", []),
             is_direct=cmd.get("direct", False),
-            initial_state=[
-                {
-                    "type": "m.room.encryption",
-                    "state_key": "",
-                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-                }
-            ],
+            initial_state=encryption if cmd.get("encrypted", True) else [],
         )
         room_id = getattr(answer, "room_id", None)
         if not room_id:
@@ -123,10 +129,16 @@ class Person:
         # The room's members and their devices known, Olm sessions to every device claimed.
         await self.sync()
         await self.client.joined_members(room_id)
-        await self.client.keys_query()
+        if self.client.should_query_keys:
+            await self.client.keys_query()
         missing = self.client.get_missing_sessions(room_id)
         if missing:
             await self.client.keys_claim(missing)
+        if self.client.olm.should_share_group_session(room_id):
+            await self.client.share_group_session(room_id, ignore_unverified_devices=True)
+            # Exactly what went to the other devices in m.room_key (message index 0).
+            session = self.client.olm.outbound_group_sessions[room_id]
+            self.shared_keys.setdefault(room_id, []).append(session.session_key)
 
     def content(self, cmd):
         mentions = cmd.get("mentions", [])
@@ -214,11 +226,31 @@ class Person:
         return {"event_id": event_id}
 
     async def session_key(self, cmd):
-        # The room key the person's client shares (at its current index), for leak scans.
-        session = self.client.olm.outbound_group_sessions.get(cmd["room_id"])
-        if session is None:
-            raise RuntimeError("no outbound session for the room yet")
-        return {"session_key": session.session_key, "session_id": session.id}
+        # The room keys the person's client shared in the room, for leak scans.
+        keys = self.shared_keys.get(cmd["room_id"], [])
+        if not keys:
+            raise RuntimeError("no room key shared in the room yet")
+        return {"session_keys": keys}
+
+    async def roundtrip(self, cmd):
+        # Milliseconds from the message being accepted by the homeserver to the first new
+        # message from `sender` seen by this client (decrypted when the room is encrypted).
+        room_id = cmd["room_id"]
+        await self.ready_to_send(room_id)
+        before = len(self.messages.get(room_id, []))
+        answer = await self.client.room_send(
+            room_id, "m.room.message", self.content(cmd), ignore_unverified_devices=True
+        )
+        if not getattr(answer, "event_id", None):
+            raise RuntimeError(f"send failed: {answer}")
+        sent = time.monotonic()
+        deadline = sent + cmd.get("timeout", 60)
+        while time.monotonic() < deadline:
+            await self.client.sync(timeout=1000)
+            for message in self.messages.get(room_id, [])[before:]:
+                if message["sender"] == cmd["sender"] and message["body"]:
+                    return {"ms": (time.monotonic() - sent) * 1000.0}
+        raise RuntimeError("no answer within the deadline")
 
     async def messages_cmd(self, cmd):
         await self.sync(cmd.get("timeout", 0))
@@ -254,6 +286,7 @@ async def main():
         "send_file": person.send_file,
         "messages": person.messages_cmd,
         "session_key": person.session_key,
+        "roundtrip": person.roundtrip,
         "wait_message": person.wait_message,
     }
     loop = asyncio.get_running_loop()

@@ -143,6 +143,31 @@ impl Person {
             .clone()
     }
 
+    /// Waits (syncing, up to a minute) until the messages seen in `room` satisfy `done`; them.
+    pub async fn wait_messages(
+        &mut self,
+        room: &str,
+        what: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let messages = self
+                .call(json!({"cmd": "messages", "room_id": room, "timeout": 500}))
+                .await["messages"]
+                .as_array()
+                .unwrap()
+                .clone();
+            if done(&messages) {
+                return messages;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "timed out waiting for {what}; seen: {messages:?}"
+            );
+        }
+    }
+
     /// The first message from `sender` in `room` whose body contains `contains`.
     pub async fn wait_message(&mut self, room: &str, sender: &str, contains: &str) -> Value {
         self.call(json!({"cmd": "wait_message", "room_id": room, "sender": sender,
