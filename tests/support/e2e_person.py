@@ -35,7 +35,7 @@ from nio import (
     UploadResponse,
 )
 from nio.api import Api
-from nio.responses import ToDeviceResponse
+from nio.responses import ShareGroupSessionResponse
 from nio.crypto import ENCRYPTION_ENABLED
 
 if not ENCRYPTION_ENABLED:
@@ -162,10 +162,10 @@ class Person:
         room = self.client.rooms[room_id]
         olm = self.client.olm
         held = []
-        for _, to_device in olm.share_group_session_parallel(
+        for sharing_with, to_device in olm.share_group_session_parallel(
             room_id, list(room.users.keys()), ignore_unverified_devices=True
         ):
-            held.append(to_device)
+            held.append((sharing_with, to_device))
         olm.outbound_group_sessions[room_id].shared = True
         self.held.setdefault(room_id, []).extend(held)
         answer = await self.client.room_send(
@@ -178,12 +178,18 @@ class Person:
 
     async def release_keys(self, cmd):
         sent = 0
-        for payload in self.held.pop(cmd["room_id"], []):
+        for sharing_with, payload in self.held.pop(cmd["room_id"], []):
             method, path, data = Api.to_device(
                 self.client.access_token, "m.room.encrypted", payload, uuid.uuid4()
             )
-            answer = await self.client._send(ToDeviceResponse, method, path, data)
-            if not isinstance(answer, ToDeviceResponse):
+            answer = await self.client._send(
+                ShareGroupSessionResponse,
+                method,
+                path,
+                data,
+                response_data=(cmd["room_id"], sharing_with),
+            )
+            if not isinstance(answer, ShareGroupSessionResponse):
                 raise RuntimeError(f"to-device send failed: {answer}")
             sent += 1
         return {"sent": sent}
