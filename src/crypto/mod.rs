@@ -399,21 +399,26 @@ impl Crypto {
                 Inspected::Keep
             }
             Some("m.room.member") => {
-                // An invite or join of one of our agents: its device must exist before the
-                // people's clients share their room keys.
+                // An invite or join of one of our agents: its device (with its keys uploaded)
+                // must exist before the people's clients share their room keys. On an invite
+                // it is made before the transaction is taken in, so before the agent joins.
                 if let Ok(event) = serde_json::from_str::<Value>(raw.get())
                     && let Some(target) = event
                         .get("state_key")
                         .and_then(Value::as_str)
                         .and_then(|id| UserId::parse(id).ok())
-                    && matches!(
-                        event.pointer("/content/membership").and_then(Value::as_str),
-                        Some("invite" | "join")
-                    )
                     && self.is_agent(&target)
                     && !self.devices.lock().await.contains_key(&target)
                 {
-                    self.prepare_device(target);
+                    match event.pointer("/content/membership").and_then(Value::as_str) {
+                        Some("invite") => {
+                            if let Err(error) = self.device(&target).await {
+                                tracing::warn!(%error, agent = %target, "cannot create the agent's encryption device");
+                            }
+                        }
+                        Some("join") => self.prepare_device(target),
+                        _ => {}
+                    }
                 }
                 Inspected::Keep
             }
