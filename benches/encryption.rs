@@ -47,10 +47,14 @@ async fn round_trips(person: &mut e2e_person::Person, room: &str, manager: &str)
     let mut times = Vec::new();
     for round in 0..ROUNDS {
         let answer = person
-            .call(json!({"cmd": "roundtrip", "room_id": room, "body": format!("question {round}"),
-                         "mentions": [manager], "sender": manager}))
+            .call(
+                json!({"cmd": "roundtrip", "room_id": room, "body": format!("question {round}"),
+                         "mentions": [manager], "sender": manager}),
+            )
             .await;
-        times.push(Duration::from_secs_f64(answer["ms"].as_f64().unwrap() / 1000.0));
+        times.push(Duration::from_secs_f64(
+            answer["ms"].as_f64().unwrap() / 1000.0,
+        ));
     }
     times.sort();
     times
@@ -150,7 +154,9 @@ fn main() {
 
 async fn round_trips_once(person: &mut e2e_person::Person, room: &str, manager: &str) {
     person
-        .call(json!({"cmd": "roundtrip", "room_id": room, "body": "warm-up",
-                     "mentions": [manager], "sender": manager}))
+        .call(
+            json!({"cmd": "roundtrip", "room_id": room, "body": "warm-up",
+                     "mentions": [manager], "sender": manager}),
+        )
         .await;
 }

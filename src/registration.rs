@@ -259,7 +259,10 @@ mod tests {
         let yaml = sample().to_yaml();
         assert!(yaml.contains("receive_ephemeral: true"), "{yaml}");
         assert!(yaml.contains("org.matrix.msc3202: true"), "{yaml}");
-        assert!(!yaml.contains("msc4190"), "device creation is by login: {yaml}");
+        assert!(
+            !yaml.contains("msc4190"),
+            "device creation is by login: {yaml}"
+        );
     }
 
     #[test]

@@ -122,9 +122,13 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     // answer arrives encrypted and the person's client decrypts it.
     let dm = person.create_encrypted_room("dm", &[&manager], true).await;
     person.wait_joined(&dm, &manager).await;
-    let hello = person.send(&dm, "hello manager, what is the plan?", &[&manager]).await;
-    assert_eq!(woken(&env, &hello).await, [manager.clone()]);
-    let answer = person.wait_message(&dm, &manager, "here is my answer").await;
+    let hello = person
+        .send(&dm, "hello manager, what is the plan?", &[&manager])
+        .await;
+    assert_eq!(woken(&env, &hello).await, std::slice::from_ref(&manager));
+    let answer = person
+        .wait_message(&dm, &manager, "here is my answer")
+        .await;
     assert_eq!(answer["decrypted"], true, "{answer}");
     assert_eq!(answer["encrypted"], true, "{answer}");
     let raw = raw_events_from(&env, &dm, &manager).await;
@@ -146,7 +150,9 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     for agent in [&manager, ALICE, BOB] {
         person.wait_joined(&team, agent).await;
     }
-    let for_alice = person.send(&team, "alice, please review the spec", &[ALICE]).await;
+    let for_alice = person
+        .send(&team, "alice, please review the spec", &[ALICE])
+        .await;
     assert_eq!(woken(&env, &for_alice).await, [ALICE.to_owned()]);
     let from_alice = person.wait_message(&team, ALICE, "here is my answer").await;
     assert_eq!(from_alice["decrypted"], true, "{from_alice}");
@@ -169,8 +175,14 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
         .unwrap()
         .to_owned();
     let crypto_dir = env.data_dir.join("crypto");
-    assert!(crypto_dir.join("crew").is_dir(), "the Manager has a device store");
-    assert!(crypto_dir.join("crew_alice").is_dir(), "alice has a device store");
+    assert!(
+        crypto_dir.join("crew").is_dir(),
+        "the Manager has a device store"
+    );
+    assert!(
+        crypto_dir.join("crew_alice").is_dir(),
+        "alice has a device store"
+    );
     assert!(files_containing(&env.data_dir, REAL_KEY.as_bytes()).is_empty());
     assert!(files_containing(&crypto_dir, consumer_token.as_bytes()).is_empty());
     let logs = env.all_logs();
@@ -187,24 +199,45 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     assert_eq!(woken(&env, &again).await, [ALICE.to_owned()]);
     person
         .wait_messages(&team, "alice's second decrypted answer", |messages| {
-            messages.iter().filter(|m| m["sender"] == ALICE && m["decrypted"] == true).count() >= 2
+            messages
+                .iter()
+                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
+                .count()
+                >= 2
         })
         .await;
     env.terminate_crew(Duration::from_secs(30)).await;
     env.start_crew().await;
-    let after = person.send(&dm, "still there after the restart?", &[&manager]).await;
-    assert_eq!(woken(&env, &after).await, [manager.clone()]);
+    let after = person
+        .send(&dm, "still there after the restart?", &[&manager])
+        .await;
+    assert_eq!(woken(&env, &after).await, std::slice::from_ref(&manager));
     person
-        .wait_messages(&dm, "the Manager's answer after a clean restart", |messages| {
-            messages.iter().filter(|m| m["sender"] == manager && m["decrypted"] == true).count() >= 2
-        })
+        .wait_messages(
+            &dm,
+            "the Manager's answer after a clean restart",
+            |messages| {
+                messages
+                    .iter()
+                    .filter(|m| m["sender"] == manager && m["decrypted"] == true)
+                    .count()
+                    >= 2
+            },
+        )
         .await;
     // By now any repeat of an earlier answer would have been sent: exactly one answer each.
     let alice_events = raw_events_from(&env, &team, ALICE).await;
-    assert_eq!(alice_events.len(), 2, "two questions, two answers: {alice_events:?}");
+    assert_eq!(
+        alice_events.len(),
+        2,
+        "two questions, two answers: {alice_events:?}"
+    );
     let manager_events: Vec<Value> = raw_events_from(&env, &dm, &manager).await;
     assert_eq!(manager_events.len(), 2, "{manager_events:?}");
-    assert!(raw_events_from(&env, &team, BOB).await.is_empty(), "bob never woke");
+    assert!(
+        raw_events_from(&env, &team, BOB).await.is_empty(),
+        "bob never woke"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -223,13 +256,15 @@ async fn late_keys_are_answered_once_and_unreadable_messages_get_one_notice() {
     person.wait_joined(&dm, &manager).await;
 
     // The room key is held back: the event waits, and is answered once the key arrives.
-    let late = person.send_held(&dm, "this one has late keys", &[&manager]).await;
+    let late = person
+        .send_held(&dm, "this one has late keys", &[&manager])
+        .await;
     tools::wait_for("the event waiting for its keys", WAIT, || async {
         env.all_logs().contains("waits for its keys").then_some(())
     })
     .await;
     person.release_keys(&dm).await;
-    assert_eq!(woken(&env, &late).await, [manager.clone()]);
+    assert_eq!(woken(&env, &late).await, std::slice::from_ref(&manager));
     let answer = person.wait_message(&dm, &manager, "got it").await;
     assert_eq!(answer["decrypted"], true);
 
@@ -256,7 +291,11 @@ async fn late_keys_are_answered_once_and_unreadable_messages_get_one_notice() {
     person.send(&dm, "and this one?", &[&manager]).await;
     person
         .wait_messages(&dm, "the answer after the notice", |messages| {
-            messages.iter().filter(|m| m["sender"] == manager && m["body"] == "got it").count() >= 2
+            messages
+                .iter()
+                .filter(|m| m["sender"] == manager && m["body"] == "got it")
+                .count()
+                >= 2
         })
         .await;
     let messages = person.messages(&dm).await;
@@ -274,7 +313,10 @@ async fn late_keys_are_answered_once_and_unreadable_messages_get_one_notice() {
         .iter()
         .filter(|m| m["sender"] == manager && m["body"] == "got it")
         .count();
-    assert_eq!(answers, 2, "the late message was answered once: {messages:?}");
+    assert_eq!(
+        answers, 2,
+        "the late message was answered once: {messages:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,7 +343,11 @@ async fn without_keys_in_transactions_the_agents_sync_for_them() {
     person.send(&dm, "and after a restart?", &[ALICE]).await;
     person
         .wait_messages(&dm, "the second answer", |messages| {
-            messages.iter().filter(|m| m["sender"] == ALICE && m["decrypted"] == true).count() >= 2
+            messages
+                .iter()
+                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
+                .count()
+                >= 2
         })
         .await;
 }

@@ -30,7 +30,6 @@ const SESSION_FILE: &str = "device.json";
 /// upload can make a query due, a query a claim); the rest waits for the next call.
 const MAX_REQUEST_ROUNDS: usize = 4;
 
-
 /// An agent's device and its Olm machine. Requests assert the device with the appservice token
 /// (`user_id` + `device_id`), so no per-device access token is kept.
 pub struct AgentDevice {
@@ -300,8 +299,8 @@ impl AgentDevice {
         self.send_outgoing_locked(transport).await?;
         if let Some((request_id, request)) =
             send_future(self.machine.get_missing_sessions(users.iter().copied()))
-            .await
-            .map_err(|error| olm(error.to_string()))?
+                .await
+                .map_err(|error| olm(error.to_string()))?
         {
             let response = transport.send(request, self.identity()).await?;
             self.machine
@@ -316,9 +315,13 @@ impl AgentDevice {
             HistoryVisibility::Shared,
             CollectStrategy::AllDevices,
         );
-        let shares = send_future(self.machine.share_room_key(room, users.iter().copied(), settings))
-            .await
-            .map_err(|error| olm(error.to_string()))?;
+        let shares = send_future(self.machine.share_room_key(
+            room,
+            users.iter().copied(),
+            settings,
+        ))
+        .await
+        .map_err(|error| olm(error.to_string()))?;
         for share in shares {
             let send = send_event_to_device::v3::Request::new_raw(
                 share.event_type.clone(),
@@ -332,8 +335,7 @@ impl AgentDevice {
                 .map_err(|error| olm(error.to_string()))?;
         }
         let raw = Raw::from_json(
-            serde_json::value::to_raw_value(content)
-                .map_err(|error| olm(error.to_string()))?,
+            serde_json::value::to_raw_value(content).map_err(|error| olm(error.to_string()))?,
         );
         let encrypted = send_future(self.machine.encrypt_room_event_raw(room, event_type, &raw))
             .await

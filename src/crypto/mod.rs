@@ -19,9 +19,9 @@
 //! Not for: deciding who wakes (`crate::dispatch`) or what is sent (`crate::outbox`); sends are
 //! encrypted on their way out by [`RoomEncryptor`], hooked into `crate::matrix::MatrixClient`.
 
-pub mod transport;
 mod device;
 mod sync;
+pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -135,10 +135,14 @@ pub struct TransactionKeys {
     #[serde(default, rename = "device_lists")]
     device_lists: Option<DeviceLists>,
     #[serde(default, rename = "org.matrix.msc3202.device_one_time_keys_count")]
-    otk_counts_unstable: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OneTimeKeyAlgorithm, UInt>>>,
+    otk_counts_unstable:
+        BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OneTimeKeyAlgorithm, UInt>>>,
     #[serde(default, rename = "device_one_time_keys_count")]
     otk_counts: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OneTimeKeyAlgorithm, UInt>>>,
-    #[serde(default, rename = "org.matrix.msc3202.device_unused_fallback_key_types")]
+    #[serde(
+        default,
+        rename = "org.matrix.msc3202.device_unused_fallback_key_types"
+    )]
     fallback_unstable: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Vec<OneTimeKeyAlgorithm>>>,
     #[serde(default, rename = "device_unused_fallback_key_types")]
     fallback: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Vec<OneTimeKeyAlgorithm>>>,
@@ -319,8 +323,7 @@ impl Crypto {
             let (Some(user), Some(device_id)) = (user, device_id) else {
                 continue;
             };
-            if let Some(changes) =
-                per_device.get_mut(&(user, OwnedDeviceId::from(device_id)))
+            if let Some(changes) = per_device.get_mut(&(user, OwnedDeviceId::from(device_id)))
                 && let Ok(raw) = serde_json::from_value(event)
             {
                 changes.to_device.push(raw);
@@ -351,7 +354,11 @@ impl Crypto {
     }
 
     /// Feeds one device; true when room keys arrived. Keys uploads it asks for go out now.
-    pub(crate) async fn receive(self: &Arc<Self>, device: &Arc<AgentDevice>, changes: DeviceChanges) -> bool {
+    pub(crate) async fn receive(
+        self: &Arc<Self>,
+        device: &Arc<AgentDevice>,
+        changes: DeviceChanges,
+    ) -> bool {
         let keys = match device.receive(changes).await {
             Ok(keys) => keys,
             Err(error) => {
@@ -383,7 +390,11 @@ impl Crypto {
         let Ok(head) = serde_json::from_str::<Head<'_>>(raw.get()) else {
             return Inspected::Keep;
         };
-        let Some(room) = head.room_id.as_deref().and_then(|id| RoomId::parse(id).ok()) else {
+        let Some(room) = head
+            .room_id
+            .as_deref()
+            .and_then(|id| RoomId::parse(id).ok())
+        else {
             return Inspected::Keep;
         };
         match head.kind.as_deref() {
@@ -488,7 +499,11 @@ impl Crypto {
 
     /// Keeps an event that cannot be decrypted yet, durably before the transaction is answered.
     async fn wait(&self, event: Value, room: OwnedRoomId) {
-        let Some(event_id) = event.get("event_id").and_then(Value::as_str).map(str::to_owned) else {
+        let Some(event_id) = event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
             return;
         };
         if matches!(self.waiting.get(&event_id), Ok(Some(_))) {
@@ -510,7 +525,8 @@ impl Crypto {
     /// Decrypts the waiting events that now can be and ingests them into the inbox (deduplicated
     /// by event id there, so a second retry never makes a second wake).
     pub async fn retry_waiting(&self) {
-        let waiting: Vec<(String, WaitingEvent)> = self.waiting.iter().filter_map(Result::ok).collect();
+        let waiting: Vec<(String, WaitingEvent)> =
+            self.waiting.iter().filter_map(Result::ok).collect();
         for (event_id, entry) in waiting {
             let Some(decrypted) = self.decrypt(&entry.event, &entry.room).await else {
                 continue;
@@ -595,7 +611,11 @@ impl Crypto {
     }
 
     /// The room's `m.room.encryption` content, or None when it is not encrypted.
-    async fn room_encryption(&self, agent: &UserId, room: &RoomId) -> Result<Option<Value>, CryptoError> {
+    async fn room_encryption(
+        &self,
+        agent: &UserId,
+        room: &RoomId,
+    ) -> Result<Option<Value>, CryptoError> {
         if let Some(known) = self
             .rooms
             .lock()
@@ -605,7 +625,10 @@ impl Crypto {
             return Ok(known.clone());
         }
         let content = self.transport.room_encryption(agent, room).await?;
-        let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rooms = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // An `m.room.encryption` seen meanwhile wins over an older "not encrypted".
         let entry = rooms.entry(room.to_owned()).or_insert(content);
         Ok(entry.clone())
@@ -626,7 +649,14 @@ impl Crypto {
         let device = self.device(agent).await?;
         let members = self.transport.members(agent, room).await?;
         let encrypted = device
-            .encrypt(&self.transport, room, &members, &settings, event_type, content)
+            .encrypt(
+                &self.transport,
+                room,
+                &members,
+                &settings,
+                event_type,
+                content,
+            )
             .await?;
         Ok(Some(encrypted))
     }
@@ -763,7 +793,8 @@ mod tests {
             counts[&OneTimeKeyAlgorithm::SignedCurve25519],
             UInt::from(12u32)
         );
-        let plain: TransactionKeys = serde_json::from_value(serde_json::json!({"events": []})).unwrap();
+        let plain: TransactionKeys =
+            serde_json::from_value(serde_json::json!({"events": []})).unwrap();
         assert!(plain.is_empty());
     }
 }

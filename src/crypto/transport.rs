@@ -59,7 +59,11 @@ impl Transport {
 
     fn url(&self, path: &str) -> url::Url {
         let mut url = self.base.clone();
-        url.set_path(&format!("{}{}", self.base.path().trim_end_matches('/'), path));
+        url.set_path(&format!(
+            "{}{}",
+            self.base.path().trim_end_matches('/'),
+            path
+        ));
         url
     }
 
@@ -127,10 +131,11 @@ impl Transport {
     ) -> Result<http::Response<Vec<u8>>, MatrixError> {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path().to_owned();
-        let url = url::Url::parse(&parts.uri.to_string()).map_err(|error| MatrixError::BadResponse {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
+        let url =
+            url::Url::parse(&parts.uri.to_string()).map_err(|error| MatrixError::BadResponse {
+                path: path.clone(),
+                message: error.to_string(),
+            })?;
         let response = self
             .http
             .request(parts.method.clone(), url)
@@ -145,7 +150,12 @@ impl Transport {
             .await
             .map_err(|error| self.unreachable(error))?;
         if !status.is_success() {
-            return Err(api_error(parts.method.as_str(), &path, status.as_u16(), &bytes));
+            return Err(api_error(
+                parts.method.as_str(),
+                &path,
+                status.as_u16(),
+                &bytes,
+            ));
         }
         let mut builder = http::Response::builder().status(status);
         builder = builder.header(http::header::CONTENT_TYPE, "application/json");
@@ -197,7 +207,10 @@ impl Transport {
                 request = request.json(body);
             }
             let result = async {
-                let response = request.send().await.map_err(|error| self.unreachable(error))?;
+                let response = request
+                    .send()
+                    .await
+                    .map_err(|error| self.unreachable(error))?;
                 let status = response.status();
                 let bytes = response
                     .bytes()
@@ -232,7 +245,12 @@ impl Transport {
     /// Creates the device `device_id` for `user` by logging in as the appservice (the spec's
     /// `m.login.application_service`, on Synapse and Tuwunel alike). The access token it returns
     /// is not kept: requests assert the device with the appservice token instead.
-    pub async fn login(&self, user: &UserId, device_id: &str, display_name: &str) -> Result<(), MatrixError> {
+    pub async fn login(
+        &self,
+        user: &UserId,
+        device_id: &str,
+        display_name: &str,
+    ) -> Result<(), MatrixError> {
         let body = json!({
             "type": "m.login.application_service",
             "identifier": {"type": "m.id.user", "user": user.as_str()},
@@ -272,8 +290,10 @@ impl Transport {
             .json_call(reqwest::Method::GET, url, &self.as_token, None)
             .await
         {
-            Ok(answer) => Ok(answer.get("device_id").and_then(Value::as_str)
-                == Some(device.device_id.as_str())),
+            Ok(answer) => {
+                Ok(answer.get("device_id").and_then(Value::as_str)
+                    == Some(device.device_id.as_str()))
+            }
             Err(MatrixError::Api {
                 status: 400 | 401 | 403 | 404,
                 ..
@@ -283,7 +303,11 @@ impl Transport {
     }
 
     /// The room's `m.room.encryption` content, as `agent` sees it; None when there is none.
-    pub async fn room_encryption(&self, agent: &UserId, room: &RoomId) -> Result<Option<Value>, MatrixError> {
+    pub async fn room_encryption(
+        &self,
+        agent: &UserId,
+        room: &RoomId,
+    ) -> Result<Option<Value>, MatrixError> {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/state/m.room.encryption/",
             enc(room.as_str())
@@ -296,9 +320,15 @@ impl Transport {
     }
 
     /// The joined and invited members of `room` (everyone who gets the room key).
-    pub async fn members(&self, agent: &UserId, room: &RoomId) -> Result<Vec<ruma::OwnedUserId>, MatrixError> {
+    pub async fn members(
+        &self,
+        agent: &UserId,
+        room: &RoomId,
+    ) -> Result<Vec<ruma::OwnedUserId>, MatrixError> {
         let path = format!("/_matrix/client/v3/rooms/{}/members", enc(room.as_str()));
-        let answer = self.as_call(reqwest::Method::GET, &path, agent, None).await?;
+        let answer = self
+            .as_call(reqwest::Method::GET, &path, agent, None)
+            .await?;
         Ok(answer
             .get("chunk")
             .and_then(Value::as_array)

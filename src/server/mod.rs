@@ -461,7 +461,9 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
             }
         };
         crew.client
-            .set_encryptor(Arc::new(crate::crypto::WeakEncryptor(Arc::downgrade(&crypto))));
+            .set_encryptor(Arc::new(crate::crypto::WeakEncryptor(Arc::downgrade(
+                &crypto,
+            ))));
         let _ = slot.set(crypto.clone());
         background.spawn(crypto.run());
     }

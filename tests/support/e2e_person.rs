@@ -25,12 +25,8 @@ pub fn python() -> PathBuf {
                 format!("{e}\nInstall Python 3 with the venv module (Debian: python3-venv).")
             })?;
         }
-        tools::run(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            NIO_REQUIREMENT,
-        ]))
-        .map_err(|e| format!("{e}\npip must reach PyPI to install matrix-nio."))
+        tools::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", NIO_REQUIREMENT]))
+            .map_err(|e| format!("{e}\npip must reach PyPI to install matrix-nio."))
     });
     python
 }
@@ -66,8 +62,10 @@ impl Person {
             stdout: BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()),
         };
         person
-            .call(json!({"cmd": "login", "homeserver": homeserver, "user_id": user_id,
-                         "password": password, "store": store}))
+            .call(
+                json!({"cmd": "login", "homeserver": homeserver, "user_id": user_id,
+                         "password": password, "store": store}),
+            )
             .await;
         person
     }
@@ -89,16 +87,22 @@ impl Person {
         self.stdin.write_all(line.as_bytes()).await.unwrap();
         self.stdin.flush().await.unwrap();
         let mut answer = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(180), self.stdout.read_line(&mut answer))
-            .await
-            .expect("the e2e person answers within 3 minutes")
-            .unwrap();
+        let read =
+            tokio::time::timeout(Duration::from_secs(180), self.stdout.read_line(&mut answer))
+                .await
+                .expect("the e2e person answers within 3 minutes")
+                .unwrap();
         assert!(read > 0, "the e2e person script exited (see its nio.log)");
         serde_json::from_str(&answer).unwrap()
     }
 
     /// An encrypted room (from its creation) with `invite`d users.
-    pub async fn create_encrypted_room(&mut self, name: &str, invite: &[&str], direct: bool) -> String {
+    pub async fn create_encrypted_room(
+        &mut self,
+        name: &str,
+        invite: &[&str],
+        direct: bool,
+    ) -> String {
         self.call(json!({"cmd": "create_room", "name": name, "invite": invite, "direct": direct}))
             .await["room_id"]
             .as_str()
@@ -170,9 +174,11 @@ impl Person {
 
     /// The first message from `sender` in `room` whose body contains `contains`.
     pub async fn wait_message(&mut self, room: &str, sender: &str, contains: &str) -> Value {
-        self.call(json!({"cmd": "wait_message", "room_id": room, "sender": sender,
-                         "contains": contains, "timeout": 60}))
-            .await["message"]
+        self.call(
+            json!({"cmd": "wait_message", "room_id": room, "sender": sender,
+                         "contains": contains, "timeout": 60}),
+        )
+        .await["message"]
             .clone()
     }
 }
