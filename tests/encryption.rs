@@ -157,6 +157,39 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     let from_alice = person.wait_message(&team, ALICE, "here is my answer").await;
     assert_eq!(from_alice["decrypted"], true, "{from_alice}");
 
+    // A file sent encrypted is decrypted into alice's inbox like a clear one.
+    let plan = "the plan, in clear only after decryption";
+    let sent_file = person
+        .call(
+            json!({"cmd": "send_file", "room_id": team, "name": "plan.txt", "data": plan,
+                     "mentions": [ALICE]}),
+        )
+        .await;
+    assert_eq!(
+        woken(&env, sent_file["event_id"].as_str().unwrap()).await,
+        [ALICE.to_owned()]
+    );
+    let inbox = env.data_dir.join("files/agents/alice/inbox");
+    tools::wait_for("the decrypted file in alice's inbox", WAIT, || async {
+        std::fs::read_dir(&inbox)
+            .ok()?
+            .flatten()
+            .find(|entry| entry.file_name().to_string_lossy().ends_with("plan.txt"))
+            .and_then(|entry| std::fs::read_to_string(entry.path()).ok())
+            .filter(|text| text == plan)
+            .map(|_| ())
+    })
+    .await;
+    person
+        .wait_messages(&team, "alice's answer to the file", |messages| {
+            messages
+                .iter()
+                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
+                .count()
+                >= 2
+        })
+        .await;
+
     // Secrets stay out of the crypto stores; the room key stays out of the logs.
     let session = person
         .call(json!({"cmd": "session_key", "room_id": team}))
@@ -198,13 +231,17 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     let again = person.send(&team, "alice, one more thing", &[ALICE]).await;
     assert_eq!(woken(&env, &again).await, [ALICE.to_owned()]);
     person
-        .wait_messages(&team, "alice's second decrypted answer", |messages| {
-            messages
-                .iter()
-                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
-                .count()
-                >= 2
-        })
+        .wait_messages(
+            &team,
+            "alice's decrypted answer after the restart",
+            |messages| {
+                messages
+                    .iter()
+                    .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
+                    .count()
+                    >= 3
+            },
+        )
         .await;
     env.terminate_crew(Duration::from_secs(30)).await;
     env.start_crew().await;
@@ -229,8 +266,8 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     let alice_events = raw_events_from(&env, &team, ALICE).await;
     assert_eq!(
         alice_events.len(),
-        2,
-        "two questions, two answers: {alice_events:?}"
+        3,
+        "three messages for alice, three answers: {alice_events:?}"
     );
     let manager_events: Vec<Value> = raw_events_from(&env, &dm, &manager).await;
     assert_eq!(manager_events.len(), 2, "{manager_events:?}");

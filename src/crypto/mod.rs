@@ -19,6 +19,7 @@
 //! Not for: deciding who wakes (`crate::dispatch`) or what is sent (`crate::outbox`); sends are
 //! encrypted on their way out by [`RoomEncryptor`], hooked into `crate::matrix::MatrixClient`.
 
+pub mod attachments;
 mod device;
 mod sync;
 pub mod transport;
