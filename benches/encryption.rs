@@ -71,7 +71,7 @@ fn main() {
             std::fs::write(&key_file, "sk-bench").unwrap();
             let mut text = std::fs::read_to_string(config).unwrap();
             text.push_str(&format!(
-                "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\n",
+                "\n[[gateway.routes]]\nname = \"llm\"\nprefix = \"/llm\"\nupstream = \"{upstream}/v1\"\nkind = \"openai\"\ncredentials = [{{ file = \"{}\" }}]\n\n[llm]\nmodel = \"scripted-model\"\n\n[dispatch]\n# Forty round trips a minute to one agent are the benchmark, not a loop.\nagent_wakes_per_minute = 10000\nroom_agent_messages_per_minute = 10000\n",
                 key_file.display()
             ));
             std::fs::write(config, text).unwrap();

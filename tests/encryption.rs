@@ -281,7 +281,7 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
 async fn late_keys_are_answered_once_and_unreadable_messages_get_one_notice() {
     let llm = ScriptedLlm::start().await;
     llm.set_default(Reply::text("got it"));
-    let env = crew_with_llm(
+    let mut env = crew_with_llm(
         &llm,
         true,
         "\n[encryption]\nundecryptable_after_secs = 10\n",
@@ -354,6 +354,28 @@ async fn late_keys_are_answered_once_and_unreadable_messages_get_one_notice() {
         answers, 2,
         "the late message was answered once: {messages:?}"
     );
+
+    // A store that does not match the device the homeserver knows refuses the start, saying
+    // how to reset.
+    env.kill_crew();
+    let device_file = env.data_dir.join("crypto/crew/device.json");
+    let text = std::fs::read_to_string(&device_file).unwrap();
+    let session: Value = serde_json::from_str(&text).unwrap();
+    let device = session["device_id"].as_str().unwrap();
+    std::fs::write(&device_file, text.replace(device, "CREWGONEDEVICE")).unwrap();
+    let mut refused =
+        crew::CrewProcess::start(&env.config_path(), &env.homeserver_url, &env.data_dir, 99);
+    tools::wait_for("crew to refuse the start", WAIT, || {
+        let running = refused.is_running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
+    let log = refused.log_text();
+    assert!(
+        log.contains("does not match its device CREWGONEDEVICE"),
+        "{log}"
+    );
+    assert!(log.contains("move") && log.contains("aside"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

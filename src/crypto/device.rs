@@ -94,9 +94,21 @@ impl AgentDevice {
         let store = SqliteCryptoStore::open(dir, None)
             .await
             .map_err(|error| store_error(error.to_string()))?;
-        let machine = OlmMachine::with_store(&session.user_id, &session.device_id, store, None)
-            .await
-            .map_err(|error| store_error(error.to_string()))?;
+        let machine =
+            match OlmMachine::with_store(&session.user_id, &session.device_id, store, None).await {
+                Ok(machine) => machine,
+                Err(matrix_sdk_crypto::CryptoStoreError::MismatchedAccount {
+                    expected, ..
+                }) => {
+                    return Err(CryptoError::Mismatch {
+                        agent: session.user_id.clone(),
+                        path: dir.display().to_string(),
+                        device: session.device_id.clone(),
+                        why: format!("the store holds the keys of device {} instead", expected.1),
+                    });
+                }
+                Err(error) => return Err(store_error(error.to_string())),
+            };
         Ok(Self {
             machine,
             session,

@@ -128,6 +128,8 @@ class Person:
     async def ready_to_send(self, room_id):
         # The room's members and their devices known, Olm sessions to every device claimed.
         await self.sync()
+        if not self.client.rooms[room_id].encrypted:
+            return
         await self.client.joined_members(room_id)
         if self.client.should_query_keys:
             await self.client.keys_query()
