@@ -423,18 +423,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         background.wait().await;
         return Err(error.into());
     }
-    if let Some(advice) = crew
-        .registration
-        .manager_namespace_advice(crew.config.homeserver.server_name.as_str())
-    {
-        tracing::warn!("{advice}");
-    }
-    tracing::info!(
-        manager = %crew.manager,
-        appservice = %crew.config.appservice.bind,
-        "crew is ready"
-    );
-
     // crate::crypto hook: the agents' devices, checked against the homeserver before any
     // transaction is taken in (until then they are answered "unavailable" and sent again).
     if let Some(slot) = &appservice_state.crypto {
@@ -467,6 +455,18 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         let _ = slot.set(crypto.clone());
         background.spawn(crypto.run());
     }
+
+    if let Some(advice) = crew
+        .registration
+        .manager_namespace_advice(crew.config.homeserver.server_name.as_str())
+    {
+        tracing::warn!("{advice}");
+    }
+    tracing::info!(
+        manager = %crew.manager,
+        appservice = %crew.config.appservice.bind,
+        "crew is ready"
+    );
 
     // Events the homeserver held back while crew was down come with the next event for us.
     backlog::nudge(&crew, "start-up").await;
