@@ -179,6 +179,7 @@ async fn main() {
     let token = registration.hs_token.expose().to_owned();
     let (pings, _) = tokio::sync::watch::channel(None);
     let state = Arc::new(AppserviceState {
+        crypto: None,
         hs_token: registration.hs_token.clone(),
         inbox: inbox.clone(),
         registration,

@@ -71,6 +71,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub database: crate::store::DatabaseConfig,
+    /// End-to-end encrypted rooms (`crate::crypto`).
+    #[serde(default)]
+    pub encryption: crate::crypto::EncryptionConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +202,7 @@ const CONFIG_KEYS: &[&str] = &[
     "sandbox",
     "log",
     "database",
+    "encryption",
 ];
 
 fn default_data_dir() -> PathBuf {

@@ -16,6 +16,7 @@ pub mod agent;
 pub mod appservice;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod dispatch;
 pub mod gateway;
 pub mod init;

@@ -30,13 +30,22 @@ pub struct Registration {
     pub rate_limited: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protocols: Vec<String>,
-    /// Typing and receipts; harmless and lets later features see them.
+    /// Ephemeral events; on Synapse (with `msc2409_to_device_messages_enabled`) this is also
+    /// what brings to-device events, the agents' room keys, into transactions (`crate::crypto`).
     #[serde(
         default,
         rename = "receive_ephemeral",
         skip_serializing_if = "std::ops::Not::not"
     )]
     pub receive_ephemeral: bool,
+    /// MSC3202: device lists and one-time-key counts in transactions (Synapse, with
+    /// `msc3202_transaction_extensions`), so encrypted agents need no `/sync`.
+    #[serde(
+        default,
+        rename = "org.matrix.msc3202",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub device_lists_in_transactions: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -89,7 +98,9 @@ impl Registration {
             },
             rate_limited: false,
             protocols: vec![],
-            receive_ephemeral: false,
+            // Encrypted rooms (`crate::crypto`): keys and device lists in transactions.
+            receive_ephemeral: true,
+            device_lists_in_transactions: true,
         }
     }
 
@@ -239,6 +250,19 @@ mod tests {
         assert!(parsed.is_ours("@crew_bob:example.org", "example.org"));
         assert!(parsed.is_ours("@crew:example.org", "example.org"));
         assert!(!parsed.is_ours("@bob:example.org", "example.org"));
+    }
+
+    #[test]
+    fn the_registration_asks_for_keys_in_transactions() {
+        // Synapse's names (synapse/config/appservice.py): to-device events come with ephemeral
+        // events, device lists and key counts with `org.matrix.msc3202`.
+        let yaml = sample().to_yaml();
+        assert!(yaml.contains("receive_ephemeral: true"), "{yaml}");
+        assert!(yaml.contains("org.matrix.msc3202: true"), "{yaml}");
+        assert!(
+            !yaml.contains("msc4190"),
+            "device creation is by login: {yaml}"
+        );
     }
 
     #[test]

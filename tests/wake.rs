@@ -215,7 +215,13 @@ async fn a_wake_pending_at_kill_runs_once_after_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn encrypted_rooms_and_missed_mentions_get_one_notice_each() {
-    let env = CrewEnv::start().await;
+    // With encryption off, an encrypted room gets the notice and the offer of a clear room.
+    let env = CrewEnv::start_with(|config| {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str("\n[encryption]\nenabled = false\n");
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
     let (admin, room) = team_room(&env).await;
     let manager = env.manager_id();
 

@@ -344,7 +344,13 @@ impl Workspace {
             return None;
         }
         let sender = event.get("sender").and_then(Value::as_str).unwrap_or("?");
-        let Some(mxc) = content.get("url").and_then(Value::as_str) else {
+        // In an encrypted room the file is ciphertext and `file` carries its key and URL.
+        let encrypted_file = content.get("file").filter(|file| file.is_object());
+        let Some(mxc) = content
+            .get("url")
+            .or_else(|| encrypted_file.and_then(|file| file.get("url")))
+            .and_then(Value::as_str)
+        else {
             return Some(format!(
                 "[{sender} sent an encrypted or malformed file that could not be saved]"
             ));
@@ -386,6 +392,12 @@ impl Workspace {
                         format!("downloading it failed: {error}")
                     }
                 })?;
+            let body = match encrypted_file {
+                Some(file) => crate::crypto::attachments::decrypt(file, body)
+                    .await
+                    .map_err(|error| error.to_string())?,
+                None => body,
+            };
             let size = self
                 .storage
                 .put(&path, body)

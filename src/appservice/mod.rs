@@ -30,6 +30,9 @@ pub struct AppserviceState {
     pub server_name: String,
     /// Set when the homeserver's ping arrives, so start-up can confirm the round trip.
     pub pings: tokio::sync::watch::Sender<Option<String>>,
+    /// Encryption (`crate::crypto`): None when off; an empty slot while it starts, when
+    /// transactions are answered "unavailable" so the homeserver sends them again.
+    pub crypto: Option<std::sync::OnceLock<Arc<crate::crypto::Crypto>>>,
 }
 
 /// The homeserver-facing router, with `max_body` as the largest accepted transaction.
@@ -131,11 +134,22 @@ async fn put_transaction(
 ) -> Result<Response, ApiError> {
     authenticate(&state, &headers, &query)?;
     // The body as a whole must be JSON; individual events are checked one by one later.
-    let body: TransactionBody =
-        serde_json::from_slice(&body).map_err(|error| ApiError::NotJson(error.to_string()))?;
+    let body_bytes = body;
+    let body: TransactionBody = serde_json::from_slice(&body_bytes)
+        .map_err(|error| ApiError::NotJson(error.to_string()))?;
+    // crate::crypto hook: keys and to-device events go to the agents' devices, encrypted events
+    // are replaced by their decrypted form before the inbox (or wait for their keys).
+    let events = match &state.crypto {
+        None => body.events,
+        Some(slot) => {
+            let crypto = slot.get().ok_or(ApiError::Unavailable)?;
+            let keys = serde_json::from_slice(&body_bytes).unwrap_or_default();
+            crypto.on_transaction(keys, body.events).await
+        }
+    };
     let outcome = state
         .inbox
-        .ingest_durably(&txn_id, &body.events)
+        .ingest_durably(&txn_id, &events)
         .await
         .map_err(|error| {
             tracing::error!(%error, "cannot persist transaction");

@@ -262,7 +262,7 @@ pub fn decide(
 
     // Only the room's `m.room.encryption` state makes it encrypted (and worth the notice); an
     // encrypted event in a room without it is unreadable, not a reason to give up on the room.
-    if room.encrypted {
+    if room.encrypted && !config.read_encrypted {
         for prepared in &crew.agents {
             let agent = &prepared.agent.user_id;
             if room.is_joined(agent) && !room.encryption_notified.contains(agent) {
@@ -284,7 +284,9 @@ pub fn decide(
         decision.ignored = Some(SkipReason::Redacted);
         return decision;
     }
-    if room.encrypted || kind == "m.room.encrypted" {
+    // With encryption on, what arrives here was decrypted already (`crate::crypto`); an
+    // `m.room.encrypted` event is one that could not be.
+    if (room.encrypted && !config.read_encrypted) || kind == "m.room.encrypted" {
         decision.ignored = Some(SkipReason::Encrypted);
         return decision;
     }

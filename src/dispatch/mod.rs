@@ -80,6 +80,11 @@ pub struct DispatchConfig {
     pub reasons_kept: usize,
     /// How long decisions are kept for `!crew why`, in seconds.
     pub reasons_retention_secs: u64,
+    /// Whether agents can read encrypted rooms (`encryption.enabled`, copied here by `crew
+    /// serve`): then decrypted events are dispatched like clear ones and no "this room is
+    /// encrypted" notice is given. Not a `dispatch` setting of its own.
+    #[serde(skip)]
+    pub read_encrypted: bool,
 }
 
 /// Default depth budget, from the issue: deep enough for Manager → Worker → Manager → Worker
@@ -107,6 +112,7 @@ impl Default for DispatchConfig {
             context_messages: DEFAULT_CONTEXT_MESSAGES,
             reasons_kept: DEFAULT_REASONS_KEPT,
             reasons_retention_secs: DEFAULT_REASONS_RETENTION_SECS,
+            read_encrypted: false,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use backon::Retryable;
@@ -51,6 +52,8 @@ pub struct MatrixClient {
     base: url::Url,
     as_token: Secret,
     versions: SupportedVersions,
+    /// crate::crypto hook: encrypts sends into encrypted rooms once set (shared by clones).
+    encryptor: Arc<std::sync::OnceLock<Arc<dyn crate::crypto::RoomEncryptor>>>,
 }
 
 /// A joined member of a room.
@@ -117,7 +120,14 @@ impl MatrixClient {
                 versions: BTreeSet::from([SPEC_VERSION]),
                 features: BTreeSet::new(),
             },
+            encryptor: Arc::default(),
         }
+    }
+
+    /// crate::crypto hook: from now on, messages into encrypted rooms are sent encrypted (by
+    /// this client and every clone of it).
+    pub fn set_encryptor(&self, encryptor: Arc<dyn crate::crypto::RoomEncryptor>) {
+        let _ = self.encryptor.set(encryptor);
     }
 
     pub fn homeserver_url(&self) -> &url::Url {
@@ -319,8 +329,39 @@ impl MatrixClient {
         txn_key: &str,
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
+        let (event_type, content) = self
+            .encrypted_if_needed(user, room, event_type, content)
+            .await?;
         let request = send_request(user, room, event_type, txn_key, &content)?;
         Ok(self.call(request, Auth::As(user)).await?.event_id)
+    }
+
+    /// crate::crypto hook: in an encrypted room, `content` encrypted (the transaction id is the
+    /// caller's either way, so a retry stays one event). The outbox key stays readable beside
+    /// the ciphertext, so an unacknowledged send is still found before it goes again.
+    async fn encrypted_if_needed<'t>(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        event_type: &'t str,
+        content: Value,
+    ) -> Result<(&'t str, Value), MatrixError> {
+        let Some(encryptor) = self.encryptor.get() else {
+            return Ok((event_type, content));
+        };
+        if event_type == "m.room.encrypted" {
+            return Ok((event_type, content));
+        }
+        match encryptor.encrypt(user, room, event_type, &content).await? {
+            Some(mut encrypted) => {
+                let key = crate::outbox::OUTBOX_KEY_FIELD;
+                if let (Some(outer), Some(value)) = (encrypted.as_object_mut(), content.get(key)) {
+                    outer.insert(key.to_owned(), value.clone());
+                }
+                Ok(("m.room.encrypted", encrypted))
+            }
+            None => Ok((event_type, content)),
+        }
     }
 
     /// As [`MatrixClient::send_event`], retried only on 429: the caller looks for an
@@ -333,6 +374,9 @@ impl MatrixClient {
         txn_key: &str,
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
+        let (event_type, content) = self
+            .encrypted_if_needed(user, room, event_type, content)
+            .await?;
         let request = send_request(user, room, event_type, txn_key, &content)?;
         Ok(self
             .call_unless_sent(request, Auth::As(user))

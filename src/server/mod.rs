@@ -60,6 +60,9 @@ pub enum ServeError {
     Storage(#[from] crate::storage::StorageError),
     #[error("tasks: {0}")]
     Tasks(#[from] crate::tasks::TaskError),
+    /// The encryption layer could not start (its store does not match the homeserver's device).
+    #[error("encryption: {0}")]
+    Crypto(#[from] crate::crypto::CryptoError),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -269,7 +272,9 @@ pub(crate) async fn open(
     let roster =
         dispatch_roster(&config, &manager, manager_name, &team).map_err(StartupError::Config)?;
     let roster_generation = team.registry.generation();
-    let mut dispatcher = Dispatcher::new(config.dispatch.clone(), roster)
+    let mut dispatch_config = config.dispatch.clone();
+    dispatch_config.read_encrypted = config.encryption.enabled;
+    let mut dispatcher = Dispatcher::new(dispatch_config, roster)
         .map_err(|error| StartupError::Config(error.to_string()))?;
     let room_states: Tree<String, RoomState> = store.tree("room_states")?;
     for entry in room_states.iter() {
@@ -296,6 +301,7 @@ pub(crate) async fn open(
         registration: registration.clone(),
         server_name: config.homeserver.server_name.to_string(),
         pings,
+        crypto: config.encryption.enabled.then(std::sync::OnceLock::new),
     });
     let links = crate::storage::links::Links::open(&config.storage, &config.data_dir, env)?;
     let tasks = crate::tasks::Tasks::open(&store, storage.clone(), &config.tasks)?;
@@ -415,6 +421,7 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
 
     // Signed file links are served next to the appservice API (under /files/), at the address
     // `storage.public_base_url` points to.
+    let appservice_state = state.clone();
     let router = appservice::router(state, crew.config.appservice.max_transaction_bytes)
         .merge(crate::storage::links::links_router(storage.clone(), links));
     let failed = ListenerFailure::default();
@@ -484,6 +491,39 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         background.wait().await;
         return Err(error.into());
     }
+    // crate::crypto hook: the agents' devices, checked against the homeserver before any
+    // transaction is taken in (until then they are answered "unavailable" and sent again).
+    if let Some(slot) = &appservice_state.crypto {
+        let opened = crate::crypto::Crypto::open(
+            crew.config.encryption.clone(),
+            &crew.config.data_dir,
+            crew.config.homeserver.url.clone(),
+            crew.registration.as_token.clone(),
+            crew.client.clone(),
+            &crew.store,
+            crew.inbox.clone(),
+            crew.manager.clone(),
+            crew.registration.clone(),
+            shutdown.clone(),
+        )
+        .await;
+        let crypto = match opened {
+            Ok(crypto) => crypto,
+            Err(error) => {
+                shutdown.cancel();
+                background.close();
+                background.wait().await;
+                return Err(ServeError::Crypto(error));
+            }
+        };
+        crew.client
+            .set_encryptor(Arc::new(crate::crypto::WeakEncryptor(Arc::downgrade(
+                &crypto,
+            ))));
+        let _ = slot.set(crypto.clone());
+        background.spawn(crypto.run());
+    }
+
     if let Some(advice) = crew
         .registration
         .manager_namespace_advice(crew.config.homeserver.server_name.as_str())

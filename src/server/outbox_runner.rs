@@ -213,12 +213,12 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), P
                 });
             let text = match created {
                 Ok(_) => {
-                    "This room is encrypted, so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there."
+                    "This room is encrypted and encryption is turned off for this crew (`encryption.enabled = false` in its config), so I cannot read anything said here. I opened an unencrypted room and invited you: talk to me there."
                 }
                 Err(error) if is_transient(&error) => return Err(error),
                 Err(error) => {
                     tracing::warn!(%error, "cannot open an unencrypted room");
-                    "This room is encrypted, so I cannot read anything said here. Invite me into an unencrypted room instead."
+                    "This room is encrypted and encryption is turned off for this crew (`encryption.enabled = false` in its config), so I cannot read anything said here. Invite me into an unencrypted room instead."
                 }
             };
             let content = OutgoingMessage::notice(text).to_content();

@@ -45,6 +45,16 @@ impl CrewEnv {
 
     /// As [`CrewEnv::start_with`], with more arguments for `crew init`.
     pub async fn start_with_init(init_args: &[&str], edit_config: impl FnOnce(&Path)) -> CrewEnv {
+        Self::start_on(true, init_args, edit_config).await
+    }
+
+    /// As [`CrewEnv::start_with_init`]; `encrypted_appservices` false starts Synapse without
+    /// to-device events and device lists in transactions, as Tuwunel behaves.
+    pub async fn start_on(
+        encrypted_appservices: bool,
+        init_args: &[&str],
+        edit_config: impl FnOnce(&Path),
+    ) -> CrewEnv {
         let root = tempfile::tempdir().unwrap();
         let data_dir = root.path().join("data");
         let appservice_port = tools::free_port();
@@ -74,9 +84,10 @@ impl CrewEnv {
         ));
         std::fs::write(data_dir.join("config.toml"), config).unwrap();
         edit_config(&data_dir.join("config.toml"));
-        let synapse = Synapse::start(
+        let synapse = Synapse::start_with_features(
             &root.path().join("synapse"),
             &[data_dir.join("registration.yaml")],
+            encrypted_appservices,
         )
         .await;
         let admin = synapse.register_user(ADMIN).await;

@@ -47,11 +47,27 @@ pub struct Synapse {
 impl Synapse {
     /// Starts Synapse in `dir` with the given appservice registration files.
     pub async fn start(dir: &Path, registrations: &[PathBuf]) -> Synapse {
+        Self::start_with_features(dir, registrations, true).await
+    }
+
+    /// As [`Synapse::start`]; `encrypted_appservices` turns on what encrypted appservices use
+    /// (MSC2409 to-device events and MSC3202 device lists and key counts in transactions). Off,
+    /// Synapse behaves as Tuwunel 1.4.6 does towards appservices.
+    pub async fn start_with_features(
+        dir: &Path,
+        registrations: &[PathBuf],
+        encrypted_appservices: bool,
+    ) -> Synapse {
         let python = python();
         std::fs::create_dir_all(dir).unwrap();
         let port = tools::free_port();
         let server_name = "crew.test".to_owned();
-        let config = synapse_config(dir, port, &server_name, registrations);
+        let mut config = synapse_config(dir, port, &server_name, registrations);
+        if encrypted_appservices {
+            config.push_str(
+                "experimental_features:\n  msc2409_to_device_messages_enabled: true\n  msc3202_transaction_extensions: true\n",
+            );
+        }
         let config_path = dir.join("homeserver.yaml");
         std::fs::write(&config_path, config).unwrap();
         let child = spawn(&python, &config_path, dir);
