@@ -98,7 +98,13 @@ async fn synapse_restarted_under_an_unsent_and_an_unacknowledged_answer_gives_on
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_unencrypted_room_offered_is_created_once_when_the_answer_to_create_it_is_lost() {
-    let mut env = CrewEnv::start().await;
+    // The offer of an unencrypted room is made only where encryption is off.
+    let mut env = CrewEnv::start_with(|config| {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str("\n[encryption]\nenabled = false\n");
+        std::fs::write(config, text).unwrap();
+    })
+    .await;
     let admin = env.admin().await;
     let manager = env.manager_id();
     // The greeting (its DM is a createRoom too) is done before the cut is armed.

@@ -578,7 +578,9 @@ mod tests {
             llm: None,
         })
         .unwrap();
-        let loaded = crate::config::Config::load(&written.config).unwrap();
+        let mut loaded = crate::config::Config::load(&written.config).unwrap();
+        // The offer of an unencrypted room is made only where encryption is off.
+        loaded.config.encryption.enabled = false;
         super::super::open(loaded, CancellationToken::new())
             .await
             .unwrap()
