@@ -9,6 +9,8 @@
 #   ROUNDS=3            direct/gateway pairs per concurrency (alternating)
 #   DURATION=10s        each wrk run
 #   CONNECTIONS="1 10"  concurrencies
+#   CPUS_WRK=0 CPUS_NGINX=1 CPUS_CREW=1   pin each process to these CPUs (taskset lists), so
+#                       that wrk, nginx and crew share the cores the same way in every run
 #
 # Needs nginx and wrk (Debian: `apt-get install -y nginx-light wrk`). Everything listens on
 # 127.0.0.1 only, in a temporary directory removed at the end. On a 2-core machine wrk, nginx and
@@ -27,6 +29,11 @@ for tool in nginx wrk; do
   fi
 done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+# Command prefixes that pin a process to its CPUs (taskset execs it: `$!` stays its pid).
+pin() { [ -n "$1" ] && printf '%s\n' taskset -c "$1"; true; }
+mapfile -t pin_wrk < <(pin "${CPUS_WRK:-}")
+mapfile -t pin_nginx < <(pin "${CPUS_NGINX:-}")
+mapfile -t pin_crew < <(pin "${CPUS_CREW:-}")
 
 if [ -z "${CREW:-}" ]; then
   (cd "$here" && cargo build --release --bin crew >&2)
@@ -90,7 +97,7 @@ http {
   }
 }
 EOF
-"$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
+"${pin_nginx[@]}" "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 nginx_pid=$!
 
 "$CREW" init --homeserver "http://127.0.0.1:$homeserver_port" --server-name bench.test \
@@ -110,7 +117,7 @@ kind = "openai"
 credentials = [{ file = "$work/llm.key" }]
 EOF
 # crew's default logging (info, to stderr), as it runs in production.
-"$CREW" --config "$work/data/config.toml" serve 2>"$work/crew.log" &
+"${pin_crew[@]}" "$CREW" --config "$work/data/config.toml" serve 2>"$work/crew.log" &
 crew_pid=$!
 
 wait_for() {
@@ -155,7 +162,7 @@ wrk -t1 -c10 -d2s -s "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/cha
 # wrk's "50%" latency in ms, and its requests/s.
 run() {
   local script=$1 url=$2 connections=$3 out
-  out=$(wrk -t1 -c"$connections" -d"$DURATION" --latency -s "$script" "$url")
+  out=$("${pin_wrk[@]}" wrk -t1 -c"$connections" -d"$DURATION" --latency -s "$script" "$url")
   if printf '%s\n' "$out" | grep -q "Non-2xx"; then
     echo "bench-gateway: non-2xx answers:" >&2
     printf '%s\n' "$out" >&2
@@ -167,7 +174,7 @@ run() {
   echo "$p50 $rps"
 }
 
-echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION"
+echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION${CPUS_WRK:+, CPUs: wrk $CPUS_WRK nginx ${CPUS_NGINX:-any} crew ${CPUS_CREW:-any}}"
 echo
 echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|"

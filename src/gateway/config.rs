@@ -99,6 +99,14 @@ impl GatewayConfig {
             if !matches!(route.upstream.scheme(), "http" | "https") {
                 return invalid("upstream must be an http(s) URL");
             }
+            if route.upstream.host_str().is_none() {
+                return invalid("upstream must name a host");
+            }
+            if !route.upstream.username().is_empty() || route.upstream.password().is_some() {
+                return invalid(
+                    "upstream must not carry a user name or password; put keys in `credentials`",
+                );
+            }
             if route.credentials.is_empty() {
                 return invalid(
                     "needs at least one credential (`credentials = [{ env = \"…\" }]`)",
@@ -442,6 +450,15 @@ daily_token_budget = 100000
             .unwrap_err()
             .to_string();
         assert!(error.contains("NOT_SET_ANYWHERE"), "{error}");
+
+        let mut config: GatewayConfig = toml::from_str(EXAMPLE).unwrap();
+        config.routes[1].upstream = "https://user:s3cr3t@api.github.com".parse().unwrap();
+        let error = config.check().unwrap_err().to_string();
+        assert!(
+            error.contains("github") && error.contains("user name or password"),
+            "{error}"
+        );
+        assert!(!error.contains("s3cr3t"), "{error}");
         let error = SecretSource::Env("EMPTY".into())
             .load(&|_| Some("  \n".into()))
             .unwrap_err()

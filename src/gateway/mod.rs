@@ -59,7 +59,7 @@ pub enum GatewayError {
     InvalidConsumerId(String),
     /// The HTTP client for upstreams could not be built (TLS setup).
     #[error("cannot build the upstream HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    Client(#[source] rustls::Error),
 }
 
 /// Tokens used and requests made by one consumer on one UTC day.
@@ -132,14 +132,26 @@ pub struct Gateway {
     known_tokens: KnownTokens,
     clock: Clock,
     limits: limits::Limits,
-    http: reqwest::Client,
+    http: UpstreamClient,
 }
+
+/// The pooled HTTP/1 client for upstreams (plain or TLS), called with ready-made `http` requests:
+/// no URL parsing or client cloning per request. It never follows redirects.
+type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
 
 /// A configured route with its keys loaded.
 struct Route {
     config: RouteConfig,
     /// Path prefix without a trailing slash.
     prefix: String,
+    /// The upstream's scheme and authority, parsed once for every request's URI.
+    upstream_scheme: http::uri::Scheme,
+    upstream_authority: http::uri::Authority,
+    /// The upstream's path without a trailing slash; the request's rest is appended to it.
+    upstream_path: String,
     keys: Vec<UpstreamKey>,
     /// The header the credential goes in (checked by [`GatewayConfig::check`]).
     inject_header: http::HeaderName,
@@ -233,6 +245,50 @@ impl Clock {
     }
 }
 
+/// The upstream client: TLS through rustls with the ring provider and the webpki roots, HTTP/1,
+/// `TCP_NODELAY`, up to 64 idle connections per upstream kept for 90 s.
+fn upstream_client() -> Result<UpstreamClient, GatewayError> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    // The TLS layer below handles `https`; this connector only opens the TCP connection.
+    connector.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .map_err(GatewayError::Client)?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(https),
+    )
+}
+
+/// The scheme and authority of a route's upstream, as `http` types built once.
+fn upstream_origin(
+    route: &RouteConfig,
+) -> Result<(http::uri::Scheme, http::uri::Authority), GatewayError> {
+    // `GatewayConfig::check` has refused upstreams without a host or with a user name.
+    let invalid =
+        |why: &str| GatewayError::Config(format!("gateway route `{}`: upstream {why}", route.name));
+    let scheme = http::uri::Scheme::try_from(route.upstream.scheme())
+        .map_err(|_| invalid("has a scheme the gateway cannot use"))?;
+    let host = route
+        .upstream
+        .host_str()
+        .ok_or_else(|| invalid("has no host"))?;
+    let authority = match route.upstream.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    let authority = http::uri::Authority::try_from(authority)
+        .map_err(|_| invalid("has a host the gateway cannot use"))?;
+    Ok((scheme, authority))
+}
+
 impl Gateway {
     /// Builds the gateway, reading keys and the gateway secret from the process environment and
     /// files. `data_dir` is where the generated `gateway.secret` lives when the config names none.
@@ -282,9 +338,13 @@ impl Gateway {
                         route.name
                     ))
                 })?;
+            let (upstream_scheme, upstream_authority) = upstream_origin(route)?;
             routes.push(Route {
                 inject_header,
                 prefix: route.prefix.trim_end_matches('/').to_owned(),
+                upstream_scheme,
+                upstream_authority,
+                upstream_path: route.upstream.path().trim_end_matches('/').to_owned(),
                 endpoints: route.allowed_endpoints(),
                 headers: headers::HeaderPolicy::new(route)?,
                 redactor,
@@ -296,12 +356,7 @@ impl Gateway {
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         // Redirects are never followed: the consumer gets the 3xx as it is, and the injected
         // credential never travels to wherever the upstream points.
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(GatewayError::Client)?;
+        let http = upstream_client()?;
         let clock = Clock::new();
         let usage = store.tree(USAGE_TREE)?;
         let audit = store.tree(AUDIT_TREE)?;

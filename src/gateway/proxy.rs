@@ -20,6 +20,8 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http_body_util::{BodyDataStream, Full};
+use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -257,8 +259,8 @@ async fn forward(
         check_budgets(gateway, &record.id, policy, now_ms, max_tokens)?;
     }
 
-    let url = upstream_url(route, rest, parts.uri.query());
-    if !path::stays_under(url.path(), route.config.upstream.path()) {
+    let uri = upstream_uri(route, rest, parts.uri.query())?;
+    if !path::stays_under(uri.path(), route.config.upstream.path()) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "path_outside_route",
@@ -274,7 +276,7 @@ async fn forward(
         request_bytes,
         llm: is_llm,
     };
-    let sent = send_with_failover(gateway, route, parts.method, url, headers, body).await;
+    let sent = send_with_failover(gateway, route, parts.method, uri, headers, body).await;
     unanswered.answered();
     let response = sent?;
 
@@ -332,7 +334,7 @@ async fn forward(
         response_headers.remove(header::CONTENT_LENGTH);
     }
     let metered = Metered {
-        inner: Box::pin(response.bytes_stream()),
+        inner: Box::pin(BodyDataStream::new(response.into_body())),
         meter,
         strip_usage,
         ended: false,
@@ -642,14 +644,34 @@ fn check_model(
     }
 }
 
-/// The upstream URL for `rest` (the request path after the route prefix, already checked by
-/// [`path::check`]).
-fn upstream_url(route: &Route, rest: &str, query: Option<&str>) -> url::Url {
-    let mut url = route.config.upstream.clone();
-    let joined = format!("{}{}", url.path().trim_end_matches('/'), rest);
-    url.set_path(&joined);
-    url.set_query(query);
-    url
+/// The upstream URI for `rest` (the request path after the route prefix, already checked by
+/// [`path::check`]), from the route's scheme and authority parsed once.
+fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<http::Uri, Refusal> {
+    let mut path_and_query = String::with_capacity(
+        route.upstream_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+    );
+    path_and_query.push_str(&route.upstream_path);
+    path_and_query.push_str(rest);
+    if path_and_query.is_empty() {
+        path_and_query.push('/');
+    }
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    let path_and_query = http::uri::PathAndQuery::try_from(path_and_query).map_err(|_| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "the request path cannot be forwarded upstream",
+        )
+    })?;
+    http::Uri::builder()
+        .scheme(route.upstream_scheme.clone())
+        .authority(route.upstream_authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(Refusal::internal)
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and ones the gateway sets itself.
@@ -687,10 +709,10 @@ async fn send_with_failover(
     gateway: &Gateway,
     route: &Route,
     method: http::Method,
-    url: url::Url,
+    uri: http::Uri,
     mut headers: HeaderMap,
     body: Bytes,
-) -> Result<reqwest::Response, Refusal> {
+) -> Result<http::Response<Incoming>, Refusal> {
     let now_ms = gateway.clock.now_ms();
     let mut order: Vec<usize> = (0..route.keys.len())
         .filter(|&i| route.keys[i].rested_until_ms.load(Ordering::Relaxed) <= now_ms)
@@ -712,12 +734,11 @@ async fn send_with_failover(
             headers.clone()
         };
         request_headers.insert(header_name.clone(), key.header_value.clone());
-        let request = gateway
-            .http
-            .request(method.clone(), url.clone())
-            .headers(request_headers)
-            .body(body.clone());
-        match tokio::time::timeout(timeout, request.send()).await {
+        let mut request = http::Request::new(Full::new(body.clone()));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = request_headers;
+        match tokio::time::timeout(timeout, gateway.http.request(request)).await {
             Err(_) => {
                 key.failed(gateway, now_ms);
                 return Err(Refusal::new(
@@ -733,7 +754,7 @@ async fn send_with_failover(
                 key.failed(gateway, now_ms);
                 tracing::warn!(
                     route = %route.config.name,
-                    error = %without_url(error),
+                    error = %ErrorChain(&error),
                     "gateway upstream unreachable"
                 );
                 failure = Some(Refusal::new(
@@ -784,16 +805,26 @@ impl UpstreamKey {
     }
 }
 
-/// reqwest errors print the URL; upstream URLs carry no secrets here, but strip it anyway so a
-/// key placed in a query string by some provider could never reach the logs.
-fn without_url(error: reqwest::Error) -> reqwest::Error {
-    error.without_url()
+/// An upstream client error with its causes (the client's own message is only "client error
+/// (Connect)"); it names neither the URL nor any header, so no key can reach the logs through it.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
-async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
+async fn read_capped(response: http::Response<Incoming>, cap: usize) -> Vec<u8> {
     use futures::StreamExt;
     let mut out = Vec::new();
-    let mut stream = response.bytes_stream();
+    let mut stream = BodyDataStream::new(response.into_body());
     while let Some(Ok(chunk)) = stream.next().await {
         let room = cap.saturating_sub(out.len());
         out.extend_from_slice(&chunk[..chunk.len().min(room)]);
@@ -1043,7 +1074,7 @@ struct Finish {
 /// LLM answer, the rest of the upstream's answer is read (and thrown away) in the background so
 /// that its usage figures are charged; if they never come, an estimate from the bytes seen is.
 struct Metered {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    inner: Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>,
     meter: Meter,
     /// Set when the usage-only chunk must not reach the consumer (it did not ask for it).
     strip_usage: Option<UsageChunkFilter>,
@@ -1100,7 +1131,7 @@ impl Metered {
 }
 
 impl Stream for Metered {
-    type Item = reqwest::Result<Bytes>;
+    type Item = Result<Bytes, hyper::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -1129,7 +1160,7 @@ impl Stream for Metered {
                         finish.audit.code = Some("upstream_interrupted".into());
                     }
                     this.complete();
-                    Poll::Ready(Some(Err(error.without_url())))
+                    Poll::Ready(Some(Err(error)))
                 }
                 Poll::Ready(None) => {
                     this.complete();
