@@ -869,11 +869,11 @@ impl ManagerTools {
                 }
                 let mut invite: Vec<ruma::OwnedUserId> = vec![project.requester.clone()];
                 invite.extend(workers.iter().map(|worker| worker.user_id.clone()));
+                // Created once: a crash before the room is recorded finds it again.
                 let room = services
-                    .client
-                    .create_room(
-                        &services.manager,
-                        &crate::matrix::CreateRoom {
+                    .team
+                    .create_room_once(
+                        crate::matrix::CreateRoom {
                             name: Some(format!("Project: {}", project.title)),
                             topic: Some(format!(
                                 "Project {} for {}; the plan is projects/{}/plan.md",
@@ -882,6 +882,7 @@ impl ManagerTools {
                             invite,
                             ..Default::default()
                         },
+                        &format!("project-room:{}:{}", project.id, project.created_ms),
                     )
                     .await
                     .map_err(|error| format!("error: cannot open the project room: {error}"))?;

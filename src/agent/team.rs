@@ -40,6 +40,29 @@ pub struct Team {
     rooms: Option<crate::outbox::RoomsCreatedOnce>,
 }
 
+impl Team {
+    /// A room the Manager creates once under `key`: created by the outbox's record of created
+    /// rooms where there is one, so a crash or a lost answer never makes a second room.
+    pub async fn create_room_once(
+        &self,
+        create: crate::matrix::CreateRoom,
+        key: &str,
+    ) -> Result<ruma::OwnedRoomId, TeamError> {
+        match &self.rooms {
+            Some(rooms) => rooms
+                .create(&self.client, &self.manager, create, key)
+                .await
+                .map_err(|error| match error {
+                    crate::outbox::CreateOnceError::Matrix(error) => TeamError::Matrix(error),
+                    crate::outbox::CreateOnceError::Store(error) => {
+                        TeamError::Registry(error.into())
+                    }
+                }),
+            None => Ok(self.client.create_room(&self.manager, &create).await?),
+        }
+    }
+}
+
 /// The answer to a create request.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Created {
@@ -143,25 +166,10 @@ impl Team {
                 power_levels,
                 ..Default::default()
             };
-            let room = match &self.rooms {
-                // Keyed by the Worker's creation, so a Worker made again under the same name
-                // gets a room of its own.
-                Some(rooms) => rooms
-                    .create(
-                        &self.client,
-                        &self.manager,
-                        create,
-                        &format!("worker-room:{}:{}", worker.name, worker.created_ms),
-                    )
-                    .await
-                    .map_err(|error| match error {
-                        crate::outbox::CreateOnceError::Matrix(error) => TeamError::Matrix(error),
-                        crate::outbox::CreateOnceError::Store(error) => {
-                            TeamError::Registry(error.into())
-                        }
-                    })?,
-                None => self.client.create_room(&self.manager, &create).await?,
-            };
+            // Keyed by the Worker's creation, so a Worker made again under the same name gets a
+            // room of its own.
+            let key = format!("worker-room:{}:{}", worker.name, worker.created_ms);
+            let room = self.create_room_once(create, &key).await?;
             self.client.join(&worker.user_id, &room).await?;
             created.worker = self.registry.update(&worker.name, |worker| {
                 worker.room = Some(room.clone());
