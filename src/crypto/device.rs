@@ -1,4 +1,4 @@
-//! One agent's device: its Olm machine over its own sqlite store, the device's access token, and
+//! One agent's device: its Olm machine over its own sqlite store and
 //! the loop that carries the machine's requests to the homeserver.
 //!
 //! On disk, `<data_dir>/crypto/<localpart>/` (mode 0700) holds `device.json` (user and device
