@@ -978,9 +978,11 @@ async fn large_files_sent_to_an_agent_are_streamed_into_storage_within_the_limit
         "nothing of the refused file is kept: {left:?}"
     );
 
+    // Held whole, the 35 MiB file alone would raise the peak by its size; streamed, the peak
+    // grows by buffers, the turn and the allocator's caches (seen: 10–22 MiB).
     let grown_mib = peak_kib(pid).saturating_sub(before) / 1024;
     assert!(
-        grown_mib < 20,
+        grown_mib < (UNDER / MIB) as u64,
         "crew's peak memory grew by {grown_mib} MiB for {} MiB of files",
         (UNDER + OVER) / MIB
     );
