@@ -402,32 +402,35 @@ fn is_final_review(body: &Value) -> bool {
         && waking_text(body).contains("Every task of project")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_result_sent_back_is_redone_and_then_the_project_completes() {
-    let llm = ScriptedLlm::start().await;
-    // The first final review finds D lacking; the second accepts.
-    llm.once(
-        is_final_review,
-        Reply::tool_call(
-            "r1",
-            "request_revision",
-            json!({"project": "p-1", "task": "D", "reason": "name the version"}),
-        ),
-    );
-    script_the_manager(&llm);
-    script_the_workers(&llm, None);
+/// The Manager's final review sending D (task t-5) back with `reason`.
+fn send_d_back(reason: &str) -> Reply {
+    Reply::tool_call(
+        "r1",
+        "request_revision",
+        json!({"project": "p-1", "task": "D", "reason": reason}),
+    )
+}
+
+/// ada redoes D (task t-5) each time it comes back, completing it with `text`.
+fn script_ada_redoing_d(llm: &ScriptedLlm, text: &'static str) {
     llm.on(
         |b| {
             is_worker(b, "Ada")
                 && last_tool_result(b).is_none()
                 && waking_text(b).contains("task **t-5**")
         },
-        Reply::tool_call(
-            "w2",
-            "complete_task",
-            json!({"task": "t-5", "text": "Release notes for v1.0."}),
-        ),
+        Reply::tool_call("w2", "complete_task", json!({"task": "t-5", "text": text})),
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_result_sent_back_is_redone_and_then_the_project_completes() {
+    let llm = ScriptedLlm::start().await;
+    // The first final review finds D lacking; the second accepts.
+    llm.once(is_final_review, send_d_back("name the version"));
+    script_the_manager(&llm);
+    script_the_workers(&llm, None);
+    script_ada_redoing_d(&llm, "Release notes for v1.0.");
     let env = crew_with_team(&llm, "").await;
     let admin = env.admin().await;
     let (_, project_room) = confirmed_mvp(&env).await;
@@ -464,28 +467,10 @@ async fn a_result_sent_back_is_redone_and_then_the_project_completes() {
 async fn a_manager_and_worker_bouncing_a_task_stop_at_the_loop_budget_with_one_notice() {
     let llm = ScriptedLlm::start().await;
     // The Manager never accepts D; ada always redoes it.
-    llm.on(
-        is_final_review,
-        Reply::tool_call(
-            "r1",
-            "request_revision",
-            json!({"project": "p-1", "task": "D", "reason": "not yet"}),
-        ),
-    );
+    llm.on(is_final_review, send_d_back("not yet"));
     script_the_manager(&llm);
     script_the_workers(&llm, None);
-    llm.on(
-        |b| {
-            is_worker(b, "Ada")
-                && last_tool_result(b).is_none()
-                && waking_text(b).contains("task **t-5**")
-        },
-        Reply::tool_call(
-            "w2",
-            "complete_task",
-            json!({"task": "t-5", "text": "Again."}),
-        ),
-    );
+    script_ada_redoing_d(&llm, "Again.");
     let env = crew_with_team(&llm, "").await;
     let admin = env.admin().await;
     let (_, project_room) = confirmed_mvp(&env).await;
