@@ -329,11 +329,15 @@ impl MatrixClient {
         txn_key: &str,
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
-        let (event_type, content) = self
-            .encrypted_if_needed(user, room, event_type, content)
-            .await?;
-        let request = send_request(user, room, event_type, txn_key, &content)?;
-        Ok(self.call(request, Auth::As(user)).await?.event_id)
+        self.send_event_retried(
+            user,
+            room,
+            event_type,
+            txn_key,
+            content,
+            MatrixError::is_transient,
+        )
+        .await
     }
 
     /// crate::crypto hook: in an encrypted room, `content` encrypted (the transaction id is the
@@ -374,12 +378,26 @@ impl MatrixClient {
         txn_key: &str,
         content: Value,
     ) -> Result<OwnedEventId, MatrixError> {
+        self.send_event_retried(user, room, event_type, txn_key, content, nothing_was_made)
+            .await
+    }
+
+    /// A room event sent as `user` (encrypted where the room is), retried while `retried` says.
+    async fn send_event_retried(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        event_type: &str,
+        txn_key: &str,
+        content: Value,
+        retried: fn(&MatrixError) -> bool,
+    ) -> Result<OwnedEventId, MatrixError> {
         let (event_type, content) = self
             .encrypted_if_needed(user, room, event_type, content)
             .await?;
         let request = send_request(user, room, event_type, txn_key, &content)?;
         Ok(self
-            .call_unless_sent(request, Auth::As(user))
+            .call_retrying(request, Auth::As(user), retried)
             .await?
             .event_id)
     }
@@ -621,8 +639,7 @@ impl MatrixClient {
         R::PathBuilder: PathFor,
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
     {
-        self.call_retrying(request, auth, |error| error.status() == Some(429))
-            .await
+        self.call_retrying(request, auth, nothing_was_made).await
     }
 
     /// A request retried while `retried` says so (honouring `Retry-After` / `retry_after_ms`):
@@ -754,6 +771,12 @@ pub fn honour_retry_after(
     cap: Duration,
 ) -> Option<Duration> {
     crate::retry::at_least_asked(wait, error.retry_after(), cap)
+}
+
+/// A refusal that made nothing (429): the only failure of a creating request that is asked again
+/// without looking first.
+fn nothing_was_made(error: &MatrixError) -> bool {
+    error.status() == Some(429)
 }
 
 /// The `PUT /rooms/{room}/send/{type}/{txnId}` request for `content`, its transaction id derived
