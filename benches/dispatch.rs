@@ -15,7 +15,7 @@ use std::io::{BufRead, BufWriter, Write};
 use std::time::Instant;
 
 use matrix_crew::dispatch::{
-    Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, RoomState, Roster, decide,
+    Agent, DispatchConfig, Dispatcher, RoomEvent, MemoryHistory, Role, RoomState, Roster, decide,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -401,6 +401,12 @@ fn main() {
     }
     let _ = std::fs::remove_file(&path);
     let (config, crew, room) = setup();
+    // Ingest parses each event once into the typed event the dispatcher reads.
+    let values = events;
+    let events: Vec<RoomEvent> = values
+        .iter()
+        .map(|event| RoomEvent::from_json(event).expect("a valid event"))
+        .collect();
 
     // 3. Correctness: every decision against its label.
     let mut history = MemoryHistory::new(MESSAGES);
@@ -421,7 +427,7 @@ fn main() {
         if !extra.is_empty() || !lacking.is_empty() {
             eprintln!(
                 "MISMATCH {}: spurious {extra:?} missed {lacking:?}: {decision:?}",
-                event["content"]
+                event.content
             );
         }
         spurious += extra.len();
@@ -454,7 +460,7 @@ fn main() {
         let mut history = MemoryHistory::new(MESSAGES);
         let mut state = room.clone();
         for bytes in &lines {
-            let event: Value = serde_json::from_slice(bytes).expect("valid JSON");
+            let event: RoomEvent = serde_json::from_slice(bytes).expect("a valid event");
             let decision = decide(&event, &state, &crew, &config, &history);
             state.record(&decision);
             if let Some(fact) = &decision.remember {
@@ -492,7 +498,7 @@ fn main() {
     let every_agent_turns: usize = events
         .iter()
         .map(|e| {
-            let sender = e["sender"].as_str().unwrap_or("");
+            let sender = e.sender.as_str();
             AGENTS.iter().filter(|(id, _, _)| *id != sender).count()
         })
         .sum();

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use matrix_crew::appservice::inbox::Inbox;
 use matrix_crew::dispatch::queue::{PendingWake, WakeQueue};
-use matrix_crew::dispatch::{Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, Roster};
+use matrix_crew::dispatch::{
+    Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, RoomEvent, Roster,
+};
 use matrix_crew::outbox::{Effect, Outbox, Staged};
 use matrix_crew::store::Store;
 use ruma::{OwnedRoomId, UserId};
@@ -90,18 +92,23 @@ fn dispatcher() -> Dispatcher {
     let mut dispatcher = Dispatcher::new(config, roster).expect("valid config");
     let history = MemoryHistory::new(16);
     for event in memberships() {
+        let event = RoomEvent::from_json(&event).expect("a valid event");
         dispatcher.dispatch(&event, &history, 0);
     }
     dispatcher
 }
 
-/// Decide alone, the events already in memory: the ceiling.
+/// Decide alone, the events already in memory (parsed, as ingest leaves them): the ceiling.
 fn decide_only(events: &[Value]) -> (f64, usize) {
+    let events: Vec<RoomEvent> = events
+        .iter()
+        .map(|event| RoomEvent::from_json(event).expect("a valid event"))
+        .collect();
     let mut dispatcher = dispatcher();
     let history = MemoryHistory::new(10_000);
     let started = Instant::now();
     let mut wakes = 0;
-    for event in events {
+    for event in &events {
         wakes += dispatcher.dispatch(event, &history, 1).wakes.len();
     }
     (events.len() as f64 / started.elapsed().as_secs_f64(), wakes)
@@ -151,7 +158,7 @@ fn through_the_store(events: &[Value], stage_every: usize) -> (f64, usize) {
             let effects: Vec<Staged> = if stage_every > 0 && handled % stage_every == 0 {
                 vec![Staged {
                     room: room.clone(),
-                    cause: entry.event_id().unwrap_or_default().to_owned(),
+                    cause: entry.event_id().to_owned(),
                     effect: Effect::Send {
                         agent: manager.clone(),
                         txn_key: format!("bench:{seq}"),

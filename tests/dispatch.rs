@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use matrix_crew::dispatch::{
-    Agent, Decision, DispatchConfig, Dispatcher, MemoryHistory, NoHistory, ReasonLog, Remember,
-    Role, RoomMessageCap, RoomState, Rooms, Roster, SaidSince, Signal, SkipReason, WakeRateLimiter,
-    decide,
+    Agent, Decision, DispatchConfig, Dispatcher, History, MemoryHistory, NoHistory, ReasonLog,
+    Remember, Role, RoomEvent, RoomMessageCap, RoomState, Rooms, Roster, SaidSince, Signal,
+    SkipReason, WakeRateLimiter, decide,
 };
 use proptest::prelude::*;
 use ruma::{EventId, OwnedUserId, RoomId, UserId};
@@ -27,6 +27,28 @@ const GROUP: &str = "!ZqOGFtwJVjxtYDXuFS:example.org";
 const DM: &str = "!dmWriterAlice:example.org";
 const DM_MALLORY: &str = "!dmCoderMallory:example.org";
 const ENCRYPTED: &str = "!encRoomAbc:example.org";
+
+/// Events reach the dispatcher parsed, as ingest parses them; one that ingest rejects (no
+/// valid ids or type) never reaches it, which the tests count as `malformed`.
+trait DispatchJson {
+    fn dispatch_json(&mut self, event: &Value, history: &dyn History, now_ms: u64) -> Decision;
+}
+
+impl DispatchJson for Dispatcher {
+    fn dispatch_json(&mut self, event: &Value, history: &dyn History, now_ms: u64) -> Decision {
+        match RoomEvent::from_json(event) {
+            Ok(event) => self.dispatch(&event, history, now_ms),
+            Err(_) => rejected(),
+        }
+    }
+}
+
+fn rejected() -> Decision {
+    Decision {
+        ignored: Some(SkipReason::Malformed),
+        ..Decision::default()
+    }
+}
 
 fn user(id: &str) -> OwnedUserId {
     UserId::parse(id).expect("valid test user id")
@@ -70,7 +92,12 @@ fn member(room: &str, who: &str, membership: &str, name: &str) -> Value {
 /// The rooms the fixtures name, built from state events as the homeserver sends them.
 fn rooms() -> Rooms {
     let mut rooms = Rooms::new();
-    let mut feed = |event: Value| assert!(rooms.apply_event(&event));
+    let mut next = 0;
+    let mut feed = |mut event: Value| {
+        next += 1;
+        event["event_id"] = json!(format!("$state{next}"));
+        rooms.apply_event(&RoomEvent::from_json(&event).expect("a valid state event"));
+    };
     feed(
         json!({"type": "m.room.create", "room_id": GROUP, "sender": ALICE, "state_key": "",
                 "content": {"room_version": "10"}}),
@@ -170,7 +197,10 @@ fn check_fixture(name: &str, fixture: &Fixture, rooms: &Rooms) -> Vec<String> {
                 .as_ref(),
         )
         .expect("preset room exists");
-    let decision = decide(&fixture.event, room, &crew, &config, &history);
+    let decision = match RoomEvent::from_json(&fixture.event) {
+        Ok(event) => decide(&event, room, &crew, &config, &history),
+        Err(_) => rejected(),
+    };
     let mut problems = Vec::new();
     let mut say = |what: String| problems.push(format!("{name} ({}): {what}", fixture.about));
     let woken: BTreeMap<String, Vec<String>> = decision
@@ -301,7 +331,7 @@ fn dispatcher(config: DispatchConfig) -> Dispatcher {
 fn hint_is_given_once_per_agent_per_room() {
     let mut d = dispatcher(base_config());
     let history = NoHistory;
-    let first = d.dispatch(
+    let first = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -317,7 +347,7 @@ fn hint_is_given_once_per_agent_per_room() {
             agent: user(WRITER)
         }]
     );
-    let second = d.dispatch(
+    let second = d.dispatch_json(
         &message(
             GROUP,
             BOB,
@@ -331,7 +361,7 @@ fn hint_is_given_once_per_agent_per_room() {
     // Another room has its own hint.
     let mut rooms_state = d.rooms.clone();
     rooms_state.entry(RoomId::parse("!other:example.org").unwrap().as_ref());
-    let third = d.dispatch(
+    let third = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -343,9 +373,9 @@ fn hint_is_given_once_per_agent_per_room() {
     );
     assert_eq!(third.signals, [Signal::MentionHint { agent: user(CODER) }]);
     // Leaving and rejoining re-arms it.
-    d.dispatch(&member(GROUP, WRITER, "leave", "Writer"), &history, 3);
-    d.dispatch(&member(GROUP, WRITER, "join", "Writer"), &history, 4);
-    let again = d.dispatch(
+    d.dispatch_json(&member(GROUP, WRITER, "leave", "Writer"), &history, 3);
+    d.dispatch_json(&member(GROUP, WRITER, "join", "Writer"), &history, 4);
+    let again = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -368,12 +398,12 @@ fn encrypted_room_is_announced_once_per_agent() {
     let mut d = dispatcher(base_config());
     let encrypted = json!({"type": "m.room.encrypted", "room_id": ENCRYPTED, "sender": ALICE,
                            "event_id": "$e1", "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x"}});
-    let first = d.dispatch(&encrypted, &NoHistory, 0);
+    let first = d.dispatch_json(&encrypted, &NoHistory, 0);
     assert_eq!(first.signals.len(), 2);
     assert_eq!(first.ignored, Some(SkipReason::Encrypted));
-    assert!(d.dispatch(&encrypted, &NoHistory, 1).signals.is_empty());
+    assert!(d.dispatch_json(&encrypted, &NoHistory, 1).signals.is_empty());
     // Coder joins later: it says so once too.
-    let joined = d.dispatch(&member(ENCRYPTED, CODER, "join", "Coder"), &NoHistory, 2);
+    let joined = d.dispatch_json(&member(ENCRYPTED, CODER, "join", "Coder"), &NoHistory, 2);
     assert_eq!(
         joined.signals,
         [Signal::EncryptedRoom { agent: user(CODER) }]
@@ -381,10 +411,10 @@ fn encrypted_room_is_announced_once_per_agent() {
     // An `m.room.encrypted` event in a room without `m.room.encryption` state is unreadable,
     // but it does not mark the room: the next plain message still wakes.
     let stray = json!({"type": "m.room.encrypted", "room_id": GROUP, "sender": BOB, "event_id": "$e2", "content": {}});
-    let decision = d.dispatch(&stray, &NoHistory, 3);
+    let decision = d.dispatch_json(&stray, &NoHistory, 3);
     assert_eq!(decision.ignored, Some(SkipReason::Encrypted));
     assert!(decision.signals.is_empty(), "{decision:?}");
-    let after = d.dispatch(
+    let after = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -399,9 +429,9 @@ fn encrypted_room_is_announced_once_per_agent() {
     // Only the state event turns a room encrypted.
     let turned = json!({"type": "m.room.encryption", "room_id": GROUP, "sender": BOB, "state_key": "",
                         "event_id": "$e4", "content": {"algorithm": "m.megolm.v1.aes-sha2"}});
-    let decision = d.dispatch(&turned, &NoHistory, 5);
+    let decision = d.dispatch_json(&turned, &NoHistory, 5);
     assert_eq!(decision.signals.len(), 4, "{decision:?}");
-    let later = d.dispatch(
+    let later = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -424,13 +454,13 @@ fn only_state_and_recorded_notices_change_the_room_model() {
         "$p1",
         json!({"msgtype": "m.text", "body": "Writer", "m.mentions": {"user_ids": [WRITER]}}),
     );
-    let decision = d.dispatch(&plain, &NoHistory, 1);
+    let decision = d.dispatch_json(&plain, &NoHistory, 1);
     assert_eq!(decision.wakes.len(), 1);
     assert!(
         !decision.room_changed,
         "a message leaves the room model as it was: nothing to save"
     );
-    let joined = d.dispatch(
+    let joined = d.dispatch_json(
         &member(GROUP, "@dave:example.org", "join", "Dave"),
         &NoHistory,
         2,
@@ -442,7 +472,7 @@ fn only_state_and_recorded_notices_change_the_room_model() {
         "$p2",
         json!({"msgtype": "m.text", "body": "Writer, are you there?"}),
     );
-    let hinted = d.dispatch(&unmentioned, &NoHistory, 3);
+    let hinted = d.dispatch_json(&unmentioned, &NoHistory, 3);
     assert!(!hinted.signals.is_empty(), "{hinted:?}");
     assert!(
         hinted.room_changed,
@@ -458,7 +488,7 @@ fn ping_pong_stops_at_the_depth_budget_with_one_notice() {
     let mut history = MemoryHistory::new(100);
     // Alice asks Writer (depth 0); Writer and Coder (a pair) then hand over back and forth,
     // each message sent while handling the wake that the previous one caused.
-    let first = d.dispatch(
+    let first = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -485,7 +515,7 @@ fn ping_pong_stops_at_the_depth_budget_with_one_notice() {
             json!({"msgtype": "m.text", "body": "your turn",
             "m.mentions": {"user_ids": [to]}, "org.matrix-crew.wake_depth": depth}),
         );
-        let decision = d.dispatch(&event, &history, u64::from(turn) * 10_000);
+        let decision = d.dispatch_json(&event, &history, u64::from(turn) * 10_000);
         if let Some(fact) = &decision.remember {
             history.remember(fact);
         }
@@ -511,7 +541,7 @@ fn ping_pong_stops_at_the_depth_budget_with_one_notice() {
     assert_eq!(wakes, 1 + max as usize);
     assert_eq!(notices, 1);
     // A person speaking re-arms the notice for the next runaway chain.
-    d.dispatch(
+    d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -521,7 +551,7 @@ fn ping_pong_stops_at_the_depth_budget_with_one_notice() {
         &history,
         200_000,
     );
-    let again = d.dispatch(
+    let again = d.dispatch_json(
         &message(
             GROUP,
             CODER,
@@ -543,7 +573,7 @@ fn edit_wakes_a_newly_mentioned_agent_once_per_original() {
     let mut d = dispatcher(base_config());
     let mut history = MemoryHistory::new(100);
     let run = |d: &mut Dispatcher, history: &mut MemoryHistory, event: Value| {
-        let decision = d.dispatch(&event, history, 0);
+        let decision = d.dispatch_json(&event, history, 0);
         if let Some(fact) = &decision.remember {
             history.remember(fact);
         }
@@ -599,18 +629,18 @@ fn rate_limit_and_room_cap_demote_wakes() {
         )
     };
     assert_eq!(
-        d.dispatch(&mention("$r1", ALICE, CODER), &NoHistory, 0)
+        d.dispatch_json(&mention("$r1", ALICE, CODER), &NoHistory, 0)
             .wakes
             .len(),
         1
     );
     assert_eq!(
-        d.dispatch(&mention("$r2", ALICE, CODER), &NoHistory, 1_000)
+        d.dispatch_json(&mention("$r2", ALICE, CODER), &NoHistory, 1_000)
             .wakes
             .len(),
         1
     );
-    let third = d.dispatch(&mention("$r3", ALICE, CODER), &NoHistory, 2_000);
+    let third = d.dispatch_json(&mention("$r3", ALICE, CODER), &NoHistory, 2_000);
     assert_eq!(third.skip_reason(&user(CODER)), Some(SkipReason::RateLimit));
     assert_eq!(
         third
@@ -624,7 +654,7 @@ fn rate_limit_and_room_cap_demote_wakes() {
     );
     // A minute after the first wake there is room again.
     assert_eq!(
-        d.dispatch(&mention("$r4", ALICE, CODER), &NoHistory, 60_000)
+        d.dispatch_json(&mention("$r4", ALICE, CODER), &NoHistory, 60_000)
             .wakes
             .len(),
         1
@@ -632,14 +662,14 @@ fn rate_limit_and_room_cap_demote_wakes() {
 
     // The Manager sends 3 messages in a minute: fine; the 4th wakes nobody.
     for (i, at) in [0u64, 10, 20].iter().enumerate() {
-        let decision = d.dispatch(
+        let decision = d.dispatch_json(
             &mention(&format!("$c{i}"), MANAGER, WRITER),
             &NoHistory,
             100_000 + at,
         );
         assert_eq!(decision.wakes.len(), usize::from(i < 2), "{decision:?}");
     }
-    let capped = d.dispatch(&mention("$c3", MANAGER, OPS), &NoHistory, 100_030);
+    let capped = d.dispatch_json(&mention("$c3", MANAGER, OPS), &NoHistory, 100_030);
     assert_eq!(capped.skip_reason(&user(OPS)), Some(SkipReason::RoomCap));
     assert!(
         !d.guards
@@ -720,8 +750,8 @@ fn said_since_buffer_is_bounded_and_per_agent() {
 #[test]
 fn dispatcher_keeps_context_and_reasons() {
     let mut d = dispatcher(base_config());
-    d.dispatch(&message(GROUP, ALICE, "$k1", json!({"msgtype": "m.text", "body": "> <@bob:example.org> q\n\nplain talk", "m.mentions": {}})), &NoHistory, 0);
-    d.dispatch(
+    d.dispatch_json(&message(GROUP, ALICE, "$k1", json!({"msgtype": "m.text", "body": "> <@bob:example.org> q\n\nplain talk", "m.mentions": {}})), &NoHistory, 0);
+    d.dispatch_json(
         &message(
             GROUP,
             BOB,
@@ -731,7 +761,7 @@ fn dispatcher_keeps_context_and_reasons() {
         &NoHistory,
         1,
     );
-    let woke = d.dispatch(
+    let woke = d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -816,7 +846,7 @@ fn config_errors_name_the_fix() {
 #[test]
 fn room_state_persists_one_time_flags() {
     let mut d = dispatcher(base_config());
-    d.dispatch(
+    d.dispatch_json(
         &message(
             GROUP,
             ALICE,
@@ -896,7 +926,7 @@ proptest! {
         if kind != "m.room.message" {
             event["state_key"] = json!(sender);
         }
-        let decision = d.dispatch(&event, &history, 0);
+        let decision = d.dispatch_json(&event, &history, 0);
         // Whatever the content, only joined agents wake, never the sender.
         for wake in &decision.wakes {
             prop_assert!(wake.agent != sender);
@@ -906,16 +936,18 @@ proptest! {
     #[test]
     fn arbitrary_events_never_panic(event in arbitrary_json()) {
         let mut d = dispatcher(base_config());
-        let _ = d.dispatch(&event, &NoHistory, 0);
-        let mut room = RoomState::default();
-        room.apply_event(&event);
+        let _ = d.dispatch_json(&event, &NoHistory, 0);
+        if let Ok(event) = RoomEvent::from_json(&event) {
+            let mut room = RoomState::default();
+            room.apply_event(&event);
+        }
     }
 
     #[test]
     fn arbitrary_text_never_panics(body in "\\PC{0,200}", html in "\\PC{0,200}") {
         let mut d = dispatcher(base_config());
         let event = message(GROUP, ALICE, "$t", json!({"msgtype": "m.text", "body": body, "format": "org.matrix.custom.html", "formatted_body": html}));
-        let _ = d.dispatch(&event, &NoHistory, 0);
+        let _ = d.dispatch_json(&event, &NoHistory, 0);
     }
 
     #[test]
@@ -927,7 +959,7 @@ proptest! {
         let body = format!("{pre}@crew_writer:example.org{junk}\n> {junk}\n{pre}@room{junk}");
         let event = message(GROUP, ALICE, "$l", json!({"msgtype": "m.text", "body": body,
             "format": "org.matrix.custom.html", "formatted_body": html}));
-        let decision = d.dispatch(&event, &NoHistory, 0);
+        let decision = d.dispatch_json(&event, &NoHistory, 0);
         prop_assert!(decision.ignored.is_none());
     }
 }

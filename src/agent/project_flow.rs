@@ -15,19 +15,17 @@
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 use super::registry::Worker;
 use super::services::AgentServices;
 use crate::dispatch::queue::{PendingWake, WakeQueue};
-use crate::dispatch::{DEPTH_KEY, Decision, Skip, SkipReason, Wake, WakeReason};
+use crate::dispatch::{Decision, RoomEvent, Skip, SkipReason, Wake, WakeReason};
 use crate::matrix::OutgoingMessage;
 use crate::projects::{Advance, Project, ProjectPhase};
 use crate::store::{Store, StoreError, Tree};
 use crate::tasks::Task;
 
-/// Content key marking a crew-made event (an internal wake) and what it is about.
-pub const INTERNAL_KEY: &str = "org.matrix-crew.internal";
+pub use crate::dispatch::event::INTERNAL_KEY;
 
 /// Depth of the wakes that start tasks of a confirmed plan: one below the person's message
 /// that confirmed it, whichever Worker's completion made the task ready (the plan, not the
@@ -43,8 +41,45 @@ pub struct InternalTag {
 }
 
 /// The tag of an internal wake's event; `None` for a message someone sent.
-pub fn internal_tag(event: &Value) -> Option<InternalTag> {
-    serde_json::from_value(event.pointer("/content")?.get(INTERNAL_KEY)?.clone()).ok()
+pub fn internal_tag(event: &RoomEvent) -> Option<InternalTag> {
+    InternalTag::deserialize(event.internal()?).ok()
+}
+
+/// The event an internal wake carries: a message from `wake.sender`, typed like the ones
+/// people send, tagged with what it is about.
+fn internal_event(
+    id: &str,
+    wake: &InternalWake<'_>,
+) -> Result<RoomEvent, crate::dispatch::event::EventError> {
+    let invalid = |field| crate::dispatch::event::EventError::InvalidId {
+        field,
+        value: id.to_owned(),
+    };
+    let tag = serde_json::to_value(InternalTag {
+        reason: wake.reason,
+        project: wake.project.to_owned(),
+        key: wake.key.to_owned(),
+    })
+    .ok();
+    Ok(RoomEvent {
+        event_id: ruma::OwnedEventId::try_from(id).map_err(|_| invalid("event_id"))?,
+        room_id: wake.room.to_owned(),
+        sender: wake.sender.to_owned(),
+        kind: ruma::events::TimelineEventType::RoomMessage,
+        origin_server_ts: crate::clock::now_ms(),
+        state_key: None,
+        redacted: false,
+        decrypted: false,
+        content: crate::dispatch::event::Content::Message(Box::new(
+            crate::dispatch::event::Message {
+                msgtype: "m.text".to_owned(),
+                body: wake.body.to_owned(),
+                depth: Some(u64::from(wake.depth)),
+                internal: tag,
+                ..Default::default()
+            },
+        )),
+    })
 }
 
 /// One internal wake queued (or stopped by the budget), for the server: it records the
@@ -169,23 +204,11 @@ impl InternalWakes {
         if !self.sent.insert_new(&id, &crate::clock::now_ms())? {
             return Ok(Queued::Already { id });
         }
-        let event = json!({
-            "event_id": id,
-            "type": "m.room.message",
-            "room_id": wake.room,
-            "sender": wake.sender,
-            "origin_server_ts": crate::clock::now_ms(),
-            "content": {
-                "msgtype": "m.text",
-                "body": wake.body,
-                DEPTH_KEY: wake.depth,
-                INTERNAL_KEY: InternalTag {
-                    reason: wake.reason,
-                    project: wake.project.to_owned(),
-                    key: wake.key.to_owned(),
-                },
-            },
-        });
+        let event = internal_event(&id, &wake).map_err(|error| {
+            StoreError::Sled(sled::Error::Unsupported(format!(
+                "an internal wake's event is not valid: {error}"
+            )))
+        })?;
         self.queue
             .push(&[PendingWake {
                 agent: wake.agent.to_owned(),

@@ -23,7 +23,7 @@ use crate::agent::turn::{WakingMessage, acknowledge};
 use crate::agent::worker_tools::WorkerTools;
 use crate::agent::workspace::{ANSWER_PREVIEW_CHARS, LONG_ANSWER_CHARS, Workspace};
 use crate::dispatch::queue::{PendingWake, QueuedWake};
-use crate::dispatch::{DEPTH_KEY, Missed, Said, WRITTEN_WITH_KEY};
+use crate::dispatch::{DEPTH_KEY, Missed, RoomEvent, Said, WRITTEN_WITH_KEY};
 use crate::llm::LlmClient;
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
@@ -154,22 +154,17 @@ fn release(crew: &Service, agent: &UserId) {
         .remove(agent);
 }
 
-fn event_id(event: &Value) -> &str {
-    event.get("event_id").and_then(Value::as_str).unwrap_or("")
+fn event_id(event: &RoomEvent) -> &str {
+    event.event_id.as_str()
 }
 
-fn sender_of(event: &Value) -> Option<OwnedUserId> {
-    event
-        .get("sender")
-        .and_then(Value::as_str)
-        .and_then(|id| UserId::parse(id).ok())
+/// The sender of a waking event (typed at ingest: always there).
+fn sender_of(event: &RoomEvent) -> Option<OwnedUserId> {
+    Some(event.sender.clone())
 }
 
-fn body_of(event: &Value) -> &str {
-    event
-        .pointer("/content/body")
-        .and_then(Value::as_str)
-        .unwrap_or("")
+fn body_of(event: &RoomEvent) -> &str {
+    event.body()
 }
 
 /// One turn: typing on in every room involved, an answer per room (with an LLM: the room's
@@ -257,7 +252,7 @@ async fn acknowledge_without_llm(crew: &Arc<Service>, agent: &UserId, wake: &Pen
     let Some(sender) = sender_of(&wake.event) else {
         return;
     };
-    let sender_name = crate::server::pump::display_name(crew, &wake.room, &sender);
+    let sender_name = crew.dispatch.display_name(&wake.room, &sender);
     let (missed, _) = take_said_since(crew, agent, &wake.room);
     let said_since = missed.count_besides(&[event_id(&wake.event)]);
     incoming_workspace(crew, agent)
@@ -291,7 +286,7 @@ async fn answer_with_llm(
         if let Some(sender) = sender_of(&wake.event)
             && !senders.iter().any(|(known, _)| *known == sender)
         {
-            let name = crate::server::pump::display_name(crew, room, &sender);
+            let name = crew.dispatch.display_name(room, &sender);
             senders.push((sender, name));
         }
     }
@@ -317,7 +312,7 @@ async fn answer_with_llm(
         &recent,
         &waking,
         |user| {
-            let name = crate::server::pump::display_name(crew, room, user);
+            let name = crew.dispatch.display_name(room, user);
             authority::context_speaker(&crew.agents, &name, user)
         },
         authority::speaker(&sender_name, &sender, true),
@@ -334,7 +329,7 @@ async fn answer_with_llm(
         if index == 0 {
             context.body.push_str(&note);
         } else if let Some(from) = sender_of(&wake.event) {
-            let name = crate::server::pump::display_name(crew, room, &from);
+            let name = crew.dispatch.display_name(room, &from);
             let body: String = crate::dispatch::text::strip_quotes(body_of(&wake.event))
                 .chars()
                 .take(llm_turn::LINE_CHARS)
@@ -469,15 +464,15 @@ fn also_mentioned(
     wake: &PendingWake,
 ) -> Vec<(OwnedUserId, String)> {
     wake.event
-        .pointer("/content/m.mentions/user_ids")
-        .and_then(Value::as_array)
+        .message()
+        .and_then(|message| message.mentions.as_ref())
         .into_iter()
-        .flatten()
-        .filter_map(|id| id.as_str().and_then(|id| UserId::parse(id).ok()))
-        .filter(|id| id != agent && *id != sender && crew.is_ours(id))
+        .flat_map(|mentions| mentions.user_ids.iter())
+        .filter(|id| id.as_str() != agent.as_str() && id.as_str() != sender.as_str())
+        .filter(|id| crew.is_ours(id))
         .map(|id| {
-            let name = crate::server::pump::display_name(crew, &wake.room, &id);
-            (id, name)
+            let name = crew.dispatch.display_name(&wake.room, id);
+            (id.clone(), name)
         })
         .collect()
 }
@@ -485,27 +480,14 @@ fn also_mentioned(
 /// What was said in `room` since `agent`'s last turn, and the room's recent messages (enough
 /// for [`TurnContext::assemble`]); moves the agent's "said since" cursor to now.
 fn take_said_since(crew: &Service, agent: &UserId, room: &RoomId) -> (Missed, Vec<Said>) {
-    let mut state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let missed = state.dispatcher.context.take(agent, room);
-    let recent = state
-        .dispatcher
-        .context
-        .recent(room, TurnContext::recent_window(&missed));
-    crew.persist_context(room, &state.dispatcher);
-    (missed, recent)
+    crew.dispatch
+        .take_said_since(agent, room, TurnContext::recent_window)
 }
 
 /// Everything the dispatcher still keeps of `room`'s conversation (whose authors decide how
 /// far the agents' own replies in it are trusted).
 fn kept_log(crew: &Service, room: &RoomId) -> Vec<Said> {
-    let state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    state.dispatcher.context.recent(room, usize::MAX)
+    crew.dispatch.kept_log(room)
 }
 
 /// What a running turn knows about the queue: the wakes it has taken (its own and those it
@@ -622,7 +604,7 @@ impl Supervisor for WakeSupervisor<'_> {
                 };
                 let body =
                     crate::dispatch::text::strip_quotes(body_of(&queued.wake.event)).into_owned();
-                let name = crate::server::pump::display_name(crew, &queued.wake.room, &sender);
+                let name = crew.dispatch.display_name(&queued.wake.room, &sender);
                 if crew.is_admin(&sender) && llm_turn::is_stop_request(&body, &names) {
                     known.insert(queued.key.clone());
                     self.watch

@@ -5,13 +5,13 @@
 use ruma::{OwnedUserId, UserId};
 use serde_json::Value;
 
-use crate::dispatch::DEPTH_KEY;
+use crate::dispatch::{DEPTH_KEY, RoomEvent};
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
 
 /// What the turn needs to know about one waking message.
 pub struct WakingMessage<'a> {
-    pub event: &'a Value,
+    pub event: &'a RoomEvent,
     pub sender: &'a UserId,
     pub sender_name: &'a str,
     /// Our other agents the message mentioned; the acknowledgement loops them in. (This is the

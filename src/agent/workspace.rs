@@ -11,6 +11,7 @@ use ruma::UserId;
 use serde_json::Value;
 
 use crate::agent::authority::{MANAGER_FOLDER, sender_folder};
+use crate::dispatch::RoomEvent;
 use crate::llm::Tool;
 use crate::matrix::MatrixClient;
 use crate::storage::access::{self, AgentScope, Operation, Role};
@@ -336,31 +337,33 @@ impl Workspace {
         &self,
         client: &MatrixClient,
         agent: &UserId,
-        event: &Value,
+        event: &RoomEvent,
     ) -> Option<String> {
-        let content = event.get("content")?;
-        let msgtype = content.get("msgtype").and_then(Value::as_str)?;
-        if !matches!(msgtype, "m.file" | "m.image" | "m.audio" | "m.video") {
+        let content = event.message()?;
+        if !matches!(
+            content.msgtype.as_str(),
+            "m.file" | "m.image" | "m.audio" | "m.video"
+        ) {
             return None;
         }
-        let sender = event.get("sender").and_then(Value::as_str).unwrap_or("?");
+        let sender = event.sender.as_str();
         // In an encrypted room the file is ciphertext and `file` carries its key and URL.
-        let encrypted_file = content.get("file").filter(|file| file.is_object());
+        let encrypted_file = content.file.as_ref();
         let Some(mxc) = content
-            .get("url")
-            .or_else(|| encrypted_file.and_then(|file| file.get("url")))
-            .and_then(Value::as_str)
+            .url
+            .as_deref()
+            .or_else(|| encrypted_file.and_then(|file| file.get("url")?.as_str()))
         else {
             return Some(format!(
                 "[{sender} sent an encrypted or malformed file that could not be saved]"
             ));
         };
         let file_name = content
-            .get("filename")
-            .or_else(|| content.get("body"))
-            .and_then(Value::as_str)
+            .filename
+            .as_deref()
+            .or((!content.body.is_empty()).then_some(content.body.as_str()))
             .unwrap_or("file");
-        let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
+        let event_id = event.event_id.as_str();
         let relative = format!("inbox/{}-{}", short_id(event_id), safe_file_name(file_name));
         let path = match self.role {
             Role::Worker => access::agent_path(&self.name, &relative),

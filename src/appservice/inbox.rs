@@ -20,20 +20,22 @@ use sled::Transactional;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
+use crate::dispatch::event::{EventError, RoomEvent};
 use crate::store::{Store, StoreError, Tree};
 
-/// One event waiting to be handled.
+/// One event waiting to be handled, parsed once at ingest. Stored as `{"event": <the event in
+/// the Matrix shape>, "received_ms"}`, which is also what an older crew wrote (with the
+/// homeserver's JSON as it came): both read the same.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InboxEntry {
-    /// The event as the homeserver sent it.
-    pub event: serde_json::Value,
+    pub event: RoomEvent,
     /// Milliseconds since the epoch when the transaction arrived.
     pub received_ms: u64,
 }
 
 impl InboxEntry {
-    pub fn event_id(&self) -> Option<&str> {
-        self.event.get("event_id").and_then(|id| id.as_str())
+    pub fn event_id(&self) -> &str {
+        self.event.event_id.as_str()
     }
 }
 
@@ -46,23 +48,22 @@ pub struct IngestOutcome {
     pub queued: usize,
     /// Events already seen (by event id) and skipped.
     pub duplicate_events: usize,
-    /// Events that were not objects with a string `event_id`; logged and skipped.
+    /// Events that could not be handled at all (not an object; no string `type`; no valid
+    /// `event_id`, `room_id` or `sender`); each logged with its reason and skipped.
     pub malformed: usize,
 }
 
-/// The two fields ingest needs, read without building the whole event.
+/// The id of an event that could not be parsed, for the transaction digest.
 #[derive(Deserialize)]
 struct EventHead<'a> {
     #[serde(borrow, default)]
     event_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// How an entry is written: the event's raw JSON, as received, not re-encoded.
+/// How an entry is written: the typed event, in the Matrix shape.
 #[derive(Serialize)]
 struct StoredEntry<'a> {
-    event: &'a RawValue,
+    event: &'a RoomEvent,
     received_ms: u64,
 }
 
@@ -115,11 +116,12 @@ impl Inbox {
         txn_id: &str,
         events: &[Box<RawValue>],
     ) -> Result<IngestOutcome, StoreError> {
-        let heads: Vec<Option<EventHead<'_>>> = events
+        // Parsed once, here: the pump, the wake queue and the turns read the typed event.
+        let parsed: Vec<Result<RoomEvent, EventError>> = events
             .iter()
-            .map(|raw| serde_json::from_str::<EventHead<'_>>(raw.get()).ok())
+            .map(|raw| RoomEvent::parse(raw.get()))
             .collect();
-        let digest = transaction_digest(events, &heads);
+        let digest = transaction_digest(events, &parsed);
         let now = now_ms();
         let _guard = self
             .ingest_lock
@@ -139,27 +141,23 @@ impl Inbox {
         let seen_value = self.seen.encode(&SeenEvent { received_ms: now })?;
         let mut fresh: Vec<(&str, Vec<u8>)> = Vec::new();
         let mut seen_here = std::collections::HashSet::new();
-        for (raw, head) in events.iter().zip(&heads) {
-            let Some(head) = head.as_ref().filter(|head| head.kind.is_some()) else {
-                tracing::warn!(
-                    txn_id,
-                    "skipping an event that is not an object with a string event_id and type"
-                );
-                outcome.malformed += 1;
-                continue;
+        for (index, event) in parsed.iter().enumerate() {
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::warn!(txn_id, index, %error, "rejecting an event crew cannot handle");
+                    outcome.malformed += 1;
+                    continue;
+                }
             };
-            let Some(event_id) = head.event_id.as_deref() else {
-                tracing::warn!(txn_id, "skipping an event without a string event_id");
-                outcome.malformed += 1;
-                continue;
-            };
+            let event_id = event.event_id.as_str();
             // The ingest lock makes check-then-insert safe: nobody else writes these trees.
             if !seen_here.insert(event_id) || self.seen.raw().contains_key(event_id.as_bytes())? {
                 outcome.duplicate_events += 1;
                 continue;
             }
             let entry = StoredEntry {
-                event: raw,
+                event,
                 received_ms: now,
             };
             let encoded = serde_json::to_vec(&entry).map_err(|source| StoreError::Encode {
@@ -240,9 +238,30 @@ impl Inbox {
         Ok(outcome)
     }
 
-    /// Up to `limit` entries in arrival order, oldest first.
+    /// Up to `limit` entries in arrival order, oldest first. An entry that cannot be read (an
+    /// event an older crew queued that the typed event refuses) is logged and removed: it
+    /// could never be handled, and must not stop the events behind it.
     pub fn pending(&self, limit: usize) -> Result<Vec<(u64, InboxEntry)>, StoreError> {
-        self.entries.iter().take(limit).collect()
+        let mut pending = Vec::with_capacity(limit.min(self.entries.len()));
+        for item in self.entries.raw().iter() {
+            if pending.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            let Ok(seq) = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes) else {
+                tracing::warn!("removing an inbox entry with a malformed key");
+                self.entries.raw().remove(key)?;
+                continue;
+            };
+            match self.entries.decode(&value) {
+                Ok(entry) => pending.push((seq, entry)),
+                Err(error) => {
+                    tracing::warn!(seq, %error, "rejecting a queued event crew cannot handle");
+                    self.entries.raw().remove(key)?;
+                }
+            }
+        }
+        Ok(pending)
     }
 
     /// Removes a handled entry.
@@ -278,12 +297,20 @@ impl Inbox {
 
 /// Identifies a transaction's content: the event ids in order, or the raw event when it carries
 /// no id.
-fn transaction_digest(events: &[Box<RawValue>], heads: &[Option<EventHead<'_>>]) -> String {
+fn transaction_digest(events: &[Box<RawValue>], parsed: &[Result<RoomEvent, EventError>]) -> String {
     let mut hasher = Sha256::new();
-    for (raw, head) in events.iter().zip(heads) {
-        match head.as_ref().and_then(|head| head.event_id.as_deref()) {
-            Some(id) => hasher.update(id.as_bytes()),
-            None => hasher.update(raw.get().as_bytes()),
+    for (raw, event) in events.iter().zip(parsed) {
+        match event {
+            Ok(event) => hasher.update(event.event_id.as_str().as_bytes()),
+            // A rejected event is hashed as it was before events were typed: by its string id
+            // when it has one, so a retry across an upgrade is still recognised.
+            Err(_) => match serde_json::from_str::<EventHead<'_>>(raw.get())
+                .ok()
+                .and_then(|head| head.event_id)
+            {
+                Some(id) => hasher.update(id.as_bytes()),
+                None => hasher.update(raw.get().as_bytes()),
+            },
         }
         hasher.update([0u8]);
     }
@@ -303,7 +330,7 @@ mod tests {
     }
 
     fn message(id: &str) -> serde_json::Value {
-        json!({"type": "m.room.message", "event_id": id, "room_id": "!r", "sender": "@a:x",
+        json!({"type": "m.room.message", "event_id": id, "room_id": "!r:x", "sender": "@a:x",
                "content": {"msgtype": "m.text", "body": "hi"}})
     }
 
@@ -330,7 +357,7 @@ mod tests {
             .pending(10)
             .unwrap()
             .into_iter()
-            .map(|(_, entry)| entry.event_id().unwrap().to_owned())
+            .map(|(_, entry)| entry.event_id().to_owned())
             .collect();
         assert_eq!(ids, ["$a", "$b", "$c"]);
     }
@@ -346,17 +373,47 @@ mod tests {
                     json!(42),
                     json!({"event_id": 7}),
                     json!({"event_id": "$x"}),
+                    json!({"type": "m.room.message", "event_id": "$y", "room_id": "!r:x",
+                           "sender": "not a user id", "content": {}}),
                     message("$ok"),
                     message("$ok"),
                 ]),
             )
             .unwrap();
-        assert_eq!(outcome.malformed, 3);
+        assert_eq!(outcome.malformed, 4);
         assert_eq!(outcome.queued, 1);
         assert_eq!(
             outcome.duplicate_events, 1,
             "the same event twice in one transaction"
         );
+    }
+
+    /// An entry an older crew wrote (the homeserver's JSON kept whole) is read as the typed
+    /// event; one that can never be handled is dropped with a warning, not left to block the
+    /// entries behind it.
+    #[test]
+    fn entries_written_by_an_older_crew_are_still_read() {
+        let store = Store::temporary().unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        let old = json!({"event": {"type": "m.room.message", "event_id": "$old", "room_id": "!r:x",
+            "sender": "@a:x", "origin_server_ts": 3, "unsigned": {"age": 5},
+            "content": {"msgtype": "m.text", "body": "from before", "m.mentions": {"user_ids": ["@crew:x"]},
+                        "info": {"w": 1}}}, "received_ms": 7});
+        let broken = json!({"event": {"type": "m.room.message", "event_id": "$b"}, "received_ms": 8});
+        inbox.ingest("t", &raw(&[message("$new")])).unwrap();
+        let (old_seq, broken_seq) = (u64::MAX - 1, u64::MAX);
+        inbox.entries.raw().insert(old_seq.to_be_bytes(), old.to_string().as_bytes()).unwrap();
+        inbox.entries.raw().insert(broken_seq.to_be_bytes(), broken.to_string().as_bytes()).unwrap();
+        let pending = inbox.pending(10).unwrap();
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert_eq!(pending[0].1.event_id(), "$new");
+        let (seq, entry) = &pending[1];
+        assert_eq!(*seq, old_seq);
+        assert_eq!(entry.received_ms, 7);
+        assert_eq!(entry.event.body(), "from before");
+        let mentions = &entry.event.message().unwrap().mentions.as_ref().unwrap().user_ids;
+        assert_eq!(mentions, &["@crew:x"]);
+        assert_eq!(inbox.len(), 2, "the unreadable entry is gone");
     }
 
     #[test]

@@ -1,26 +1,19 @@
-//! The decision: for one raw event, which agents wake and why, and why the others do not.
+//! The decision: for one typed event, which agents wake and why, and why the others do not.
 //!
 //! Pure: the same event, room state, crew, config and history always give the same decision.
 //! Stateful limits (rate limits, room caps) and one-time bookkeeping are applied afterwards by
 //! [`super::Guards`] and [`super::RoomState::record`]; [`super::Dispatcher`] does all of it.
 
-use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::events::TimelineEventType;
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::DispatchConfig;
 use super::room::RoomState;
 use super::roster::{History, Remember, Roster};
+use super::event::{Content, DEPTH_KEY, Mentions, RoomEvent};
 use super::text;
-
-/// Content key in which an agent's message carries the depth of the wake it was sent in.
-/// Trusted only on messages sent by our own agents; see [`tag_depth`].
-pub const DEPTH_KEY: &str = "org.matrix-crew.wake_depth";
-
-/// Content key in which an agent's answer carries the least trusted author of the turn that
-/// wrote it, so a later turn trusts the answer no further than that. Believed only on messages
-/// sent by our own agents (`agent::authority`).
-pub const WRITTEN_WITH_KEY: &str = "org.matrix-crew.written_with";
 
 /// Marks message content an agent is about to send while handling a wake of depth `depth`, so
 /// that the wakes its echo causes get depth `depth + 1`.
@@ -132,7 +125,8 @@ pub enum SkipReason {
     StateEvent,
     /// Not a message (reactions, redactions, calls, …).
     NotAMessage,
-    /// Missing or invalid ids, type or content.
+    /// A message whose content is not an object or has no `msgtype`, or an edit naming no
+    /// valid event (events without valid ids or type are rejected at ingest).
     Malformed,
 }
 
@@ -219,11 +213,7 @@ impl Decision {
     }
 }
 
-fn str_field<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    object.get(key).and_then(Value::as_str)
-}
-
-/// Decides who wakes for `event` (one event of a transaction, as JSON) in `room`.
+/// Decides who wakes for `event` (one event of a transaction, parsed at ingest) in `room`.
 ///
 /// Implements the rules: `m.mentions` is authoritative when present; otherwise pills
 /// and full user ids outside quotes and reply fallbacks; replies to an agent's message (not a
@@ -231,34 +221,25 @@ fn str_field<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 /// editor sent the original; a DM (one person, one agent) wakes its agent; `@room` only when
 /// enabled and permitted; whole-word keywords; then the policy and the depth budget.
 pub fn decide(
-    event: &Value,
+    event: &RoomEvent,
     room: &RoomState,
     crew: &Roster,
     config: &DispatchConfig,
     history: &dyn History,
 ) -> Decision {
-    let mut decision = Decision::default();
-    let Some(object) = event.as_object() else {
-        decision.ignored = Some(SkipReason::Malformed);
-        return decision;
+    let mut decision = Decision {
+        event_id: Some(event.event_id.clone()),
+        room_id: Some(event.room_id.clone()),
+        sender: Some(event.sender.clone()),
+        ..Decision::default()
     };
-    decision.event_id = str_field(object, "event_id").and_then(|id| EventId::parse(id).ok());
-    decision.room_id = str_field(object, "room_id").and_then(|id| RoomId::parse(id).ok());
-    decision.sender = str_field(object, "sender").and_then(|id| UserId::parse(id).ok());
-    let kind = str_field(object, "type");
-    let (Some(kind), Some(sender), Some(_), Some(event_id)) = (
-        kind,
-        decision.sender.as_deref(),
-        decision.room_id.as_ref(),
-        decision.event_id.as_deref(),
-    ) else {
-        decision.ignored = Some(SkipReason::Malformed);
-        return decision;
-    };
+    let sender = event.sender.as_ref();
+    let event_id: &EventId = &event.event_id;
     let sender_agent = crew.index_of(sender);
     decision.sender_is_agent = sender_agent.is_some();
-    let is_state = object.get("state_key").is_some_and(Value::is_string);
-    decision.message = kind == "m.room.message" && !is_state;
+    let is_state = event.is_state();
+    let is_message = event.kind == TimelineEventType::RoomMessage;
+    decision.message = is_message && !is_state;
 
     // Only the room's `m.room.encryption` state makes it encrypted (and worth the notice); an
     // encrypted event in a room without it is unreadable, not a reason to give up on the room.
@@ -276,48 +257,41 @@ pub fn decide(
         decision.ignored = Some(SkipReason::StateEvent);
         return decision;
     }
-    if object
-        .get("unsigned")
-        .and_then(|u| u.get("redacted_because"))
-        .is_some()
-    {
+    if event.redacted {
         decision.ignored = Some(SkipReason::Redacted);
         return decision;
     }
     // With encryption on, what arrives here was decrypted already (`crate::crypto`); an
     // `m.room.encrypted` event is one that could not be.
-    if (room.encrypted && !config.read_encrypted) || kind == "m.room.encrypted" {
+    if (room.encrypted && !config.read_encrypted) || event.kind == TimelineEventType::RoomEncrypted
+    {
         decision.ignored = Some(SkipReason::Encrypted);
         return decision;
     }
-    if kind != "m.room.message" {
+    if !is_message {
         decision.ignored = Some(SkipReason::NotAMessage);
         return decision;
     }
-    let content = match object.get("content").and_then(Value::as_object) {
-        Some(content) if content.is_empty() => {
-            // What a redacted message looks like when `unsigned` was stripped.
+    let content = match &event.content {
+        Content::Message(message) => message,
+        // What a redacted message looks like when `unsigned` was stripped.
+        Content::Empty => {
             decision.ignored = Some(SkipReason::Redacted);
             return decision;
         }
-        Some(content) => content,
-        None => {
+        _ => {
             decision.ignored = Some(SkipReason::Malformed);
             return decision;
         }
     };
-    let Some(msgtype) = str_field(content, "msgtype") else {
-        decision.ignored = Some(SkipReason::Malformed);
-        return decision;
-    };
-    if msgtype == "m.notice" {
+    if content.msgtype == "m.notice" {
         decision.ignored = Some(SkipReason::Notice);
         return decision;
     }
     decision.depth = match sender_agent {
         None => 0,
         Some(_) => {
-            let carried = content.get(DEPTH_KEY).and_then(Value::as_u64).unwrap_or(0);
+            let carried = content.depth.unwrap_or(0);
             u32::try_from(carried).unwrap_or(u32::MAX).saturating_add(1)
         }
     };
@@ -334,18 +308,14 @@ pub fn decide(
             }
         })
         .collect();
-    let relates = content.get("m.relates_to").and_then(Value::as_object);
-    let rel_type = relates.and_then(|r| str_field(r, "rel_type"));
-    let body = str_field(content, "body").unwrap_or("");
-    let stripped_body = text::strip_quotes(body);
+    let relates = content.relates_to.as_ref();
+    let rel_type = relates.and_then(|r| r.rel_type.as_deref());
+    let stripped_body = text::strip_quotes(&content.body);
     let mut room_mention = false;
     let is_edit = rel_type == Some("m.replace");
 
     if is_edit {
-        let Some(original) = relates
-            .and_then(|r| str_field(r, "event_id"))
-            .and_then(|id| EventId::parse(id).ok())
-        else {
+        let Some(original) = relates.and_then(|r| r.event_id.clone()) else {
             decision.ignored = Some(SkipReason::Malformed);
             return decision;
         };
@@ -359,7 +329,7 @@ pub fn decide(
         }
         let before = history.mentioned_by(&original);
         let mut newly = Vec::new();
-        if let Some(mentions) = content.get("m.mentions").and_then(Value::as_object) {
+        if let Some(mentions) = &content.mentions {
             for_each_mentioned_agent(mentions, crew, |i| {
                 let agent = &crew.agents[i].agent.user_id;
                 if before.contains(agent) {
@@ -378,19 +348,17 @@ pub fn decide(
             mentioned: newly,
         });
     } else {
-        match content.get("m.mentions") {
+        match &content.mentions {
             Some(mentions) => {
                 // Present: the whole truth. `{}` (or anything not an object) mentions nobody.
-                if let Some(mentions) = mentions.as_object() {
-                    for_each_mentioned_agent(mentions, crew, |i| {
-                        wanted[i] |= WakeReason::Mentioned.bit();
-                    });
-                    room_mention = mentions.get("room").and_then(Value::as_bool) == Some(true);
-                }
+                for_each_mentioned_agent(mentions, crew, |i| {
+                    wanted[i] |= WakeReason::Mentioned.bit();
+                });
+                room_mention = mentions.room;
             }
             None => {
-                if str_field(content, "format") == Some("org.matrix.custom.html")
-                    && let Some(html) = str_field(content, "formatted_body")
+                if content.format.as_deref() == Some("org.matrix.custom.html")
+                    && let Some(html) = content.formatted_body.as_deref()
                 {
                     let html = text::strip_html_quotes(html);
                     text::for_each_pill(&html, |user| {
@@ -412,17 +380,9 @@ pub fn decide(
 
         // A thread's fallback `m.in_reply_to` points at the latest thread event, not at a
         // message being answered.
-        let falling_back = rel_type == Some("m.thread")
-            && relates
-                .and_then(|r| r.get("is_falling_back"))
-                .and_then(Value::as_bool)
-                == Some(true);
+        let falling_back = rel_type == Some("m.thread") && relates.is_some_and(|r| r.is_falling_back);
         if !falling_back
-            && let Some(target) = relates
-                .and_then(|r| r.get("m.in_reply_to"))
-                .and_then(|r| r.get("event_id"))
-                .and_then(Value::as_str)
-                .and_then(|id| <&EventId>::try_from(id).ok())
+            && let Some(target) = relates.and_then(|r| r.in_reply_to.as_deref())
             && let Some(replied_to) = history.sender_of(target)
             && let Some(i) = crew.index_of(&replied_to)
         {
@@ -532,23 +492,13 @@ pub fn decide(
 }
 
 /// Calls `found` with the index of every agent listed in `m.mentions.user_ids`.
-fn for_each_mentioned_agent(
-    mentions: &Map<String, Value>,
-    crew: &Roster,
-    mut found: impl FnMut(usize),
-) {
-    let Some(ids) = mentions.get("user_ids").and_then(Value::as_array) else {
-        return;
-    };
-    for id in ids.iter().filter_map(Value::as_str) {
-        if let Ok(user) = <&UserId>::try_from(id)
-            && let Some(i) = crew.index_of(user)
-        {
+fn for_each_mentioned_agent(mentions: &Mentions, crew: &Roster, mut found: impl FnMut(usize)) {
+    for user in &mentions.user_ids {
+        if let Some(i) = crew.index_of(user) {
             found(i);
         }
     }
 }
-
 /// Adds a [`Signal::MentionHint`] for each agent in the room that the text names by display
 /// name or localpart and that has not given the hint in this room yet.
 fn hint(decision: &mut Decision, body: &str, room: &RoomState, crew: &Roster, scratch: &[u8]) {

@@ -1,6 +1,7 @@
 //! Who wakes for each event: mentions, DMs, replies, keywords; the policy; the loop guards.
 //!
-//! This module is the deterministic decision engine: [`decide`] reads one raw event and answers
+//! This module is the deterministic decision engine: [`decide`] reads one [`RoomEvent`] (parsed
+//! once, at ingest) and answers
 //! which agents wake and why (and why the others do not); [`Guards`] add the rate limits;
 //! [`Rooms`] is the room model it reads; [`SaidSince`] keeps the "said since your last turn"
 //! context; [`ReasonLog`] keeps decisions for `!crew why`. [`Dispatcher`] puts them together.
@@ -11,30 +12,29 @@
 
 mod context;
 mod decide;
+pub mod event;
 mod guards;
 mod history;
 pub mod queue;
 mod reasons;
 mod room;
 mod roster;
+pub mod service;
 pub mod text;
 
 use std::collections::BTreeMap;
 
-use ruma::RoomId;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 pub use context::{Missed, RoomLog, Said, SaidSince};
-pub use decide::{
-    DEPTH_KEY, Decision, Signal, Skip, SkipReason, WRITTEN_WITH_KEY, Wake, WakeReason, decide,
-    tag_depth,
-};
+pub use decide::{Decision, Signal, Skip, SkipReason, Wake, WakeReason, decide, tag_depth};
+pub use event::{DEPTH_KEY, RoomEvent, WRITTEN_WITH_KEY};
 pub use guards::{Guards, RoomMessageCap, WINDOW_MS, WakeRateLimiter};
 pub use history::SledHistory;
 pub use reasons::{Kept, ReasonLog};
 pub use room::{Member, Membership, PowerLevels, RoomState, Rooms};
 pub use roster::{Agent, History, MemoryHistory, NoHistory, Remember, Role, Roster};
+pub use service::DispatchService;
 
 /// Errors building the dispatcher from config and agents; each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -226,49 +226,30 @@ impl Dispatcher {
     /// marks one-time notices, keeps the message as context and the decision for `!crew why`.
     /// The caller queues the wakes, posts the signals and stores `decision.remember` in its
     /// [`History`].
-    pub fn dispatch(&mut self, event: &Value, history: &dyn History, now_ms: u64) -> Decision {
-        let is_state = event.get("state_key").is_some_and(Value::is_string);
+    pub fn dispatch(&mut self, event: &RoomEvent, history: &dyn History, now_ms: u64) -> Decision {
         self.rooms.apply_event(event);
         let empty = RoomState::default();
-        let room_id = event
-            .get("room_id")
-            .and_then(Value::as_str)
-            .and_then(|id| <&RoomId>::try_from(id).ok());
-        let state = room_id.and_then(|id| self.rooms.get(id)).unwrap_or(&empty);
+        let state = self.rooms.get(&event.room_id).unwrap_or(&empty);
         let mut decision = decide(event, state, &self.roster, &self.config, history);
         self.guards.apply(&mut decision, now_ms);
-        if let Some(room) = &decision.room_id {
-            let recorded = self.rooms.entry(room).record(&decision);
-            decision.room_changed = is_state || recorded;
-        }
+        let recorded = self.rooms.entry(&event.room_id).record(&decision);
+        decision.room_changed = event.is_state() || recorded;
         self.keep_context(event, &decision);
         self.reasons.insert(&decision, now_ms);
         decision
     }
 
-    fn keep_context(&mut self, event: &Value, decision: &Decision) {
+    fn keep_context(&mut self, event: &RoomEvent, decision: &Decision) {
         if !decision.message || !matches!(decision.ignored, None | Some(SkipReason::Notice)) {
             return;
         }
-        let (Some(room), Some(event_id), Some(sender)) =
-            (&decision.room_id, &decision.event_id, &decision.sender)
-        else {
-            return;
-        };
-        let body = event
-            .get("content")
-            .and_then(|c| c.get("body"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let message = event.message();
         self.context.push(
-            room,
-            event_id.clone(),
-            sender.clone(),
-            text::strip_quotes(body).into_owned(),
-            event
-                .get("content")
-                .and_then(|c| c.get(WRITTEN_WITH_KEY))
-                .cloned(),
+            &event.room_id,
+            event.event_id.clone(),
+            event.sender.clone(),
+            text::strip_quotes(event.body()).into_owned(),
+            message.and_then(|message| message.written_with.clone()),
         );
     }
 }

@@ -10,10 +10,10 @@
 
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sled::Transactional;
 
 use super::WakeReason;
+use super::event::RoomEvent;
 use crate::appservice::inbox::Inbox;
 use crate::store::{Store, StoreError, Tree};
 
@@ -22,8 +22,9 @@ use crate::store::{Store, StoreError, Tree};
 pub struct PendingWake {
     pub agent: OwnedUserId,
     pub room: OwnedRoomId,
-    /// The event that woke the agent, as the homeserver sent it.
-    pub event: Value,
+    /// The event that woke the agent, as parsed at ingest (a wake an older crew queued, with
+    /// the homeserver's JSON, reads the same).
+    pub event: RoomEvent,
     /// Depth in a chain of agents waking agents (a person's message is 0).
     pub depth: u32,
     pub reasons: Vec<WakeReason>,
@@ -106,26 +107,33 @@ impl WakeQueue {
     /// Whether a wake for the event `event_id` is queued for `agent` (an internal wake is
     /// queued once per cause).
     pub fn has_event(&self, agent: &UserId, event_id: &str) -> Result<bool, StoreError> {
-        Ok(self.pending_for(agent)?.iter().any(|queued| {
-            queued.wake.event.get("event_id").and_then(Value::as_str) == Some(event_id)
-        }))
+        Ok(self
+            .pending_for(agent)?
+            .iter()
+            .any(|queued| queued.wake.event.event_id == event_id))
     }
 
-    /// Every pending wake of `agent`, oldest first.
+    /// Every pending wake of `agent`, oldest first. A wake that cannot be read (queued by an
+    /// older crew for an event the typed event refuses) is logged and removed: it could never
+    /// be answered, and must not stop the agent's other wakes.
     pub fn pending_for(&self, agent: &UserId) -> Result<Vec<QueuedWake>, StoreError> {
         let mut prefix = agent.as_str().as_bytes().to_vec();
         prefix.push(0);
-        self.wakes
-            .raw()
-            .scan_prefix(&prefix)
-            .map(|entry| {
-                let (key, value) = entry?;
-                Ok(QueuedWake {
+        let mut pending = Vec::new();
+        for entry in self.wakes.raw().scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            match self.wakes.decode(&value) {
+                Ok(wake) => pending.push(QueuedWake {
                     key: key.to_vec(),
-                    wake: self.wakes.decode(&value)?,
-                })
-            })
-            .collect()
+                    wake,
+                }),
+                Err(error) => {
+                    tracing::warn!(%agent, %error, "dropping a queued wake crew cannot read");
+                    self.wakes.raw().remove(key)?;
+                }
+            }
+        }
+        Ok(pending)
     }
 
     /// Agents that have pending wakes (after a restart: whose turns to run).

@@ -7,9 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use ruma::events::TimelineEventType;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use super::event::{Content, RoomEvent};
 
 /// Membership of one user, as the last `m.room.member` event said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,97 +79,51 @@ pub struct RoomState {
 }
 
 impl RoomState {
-    /// Applies a state event to the model. Anything else, or malformed content, leaves it
+    /// Applies a state event to the model. Anything else, or unreadable content, leaves it
     /// unchanged: state from the wire must never stop dispatch.
-    pub fn apply_event(&mut self, event: &Value) {
-        let Some(kind) = event.get("type").and_then(Value::as_str) else {
+    pub fn apply_event(&mut self, event: &RoomEvent) {
+        let Some(state_key) = event.state_key.as_deref() else {
             return;
         };
-        let Some(state_key) = event.get("state_key").and_then(Value::as_str) else {
-            return;
-        };
-        let content = event.get("content").unwrap_or(&Value::Null);
-        match kind {
-            "m.room.member" => {
+        match (&event.kind, &event.content) {
+            (TimelineEventType::RoomMember, Content::Member(member)) => {
                 let Ok(user) = UserId::parse(state_key) else {
                     return;
                 };
-                let membership = match content.get("membership").and_then(Value::as_str) {
-                    Some("join") => Membership::Join,
-                    Some("invite") => Membership::Invite,
-                    Some("knock") => Membership::Knock,
-                    Some("leave") => Membership::Leave,
-                    Some("ban") => Membership::Ban,
-                    _ => return,
+                let Some(membership) = member.membership else {
+                    return;
                 };
-                let display_name = content
-                    .get("displayname")
-                    .and_then(Value::as_str)
+                let display_name = member
+                    .displayname
+                    .as_deref()
                     .filter(|name| !name.trim().is_empty())
                     .map(str::to_owned);
                 self.set_member(user, membership, display_name);
             }
-            "m.room.encryption" if state_key.is_empty() => {
+            (TimelineEventType::RoomEncryption, _) if state_key.is_empty() => {
                 // An `m.room.encryption` event cannot be undone in Matrix; even an empty one
                 // (redacted) keeps the room encrypted.
                 self.encrypted = true;
             }
-            "m.room.power_levels" if state_key.is_empty() => {
-                let level = |value: Option<&Value>, default: i64| -> i64 {
-                    match value {
-                        Some(Value::Number(n)) => n.as_i64().unwrap_or(default),
-                        // Old rooms allow levels as strings.
-                        Some(Value::String(s)) => s.trim().parse().unwrap_or(default),
-                        _ => default,
-                    }
-                };
-                let users = content
-                    .get("users")
-                    .and_then(Value::as_object)
-                    .map(|users| {
-                        users
-                            .iter()
-                            .filter_map(|(id, lvl)| {
-                                Some((UserId::parse(id).ok()?, level(Some(lvl), 0)))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+            (TimelineEventType::RoomPowerLevels, Content::PowerLevels(levels))
+                if state_key.is_empty() =>
+            {
                 self.power_levels = Some(PowerLevels {
-                    users,
-                    users_default: level(content.get("users_default"), 0),
-                    notify_room: level(
-                        content.get("notifications").and_then(|n| n.get("room")),
-                        DEFAULT_NOTIFY_ROOM,
-                    ),
+                    users: levels.users.clone(),
+                    users_default: levels.users_default.unwrap_or(0),
+                    notify_room: levels.notify_room.unwrap_or(DEFAULT_NOTIFY_ROOM),
                 });
             }
-            "m.room.create" if state_key.is_empty() => {
+            (TimelineEventType::RoomCreate, Content::Create(create)) if state_key.is_empty() => {
                 self.creators.clear();
-                if let Some(sender) = event
-                    .get("sender")
-                    .and_then(Value::as_str)
-                    .and_then(|s| UserId::parse(s).ok())
-                {
-                    self.creators.insert(sender);
-                }
-                let version = content
-                    .get("room_version")
-                    .and_then(Value::as_str)
-                    .unwrap_or("1");
+                self.creators.insert(event.sender.clone());
+                let version = create.room_version.as_deref().unwrap_or("1");
                 self.privileged_creators = version
                     .parse::<u32>()
                     .is_ok_and(|v| v >= FIRST_VERSION_WITH_PRIVILEGED_CREATORS);
-                if self.privileged_creators
-                    && let Some(extra) =
-                        content.get("additional_creators").and_then(Value::as_array)
-                {
-                    self.creators.extend(
-                        extra
-                            .iter()
-                            .filter_map(Value::as_str)
-                            .filter_map(|s| UserId::parse(s).ok()),
-                    );
+                if self.privileged_creators {
+                    self.creators
+                        .extend(create.additional_creators.iter().cloned());
                 }
             }
             _ => {}
@@ -276,19 +232,13 @@ impl Rooms {
     }
 
     /// Applies a state event to its room (named by the event's `room_id`).
-    /// Returns false when the event names no valid room.
-    pub fn apply_event(&mut self, event: &Value) -> bool {
-        let Some(room_id) = event
-            .get("room_id")
-            .and_then(Value::as_str)
-            .and_then(|id| RoomId::parse(id).ok())
-        else {
-            return false;
-        };
-        if event.get("state_key").is_some_and(Value::is_string) {
-            self.rooms.entry(room_id).or_default().apply_event(event);
+    pub fn apply_event(&mut self, event: &RoomEvent) {
+        if event.is_state() {
+            self.rooms
+                .entry(event.room_id.clone())
+                .or_default()
+                .apply_event(event);
         }
-        true
     }
 
     /// The state of a room, if any event of it was seen.
@@ -318,9 +268,18 @@ mod tests {
 
     use super::*;
 
-    fn member(user: &str, membership: &str, name: Option<&str>) -> Value {
-        json!({"type": "m.room.member", "state_key": user, "sender": user, "room_id": "!r:x.org",
-               "content": {"membership": membership, "displayname": name}})
+    /// The event, with the ids a test leaves out filled in.
+    fn ev(mut value: serde_json::Value) -> RoomEvent {
+        let object = value.as_object_mut().unwrap();
+        object.entry("event_id").or_insert(json!("$e"));
+        object.entry("room_id").or_insert(json!("!r:x.org"));
+        object.entry("sender").or_insert(json!("@s:x.org"));
+        RoomEvent::from_json(&value).unwrap()
+    }
+
+    fn member(user: &str, membership: &str, name: Option<&str>) -> RoomEvent {
+        ev(json!({"type": "m.room.member", "state_key": user, "sender": "@s:x.org",
+               "room_id": "!r:x.org", "content": {"membership": membership, "displayname": name}}))
     }
 
     #[test]
@@ -342,7 +301,8 @@ mod tests {
         room.apply_event(&member("@b:x.org", "leave", None));
         room.apply_event(&member("@b:x.org", "ban", None));
         assert_eq!(room.joined_count(), 1);
-        room.apply_event(&member("not-a-user", "join", None));
+        room.apply_event(&ev(json!({"type": "m.room.member", "state_key": "not-a-user",
+            "content": {"membership": "join"}})));
         room.apply_event(&member("@c:x.org", "dance", None));
         assert_eq!(room.joined_count(), 1);
     }
@@ -353,29 +313,28 @@ mod tests {
         let bob = UserId::parse("@bob:x.org").unwrap();
         let mut room = RoomState::default();
         room.apply_event(
-            &json!({"type": "m.room.create", "state_key": "", "sender": "@alice:x.org",
-                                 "content": {"room_version": "10"}}),
+            &ev(json!({"type": "m.room.create", "state_key": "", "sender": "@alice:x.org",
+                                 "content": {"room_version": "10"}})),
         );
         assert!(room.can_notify_room(&alice));
         assert!(!room.can_notify_room(&bob));
-        room.apply_event(&json!({"type": "m.room.power_levels", "state_key": "",
-            "content": {"users": {"@alice:x.org": 100, "@bob:x.org": "30"}, "notifications": {"room": 20}}}));
+        room.apply_event(&ev(json!({"type": "m.room.power_levels", "state_key": "",
+            "content": {"users": {"@alice:x.org": 100, "@bob:x.org": "30"}, "notifications": {"room": 20}}})));
         assert!(room.can_notify_room(&bob));
         assert_eq!(room.power_level(&bob), 30);
         room.apply_event(
-            &json!({"type": "m.room.create", "state_key": "", "sender": "@bob:x.org",
-                                 "content": {"room_version": "12"}}),
+            &ev(json!({"type": "m.room.create", "state_key": "", "sender": "@bob:x.org",
+                                 "content": {"room_version": "12"}})),
         );
         assert_eq!(room.power_level(&bob), i64::MAX);
-        room.apply_event(&json!({"type": "m.room.encryption", "state_key": "", "content": {}}));
+        room.apply_event(&ev(json!({"type": "m.room.encryption", "state_key": "", "content": {}})));
         assert!(room.encrypted);
     }
 
     #[test]
     fn rooms_round_trip_through_json() {
         let mut rooms = Rooms::new();
-        assert!(rooms.apply_event(&member("@a:x.org", "join", Some("A"))));
-        assert!(!rooms.apply_event(&json!({"type": "m.room.member"})));
+        rooms.apply_event(&member("@a:x.org", "join", Some("A")));
         let text = serde_json::to_string(&rooms).unwrap();
         let back: Rooms = serde_json::from_str(&text).unwrap();
         assert_eq!(back, rooms);

@@ -13,7 +13,20 @@ pub struct ReplyTo {
 
 impl ReplyTo {
     /// A reply to `event`, in the same thread as `event` if it was in a thread.
-    pub fn event(event: &Value) -> Option<Self> {
+    pub fn event(event: &crate::dispatch::RoomEvent) -> Option<Self> {
+        let relates = event.message().and_then(|m| m.relates_to.as_ref());
+        let thread_root = relates
+            .filter(|r| r.rel_type.as_deref() == Some("m.thread"))
+            .and_then(|r| r.event_id.clone());
+        Some(Self {
+            event_id: event.event_id.clone(),
+            thread_root,
+        })
+    }
+
+    /// A reply to an event kept as JSON (`event_id`, `content.m.relates_to`): a `!crew`
+    /// command held in an outbox effect.
+    pub fn from_json(event: &Value) -> Option<Self> {
         let event_id = event.get("event_id")?.as_str()?.parse().ok()?;
         let relates = event.get("content").and_then(|c| c.get("m.relates_to"));
         let thread_root = relates
@@ -191,7 +204,7 @@ mod tests {
             {"rel_type": "m.thread", "event_id": "$root", "is_falling_back": true,
              "m.in_reply_to": {"event_id": "$prev"}}}});
         let content = OutgoingMessage::text("ok")
-            .reply_to(ReplyTo::event(&event))
+            .reply_to(ReplyTo::from_json(&event))
             .to_content();
         assert_eq!(content["m.relates_to"]["rel_type"], "m.thread");
         assert_eq!(content["m.relates_to"]["event_id"], "$root");

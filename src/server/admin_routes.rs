@@ -79,11 +79,7 @@ async fn why(State(crew): State<Arc<Service>>, Path(event_id): Path<String>) -> 
     let Ok(event_id) = ruma::EventId::parse(&event_id) else {
         return crate::admin::error_response(StatusCode::BAD_REQUEST, "not an event id");
     };
-    let state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    match state.dispatcher.reasons.get(&event_id) {
+    match crew.dispatch.kept(&event_id) {
         Some(kept) => {
             // What the homeserver refused for good, from the outbox (`!crew why` says it too).
             let mut answer = serde_json::to_value(kept).unwrap_or_default();
@@ -130,14 +126,7 @@ async fn queue(State(crew): State<Arc<Service>>) -> Response {
             .unwrap_or_default()
             .iter()
             .map(|queued| {
-                Value::from(
-                    queued
-                        .wake
-                        .event
-                        .get("event_id")
-                        .and_then(Value::as_str)
-                        .unwrap_or(""),
-                )
+                Value::from(queued.wake.event.event_id.as_str())
             })
             .collect();
         pending.insert(agent.to_string(), Value::Array(events));

@@ -44,7 +44,7 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
             tracing::error!(%error, "cannot prune the outbox records");
         }
         let before = crate::clock::now_ms().saturating_sub(EVENT_MEMORY.as_millis() as u64);
-        match crew.history.prune(before) {
+        match crew.dispatch.prune_history(before) {
             Ok(0) => {}
             Ok(forgotten) => tracing::info!(forgotten, "forgot old event history"),
             Err(error) => tracing::error!(%error, "cannot prune the event history"),

@@ -24,7 +24,8 @@ use crate::appservice::inbox::Inbox;
 use crate::appservice::{self, AppserviceState};
 use crate::config::{Config, Loaded};
 use crate::dispatch::queue::WakeQueue;
-use crate::dispatch::{Dispatcher, RoomLog, RoomState, SledHistory};
+use crate::dispatch::DispatchService;
+use crate::dispatch::service::DispatchServiceError;
 use crate::matrix::{MatrixClient, MatrixError};
 use crate::registration::Registration;
 use crate::store::Tree;
@@ -92,17 +93,13 @@ pub struct Service {
     pub agents: Arc<crate::agent::services::AgentServices>,
     /// Turn steps, so a turn re-run after a crash replays instead of repeating.
     pub journal: crate::agent::journal::TurnJournal,
-    /// Who wakes. A std mutex: dispatching is synchronous and never awaits under the lock.
-    pub dispatcher: std::sync::Mutex<DispatchState>,
-    pub history: SledHistory,
+    /// Who wakes: the dispatcher's state (roster, rooms, conversations, history, kept
+    /// decisions), read by the pump and the turns alike.
+    pub dispatch: DispatchService,
     pub queue: WakeQueue,
     /// What the pump decided to do on the homeserver, performed by `outbox_runner`.
     pub outbox: crate::outbox::Outbox,
     draining: outbox_runner::Draining,
-    /// Room state as the dispatcher sees it, persisted per room.
-    room_states: Tree<String, RoomState>,
-    /// The dispatcher's "said since" log per room (the turns' recent conversation).
-    room_context: Tree<String, RoomLog>,
     /// Agents whose turn loop is running (one turn per agent at a time).
     pub(crate) running: crate::agent::status::Busy,
     /// Turns run per agent since start, for the admin API and tests.
@@ -111,12 +108,6 @@ pub struct Service {
     commands: crate::agent::commands::CommandGate,
     background: tokio_util::task::TaskTracker,
     pub(crate) shutdown: CancellationToken,
-}
-
-/// The dispatcher and the roster generation it was built from.
-pub struct DispatchState {
-    pub dispatcher: Dispatcher,
-    pub roster_generation: u64,
 }
 
 impl Service {
@@ -155,41 +146,10 @@ impl Service {
     pub fn llm_base_url(&self) -> Option<url::Url> {
         self.config.gateway.route_url(&self.config.llm.route)
     }
-
-    /// Saves one room's dispatcher state.
-    fn persist_room(&self, room: &ruma::RoomId, state: &RoomState) {
-        if let Err(error) = self.room_states.insert(&room.to_string(), state) {
-            tracing::error!(%error, %room, "cannot store room state");
-        }
-    }
-
-    /// Forgets a room none of our agents is in any more: its model, its conversation log, in
-    /// memory and in sled (it is fetched again if an agent is invited back).
-    pub(crate) fn forget_room(&self, room: &ruma::RoomId, dispatcher: &mut Dispatcher) {
-        dispatcher.rooms.remove(room);
-        dispatcher.context.remove_room(room);
-        let key = room.to_string();
-        if let Err(error) = self
-            .room_states
-            .remove(&key)
-            .and_then(|_| self.room_context.remove(&key))
-        {
-            tracing::error!(%error, %room, "cannot forget a room crew left");
-        }
-    }
-
-    /// Saves one room's conversation log (messages and agents' cursors).
-    pub(crate) fn persist_context(&self, room: &ruma::RoomId, dispatcher: &Dispatcher) {
-        if let Some(log) = dispatcher.context.room_log(room)
-            && let Err(error) = self.room_context.insert(&room.to_string(), log)
-        {
-            tracing::error!(%error, %room, "cannot store the room's conversation log");
-        }
-    }
 }
 
 /// The dispatcher's view of our agents: the Manager and every active Worker.
-fn dispatch_roster(
+pub(crate) fn dispatch_roster(
     config: &Config,
     manager: &UserId,
     manager_name: String,
@@ -274,23 +234,22 @@ pub(crate) async fn open(
     let roster_generation = team.registry.generation();
     let mut dispatch_config = config.dispatch.clone();
     dispatch_config.read_encrypted = config.encryption.enabled;
-    let mut dispatcher = Dispatcher::new(dispatch_config, roster)
-        .map_err(|error| StartupError::Config(error.to_string()))?;
-    let room_states: Tree<String, RoomState> = store.tree("room_states")?;
-    for entry in room_states.iter() {
-        let (room, state) = entry?;
-        if let Ok(room) = ruma::RoomId::parse(&room) {
-            *dispatcher.rooms.entry(&room) = state;
-        }
-    }
-    let room_context: Tree<String, RoomLog> = store.tree("room_context")?;
-    for entry in room_context.iter() {
-        let (room, log) = entry?;
-        if let Ok(room) = ruma::RoomId::parse(&room) {
-            dispatcher.context.restore_room(&room, log);
-        }
-    }
-    let history = SledHistory::open(&store)?;
+    let is_ours = {
+        let registration = registration.clone();
+        let server_name = config.homeserver.server_name.to_string();
+        Box::new(move |user: &UserId| registration.is_ours(user.as_str(), &server_name))
+    };
+    let dispatch = DispatchService::open(
+        &store,
+        dispatch_config,
+        roster,
+        roster_generation,
+        is_ours,
+    )
+    .map_err(|error| match error {
+        DispatchServiceError::Store(error) => ServeError::Store(error),
+        DispatchServiceError::Config(error) => StartupError::Config(error.to_string()).into(),
+    })?;
     let queue = WakeQueue::open(&store)?;
     let outbox = crate::outbox::Outbox::open(&store)?;
 
@@ -354,16 +313,10 @@ pub(crate) async fn open(
         tasks,
         agents,
         journal,
-        dispatcher: std::sync::Mutex::new(DispatchState {
-            dispatcher,
-            roster_generation,
-        }),
-        history,
+        dispatch,
         queue,
         outbox,
         draining: Default::default(),
-        room_states,
-        room_context,
         running: busy,
         turns: Default::default(),
         commands,
@@ -595,12 +548,8 @@ async fn internal_wakes(
             () = shutdown.cancelled() => return,
         };
         let Some(next) = next else { return };
-        crew.dispatcher
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .dispatcher
-            .reasons
-            .insert(&next.decision, crate::clock::now_ms());
+        crew.dispatch
+            .keep_decision(&next.decision, crate::clock::now_ms());
         if let Some(agent) = next.agent {
             crew.wake_agent(agent);
         }

@@ -239,7 +239,7 @@ async fn perform(crew: &Service, room: &RoomId, effect: &Effect) -> Result<(), P
                 }
                 Err(error) => format!("I could not remove `{name}`: {error}"),
             };
-            let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::event(command));
+            let reply = OutgoingMessage::notice(text).reply_to(ReplyTo::from_json(command));
             send_once(crew, &crew.manager, room, txn_key, &reply.to_content()).await
         }
     }
@@ -297,17 +297,23 @@ async fn send_once(
 pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
     match crew.client.room_state(agent, room).await {
         Ok(events) => {
-            let mut state = crew
-                .dispatcher
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let room_state = state.dispatcher.rooms.entry(room);
-            for event in &events {
-                room_state.apply_event(event);
-            }
-            let snapshot = room_state.clone();
-            drop(state);
-            crew.persist_room(room, &snapshot);
+            // `/state` answers client events; one without its room id gets this room's.
+            let events: Vec<crate::dispatch::RoomEvent> = events
+                .into_iter()
+                .filter_map(|mut event| {
+                    if let Some(object) = event.as_object_mut() {
+                        object
+                            .entry("room_id")
+                            .or_insert_with(|| serde_json::Value::from(room.as_str()));
+                    }
+                    crate::dispatch::RoomEvent::from_json(&event)
+                        .inspect_err(|error| {
+                            tracing::warn!(%error, %room, "skipping a room state event")
+                        })
+                        .ok()
+                })
+                .collect();
+            crew.dispatch.seed_room(room, &events);
         }
         Err(error) => super::log_matrix_error("cannot fetch room state", &error),
     }

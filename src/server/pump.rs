@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use ruma::events::TimelineEventType;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::Service;
 use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
+use crate::dispatch::event::RoomEvent;
+use crate::dispatch::Membership;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
 use crate::matrix::OutgoingMessage;
@@ -67,7 +70,7 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
 pub(crate) fn decide_and_commit(
     crew: &Arc<Service>,
     seq: u64,
-    event: &Value,
+    event: &RoomEvent,
 ) -> Result<Vec<OwnedUserId>, crate::store::StoreError> {
     let (wakes, effects) = handle(crew, event);
     crew.queue
@@ -81,32 +84,12 @@ pub(crate) fn decide_and_commit(
 /// Handles one event and returns the wakes and the homeserver effects it causes (committed
 /// together by the caller). Never fails: problems are logged. Not `async`: nothing here may
 /// wait on the homeserver, which the compiler now checks.
-#[tracing::instrument(skip_all, fields(event_id = event.get("event_id").and_then(|id| id.as_str()).unwrap_or("?")))]
-fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>) {
+#[tracing::instrument(skip_all, fields(event_id = %event.event_id))]
+fn handle(crew: &Arc<Service>, event: &RoomEvent) -> (Vec<PendingWake>, Vec<Staged>) {
     let decision = dispatch(crew, event);
-    if let Some(Err(error)) = decision
-        .remember
-        .as_ref()
-        .map(|fact| crew.history.remember(fact))
-    {
-        tracing::error!(%error, "cannot remember the event's sender");
-    }
-    let room = event
-        .get("room_id")
-        .and_then(Value::as_str)
-        .and_then(|id| RoomId::parse(id).ok());
-    let sender = event
-        .get("sender")
-        .and_then(Value::as_str)
-        .and_then(|id| UserId::parse(id).ok());
-    let (Some(room), Some(sender)) = (room, sender) else {
-        return (Vec::new(), Vec::new());
-    };
-    let cause = event
-        .get("event_id")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let room = &event.room_id;
+    let sender = &event.sender;
+    let cause = event.event_id.to_string();
     let mut effects = Vec::new();
     let mut stage = |effect: Effect| {
         effects.push(Staged {
@@ -115,23 +98,21 @@ fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>)
             effect,
         });
     };
-    if event.get("type").and_then(Value::as_str) == Some("m.room.member")
-        && let Some(effect) = membership_effect(crew, &sender, event)
-    {
+    if let Some(effect) = membership_effect(crew, event) {
         if let Effect::Join { agent } = &effect {
-            expect_joined(crew, &room, agent);
+            crew.dispatch.expect_joined(room, agent);
         }
         stage(effect);
     }
     for signal in &decision.signals {
-        if let Some(effect) = signal_effect(crew, &room, event, &decision, signal) {
+        if let Some(effect) = signal_effect(crew, room, event, &decision, signal) {
             stage(effect);
         }
     }
-    if let Some(command) = command_for_manager(crew, &room, &sender, event) {
-        let may_talk = crew.config.invites.allows(&sender, &crew.config.admins);
-        match crew.commands.admit(&room, may_talk, now_ms()) {
-            Ok(()) => stage(answer_command(crew, &room, &sender, event, command)),
+    if let Some(command) = command_for_manager(crew, event) {
+        let may_talk = crew.config.invites.allows(sender, &crew.config.admins);
+        match crew.commands.admit(room, may_talk, now_ms()) {
+            Ok(()) => stage(answer_command(crew, room, sender, event, command)),
             Err(why) => tracing::info!(?why, %room, %sender, "a !crew command left unanswered"),
         }
         return (Vec::new(), effects);
@@ -152,53 +133,22 @@ fn handle(crew: &Arc<Service>, event: &Value) -> (Vec<PendingWake>, Vec<Staged>)
     (wakes, effects)
 }
 
-/// Runs the dispatcher on one event (reloading the roster first if it changed) and saves the
-/// room's state.
-fn dispatch(crew: &Service, event: &Value) -> Decision {
-    let mut state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let generation = crew.team.registry.generation();
-    if generation != state.roster_generation {
-        match super::dispatch_roster(
-            &crew.config,
-            &crew.manager,
-            crew.agents.manager_name(),
-            &crew.team,
-        ) {
-            Ok(roster) => {
-                state.dispatcher.set_roster(roster);
-                state.roster_generation = generation;
-            }
-            Err(error) => tracing::error!(%error, "cannot reload the roster; keeping the old one"),
-        }
-    }
-    let decision = state.dispatcher.dispatch(event, &crew.history, now_ms());
-    let room = event
-        .get("room_id")
-        .and_then(Value::as_str)
-        .and_then(|id| RoomId::parse(id).ok());
-    if let Some((room, room_state)) = room.and_then(|room| {
-        state
-            .dispatcher
-            .rooms
-            .get(&room)
-            .map(|state| (room.clone(), state))
-    }) {
-        if room_state.joined_or_invited(|user| crew.is_ours(user)) {
-            // The member map is saved when it changes, not re-serialised for every message.
-            if decision.room_changed {
-                crew.persist_room(&room, room_state);
-            }
-            if decision.message {
-                crew.persist_context(&room, &state.dispatcher);
-            }
-        } else if event.get("type").and_then(Value::as_str) == Some("m.room.member") {
-            // None of our agents is in the room any more: its model and conversation go.
-            crew.forget_room(&room, &mut state.dispatcher);
-        }
-    }
+/// Runs the dispatcher on one event (reloading the roster first if it changed); the dispatch
+/// service saves the room's state.
+fn dispatch(crew: &Service, event: &RoomEvent) -> Decision {
+    let decision = crew.dispatch.dispatch(
+        event,
+        now_ms(),
+        crew.team.registry.generation(),
+        || {
+            super::dispatch_roster(
+                &crew.config,
+                &crew.manager,
+                crew.agents.manager_name(),
+                &crew.team,
+            )
+        },
+    );
     tracing::debug!(
         woken = ?decision.wakes.iter().map(|w| w.agent.as_str()).collect::<Vec<_>>(),
         ignored = ?decision.ignored,
@@ -208,39 +158,17 @@ fn dispatch(crew: &Service, event: &Value) -> Decision {
     decision
 }
 
-/// Decides as if the join staged for `agent` had happened: the next event in the inbox may
-/// already be for it, before the outbox has joined and its echo has arrived. (A join that
-/// fails is recorded for `!crew why`, and the room's state is fetched after a join that works.)
-fn expect_joined(crew: &Service, room: &RoomId, agent: &UserId) {
-    let mut state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let room_state = state.dispatcher.rooms.entry(room);
-    if !room_state.is_joined(agent) {
-        room_state.set_member(agent.to_owned(), crate::dispatch::Membership::Join, None);
-        let snapshot = room_state.clone();
-        drop(state);
-        crew.persist_room(room, &snapshot);
-    }
-}
-
 /// What an invite or a join of one of our agents asks of the homeserver: join or decline an
 /// invite (with the reason), learn a room an agent joined.
-fn membership_effect(crew: &Service, sender: &UserId, event: &Value) -> Option<Effect> {
-    let target = event
-        .get("state_key")
-        .and_then(Value::as_str)
-        .and_then(|id| UserId::parse(id).ok())?;
+fn membership_effect(crew: &Service, event: &RoomEvent) -> Option<Effect> {
+    let sender = &event.sender;
+    let target = UserId::parse(event.state_key.as_deref()?).ok()?;
     if !crew.is_ours(&target) {
         return None;
     }
-    let membership = event
-        .pointer("/content/membership")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let membership = event.member()?.membership?;
     match membership {
-        "invite" => {
+        Membership::Invite => {
             let known = target == crew.manager
                 || matches!(crew.team.registry.by_user(&target), Ok(Some(_)));
             let reason = if !known {
@@ -264,7 +192,7 @@ fn membership_effect(crew: &Service, sender: &UserId, event: &Value) -> Option<E
                 },
             })
         }
-        "join" => Some(Effect::Seed { agent: target }),
+        Membership::Join => Some(Effect::Seed { agent: target }),
         _ => None,
     }
 }
@@ -274,11 +202,11 @@ fn membership_effect(crew: &Service, sender: &UserId, event: &Value) -> Option<E
 fn signal_effect(
     crew: &Service,
     room: &OwnedRoomId,
-    event: &Value,
+    event: &RoomEvent,
     decision: &Decision,
     signal: &Signal,
 ) -> Option<Effect> {
-    let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
+    let event_id = event.event_id.as_str();
     let (agent, message, key) = match signal {
         Signal::MentionHint { agent } => {
             let name = display_name(crew, room, agent);
@@ -305,7 +233,9 @@ fn signal_effect(
             )
         }
         Signal::EncryptedRoom { agent } => {
-            let humans = joined_members_where(crew, room, |member| !crew.is_ours(member));
+            let humans = crew
+                .dispatch
+                .joined_members_where(room, |member| !crew.is_ours(member));
             let name = display_name(crew, room, agent);
             return Some(Effect::OfferRoom {
                 agent: agent.clone(),
@@ -324,41 +254,19 @@ fn signal_effect(
 }
 
 /// An agent's or person's name in a room, falling back to the localpart.
-pub(crate) fn display_name(crew: &Service, room: &RoomId, user: &UserId) -> String {
-    let state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    state
-        .dispatcher
-        .rooms
-        .get(room)
-        .and_then(|room| room.member(user))
-        .and_then(|member| member.display_name.clone())
-        .unwrap_or_else(|| user.localpart().to_owned())
+fn display_name(crew: &Service, room: &RoomId, user: &UserId) -> String {
+    crew.dispatch.display_name(room, user)
 }
 
 /// A `!crew` command from a person, in a room the Manager is in.
-fn command_for_manager(
-    crew: &Service,
-    room: &RoomId,
-    sender: &UserId,
-    event: &Value,
-) -> Option<Command> {
-    if crew.is_ours(sender) || event.get("type").and_then(Value::as_str) != Some("m.room.message") {
+fn command_for_manager(crew: &Service, event: &RoomEvent) -> Option<Command> {
+    if crew.is_ours(&event.sender) || event.kind != TimelineEventType::RoomMessage {
         return None;
     }
-    let command = Command::parse(event.pointer("/content/body").and_then(Value::as_str)?)?;
-    let state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let joined = state
-        .dispatcher
-        .rooms
-        .get(room)
-        .is_some_and(|room| room.is_joined(&crew.manager));
-    joined.then_some(command)
+    let command = Command::parse(&event.message()?.body)?;
+    crew.dispatch
+        .is_joined(&event.room_id, &crew.manager)
+        .then_some(command)
 }
 
 /// The Manager's answer to a `!crew` command, in reply to it. `!crew remove` acts on the
@@ -367,11 +275,11 @@ fn answer_command(
     crew: &Arc<Service>,
     room: &OwnedRoomId,
     sender: &UserId,
-    event: &Value,
+    event: &RoomEvent,
     command: Command,
 ) -> Effect {
     use crate::agent::registry::WorkerState;
-    let event_id = event.get("event_id").and_then(Value::as_str).unwrap_or("");
+    let event_id = event.event_id.as_str();
     let text = if command.changes_state() && !crew.is_admin(sender) {
         "Sorry, only the admins can do that. `!crew help` lists what everyone can ask.".to_owned()
     } else {
@@ -441,42 +349,28 @@ fn answer_command(
 }
 
 /// What a reply to `event` needs of it (its id and thread), kept in an effect.
-fn reply_context(event: &Value) -> Value {
-    let mut kept = serde_json::json!({ "event_id": event.get("event_id") });
-    if let Some(relates) = event.pointer("/content/m.relates_to") {
-        kept["content"] = serde_json::json!({ "m.relates_to": relates });
+fn reply_context(event: &RoomEvent) -> Value {
+    let mut kept = serde_json::json!({ "event_id": event.event_id });
+    if let Some(relates) = event.message().and_then(|m| m.relates_to.as_ref()) {
+        let mut out = serde_json::Map::new();
+        if let Some(rel_type) = &relates.rel_type {
+            out.insert("rel_type".into(), Value::from(rel_type.as_str()));
+        }
+        if let Some(id) = &relates.event_id {
+            out.insert("event_id".into(), Value::from(id.as_str()));
+        }
+        kept["content"] = serde_json::json!({ "m.relates_to": out });
     }
     kept
-}
-
-/// The members joined to `room` (as the dispatcher's room model knows them) that `keep` accepts.
-fn joined_members_where(
-    crew: &Service,
-    room: &RoomId,
-    keep: impl Fn(&UserId) -> bool,
-) -> Vec<OwnedUserId> {
-    let state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    state
-        .dispatcher
-        .rooms
-        .get(room)
-        .map(|room| {
-            room.joined_members()
-                .filter(|member| keep(member))
-                .map(|member| member.to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What read-only commands show `sender` in `room`: everything to an admin, else only this
 /// room's Workers and their (or the sender's) tasks.
 fn room_view(crew: &Service, room: &RoomId, sender: &UserId) -> commands::RoomView {
-    let workers_here = (!crew.is_admin(sender))
-        .then(|| joined_members_where(crew, room, |member| crew.is_ours(member)));
+    let workers_here = (!crew.is_admin(sender)).then(|| {
+        crew.dispatch
+            .joined_members_where(room, |member| crew.is_ours(member))
+    });
     commands::RoomView {
         workers_here,
         asker: sender.to_owned(),
@@ -490,14 +384,9 @@ fn why(crew: &Service, room: &RoomId, sender: &UserId, event_id: &str) -> String
     let Ok(event_id) = ruma::EventId::parse(event_id) else {
         return format!("`{event_id}` is not an event id (they start with `$`).");
     };
-    let state = crew
-        .dispatcher
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let kept = state
-        .dispatcher
-        .reasons
-        .get(&event_id)
+    let kept = crew
+        .dispatch
+        .kept(&event_id)
         .filter(|kept| crew.is_admin(sender) || kept.decision.room_id.as_deref() == Some(room));
     let Some(kept) = kept else {
         return "I kept no decision for that event (unknown to me, or older than the retention)."
@@ -668,7 +557,7 @@ mod tests {
         assert_eq!(woken, std::slice::from_ref(&manager));
         let queued = crew.queue.pending_for(&manager).unwrap();
         assert_eq!(queued.len(), 1);
-        assert_eq!(queued[0].wake.event["event_id"], "$ask");
+        assert_eq!(queued[0].wake.event.event_id, "$ask");
         assert!(
             effects(&crew).is_empty(),
             "a mention needs no homeserver effect"
