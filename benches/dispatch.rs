@@ -15,7 +15,7 @@ use std::io::{BufRead, BufWriter, Write};
 use std::time::Instant;
 
 use matrix_crew::dispatch::{
-    Agent, DispatchConfig, Dispatcher, RoomEvent, MemoryHistory, Role, RoomState, Roster, decide,
+    Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, RoomEvent, RoomState, Roster, decide,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

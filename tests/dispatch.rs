@@ -401,7 +401,11 @@ fn encrypted_room_is_announced_once_per_agent() {
     let first = d.dispatch_json(&encrypted, &NoHistory, 0);
     assert_eq!(first.signals.len(), 2);
     assert_eq!(first.ignored, Some(SkipReason::Encrypted));
-    assert!(d.dispatch_json(&encrypted, &NoHistory, 1).signals.is_empty());
+    assert!(
+        d.dispatch_json(&encrypted, &NoHistory, 1)
+            .signals
+            .is_empty()
+    );
     // Coder joins later: it says so once too.
     let joined = d.dispatch_json(&member(ENCRYPTED, CODER, "join", "Coder"), &NoHistory, 2);
     assert_eq!(

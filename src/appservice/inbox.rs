@@ -297,7 +297,10 @@ impl Inbox {
 
 /// Identifies a transaction's content: the event ids in order, or the raw event when it carries
 /// no id.
-fn transaction_digest(events: &[Box<RawValue>], parsed: &[Result<RoomEvent, EventError>]) -> String {
+fn transaction_digest(
+    events: &[Box<RawValue>],
+    parsed: &[Result<RoomEvent, EventError>],
+) -> String {
     let mut hasher = Sha256::new();
     for (raw, event) in events.iter().zip(parsed) {
         match event {
@@ -399,11 +402,20 @@ mod tests {
             "sender": "@a:x", "origin_server_ts": 3, "unsigned": {"age": 5},
             "content": {"msgtype": "m.text", "body": "from before", "m.mentions": {"user_ids": ["@crew:x"]},
                         "info": {"w": 1}}}, "received_ms": 7});
-        let broken = json!({"event": {"type": "m.room.message", "event_id": "$b"}, "received_ms": 8});
+        let broken =
+            json!({"event": {"type": "m.room.message", "event_id": "$b"}, "received_ms": 8});
         inbox.ingest("t", &raw(&[message("$new")])).unwrap();
         let (old_seq, broken_seq) = (u64::MAX - 1, u64::MAX);
-        inbox.entries.raw().insert(old_seq.to_be_bytes(), old.to_string().as_bytes()).unwrap();
-        inbox.entries.raw().insert(broken_seq.to_be_bytes(), broken.to_string().as_bytes()).unwrap();
+        inbox
+            .entries
+            .raw()
+            .insert(old_seq.to_be_bytes(), old.to_string().as_bytes())
+            .unwrap();
+        inbox
+            .entries
+            .raw()
+            .insert(broken_seq.to_be_bytes(), broken.to_string().as_bytes())
+            .unwrap();
         let pending = inbox.pending(10).unwrap();
         assert_eq!(pending.len(), 2, "{pending:?}");
         assert_eq!(pending[0].1.event_id(), "$new");
@@ -411,7 +423,14 @@ mod tests {
         assert_eq!(*seq, old_seq);
         assert_eq!(entry.received_ms, 7);
         assert_eq!(entry.event.body(), "from before");
-        let mentions = &entry.event.message().unwrap().mentions.as_ref().unwrap().user_ids;
+        let mentions = &entry
+            .event
+            .message()
+            .unwrap()
+            .mentions
+            .as_ref()
+            .unwrap()
+            .user_ids;
         assert_eq!(mentions, &["@crew:x"]);
         assert_eq!(inbox.len(), 2, "the unreadable entry is gone");
     }

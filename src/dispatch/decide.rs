@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::DispatchConfig;
+use super::event::{Content, DEPTH_KEY, Mentions, RoomEvent};
 use super::room::RoomState;
 use super::roster::{History, Remember, Roster};
-use super::event::{Content, DEPTH_KEY, Mentions, RoomEvent};
 use super::text;
 
 /// Marks message content an agent is about to send while handling a wake of depth `depth`, so
@@ -380,7 +380,8 @@ pub fn decide(
 
         // A thread's fallback `m.in_reply_to` points at the latest thread event, not at a
         // message being answered.
-        let falling_back = rel_type == Some("m.thread") && relates.is_some_and(|r| r.is_falling_back);
+        let falling_back =
+            rel_type == Some("m.thread") && relates.is_some_and(|r| r.is_falling_back);
         if !falling_back
             && let Some(target) = relates.and_then(|r| r.in_reply_to.as_deref())
             && let Some(replied_to) = history.sender_of(target)

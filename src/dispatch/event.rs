@@ -170,8 +170,8 @@ pub struct CreateContent {
 impl RoomEvent {
     /// Parses one event as the homeserver sent it (or as an older crew stored it).
     pub fn parse(json: &str) -> Result<Self, EventError> {
-        let wire: WireEvent<'_> =
-            serde_json::from_str(json).map_err(|error| EventError::NotAnObject(error.to_string()))?;
+        let wire: WireEvent<'_> = serde_json::from_str(json)
+            .map_err(|error| EventError::NotAnObject(error.to_string()))?;
         wire.into_event()
     }
 
@@ -238,7 +238,11 @@ struct WireEvent<'a> {
 struct WireUnsigned {
     #[serde(default)]
     redacted_because: Option<serde::de::IgnoredAny>,
-    #[serde(rename = "org.matrix-crew.decrypted", default, deserialize_with = "lenient")]
+    #[serde(
+        rename = "org.matrix-crew.decrypted",
+        default,
+        deserialize_with = "lenient"
+    )]
     decrypted: Option<bool>,
 }
 
@@ -340,7 +344,11 @@ struct WireMessage {
     file: Option<serde_json::Map<String, Value>>,
     #[serde(default, deserialize_with = "lenient")]
     filename: Option<String>,
-    #[serde(rename = "org.matrix-crew.wake_depth", default, deserialize_with = "lenient")]
+    #[serde(
+        rename = "org.matrix-crew.wake_depth",
+        default,
+        deserialize_with = "lenient"
+    )]
     depth: Option<u64>,
     #[serde(rename = "org.matrix-crew.written_with", default)]
     written_with: Option<Value>,
@@ -467,7 +475,10 @@ fn parse_content(kind: &TimelineEventType, raw: Option<&RawValue>) -> Content {
                     .unwrap_or_default()
                     .into_iter()
                     .filter_map(|(id, lvl)| {
-                        Some((OwnedUserId::try_from(id).ok()?, level(Some(&lvl)).unwrap_or(0)))
+                        Some((
+                            OwnedUserId::try_from(id).ok()?,
+                            level(Some(&lvl)).unwrap_or(0),
+                        ))
                     })
                     .collect(),
                 users_default: level(wire.users_default.as_ref()),
@@ -642,11 +653,26 @@ mod tests {
     fn required_fields_are_checked_and_named() {
         let cases = [
             (json!(42), "not a JSON object"),
-            (json!({"event_id": "$e", "room_id": "!r:x.org", "sender": "@a:x.org"}), "`type`"),
-            (json!({"type": "m.room.message", "room_id": "!r:x.org", "sender": "@a:x.org"}), "`event_id`"),
-            (json!({"type": "m.x", "event_id": 7, "room_id": "!r:x.org", "sender": "@a:x.org"}), "`event_id`"),
-            (json!({"type": "m.x", "event_id": "$e", "sender": "@a:x.org"}), "`room_id`"),
-            (json!({"type": "m.x", "event_id": "$e", "room_id": "!r:x.org", "sender": "nobody"}), "`sender` is not a valid id"),
+            (
+                json!({"event_id": "$e", "room_id": "!r:x.org", "sender": "@a:x.org"}),
+                "`type`",
+            ),
+            (
+                json!({"type": "m.room.message", "room_id": "!r:x.org", "sender": "@a:x.org"}),
+                "`event_id`",
+            ),
+            (
+                json!({"type": "m.x", "event_id": 7, "room_id": "!r:x.org", "sender": "@a:x.org"}),
+                "`event_id`",
+            ),
+            (
+                json!({"type": "m.x", "event_id": "$e", "sender": "@a:x.org"}),
+                "`room_id`",
+            ),
+            (
+                json!({"type": "m.x", "event_id": "$e", "room_id": "!r:x.org", "sender": "nobody"}),
+                "`sender` is not a valid id",
+            ),
         ];
         for (value, expected) in cases {
             let error = RoomEvent::from_json(&value).unwrap_err().to_string();
@@ -677,29 +703,41 @@ mod tests {
         assert_eq!(read.written_with, Some(json!({"admin": true})));
 
         // Wrong types count as absent; `m.mentions` that is not an object mentions nobody.
-        let odd = parse(&message(json!({"msgtype": "m.text", "body": 5, "m.mentions": "x",
-                                        DEPTH_KEY: -1, "m.relates_to": "?"})));
+        let odd = parse(&message(
+            json!({"msgtype": "m.text", "body": 5, "m.mentions": "x",
+                                        DEPTH_KEY: -1, "m.relates_to": "?"}),
+        ));
         let odd = odd.message().unwrap();
         assert_eq!(odd.body, "");
         assert_eq!(odd.mentions, Some(Mentions::default()));
         assert_eq!(odd.depth, None);
         assert_eq!(odd.relates_to, None);
-        assert_eq!(parse(&message(json!({"body": "no msgtype"}))).content, Content::Malformed);
+        assert_eq!(
+            parse(&message(json!({"body": "no msgtype"}))).content,
+            Content::Malformed
+        );
         assert_eq!(parse(&message(json!("text"))).content, Content::Malformed);
         assert_eq!(parse(&message(json!({}))).content, Content::Empty);
     }
 
     #[test]
     fn state_contents_are_typed() {
-        let member = parse(&json!({"type": "m.room.member", "event_id": "$m", "room_id": "!r:x.org",
+        let member = parse(
+            &json!({"type": "m.room.member", "event_id": "$m", "room_id": "!r:x.org",
             "sender": "@a:x.org", "state_key": "@a:x.org",
-            "content": {"membership": "join", "displayname": "A"}}));
+            "content": {"membership": "join", "displayname": "A"}}),
+        );
         assert_eq!(
             member.member(),
-            Some(&Member { membership: Some(Membership::Join), displayname: Some("A".into()) })
+            Some(&Member {
+                membership: Some(Membership::Join),
+                displayname: Some("A".into())
+            })
         );
-        let dance = parse(&json!({"type": "m.room.member", "event_id": "$m", "room_id": "!r:x.org",
-            "sender": "@a:x.org", "state_key": "@a:x.org", "content": {"membership": "dance"}}));
+        let dance = parse(
+            &json!({"type": "m.room.member", "event_id": "$m", "room_id": "!r:x.org",
+            "sender": "@a:x.org", "state_key": "@a:x.org", "content": {"membership": "dance"}}),
+        );
         assert_eq!(dance.member().unwrap().membership, None);
         let levels = parse(&json!({"type": "m.room.power_levels", "event_id": "$p",
             "room_id": "!r:x.org", "sender": "@a:x.org", "state_key": "",
@@ -735,10 +773,16 @@ mod tests {
         let stored = serde_json::to_string(&old).unwrap();
         let again = RoomEvent::parse(&stored).unwrap();
         assert_eq!(again, old);
-        assert_eq!(again.message().unwrap().file.as_ref().unwrap()["key"]["k"], "s");
+        assert_eq!(
+            again.message().unwrap().file.as_ref().unwrap()["key"]["k"],
+            "s"
+        );
         for content in [json!({}), json!("x"), json!({"body": "b"})] {
             let event = parse(&message(content));
-            assert_eq!(RoomEvent::parse(&serde_json::to_string(&event).unwrap()).unwrap(), event);
+            assert_eq!(
+                RoomEvent::parse(&serde_json::to_string(&event).unwrap()).unwrap(),
+                event
+            );
         }
         for state in [
             json!({"type": "m.room.create", "event_id": "$c", "room_id": "!r:x.org",
@@ -748,7 +792,10 @@ mod tests {
                    "sender": "@a:x.org", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}),
         ] {
             let event = parse(&state);
-            assert_eq!(RoomEvent::parse(&serde_json::to_string(&event).unwrap()).unwrap(), event);
+            assert_eq!(
+                RoomEvent::parse(&serde_json::to_string(&event).unwrap()).unwrap(),
+                event
+            );
         }
     }
 }

@@ -278,8 +278,10 @@ mod tests {
     }
 
     fn member(user: &str, membership: &str, name: Option<&str>) -> RoomEvent {
-        ev(json!({"type": "m.room.member", "state_key": user, "sender": "@s:x.org",
-               "room_id": "!r:x.org", "content": {"membership": membership, "displayname": name}}))
+        ev(
+            json!({"type": "m.room.member", "state_key": user, "sender": "@s:x.org",
+               "room_id": "!r:x.org", "content": {"membership": membership, "displayname": name}}),
+        )
     }
 
     #[test]
@@ -301,8 +303,10 @@ mod tests {
         room.apply_event(&member("@b:x.org", "leave", None));
         room.apply_event(&member("@b:x.org", "ban", None));
         assert_eq!(room.joined_count(), 1);
-        room.apply_event(&ev(json!({"type": "m.room.member", "state_key": "not-a-user",
-            "content": {"membership": "join"}})));
+        room.apply_event(&ev(
+            json!({"type": "m.room.member", "state_key": "not-a-user",
+            "content": {"membership": "join"}}),
+        ));
         room.apply_event(&member("@c:x.org", "dance", None));
         assert_eq!(room.joined_count(), 1);
     }
@@ -312,22 +316,24 @@ mod tests {
         let alice = UserId::parse("@alice:x.org").unwrap();
         let bob = UserId::parse("@bob:x.org").unwrap();
         let mut room = RoomState::default();
-        room.apply_event(
-            &ev(json!({"type": "m.room.create", "state_key": "", "sender": "@alice:x.org",
-                                 "content": {"room_version": "10"}})),
-        );
+        room.apply_event(&ev(
+            json!({"type": "m.room.create", "state_key": "", "sender": "@alice:x.org",
+                                 "content": {"room_version": "10"}}),
+        ));
         assert!(room.can_notify_room(&alice));
         assert!(!room.can_notify_room(&bob));
         room.apply_event(&ev(json!({"type": "m.room.power_levels", "state_key": "",
             "content": {"users": {"@alice:x.org": 100, "@bob:x.org": "30"}, "notifications": {"room": 20}}})));
         assert!(room.can_notify_room(&bob));
         assert_eq!(room.power_level(&bob), 30);
-        room.apply_event(
-            &ev(json!({"type": "m.room.create", "state_key": "", "sender": "@bob:x.org",
-                                 "content": {"room_version": "12"}})),
-        );
+        room.apply_event(&ev(
+            json!({"type": "m.room.create", "state_key": "", "sender": "@bob:x.org",
+                                 "content": {"room_version": "12"}}),
+        ));
         assert_eq!(room.power_level(&bob), i64::MAX);
-        room.apply_event(&ev(json!({"type": "m.room.encryption", "state_key": "", "content": {}})));
+        room.apply_event(&ev(
+            json!({"type": "m.room.encryption", "state_key": "", "content": {}}),
+        ));
         assert!(room.encrypted);
     }
 

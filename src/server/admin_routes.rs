@@ -125,9 +125,7 @@ async fn queue(State(crew): State<Arc<Service>>) -> Response {
             .pending_for(&agent)
             .unwrap_or_default()
             .iter()
-            .map(|queued| {
-                Value::from(queued.wake.event.event_id.as_str())
-            })
+            .map(|queued| Value::from(queued.wake.event.event_id.as_str()))
             .collect();
         pending.insert(agent.to_string(), Value::Array(events));
     }

@@ -23,8 +23,8 @@ use crate::agent::team::Team;
 use crate::appservice::inbox::Inbox;
 use crate::appservice::{self, AppserviceState};
 use crate::config::{Config, Loaded};
-use crate::dispatch::queue::WakeQueue;
 use crate::dispatch::DispatchService;
+use crate::dispatch::queue::WakeQueue;
 use crate::dispatch::service::DispatchServiceError;
 use crate::matrix::{MatrixClient, MatrixError};
 use crate::registration::Registration;
@@ -239,17 +239,14 @@ pub(crate) async fn open(
         let server_name = config.homeserver.server_name.to_string();
         Box::new(move |user: &UserId| registration.is_ours(user.as_str(), &server_name))
     };
-    let dispatch = DispatchService::open(
-        &store,
-        dispatch_config,
-        roster,
-        roster_generation,
-        is_ours,
-    )
-    .map_err(|error| match error {
-        DispatchServiceError::Store(error) => ServeError::Store(error),
-        DispatchServiceError::Config(error) => StartupError::Config(error.to_string()).into(),
-    })?;
+    let dispatch =
+        DispatchService::open(&store, dispatch_config, roster, roster_generation, is_ours)
+            .map_err(|error| match error {
+                DispatchServiceError::Store(error) => ServeError::Store(error),
+                DispatchServiceError::Config(error) => {
+                    StartupError::Config(error.to_string()).into()
+                }
+            })?;
     let queue = WakeQueue::open(&store)?;
     let outbox = crate::outbox::Outbox::open(&store)?;
 

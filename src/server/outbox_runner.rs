@@ -307,9 +307,9 @@ pub(super) async fn seed_room(crew: &Service, agent: &UserId, room: &RoomId) {
                             .or_insert_with(|| serde_json::Value::from(room.as_str()));
                     }
                     crate::dispatch::RoomEvent::from_json(&event)
-                        .inspect_err(|error| {
-                            tracing::warn!(%error, %room, "skipping a room state event")
-                        })
+                        .inspect_err(
+                            |error| tracing::warn!(%error, %room, "skipping a room state event"),
+                        )
                         .ok()
                 })
                 .collect();

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::Service;
 use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
-use crate::dispatch::event::RoomEvent;
 use crate::dispatch::Membership;
+use crate::dispatch::event::RoomEvent;
 use crate::dispatch::queue::PendingWake;
 use crate::dispatch::{Decision, Signal};
 use crate::matrix::OutgoingMessage;
@@ -136,19 +136,16 @@ fn handle(crew: &Arc<Service>, event: &RoomEvent) -> (Vec<PendingWake>, Vec<Stag
 /// Runs the dispatcher on one event (reloading the roster first if it changed); the dispatch
 /// service saves the room's state.
 fn dispatch(crew: &Service, event: &RoomEvent) -> Decision {
-    let decision = crew.dispatch.dispatch(
-        event,
-        now_ms(),
-        crew.team.registry.generation(),
-        || {
+    let decision = crew
+        .dispatch
+        .dispatch(event, now_ms(), crew.team.registry.generation(), || {
             super::dispatch_roster(
                 &crew.config,
                 &crew.manager,
                 crew.agents.manager_name(),
                 &crew.team,
             )
-        },
-    );
+        });
     tracing::debug!(
         woken = ?decision.wakes.iter().map(|w| w.agent.as_str()).collect::<Vec<_>>(),
         ignored = ?decision.ignored,
