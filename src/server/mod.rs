@@ -380,7 +380,19 @@ pub(crate) async fn open(
 }
 
 /// Runs until `shutdown` is cancelled or a listener fails.
-pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve(mut loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+    // Bound before the services open, and the config given the bound addresses: a configured
+    // port may be 0 (any free one), and what the services hand out (the gateway's route URLs
+    // for agents) must name the port actually bound.
+    let appservice_listener = bind("appservice API", loaded.config.appservice.bind).await?;
+    let gateway_listener = bind("credential gateway", loaded.config.gateway.bind).await?;
+    let admin_listener = bind("admin API", loaded.config.admin_api.bind).await?;
+    loaded.config.appservice.bind =
+        bound_addr("appservice API", &appservice_listener, loaded.config.appservice.bind)?;
+    loaded.config.gateway.bind =
+        bound_addr("credential gateway", &gateway_listener, loaded.config.gateway.bind)?;
+    loaded.config.admin_api.bind =
+        bound_addr("admin API", &admin_listener, loaded.config.admin_api.bind)?;
     let Opened {
         crew,
         state,
@@ -388,23 +400,18 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         internal_receiver,
     } = open(loaded, shutdown.clone()).await?;
     let config = &crew.config;
-    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
-    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
-    let admin_listener = bind("admin API", config.admin_api.bind).await?;
-    // The bound address (the configured port may be 0: any free one), for the CLI and tests.
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            what: "admin API",
-            addr: config.admin_api.bind,
+    // The bound addresses, for the CLI, scripts and tests (`admin.addr`, `gateway.addr`,
+    // `appservice.addr` in the data directory).
+    for (path, addr) in [
+        (config.admin_addr_path(), config.admin_api.bind),
+        (config.gateway_addr_path(), config.gateway.bind),
+        (config.appservice_addr_path(), config.appservice.bind),
+    ] {
+        std::fs::write(&path, addr.to_string()).map_err(|source| ServeError::DataDir {
+            path: path.display().to_string(),
             source,
         })?;
-    std::fs::write(config.admin_addr_path(), admin_addr.to_string()).map_err(|source| {
-        ServeError::DataDir {
-            path: config.admin_addr_path().display().to_string(),
-            source,
-        }
-    })?;
+    }
     let admin_token =
         crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
             ServeError::DataDir {
@@ -533,7 +540,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     tracing::info!(
         manager = %crew.manager,
         appservice = %crew.config.appservice.bind,
-        admin_api = %admin_addr,
+        admin_api = %crew.config.admin_api.bind,
+        gateway = %crew.config.gateway.bind,
         "crew is ready"
     );
 
@@ -645,6 +653,19 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpLis
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// The address `listener` is bound to (the configured one, with the port filled in when 0).
+fn bound_addr(
+    what: &'static str,
+    listener: &tokio::net::TcpListener,
+    configured: SocketAddr,
+) -> Result<SocketAddr, ServeError> {
+    listener.local_addr().map_err(|source| ServeError::Bind {
+        what,
+        addr: configured,
+        source,
+    })
 }
 
 /// Listens on a Unix socket at `path`, replacing a stale one a previous run left.
