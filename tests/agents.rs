@@ -373,6 +373,11 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
     let admin = env.admin().await;
     let manager = env.manager_id();
     let alice_room = alice_with_the_login_task(&env).await;
+    // The task exists once the Manager has mentioned alice about it (asked earlier, `!crew
+    // workers` could be answered before the assignment).
+    admin
+        .wait_for_message(&alice_room, &manager, "new task **t-1**")
+        .await;
 
     // "What is everyone doing?" without the LLM: alice, her open task.
     admin

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use matrix_crew::clock::Clock;
 use matrix_crew::gateway::{
     ConsumerPolicy, Gateway, GatewayConfig, Injection, RouteConfig, RouteKind, SecretSource,
 };
-use matrix_crew::clock::Clock;
 use matrix_crew::llm::{
     ChatRequest, LlmClient, LlmConfig, LlmError, Message, ResponseFormat, Tool,
 };

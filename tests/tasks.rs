@@ -858,5 +858,9 @@ async fn a_quiet_time_in_seconds_is_given_to_new_tasks_until_set_in_minutes() {
     assert_eq!(task.quiet_ms(), 3_000);
     assert_eq!(task.quiet_minutes, 1, "shown rounded up to whole minutes");
     let task = tasks.set_quiet_minutes(&task.id, 2, T0).expect("minutes");
-    assert_eq!(task.quiet_ms(), 120_000, "minutes set later replace the seconds");
+    assert_eq!(
+        task.quiet_ms(),
+        120_000,
+        "minutes set later replace the seconds"
+    );
 }

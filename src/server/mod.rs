@@ -384,15 +384,14 @@ pub async fn serve(mut loaded: Loaded, shutdown: CancellationToken) -> Result<()
     // Bound before the services open, and the config given the bound addresses: a configured
     // port may be 0 (any free one), and what the services hand out (the gateway's route URLs
     // for agents) must name the port actually bound.
-    let appservice_listener = bind("appservice API", loaded.config.appservice.bind).await?;
-    let gateway_listener = bind("credential gateway", loaded.config.gateway.bind).await?;
-    let admin_listener = bind("admin API", loaded.config.admin_api.bind).await?;
-    loaded.config.appservice.bind =
-        bound_addr("appservice API", &appservice_listener, loaded.config.appservice.bind)?;
-    loaded.config.gateway.bind =
-        bound_addr("credential gateway", &gateway_listener, loaded.config.gateway.bind)?;
-    loaded.config.admin_api.bind =
-        bound_addr("admin API", &admin_listener, loaded.config.admin_api.bind)?;
+    let (appservice_listener, appservice_addr) =
+        bind("appservice API", loaded.config.appservice.bind).await?;
+    let (gateway_listener, gateway_addr) =
+        bind("credential gateway", loaded.config.gateway.bind).await?;
+    let (admin_listener, admin_addr) = bind("admin API", loaded.config.admin_api.bind).await?;
+    loaded.config.appservice.bind = appservice_addr;
+    loaded.config.gateway.bind = gateway_addr;
+    loaded.config.admin_api.bind = admin_addr;
     let Opened {
         crew,
         state,
@@ -649,23 +648,16 @@ impl ListenerFailure {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { what, addr, source })
-}
-
-/// The address `listener` is bound to (the configured one, with the port filled in when 0).
-fn bound_addr(
+/// Listens on `addr`; the listener and the address it is bound to (the port filled in when
+/// `addr` asks for port 0).
+async fn bind(
     what: &'static str,
-    listener: &tokio::net::TcpListener,
-    configured: SocketAddr,
-) -> Result<SocketAddr, ServeError> {
-    listener.local_addr().map_err(|source| ServeError::Bind {
-        what,
-        addr: configured,
-        source,
-    })
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let error = |source| ServeError::Bind { what, addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }
 
 /// Listens on a Unix socket at `path`, replacing a stale one a previous run left.

@@ -168,7 +168,7 @@ impl CrewEnv {
             .unwrap_or_else(|| panic!("crew serve wrote the address it bound to {file}"))
     }
 
-        /// SIGKILL: no shutdown code runs.
+    /// SIGKILL: no shutdown code runs.
     pub fn kill_crew(&mut self) {
         if let Some(crew) = self.crew.as_mut() {
             crew.kill();
