@@ -310,6 +310,19 @@ impl Config {
     pub fn admin_addr_path(&self) -> PathBuf {
         self.data_dir.join("admin.addr")
     }
+
+    /// Where `crew serve` writes the credential gateway's bound address (`gateway.bind` may be
+    /// `127.0.0.1:0`).
+    pub fn gateway_addr_path(&self) -> PathBuf {
+        self.data_dir.join("gateway.addr")
+    }
+
+    /// Where `crew serve` writes the appservice listener's bound address. With
+    /// `appservice.bind` on port 0 the registration's `url` must be written from it before the
+    /// homeserver loads the registration.
+    pub fn appservice_addr_path(&self) -> PathBuf {
+        self.data_dir.join("appservice.addr")
+    }
 }
 
 fn resolve(base: &Path, path: &Path) -> PathBuf {

@@ -364,15 +364,20 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
     script_the_manager(&llm);
     // alice answers but never records progress.
     llm.set_default(Reply::text("looking into it"));
-    // The shortest settings: a beat a minute, one quiet minute allowed.
+    // A beat a second, three quiet seconds allowed (the settings in seconds exist for this).
     let env = crew_with_llm_and(
         &llm,
-        "\n[tasks]\nheartbeat_minutes = 1\ndefault_quiet_minutes = 1\n",
+        "\n[tasks]\nheartbeat_secs = 1\ndefault_quiet_secs = 3\n",
     )
     .await;
     let admin = env.admin().await;
     let manager = env.manager_id();
     let alice_room = alice_with_the_login_task(&env).await;
+    // The task exists once the Manager has mentioned alice about it (asked earlier, `!crew
+    // workers` could be answered before the assignment).
+    admin
+        .wait_for_message(&alice_room, &manager, "new task **t-1**")
+        .await;
 
     // "What is everyone doing?" without the LLM: alice, her open task.
     admin
@@ -401,8 +406,9 @@ async fn the_heartbeat_nudges_a_quiet_task_then_tells_the_human() {
                 .count()
         }
     };
-    // Up to two beats for the nudge, two more for telling the human.
-    let beats = Duration::from_secs(4 * 60 + 30);
+    // The nudge comes a quiet time (3 s) and at most a beat (1 s) after the assignment, telling
+    // the human as long again after the nudge; the deadline leaves room for a loaded machine.
+    let beats = Duration::from_secs(30);
     tools::wait_for("the nudge", beats, || async {
         (said_by_manager("has been quiet").await > 0).then_some(())
     })
@@ -1196,7 +1202,7 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
     // A minutely task is below the default minimum period (limits.min_recurring_minutes).
     let env = crew_with_llm_and(
         &llm,
-        "\n[tasks]\nheartbeat_minutes = 1\n\n[limits]\nmin_recurring_minutes = 1\n",
+        "\n[tasks]\nheartbeat_secs = 1\n\n[limits]\nmin_recurring_minutes = 1\n",
     )
     .await;
     let admin = env.admin().await;
@@ -1211,8 +1217,10 @@ async fn a_recurring_task_assigned_by_chat_is_started_by_the_heartbeat() {
             &[&manager],
         )
         .await;
-    // t-1 is the template; the heartbeat starts t-2, a run of it, and mentions alice.
-    let beats = Duration::from_secs(3 * 60);
+    // t-1 is the template; the heartbeat starts t-2, a run of it, and mentions alice. Cron runs
+    // on whole minutes, so the run is due at the next minute's start (up to 60 s away: that is
+    // the schedule, not the heartbeat), and a beat (every second) starts it.
+    let beats = Duration::from_secs(60 + 30);
     let run = tools::wait_for("the first run of the recurring task", beats, || async {
         admin
             .messages_from(&alice_room, &manager)

@@ -1,8 +1,10 @@
 //! The credential gateway and the LLM client, end to end over loopback HTTP.
 //!
 //! Every test starts a real gateway (with a real sled store on disk) in front of the scripted
-//! OpenAI-compatible upstream, and talks to it with a real HTTP client. Time-dependent rules
-//! (rates, budgets, grace periods, timeouts, retries) run with paused tokio time, never sleeps.
+//! OpenAI-compatible upstream, and talks to it with a real HTTP client. Rules that span minutes
+//! or days (rates, budgets, grace periods) read the gateway's injectable clock, which a test
+//! moves forward ([`Harness::advance`]); timeouts and retries run on real time, configured short.
+//! Nothing pauses tokio's time: these tests use real sockets, whose timers must keep running.
 
 #[path = "support/scripted_llm.rs"]
 mod scripted_llm;
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use matrix_crew::clock::Clock;
 use matrix_crew::gateway::{
     ConsumerPolicy, Gateway, GatewayConfig, Injection, RouteConfig, RouteKind, SecretSource,
 };
@@ -76,6 +79,8 @@ struct Harness {
     dir: tempfile::TempDir,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The gateway's clock (a clone: moving it moves the gateway's time).
+    clock: Clock,
 }
 
 fn config_for(upstream: &ScriptedLlm, dir: &Path) -> GatewayConfig {
@@ -121,7 +126,9 @@ impl Harness {
         let mut config = config_for(&upstream, dir.path());
         tweak(&mut config);
         let store = Store::open(&dir.path().join("db")).unwrap();
-        let (gateway, base, cancel, server) = serve(config, store.clone(), dir.path()).await;
+        let clock = Clock::system();
+        let (gateway, base, cancel, server) =
+            serve_with_clock(config, store.clone(), dir.path(), clock.clone()).await;
         Self {
             upstream,
             gateway,
@@ -131,7 +138,13 @@ impl Harness {
             dir,
             cancel,
             server,
+            clock,
         }
+    }
+
+    /// Moves the gateway's clock forward: "tomorrow" without waiting for it.
+    fn advance(&self, by: Duration) {
+        self.clock.advance(by);
     }
 
     async fn stop(self) -> (ScriptedLlm, tempfile::TempDir) {
@@ -172,15 +185,22 @@ impl Harness {
     }
 
     fn llm(&self, token: &str) -> LlmClient {
-        LlmClient::new(
-            &format!("{}/llm", self.base).parse().unwrap(),
-            matrix_crew::secret::Secret::new(token),
+        self.llm_with(
+            token,
             LlmConfig {
                 initial_backoff_ms: 1000,
                 max_backoff_ms: 10_000,
                 max_retries: 3,
                 ..LlmConfig::default()
             },
+        )
+    }
+
+    fn llm_with(&self, token: &str, config: LlmConfig) -> LlmClient {
+        LlmClient::new(
+            &format!("{}/llm", self.base).parse().unwrap(),
+            matrix_crew::secret::Secret::new(token),
+            config,
         )
         .unwrap()
     }
@@ -196,7 +216,21 @@ async fn serve(
     CancellationToken,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
-    let gateway = Gateway::with_env(config, store, data_dir, &env).unwrap();
+    serve_with_clock(config, store, data_dir, Clock::system()).await
+}
+
+async fn serve_with_clock(
+    config: GatewayConfig,
+    store: Store,
+    data_dir: &Path,
+    clock: Clock,
+) -> (
+    Arc<Gateway>,
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let gateway = Gateway::with_clock(config, store, data_dir, &env, clock).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
@@ -426,21 +460,22 @@ async fn an_unreachable_upstream_is_502() {
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_silent_upstream_is_504() {
-    let h = Harness::start(|config| config.upstream_timeout_secs = 30).await;
+    // The shortest timeout the setting allows, on real time.
+    let h = Harness::start(|config| config.upstream_timeout_secs = 1).await;
     let token = h.token("agent-a").await;
     let gate = Gate::new();
     h.upstream.push(Reply::text("late").hold(&gate));
     let started = tokio::time::Instant::now();
     let answer = h.chat(Some(&token), chat_body("m")).await;
     answer.assert_refused(504, "upstream_timeout");
-    assert!(started.elapsed() >= Duration::from_secs(30));
+    assert!(started.elapsed() >= Duration::from_secs(1));
     gate.release();
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn request_rate_is_limited_per_consumer() {
     let h = Harness::start(|_| {}).await;
     let limited = h
@@ -462,13 +497,13 @@ async fn request_rate_is_limited_per_consumer() {
     assert!((1..=30).contains(&wait), "Retry-After {wait}");
     assert_eq!(h.chat(Some(&other), chat_body("m")).await.status, 200);
 
-    tokio::time::advance(Duration::from_secs(wait)).await;
+    h.advance(Duration::from_secs(wait));
     assert_eq!(h.chat(Some(&limited), chat_body("m")).await.status, 200);
     assert_eq!(h.upstream.requests().len(), 4);
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_daily_token_budget_is_charged_and_renews() {
     let h = Harness::start(|_| {}).await;
     let token = h
@@ -508,7 +543,7 @@ async fn the_daily_token_budget_is_charged_and_renews() {
         "a refused request is not forwarded"
     );
 
-    tokio::time::advance(Duration::from_secs(wait)).await;
+    h.advance(Duration::from_secs(wait));
     assert_eq!(h.chat(Some(&token), chat_body("m")).await.status, 200);
     assert_eq!(
         h.gateway.usage().unwrap().len(),
@@ -556,10 +591,8 @@ async fn concurrent_requests_are_limited() {
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn rotation_keeps_the_old_token_for_the_grace_period_and_revocation_is_immediate() {
-    // A long grace period: under paused time the clock may also jump ahead by a pending timer
-    // (e.g. an idle-connection timer) while the store waits for its fsync thread.
     let h = Harness::start(|config| config.rotation_grace_secs = 86_400).await;
     let old = h.token("agent-a").await;
     assert_eq!(h.chat(Some(&old), chat_body("m")).await.status, 200);
@@ -575,7 +608,7 @@ async fn rotation_keeps_the_old_token_for_the_grace_period_and_revocation_is_imm
     assert_eq!(h.chat(Some(&old), chat_body("m")).await.status, 200);
     assert_eq!(h.chat(Some(&new), chat_body("m")).await.status, 200);
 
-    tokio::time::advance(Duration::from_secs(86_401)).await;
+    h.advance(Duration::from_secs(86_401));
     h.chat(Some(&old), chat_body("m"))
         .await
         .assert_refused(401, "token_expired");
@@ -917,7 +950,7 @@ async fn unauthenticated_refusals_are_counted_but_never_stored() {
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_global_budget_caps_all_consumers_and_says_so() {
     let h = Harness::start(|config| config.global_daily_token_budget = 40).await;
     let a = h.token("agent-a").await;
@@ -955,12 +988,12 @@ async fn the_global_budget_caps_all_consumers_and_says_so() {
     );
     assert_eq!(h.upstream.requests().len(), 2);
     // The next UTC day renews it.
-    tokio::time::advance(Duration::from_secs(86_400)).await;
+    h.advance(Duration::from_secs(86_400));
     assert_eq!(h.chat(Some(&a), chat_body("m")).await.status, 200);
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_budget_check_counts_the_requests_max_tokens() {
     let h = Harness::start(|_| {}).await;
     let token = h
@@ -1109,14 +1142,23 @@ async fn the_llm_client_calls_tools_streams_and_uses_json_mode_through_the_gatew
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_llm_client_retries_429_and_5xx_with_backoff() {
     let h = Harness::start(|_| {}).await;
     let token = h.token("agent-a").await;
-    let llm = h.llm(&token);
+    // Short backoffs on real time: the rule (doubling, at least Retry-After) is what counts.
+    let llm = h.llm_with(
+        &token,
+        LlmConfig {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 10_000,
+            max_retries: 3,
+            ..LlmConfig::default()
+        },
+    );
     h.upstream.push(Reply::error(500, "server_error", "boom"));
     h.upstream
-        .push(Reply::error(429, "rate_limit_exceeded", "slow down").retry_after(5));
+        .push(Reply::error(429, "rate_limit_exceeded", "slow down").retry_after(1));
     h.upstream.push(Reply::error(503, "overloaded", "busy"));
     let started = tokio::time::Instant::now();
     let answer = llm
@@ -1125,8 +1167,9 @@ async fn the_llm_client_retries_429_and_5xx_with_backoff() {
         .unwrap();
     assert_eq!(answer.message().unwrap().content.as_deref(), Some("ok"));
     assert_eq!(h.upstream.requests().len(), 4);
-    // 1 s (±20 %), then at least the 5 s Retry-After, then 4 s (±20 %).
-    assert!(started.elapsed() >= Duration::from_millis(800 + 5000 + 3200));
+    // 100 ms (±20 %), then at least the 1 s Retry-After (more than the 200 ms backoff), then
+    // 400 ms (±20 %).
+    assert!(started.elapsed() >= Duration::from_millis(80 + 1000 + 320));
 
     // Streams retry too, before the first chunk.
     h.upstream.push(Reply::error(502, "bad_gateway", "down"));
@@ -1153,7 +1196,7 @@ async fn the_llm_client_retries_429_and_5xx_with_backoff() {
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_llm_client_does_not_retry_budget_exhausted() {
     let h = Harness::start(|_| {}).await;
     let token = h

@@ -822,14 +822,15 @@ async fn the_heartbeat_wakes_the_worker_of_a_quiet_project_task_directly() {
     script_the_workers(&llm, None);
     let env = crew_with_team(
         &llm,
-        "\n[tasks]\nheartbeat_minutes = 1\ndefault_quiet_minutes = 1\n",
+        "\n[tasks]\nheartbeat_secs = 1\ndefault_quiet_secs = 5\n",
     )
     .await;
     let admin = env.admin().await;
     let (_, project_room) = confirmed_mvp(&env).await;
 
-    // Up to two beats for the nudge; then the project completes by itself.
-    let noted = tools::wait_for("the nudge", Duration::from_secs(150), || async {
+    // A quiet time (5 s) and a beat (1 s) for the nudge, with room for a loaded machine; then
+    // the project completes by itself.
+    let noted = tools::wait_for("the nudge", Duration::from_secs(30), || async {
         manager_said(&admin, &project_room, "has been quiet; I asked Bob")
             .await
             .into_iter()

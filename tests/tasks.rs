@@ -828,4 +828,39 @@ fn config_defaults_and_checks() {
             .to_string()
             .contains("heartbeat_minutes")
     );
+    // Seconds replace minutes, for tests and demonstrations.
+    let quick: TaskConfig =
+        toml::from_str("heartbeat_secs = 2\ndefault_quiet_secs = 3").expect("seconds");
+    assert_eq!(quick.heartbeat_interval().as_secs(), 2);
+    let zero_secs = TaskConfig {
+        heartbeat_secs: Some(0),
+        ..TaskConfig::default()
+    };
+    assert!(
+        zero_secs
+            .check()
+            .expect_err("zero")
+            .to_string()
+            .contains("heartbeat_secs")
+    );
+}
+
+#[tokio::test]
+async fn a_quiet_time_in_seconds_is_given_to_new_tasks_until_set_in_minutes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("db")).expect("store");
+    let config = TaskConfig {
+        default_quiet_secs: Some(3),
+        ..TaskConfig::default()
+    };
+    let tasks = Tasks::open(&store, storage_in(dir.path()).await, &config).expect("tasks");
+    let task = new_task(&tasks, "quick", "alice", T0).await;
+    assert_eq!(task.quiet_ms(), 3_000);
+    assert_eq!(task.quiet_minutes, 1, "shown rounded up to whole minutes");
+    let task = tasks.set_quiet_minutes(&task.id, 2, T0).expect("minutes");
+    assert_eq!(
+        task.quiet_ms(),
+        120_000,
+        "minutes set later replace the seconds"
+    );
 }

@@ -33,6 +33,7 @@ pub use admin::admin_router;
 pub use config::{ConsumerPolicy, GatewayConfig, Injection, RouteConfig, RouteKind, SecretSource};
 pub use consumers::{ConsumerRecord, TOKEN_PREFIX};
 
+use crate::clock::Clock;
 use crate::secret::Secret;
 use crate::store::{Store, StoreError, Tree};
 use consumers::{PreviousToken, TokenRef, derive_token, token_hash};
@@ -130,6 +131,7 @@ pub struct Gateway {
     audit: Tree<u64, AuditRecord>,
     accounting: accounting::Accounting,
     known_tokens: KnownTokens,
+    /// What budgets, rate buckets and grace periods read; tests move it (see [`Gateway::with_clock`]).
     clock: Clock,
     limits: limits::Limits,
     http: UpstreamClient,
@@ -221,30 +223,6 @@ impl KnownTokens {
     }
 }
 
-/// Wall-clock milliseconds that follow tokio's clock, so tests with paused time can move days
-/// forward (budgets, grace periods) without sleeping.
-struct Clock {
-    wall_start_ms: u64,
-    start: tokio::time::Instant,
-}
-
-impl Clock {
-    fn new() -> Self {
-        let wall_start_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Self {
-            wall_start_ms,
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.wall_start_ms + self.start.elapsed().as_millis() as u64
-    }
-}
-
 /// The upstream client: TLS through rustls with the ring provider and the webpki roots, HTTP/1,
 /// `TCP_NODELAY`, up to 64 idle connections per upstream kept for 90 s.
 fn upstream_client() -> Result<UpstreamClient, GatewayError> {
@@ -308,6 +286,18 @@ impl Gateway {
         data_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Arc<Self>, GatewayError> {
+        Self::with_clock(config, store, data_dir, env, Clock::system())
+    }
+
+    /// As [`Gateway::with_env`], reading time from `clock`: a test that keeps a clone of it
+    /// moves days forward (budgets, grace periods, rate windows) over real sockets.
+    pub fn with_clock(
+        config: GatewayConfig,
+        store: Store,
+        data_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        clock: Clock,
+    ) -> Result<Arc<Self>, GatewayError> {
         config.check()?;
         let secret = config::load_gateway_secret(config.secret.as_ref(), data_dir, env)?;
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -357,7 +347,6 @@ impl Gateway {
         // Redirects are never followed: the consumer gets the 3xx as it is, and the injected
         // credential never travels to wherever the upstream points.
         let http = upstream_client()?;
-        let clock = Clock::new();
         let usage = store.tree(USAGE_TREE)?;
         let audit = store.tree(AUDIT_TREE)?;
         let accounting = accounting::Accounting::new(

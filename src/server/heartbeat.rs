@@ -1,4 +1,4 @@
-//! The Manager's heartbeat: every `tasks.heartbeat_minutes` it looks at the open tasks, nudges a
+//! The Manager's heartbeat: every `tasks.heartbeat_minutes` (or `tasks.heartbeat_secs`) it looks at the open tasks, nudges a
 //! Worker whose task went quiet, tells the person after a second silence, starts the due runs of
 //! recurring tasks (a new task, announced to its Worker like an assignment), and posts a short
 //! report in each admin's DM only when something changed. An action is recorded only after it

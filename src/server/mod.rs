@@ -330,7 +330,18 @@ pub(crate) async fn open(
 }
 
 /// Runs until `shutdown` is cancelled or a listener fails.
-pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve(mut loaded: Loaded, shutdown: CancellationToken) -> Result<(), ServeError> {
+    // Bound before the services open, and the config given the bound addresses: a configured
+    // port may be 0 (any free one), and what the services hand out (the gateway's route URLs
+    // for agents) must name the port actually bound.
+    let (appservice_listener, appservice_addr) =
+        bind("appservice API", loaded.config.appservice.bind).await?;
+    let (gateway_listener, gateway_addr) =
+        bind("credential gateway", loaded.config.gateway.bind).await?;
+    let (admin_listener, admin_addr) = bind("admin API", loaded.config.admin_api.bind).await?;
+    loaded.config.appservice.bind = appservice_addr;
+    loaded.config.gateway.bind = gateway_addr;
+    loaded.config.admin_api.bind = admin_addr;
     let Opened {
         crew,
         state,
@@ -338,23 +349,18 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         internal_receiver,
     } = open(loaded, shutdown.clone()).await?;
     let config = &crew.config;
-    let appservice_listener = bind("appservice API", config.appservice.bind).await?;
-    let gateway_listener = bind("credential gateway", config.gateway.bind).await?;
-    let admin_listener = bind("admin API", config.admin_api.bind).await?;
-    // The bound address (the configured port may be 0: any free one), for the CLI and tests.
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            what: "admin API",
-            addr: config.admin_api.bind,
+    // The bound addresses, for the CLI, scripts and tests (`admin.addr`, `gateway.addr`,
+    // `appservice.addr` in the data directory).
+    for (path, addr) in [
+        (config.admin_addr_path(), config.admin_api.bind),
+        (config.gateway_addr_path(), config.gateway.bind),
+        (config.appservice_addr_path(), config.appservice.bind),
+    ] {
+        std::fs::write(&path, addr.to_string()).map_err(|source| ServeError::DataDir {
+            path: path.display().to_string(),
             source,
         })?;
-    std::fs::write(config.admin_addr_path(), admin_addr.to_string()).map_err(|source| {
-        ServeError::DataDir {
-            path: config.admin_addr_path().display().to_string(),
-            source,
-        }
-    })?;
+    }
     let admin_token =
         crate::admin::load_or_create_token(&config.admin_token_path()).map_err(|source| {
             ServeError::DataDir {
@@ -483,7 +489,8 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
     tracing::info!(
         manager = %crew.manager,
         appservice = %crew.config.appservice.bind,
-        admin_api = %admin_addr,
+        admin_api = %crew.config.admin_api.bind,
+        gateway = %crew.config.gateway.bind,
         "crew is ready"
     );
 
@@ -587,10 +594,16 @@ impl ListenerFailure {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { what, addr, source })
+/// Listens on `addr`; the listener and the address it is bound to (the port filled in when
+/// `addr` asks for port 0).
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let error = |source| ServeError::Bind { what, addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }
 
 /// Listens on a Unix socket at `path`, replacing a stale one a previous run left.

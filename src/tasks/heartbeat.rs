@@ -44,8 +44,6 @@ pub enum HeartbeatAction {
     },
 }
 
-const MS_PER_MINUTE: u64 = 60_000;
-
 /// Decides this beat's actions. `reported_until_ms` is the watermark of the last posted report
 /// ([`Tasks::reported_until_ms`](super::Tasks::reported_until_ms)).
 ///
@@ -71,7 +69,7 @@ pub fn heartbeat(tasks: &[Task], reported_until_ms: u64, now_ms: u64) -> Vec<Hea
         if !matches!(task.state, TaskState::Assigned | TaskState::InProgress) {
             continue;
         }
-        let quiet_ms = task.quiet_minutes.saturating_mul(MS_PER_MINUTE);
+        let quiet_ms = task.quiet_ms();
         match task.last_nudge_ms {
             Some(nudged) if nudged >= task.last_progress_ms => {
                 let told = task.told_human_ms.is_some_and(|told| told >= nudged);
@@ -134,7 +132,7 @@ pub fn render_report(changed: &[Task]) -> String {
 mod tests {
     use super::*;
 
-    const MIN: u64 = MS_PER_MINUTE;
+    const MIN: u64 = 60_000;
 
     fn task(id: &str, state: TaskState, last_progress_ms: u64) -> Task {
         Task {
@@ -148,6 +146,7 @@ mod tests {
             updated_ms: last_progress_ms,
             last_progress_ms,
             quiet_minutes: 60,
+            quiet_secs: None,
             nudges: 0,
             last_nudge_ms: None,
             told_human_ms: None,
@@ -258,6 +257,18 @@ mod tests {
         short.quiet_minutes = 5;
         let long = task("t-2", TaskState::InProgress, 0);
         let actions = alerts(heartbeat(&[short, long], u64::MAX, 6 * MIN));
+        assert!(matches!(
+            actions.as_slice(),
+            [HeartbeatAction::Nudge { task, .. }] if task == "t-1"
+        ));
+    }
+
+    #[test]
+    fn a_quiet_time_in_seconds_replaces_the_minutes() {
+        let mut quick = task("t-1", TaskState::InProgress, 0);
+        quick.quiet_secs = Some(3);
+        assert!(alerts(heartbeat(std::slice::from_ref(&quick), u64::MAX, 3_000)).is_empty());
+        let actions = alerts(heartbeat(std::slice::from_ref(&quick), u64::MAX, 3_001));
         assert!(matches!(
             actions.as_slice(),
             [HeartbeatAction::Nudge { task, .. }] if task == "t-1"

@@ -81,9 +81,16 @@ pub struct TaskConfig {
     /// 15 by default: often enough to notice a stuck Worker within the hour, rare enough to cost
     /// nothing.
     pub heartbeat_minutes: u64,
+    /// Seconds between heartbeats; when set it replaces `heartbeat_minutes`. For tests and
+    /// demonstrations that cannot wait minutes for a beat.
+    pub heartbeat_secs: Option<u64>,
     /// Minutes a task may go without progress before its Worker is nudged, unless the task sets
     /// its own. After another such period without progress the human is told.
     pub default_quiet_minutes: u64,
+    /// Seconds a new task may stay quiet; when set it replaces `default_quiet_minutes` (for
+    /// tests and demonstrations). A Worker or admin who sets a task's quiet time in minutes
+    /// replaces it for that task.
+    pub default_quiet_secs: Option<u64>,
     /// Whether a project the Manager proposes starts at once, without the person's
     /// confirmation. Off by default: nothing starts before someone says yes. An admin who
     /// wants it automatic sets it in the config.
@@ -97,7 +104,9 @@ impl Default for TaskConfig {
     fn default() -> Self {
         Self {
             heartbeat_minutes: 15,
+            heartbeat_secs: None,
             default_quiet_minutes: 60,
+            default_quiet_secs: None,
             projects_start_without_confirmation: false,
             project_task_continuations: 3,
         }
@@ -117,13 +126,48 @@ impl TaskConfig {
                 "tasks.default_quiet_minutes must be at least 1".to_owned(),
             ));
         }
+        if self.heartbeat_secs == Some(0) {
+            return Err(TaskError::Config(
+                "tasks.heartbeat_secs must be at least 1 (or left out to use heartbeat_minutes)"
+                    .to_owned(),
+            ));
+        }
+        if self.default_quiet_secs == Some(0) {
+            return Err(TaskError::Config(
+                "tasks.default_quiet_secs must be at least 1 (or left out to use default_quiet_minutes)"
+                    .to_owned(),
+            ));
+        }
         Ok(())
     }
 
-    /// The heartbeat period, for the timer in the server.
+    /// The heartbeat period, for the timer in the server: `heartbeat_secs` when set, else
+    /// `heartbeat_minutes`.
     pub fn heartbeat_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.heartbeat_minutes.saturating_mul(60))
+        std::time::Duration::from_secs(
+            self.heartbeat_secs
+                .unwrap_or_else(|| self.heartbeat_minutes.saturating_mul(60)),
+        )
     }
+
+    /// The quiet time a new task gets: `default_quiet_secs` when set, else
+    /// `default_quiet_minutes`.
+    pub fn default_quiet(&self) -> QuietTime {
+        match self.default_quiet_secs {
+            Some(secs) => QuietTime::Seconds(secs),
+            None => QuietTime::Minutes(self.default_quiet_minutes),
+        }
+    }
+}
+
+/// How long a task may go without progress before a nudge, as it was set: in minutes (the
+/// unit people and agents use) or, from `tasks.default_quiet_secs`, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuietTime {
+    /// `tasks.default_quiet_minutes`, or what a Worker or admin set on the task.
+    Minutes(u64),
+    /// `tasks.default_quiet_secs`, for tests and demonstrations that cannot wait minutes.
+    Seconds(u64),
 }
 
 /// Where a task is in its life.
@@ -222,6 +266,10 @@ pub struct Task {
     pub last_progress_ms: u64,
     /// Allowed quiet time before a nudge.
     pub quiet_minutes: u64,
+    /// Allowed quiet time in seconds, when `tasks.default_quiet_secs` gave it; it replaces
+    /// `quiet_minutes` until the quiet time is set again in minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_secs: Option<u64>,
     /// How many nudges were sent over the task's life.
     pub nudges: u32,
     pub last_nudge_ms: Option<u64>,
@@ -245,6 +293,14 @@ pub struct Task {
 }
 
 impl Task {
+    /// How long the task may go without progress before a nudge, in milliseconds.
+    pub fn quiet_ms(&self) -> u64 {
+        match self.quiet_secs {
+            Some(secs) => secs.saturating_mul(1000),
+            None => self.quiet_minutes.saturating_mul(60_000),
+        }
+    }
+
     /// The number in the id, for sorting in creation order (`t-10` after `t-9`).
     pub fn number(&self) -> u64 {
         self.id
@@ -420,7 +476,7 @@ pub struct Tasks {
     tasks: Tree<String, Task>,
     meta: Tree<String, u64>,
     storage: Storage,
-    default_quiet_minutes: u64,
+    default_quiet: QuietTime,
     /// Serialises read-append-write of `progress.md` so concurrent notes are not lost. A tokio
     /// mutex because the storage calls await while it is held.
     append_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -430,7 +486,7 @@ impl fmt::Debug for Tasks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tasks")
             .field("storage", &self.storage.describe())
-            .field("default_quiet_minutes", &self.default_quiet_minutes)
+            .field("default_quiet", &self.default_quiet)
             .finish_non_exhaustive()
     }
 }
@@ -443,7 +499,7 @@ impl Tasks {
             tasks: store.tree(TASKS_TREE)?,
             meta: store.tree(META_TREE)?,
             storage,
-            default_quiet_minutes: config.default_quiet_minutes,
+            default_quiet: config.default_quiet(),
             append_lock: Default::default(),
         })
     }
@@ -535,7 +591,15 @@ impl Tasks {
             created_ms: now_ms,
             updated_ms: now_ms,
             last_progress_ms: now_ms,
-            quiet_minutes: self.default_quiet_minutes,
+            quiet_minutes: match self.default_quiet {
+                QuietTime::Minutes(minutes) => minutes,
+                // Shown in minutes where a person reads it; the seconds rule.
+                QuietTime::Seconds(secs) => secs.div_ceil(60),
+            },
+            quiet_secs: match self.default_quiet {
+                QuietTime::Minutes(_) => None,
+                QuietTime::Seconds(secs) => Some(secs),
+            },
             nudges: 0,
             last_nudge_ms: None,
             told_human_ms: None,
@@ -711,6 +775,7 @@ impl Tasks {
         }
         self.change(id, |task| {
             task.quiet_minutes = minutes;
+            task.quiet_secs = None;
             task.updated_ms = now_ms;
             Ok(())
         })
@@ -785,6 +850,7 @@ impl Tasks {
             now_ms,
         );
         instance.quiet_minutes = template.quiet_minutes;
+        instance.quiet_secs = template.quiet_secs;
         instance.recurrence_of = Some(template.id.clone());
         let template_spec = match self
             .storage

@@ -22,9 +22,12 @@ pub struct CrewEnv {
     pub synapse: Synapse,
     pub crew: Option<CrewProcess>,
     pub data_dir: PathBuf,
+    /// The appservice listener's port: probed, not reported (see [`CrewEnv::start_on`]).
     pub appservice_port: u16,
     /// The admin API's port, as the running crew reported it (it binds any free port).
     pub admin_port: u16,
+    /// The gateway's port, as the running crew reported it (it binds any free port; a restart
+    /// may get another one).
     pub gateway_port: u16,
     /// The homeserver URL crew is told to use (Synapse, or a relay in front of it).
     pub homeserver_url: String,
@@ -57,6 +60,13 @@ impl CrewEnv {
     ) -> CrewEnv {
         let root = tempfile::tempdir().unwrap();
         let data_dir = root.path().join("data");
+        // The one port still probed. Synapse reads the appservice URL from the registration
+        // once, at its start, and keeps it while crew is killed and restarted (the durability
+        // tests do that many times), so every run of crew must bind the same port. A port that
+        // crew got by binding port 0 lies in the kernel's ephemeral range, where any outgoing
+        // connection may take it while crew is down, and the restart would then fail to bind;
+        // `free_port` probes below that range. (crew does report the port it bound, in
+        // `appservice.addr`; `start_crew` checks it.) The admin API and the gateway bind port 0.
         let appservice_port = tools::free_port();
         let output = Command::new(crew_binary())
             .args([
@@ -76,12 +86,9 @@ impl CrewEnv {
             .output()
             .unwrap();
         assert!(output.status.success(), "crew init: {output:?}");
-        // Every environment gets its own gateway port, so tests can run side by side.
-        let gateway_port = tools::free_port();
+        // Any free port for the gateway: crew writes the one it bound to `gateway.addr`.
         let mut config = std::fs::read_to_string(data_dir.join("config.toml")).unwrap();
-        config.push_str(&format!(
-            "\n[gateway]\nbind = \"127.0.0.1:{gateway_port}\"\n"
-        ));
+        config.push_str("\n[gateway]\nbind = \"127.0.0.1:0\"\n");
         std::fs::write(data_dir.join("config.toml"), config).unwrap();
         edit_config(&data_dir.join("config.toml"));
         let synapse = Synapse::start_with_features(
@@ -98,7 +105,7 @@ impl CrewEnv {
             data_dir,
             appservice_port,
             admin_port: 0,
-            gateway_port,
+            gateway_port: 0,
             homeserver_url: String::new(),
             admin,
         };
@@ -142,12 +149,23 @@ impl CrewEnv {
         let mut crew = crew;
         crew.wait_for_log("crew is ready", Duration::from_secs(60))
             .await;
-        self.admin_port = std::fs::read_to_string(self.data_dir.join("admin.addr"))
+        self.admin_port = self.reported_port("admin.addr");
+        self.gateway_port = self.reported_port("gateway.addr");
+        assert_eq!(
+            self.reported_port("appservice.addr"),
+            self.appservice_port,
+            "appservice.addr names the port crew was told to bind"
+        );
+        self.crew = Some(crew);
+    }
+
+    /// The port in an address file `crew serve` wrote to the data directory.
+    fn reported_port(&self, file: &str) -> u16 {
+        std::fs::read_to_string(self.data_dir.join(file))
             .ok()
             .and_then(|addr| addr.trim().parse::<std::net::SocketAddr>().ok())
             .map(|addr| addr.port())
-            .expect("crew serve wrote the admin API's address to admin.addr");
-        self.crew = Some(crew);
+            .unwrap_or_else(|| panic!("crew serve wrote the address it bound to {file}"))
     }
 
     /// SIGKILL: no shutdown code runs.

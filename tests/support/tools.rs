@@ -60,6 +60,8 @@ pub fn run(command: &mut Command) -> Result<(), String> {
 /// A free TCP port on loopback (bound then released; the caller binds it next), below the
 /// kernel's ephemeral range (32768 and up on Linux): a port from that range can be taken by
 /// any outgoing connection while a killed `crew` is down, and its restart then fails to bind.
+/// The port stays reserved for this test process (see [`reserve_port`]), so that another test
+/// process probing at the same moment does not take it while its holder is down.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     /// Where this test process starts looking, spread by process id so that test binaries
@@ -76,11 +78,36 @@ pub fn free_port() -> u16 {
     for _ in 0..SPAN {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
         let port = LOW + (port - LOW) % SPAN;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if reserve_port(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
     panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
+}
+
+/// Reserves `port` for the rest of this process's life: an exclusive lock on a file named after
+/// it in the cache directory, held open until the process exits (the kernel drops the lock
+/// then, also on a crash). A crew killed with SIGKILL, or a Synapse restarted, binds its port
+/// again a moment later; without the reservation a test binary running beside this one could
+/// probe the port in that moment, find it free and take it. False when another process holds
+/// it.
+fn reserve_port(port: u16) -> bool {
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+    let dir = cache_dir().join("ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return false;
+    }
+    let Ok(file) = File::create(dir.join(format!("{port}.lock"))) else {
+        return false;
+    };
+    if file.try_lock().is_err() {
+        return false;
+    }
+    HELD.lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(file);
+    true
 }
 
 /// Waits for `condition` to hold, polling, until `deadline` passes; panics with `what` if not.
