@@ -13,6 +13,7 @@ mod context;
 mod decide;
 mod guards;
 mod history;
+pub mod pump;
 pub mod queue;
 mod reasons;
 mod room;
