@@ -141,7 +141,12 @@ fn dispatcher() -> Dispatcher {
 }
 
 /// What the dispatcher decides for one entry, as the pump commits it.
-fn decide(dispatcher: &mut Dispatcher, history: &MemoryHistory, seq: u64, entry: &InboxEntry) -> Handled {
+fn decide(
+    dispatcher: &mut Dispatcher,
+    history: &MemoryHistory,
+    seq: u64,
+    entry: &InboxEntry,
+) -> Handled {
     let decision = dispatcher.dispatch(&entry.event, history, matrix_crew::clock::now_ms());
     let wakes = match decision.room_id.clone() {
         Some(room) => decision
@@ -198,7 +203,10 @@ async fn pump_beside(
         return;
     }
     let mut pump = Pump::new(&inbox, &queue, &outbox);
-    if let Some(chunk) = std::env::var("PUMP_CHUNK").ok().and_then(|chunk| chunk.parse().ok()) {
+    if let Some(chunk) = std::env::var("PUMP_CHUNK")
+        .ok()
+        .and_then(|chunk| chunk.parse().ok())
+    {
         pump.chunk = chunk;
     }
     pump.run(
@@ -313,7 +321,8 @@ async fn main() {
         handled.load(Ordering::Relaxed),
         std::env::var("PUMP_SCHEDULE").unwrap_or_else(|_| format!(
             "chunks of {}",
-            std::env::var("PUMP_CHUNK").unwrap_or_else(|_| matrix_crew::dispatch::pump::CHUNK.to_string())
+            std::env::var("PUMP_CHUNK")
+                .unwrap_or_else(|_| matrix_crew::dispatch::pump::CHUNK.to_string())
         ))
     );
     if std::env::var("INGEST_SKIP_SOAK").is_ok() {

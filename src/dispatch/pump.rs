@@ -5,7 +5,7 @@
 //! effects), `benches/ingest.rs` the dispatcher alone. Both run this same loop, so the ingest
 //! bench measures ingest beside the schedule production uses.
 //!
-//! Why it is shaped so (measured in `docs/benchmarks.md`, "Ingest beside the real pump"):
+//! Why it is shaped so (`docs/benchmarks.md`, "Ingest beside the real pump schedule"):
 //! - entries are committed [`CHUNK`] at a time in one sled transaction
 //!   ([`WakeQueue::commit_batch`]), not one transaction each. Every sled transaction takes a
 //!   process-wide lock whose read side every flush holds during its fsync, so a commit per event

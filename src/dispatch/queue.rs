@@ -81,8 +81,8 @@ impl WakeQueue {
     /// Why a batch: sled serialises every transaction behind a process-wide lock whose read side
     /// every flush holds for its whole fsync, so each commit of the pump waits for the flush of
     /// the transaction being acknowledged and makes the next ingest wait in turn. One commit per
-    /// batch instead of per event removes almost all of those hand-offs (see
-    /// `docs/benchmarks.md`, "pump batching").
+    /// batch instead of per event removes almost all of those hand-offs (`docs/benchmarks.md`,
+    /// "Ingest beside the real pump schedule").
     pub fn commit_batch(
         &self,
         inbox: &Inbox,

@@ -28,25 +28,25 @@ use crate::outbox::{Effect, Staged};
 pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
     Pump::new(&crew.inbox, &crew.queue, &crew.outbox)
         .run(
-        &shutdown,
-        |seq, entry| {
-            let (wakes, effects) = handle(&crew, &entry.event);
-            Handled {
-                seq,
-                wakes,
-                effects,
-            }
-        },
-        |handled| {
-            if handled.iter().any(|item| !item.effects.is_empty()) {
-                crew.outbox.notify();
-            }
-            for wake in handled.into_iter().flat_map(|item| item.wakes) {
-                crew.wake_agent(wake.agent);
-            }
-        },
-    )
-    .await;
+            &shutdown,
+            |seq, entry| {
+                let (wakes, effects) = handle(&crew, &entry.event);
+                Handled {
+                    seq,
+                    wakes,
+                    effects,
+                }
+            },
+            |handled| {
+                if handled.iter().any(|item| !item.effects.is_empty()) {
+                    crew.outbox.notify();
+                }
+                for wake in handled.into_iter().flat_map(|item| item.wakes) {
+                    crew.wake_agent(wake.agent);
+                }
+            },
+        )
+        .await;
 }
 
 /// Read → decide → commit for inbox entry `seq`: the dispatcher's decision, its wakes and its
