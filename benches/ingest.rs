@@ -3,21 +3,27 @@
 //!
 //! Run: `cargo bench --bench ingest`. Prints events/s and p50/p99 acknowledgement latency, one
 //! transaction at a time (as homeservers send) and 10 concurrent, plus the cost of the flush;
-//! then the same single stream with a consumer beside it as busy as the pump (it reads the
-//! inbox in arrival order, runs the dispatcher on every event and removes the entry), and the
-//! resident size after a minute of such sustained ingest (`INGEST_SOAK_SECS` changes the
-//! minute).
+//! then the same single stream with the pump beside it on the same runtime (the product's
+//! schedule, `dispatch::pump::Pump`: read, decide with the dispatcher, commit through the wake
+//! queue), kept busy by what the earlier phases left in the inbox; and the resident size of
+//! this whole process after a minute of such sustained ingest (`INGEST_SOAK_SECS` changes the
+//! minute, `INGEST_SKIP_SOAK=1` skips it; `scripts/bench-ingest.sh` measures `crew serve` alone).
+//! `PUMP_CHUNK=N` or `PUMP_SCHEDULE=per-event` (the schedule before batching) for A/B runs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use matrix_crew::appservice::inbox::Inbox;
+use matrix_crew::appservice::inbox::{Inbox, InboxEntry};
 use matrix_crew::appservice::{AppserviceState, router};
+use matrix_crew::dispatch::pump::Pump;
+use matrix_crew::dispatch::queue::{Handled, PendingWake, WakeQueue};
 use matrix_crew::dispatch::{Agent, DispatchConfig, Dispatcher, MemoryHistory, Role, Roster};
+use matrix_crew::outbox::Outbox;
 use matrix_crew::registration::{NewRegistration, Registration};
 use matrix_crew::store::Store;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 const EVENTS_PER_TXN: usize = 100;
 const SEQUENTIAL_TXNS: usize = 500;
@@ -116,9 +122,8 @@ fn print(label: &str, figures: &Figures) {
     );
 }
 
-/// A consumer as busy as the pump: reads the inbox in arrival order, runs the dispatcher on each
-/// event and removes the entry. Counts what it handled.
-fn consume_beside(inbox: Arc<Inbox>, stop: Arc<AtomicBool>, handled: Arc<AtomicU64>) {
+/// The dispatcher the pump beside runs: the Manager and one person, as in a small crew.
+fn dispatcher() -> Dispatcher {
     let manager = ruma::UserId::parse("@crew:example.org").expect("valid id");
     let roster = Roster::new(
         vec![Agent {
@@ -132,22 +137,86 @@ fn consume_beside(inbox: Arc<Inbox>, stop: Arc<AtomicBool>, handled: Arc<AtomicU
         &DispatchConfig::default(),
     )
     .expect("valid roster");
-    let mut dispatcher = Dispatcher::new(DispatchConfig::default(), roster).expect("valid");
-    let history = MemoryHistory::new(10_000);
-    while !stop.load(Ordering::Relaxed) {
-        let pending = inbox.pending(256).expect("inbox");
-        if pending.is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
-        }
-        for (seq, entry) in pending {
-            let decision =
-                dispatcher.dispatch(&entry.event, &history, matrix_crew::clock::now_ms());
-            std::hint::black_box(decision);
-            inbox.complete(seq).expect("complete");
-            handled.fetch_add(1, Ordering::Relaxed);
-        }
+    Dispatcher::new(DispatchConfig::default(), roster).expect("valid")
+}
+
+/// What the dispatcher decides for one entry, as the pump commits it.
+fn decide(
+    dispatcher: &mut Dispatcher,
+    history: &MemoryHistory,
+    seq: u64,
+    entry: &InboxEntry,
+) -> Handled {
+    let decision = dispatcher.dispatch(&entry.event, history, matrix_crew::clock::now_ms());
+    let wakes = match decision.room_id.clone() {
+        Some(room) => decision
+            .wakes
+            .iter()
+            .map(|wake| PendingWake {
+                agent: wake.agent.clone(),
+                room: room.clone(),
+                event: entry.event.clone(),
+                depth: wake.depth,
+                reasons: wake.reasons.clone(),
+                queued_ms: 1,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Handled {
+        seq,
+        wakes,
+        effects: Vec::new(),
     }
+}
+
+/// The pump beside ingest, on the runtime that serves the transactions, as in `crew serve`: the
+/// product's schedule ([`Pump::run`], `PUMP_CHUNK` entries per sled transaction, default the
+/// product's), or with `PUMP_SCHEDULE=per-event` the schedule before issue 11's batching (a
+/// transaction per event, no yield within a read of 100), for A/B runs.
+async fn pump_beside(
+    inbox: Arc<Inbox>,
+    queue: Arc<WakeQueue>,
+    outbox: Arc<Outbox>,
+    stop: CancellationToken,
+    handled: Arc<AtomicU64>,
+) {
+    let mut dispatcher = dispatcher();
+    let history = MemoryHistory::new(10_000);
+    if std::env::var("PUMP_SCHEDULE").as_deref() == Ok("per-event") {
+        while !stop.is_cancelled() {
+            let batch = inbox.pending(100).expect("inbox");
+            if batch.is_empty() {
+                tokio::select! {
+                    () = inbox.arrived() => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+            for (seq, entry) in batch {
+                let item = decide(&mut dispatcher, &history, seq, &entry);
+                queue
+                    .commit_with_effects(&inbox, seq, &item.wakes, &outbox, &item.effects)
+                    .expect("commit");
+                handled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        return;
+    }
+    let mut pump = Pump::new(&inbox, &queue, &outbox);
+    if let Some(chunk) = std::env::var("PUMP_CHUNK")
+        .ok()
+        .and_then(|chunk| chunk.parse().ok())
+    {
+        pump.chunk = chunk;
+    }
+    pump.run(
+        &stop,
+        |seq, entry| decide(&mut dispatcher, &history, seq, entry),
+        |items| {
+            handled.fetch_add(items.len() as u64, Ordering::Relaxed);
+        },
+    )
+    .await;
 }
 
 /// This process's resident set size, in MiB (Linux).
@@ -231,15 +300,36 @@ async fn main() {
         flushes[flushes.len() * 99 / 100].as_secs_f64() * 1e3
     );
 
-    // With a consumer as busy as the pump beside it, as in production.
-    let stop = Arc::new(AtomicBool::new(false));
+    // With the pump beside it, as in production: what the earlier phases left in the inbox
+    // keeps it busy from the start.
+    let queue = Arc::new(WakeQueue::open(&store).expect("queue"));
+    let outbox = Arc::new(Outbox::open(&store).expect("outbox"));
+    let stop = CancellationToken::new();
     let handled = Arc::new(AtomicU64::new(0));
-    let consumer = {
-        let (inbox, stop, handled) = (inbox.clone(), stop.clone(), handled.clone());
-        std::thread::spawn(move || consume_beside(inbox, stop, handled))
-    };
+    let consumer = tokio::spawn(pump_beside(
+        inbox.clone(),
+        queue,
+        outbox,
+        stop.clone(),
+        handled.clone(),
+    ));
+    let backlog = inbox.len();
     let busy = drive(&crew_url, &token, 1, SEQUENTIAL_TXNS, 4_000_000).await;
-    print("crew, one at a time, consumer beside", &busy);
+    print("crew, one at a time, pump beside", &busy);
+    println!(
+        "  (the pump handled {} events meanwhile, from a backlog of {backlog}; schedule {})",
+        handled.load(Ordering::Relaxed),
+        std::env::var("PUMP_SCHEDULE").unwrap_or_else(|_| format!(
+            "chunks of {}",
+            std::env::var("PUMP_CHUNK")
+                .unwrap_or_else(|_| matrix_crew::dispatch::pump::CHUNK.to_string())
+        ))
+    );
+    if std::env::var("INGEST_SKIP_SOAK").is_ok() {
+        stop.cancel();
+        consumer.await.expect("pump");
+        return;
+    }
 
     // Sustained ingest for a minute (batches of the single stream), then the resident size.
     let soak = Duration::from_secs(
@@ -263,10 +353,10 @@ async fn main() {
     while !inbox.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    consumer.join().expect("consumer");
+    stop.cancel();
+    consumer.await.expect("pump");
     println!(
-        "sustained ingest {:.0} s: {ingested} events in, {} handled beside, worst p99 of a 100-transaction batch {:.3} ms; resident {before:.0} MiB before, {:.0} MiB after (sled cache {} MiB)",
+        "sustained ingest {:.0} s: {ingested} events in, {} handled by the pump, worst p99 of a 100-transaction batch {:.3} ms; resident {before:.0} MiB before, {:.0} MiB after (sled cache {} MiB)",
         soak.as_secs_f64(),
         handled.load(Ordering::Relaxed),
         worst_p99.as_secs_f64() * 1e3,

@@ -15,6 +15,7 @@ mod decide;
 pub mod event;
 mod guards;
 mod history;
+pub mod pump;
 pub mod queue;
 mod reasons;
 mod room;

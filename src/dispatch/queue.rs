@@ -31,6 +31,16 @@ pub struct PendingWake {
     pub queued_ms: u64,
 }
 
+/// What handling one inbox entry caused: committed together with the entry's removal by
+/// [`WakeQueue::commit_batch`].
+#[derive(Debug, Clone, Default)]
+pub struct Handled {
+    /// The inbox entry's sequence number.
+    pub seq: u64,
+    pub wakes: Vec<PendingWake>,
+    pub effects: Vec<crate::outbox::Staged>,
+}
+
 /// A wake and its key in the queue (to finish it).
 #[derive(Debug, Clone)]
 pub struct QueuedWake {
@@ -61,17 +71,56 @@ impl WakeQueue {
         outbox: &crate::outbox::Outbox,
         effects: &[crate::outbox::Staged],
     ) -> Result<(), StoreError> {
-        let staged = outbox.encode(effects)?;
-        let mut encoded = Vec::with_capacity(wakes.len());
-        for wake in wakes {
-            let mut key = wake.agent.as_str().as_bytes().to_vec();
-            key.push(0);
-            key.extend_from_slice(&self.store.next_id()?.to_be_bytes());
-            encoded.push((key, self.wakes.encode(wake)?));
+        self.commit(inbox, outbox, &[(seq, wakes, effects)])
+    }
+
+    /// Commits what handling several inbox entries caused, in ONE sled transaction: every
+    /// entry removed, its wakes queued, its effects staged. A crash leaves either all of these
+    /// entries in the inbox or everything they caused (handled again after a restart, as for
+    /// one entry).
+    ///
+    /// Why a batch: sled serialises every transaction behind a process-wide lock whose read side
+    /// every flush holds for its whole fsync, so each commit of the pump waits for the flush of
+    /// the transaction being acknowledged and makes the next ingest wait in turn. One commit per
+    /// batch instead of per event removes almost all of those hand-offs (`docs/benchmarks.md`,
+    /// "Ingest beside the real pump schedule").
+    pub fn commit_batch(
+        &self,
+        inbox: &Inbox,
+        outbox: &crate::outbox::Outbox,
+        handled: &[Handled],
+    ) -> Result<(), StoreError> {
+        let parts: Vec<_> = handled
+            .iter()
+            .map(|item| (item.seq, item.wakes.as_slice(), item.effects.as_slice()))
+            .collect();
+        self.commit(inbox, outbox, &parts)
+    }
+
+    /// The one sled transaction behind [`WakeQueue::commit_batch`]: (entry, its wakes, its
+    /// effects) for each handled entry.
+    fn commit(
+        &self,
+        inbox: &Inbox,
+        outbox: &crate::outbox::Outbox,
+        handled: &[(u64, &[PendingWake], &[crate::outbox::Staged])],
+    ) -> Result<(), StoreError> {
+        let mut encoded = Vec::new();
+        let mut staged = Vec::new();
+        for (_, wakes, effects) in handled {
+            staged.extend(outbox.encode(effects)?);
+            for wake in *wakes {
+                let mut key = wake.agent.as_str().as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(&self.store.next_id()?.to_be_bytes());
+                encoded.push((key, self.wakes.encode(wake)?));
+            }
         }
         (inbox.raw_entries(), self.wakes.raw(), outbox.raw())
             .transaction(|(entries, queue, pending)| {
-                entries.remove(&seq.to_be_bytes())?;
+                for (seq, _, _) in handled {
+                    entries.remove(&seq.to_be_bytes())?;
+                }
                 for (key, value) in &encoded {
                     queue.insert(key.as_slice(), value.as_slice())?;
                 }

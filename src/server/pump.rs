@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use ruma::events::TimelineEventType;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -19,59 +19,49 @@ use crate::agent::commands::{self, Command};
 use crate::clock::now_ms;
 use crate::dispatch::Membership;
 use crate::dispatch::event::RoomEvent;
-use crate::dispatch::queue::PendingWake;
+use crate::dispatch::pump::Pump;
+use crate::dispatch::queue::{Handled, PendingWake};
 use crate::dispatch::{Decision, Signal};
 use crate::matrix::OutgoingMessage;
 use crate::matrix::message::ReplyTo;
 use crate::outbox::{Effect, Staged};
 
-/// Events taken from the inbox per round.
-const BATCH: usize = 100;
-
+/// Runs the pump until `shutdown` on [`crate::dispatch::pump::Pump`]'s schedule (a chunk of
+/// entries per sled transaction, yielding between chunks); [`handle`] decides each entry.
 pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
-    loop {
-        let batch = match crew.inbox.pending(BATCH) {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::error!(%error, "cannot read the inbox; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                    () = shutdown.cancelled() => return,
+    Pump::new(&crew.inbox, &crew.queue, &crew.outbox)
+        .run(
+            &shutdown,
+            |seq, entry| {
+                let (wakes, effects) = handle(&crew, &entry.event);
+                Handled {
+                    seq,
+                    wakes,
+                    effects,
                 }
-            }
-        };
-        if batch.is_empty() {
-            tokio::select! {
-                () = crew.inbox.arrived() => continue,
-                () = shutdown.cancelled() => return,
-            }
-        }
-        for (seq, entry) in batch {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            let woken = match decide_and_commit(&crew, seq, &entry.event) {
-                Ok(woken) => woken,
-                Err(error) => {
-                    tracing::error!(%error, seq, "cannot queue wakes; the event stays in the inbox");
-                    continue;
+            },
+            |handled| {
+                if handled.iter().any(|item| !item.effects.is_empty()) {
+                    crew.outbox.notify();
                 }
-            };
-            for agent in woken {
-                crew.wake_agent(agent);
-            }
-        }
-    }
+                for wake in handled.into_iter().flat_map(|item| item.wakes) {
+                    crew.wake_agent(wake.agent);
+                }
+            },
+        )
+        .await;
 }
 
 /// Read → decide → commit for inbox entry `seq`: the dispatcher's decision, its wakes and its
 /// effects are committed in one sled transaction with the entry's removal, and the outbox is
-/// told. Returns the agents woken (whose turns the caller starts).
+/// told. Returns the agents woken (whose turns the caller starts). One entry at a time, for the
+/// tests that drive the pump by hand; [`run`] commits a chunk per transaction.
+#[cfg(test)]
 pub(crate) fn decide_and_commit(
     crew: &Arc<Service>,
     seq: u64,
     event: &RoomEvent,
-) -> Result<Vec<OwnedUserId>, crate::store::StoreError> {
+) -> Result<Vec<ruma::OwnedUserId>, crate::store::StoreError> {
     let (wakes, effects) = handle(crew, event);
     crew.queue
         .commit_with_effects(&crew.inbox, seq, &wakes, &crew.outbox, &effects)?;
@@ -474,7 +464,7 @@ mod tests {
     }
 
     /// Puts `events` into the inbox as one transaction and runs read → decide → commit on each.
-    async fn pump(crew: &Arc<Service>, txn: &str, events: &[Value]) -> Vec<OwnedUserId> {
+    async fn pump(crew: &Arc<Service>, txn: &str, events: &[Value]) -> Vec<ruma::OwnedUserId> {
         let raw: Vec<Box<serde_json::value::RawValue>> = events
             .iter()
             .map(|event| serde_json::value::to_raw_value(event).unwrap())
