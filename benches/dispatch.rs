@@ -351,8 +351,12 @@ fn setup() -> (DispatchConfig, Roster, RoomState) {
         .chain(PEOPLE.iter().map(|(id, name, _)| (*id, *name)))
     {
         room.apply_event(
-            &json!({"type": "m.room.member", "state_key": id, "sender": id, "room_id": ROOM,
-                                 "content": {"membership": "join", "displayname": name}}),
+            &RoomEvent::from_json(
+                &json!({"type": "m.room.member", "state_key": id, "sender": id,
+                "room_id": ROOM, "event_id": format!("$join-{id}"),
+                "content": {"membership": "join", "displayname": name}}),
+            )
+            .expect("a valid member event"),
         );
     }
     (config, crew, room)
@@ -426,7 +430,7 @@ fn main() {
         let lacking: Vec<_> = label.difference(&woken).collect();
         if !extra.is_empty() || !lacking.is_empty() {
             eprintln!(
-                "MISMATCH {}: spurious {extra:?} missed {lacking:?}: {decision:?}",
+                "MISMATCH {:?}: spurious {extra:?} missed {lacking:?}: {decision:?}",
                 event.content
             );
         }
