@@ -134,6 +134,16 @@ impl Harness {
         }
     }
 
+    /// For tests with paused time: the gateway serves on the test's runtime (`threads = 0`), so
+    /// that its clock (rates, budgets, grace periods, timeouts) is the one the test advances.
+    async fn start_on_test_clock(tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start(|config| {
+            config.threads = 0;
+            tweak(config);
+        })
+        .await
+    }
+
     async fn stop(self) -> (ScriptedLlm, tempfile::TempDir) {
         self.cancel.cancel();
         self.server.await.unwrap().unwrap();
@@ -428,7 +438,7 @@ async fn an_unreachable_upstream_is_502() {
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_upstream_is_504() {
-    let h = Harness::start(|config| config.upstream_timeout_secs = 30).await;
+    let h = Harness::start_on_test_clock(|config| config.upstream_timeout_secs = 30).await;
     let token = h.token("agent-a").await;
     let gate = Gate::new();
     h.upstream.push(Reply::text("late").hold(&gate));
@@ -442,7 +452,7 @@ async fn a_silent_upstream_is_504() {
 
 #[tokio::test(start_paused = true)]
 async fn request_rate_is_limited_per_consumer() {
-    let h = Harness::start(|_| {}).await;
+    let h = Harness::start_on_test_clock(|_| {}).await;
     let limited = h
         .consumer(
             "agent-a",
@@ -470,7 +480,7 @@ async fn request_rate_is_limited_per_consumer() {
 
 #[tokio::test(start_paused = true)]
 async fn the_daily_token_budget_is_charged_and_renews() {
-    let h = Harness::start(|_| {}).await;
+    let h = Harness::start_on_test_clock(|_| {}).await;
     let token = h
         .consumer(
             "agent-a",
@@ -560,7 +570,7 @@ async fn concurrent_requests_are_limited() {
 async fn rotation_keeps_the_old_token_for_the_grace_period_and_revocation_is_immediate() {
     // A long grace period: under paused time the clock may also jump ahead by a pending timer
     // (e.g. an idle-connection timer) while the store waits for its fsync thread.
-    let h = Harness::start(|config| config.rotation_grace_secs = 86_400).await;
+    let h = Harness::start_on_test_clock(|config| config.rotation_grace_secs = 86_400).await;
     let old = h.token("agent-a").await;
     assert_eq!(h.chat(Some(&old), chat_body("m")).await.status, 200);
 
@@ -919,7 +929,7 @@ async fn unauthenticated_refusals_are_counted_but_never_stored() {
 
 #[tokio::test(start_paused = true)]
 async fn the_global_budget_caps_all_consumers_and_says_so() {
-    let h = Harness::start(|config| config.global_daily_token_budget = 40).await;
+    let h = Harness::start_on_test_clock(|config| config.global_daily_token_budget = 40).await;
     let a = h.token("agent-a").await;
     let b = h.token("agent-b").await;
     h.upstream.set_default(Reply::text("ok").usage(15, 10));
@@ -962,7 +972,7 @@ async fn the_global_budget_caps_all_consumers_and_says_so() {
 
 #[tokio::test(start_paused = true)]
 async fn the_budget_check_counts_the_requests_max_tokens() {
-    let h = Harness::start(|_| {}).await;
+    let h = Harness::start_on_test_clock(|_| {}).await;
     let token = h
         .consumer(
             "agent-small",
@@ -1111,7 +1121,7 @@ async fn the_llm_client_calls_tools_streams_and_uses_json_mode_through_the_gatew
 
 #[tokio::test(start_paused = true)]
 async fn the_llm_client_retries_429_and_5xx_with_backoff() {
-    let h = Harness::start(|_| {}).await;
+    let h = Harness::start_on_test_clock(|_| {}).await;
     let token = h.token("agent-a").await;
     let llm = h.llm(&token);
     h.upstream.push(Reply::error(500, "server_error", "boom"));
@@ -1155,7 +1165,7 @@ async fn the_llm_client_retries_429_and_5xx_with_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn the_llm_client_does_not_retry_budget_exhausted() {
-    let h = Harness::start(|_| {}).await;
+    let h = Harness::start_on_test_clock(|_| {}).await;
     let token = h
         .consumer(
             "agent-a",
