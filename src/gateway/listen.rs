@@ -141,8 +141,8 @@ async fn serve_connection(
         let serving = Arc::clone(&serving);
         async move { Ok::<_, Infallible>(proxy::handle(&serving, request).await) }
     });
-    let connection =
-        hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,

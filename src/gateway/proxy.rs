@@ -27,10 +27,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::limits::Refusal as LimitRefusal;
 use super::listen::Serving;
+use super::upstream::{Leased, Upstreams};
 use super::{
     AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage, path,
 };
-use super::upstream::{Leased, Upstreams};
 
 /// Failed upstream answers larger than this are cut (they are read whole to redact keys).
 const MAX_ERROR_BODY_BYTES: usize = 1024 * 1024;
@@ -47,9 +47,11 @@ pub(super) fn router(gateway: Arc<Gateway>) -> Router {
         gateway,
     });
     Router::new()
-        .fallback(|State(serving): State<Arc<Serving>>, request: Request| async move {
-            handle(&serving, request).await
-        })
+        .fallback(
+            |State(serving): State<Arc<Serving>>, request: Request| async move {
+                handle(&serving, request).await
+            },
+        )
         .with_state(serving)
 }
 
@@ -301,7 +303,8 @@ where
         request_bytes,
         llm: is_llm,
     };
-    let sent = send_with_failover(gateway, upstreams, route, parts.method, uri, headers, body).await;
+    let sent =
+        send_with_failover(gateway, upstreams, route, parts.method, uri, headers, body).await;
     unanswered.answered();
     let response = sent?;
 
@@ -761,7 +764,9 @@ async fn send_with_failover(
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
         *request.headers_mut() = request_headers;
-        match tokio::time::timeout(timeout, upstreams.send(route.index, &route.origin, request)).await {
+        match tokio::time::timeout(timeout, upstreams.send(route.index, &route.origin, request))
+            .await
+        {
             Err(_) => {
                 key.failed(gateway, now_ms);
                 return Err(Refusal::new(
