@@ -770,26 +770,29 @@ mod tests {
         let store = Store::temporary().unwrap();
         // Written one record per value, as before batching.
         let legacy: Tree<u64, AuditRecord> = store.tree(AUDIT_TREE).unwrap();
-        for day in 0..2 {
+        for day in 3..5 {
             legacy
                 .insert(&store.next_id().unwrap(), &audit_at(day * MS_PER_DAY))
                 .unwrap();
         }
         let config = GatewayConfig {
-            audit_retention_days: 2,
+            audit_retention_days: 10,
             ..GatewayConfig::default()
         };
         let gateway = Gateway::with_env(config, store, dir.path(), &|_| None).unwrap();
-        for day in 2..5 {
+        for day in 5..8 {
             gateway.record_audit(audit_at(day * MS_PER_DAY));
         }
         let days = |records: Vec<AuditRecord>| -> Vec<u64> {
             records.iter().map(|r| r.at_ms / MS_PER_DAY).collect()
         };
-        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![0, 1, 2, 3, 4]);
-        assert_eq!(days(gateway.audit_log(4).unwrap()), vec![1, 2, 3, 4]);
-        gateway.accounting.prune_audit(5 * MS_PER_DAY).unwrap();
-        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![3, 4]);
+        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![3, 4, 5, 6, 7]);
+        assert_eq!(days(gateway.audit_log(4).unwrap()), vec![4, 5, 6, 7]);
+        // A whole old value goes; a value that straddles the cutoff keeps its newer records.
+        gateway.accounting.prune_audit(14 * MS_PER_DAY).unwrap();
+        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![4, 5, 6, 7]);
+        gateway.accounting.prune_audit(16 * MS_PER_DAY).unwrap();
+        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![6, 7]);
     }
 
     #[test]
