@@ -28,6 +28,9 @@ use super::GatewayError;
 /// provider and the webpki roots for `https` upstreams.
 type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
+/// One route's idle connections on one serving thread (most recently used last).
+type Idle = Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>;
+
 /// Idle connections kept per route and serving thread; more are closed when they come back.
 const MAX_IDLE_PER_ROUTE: usize = 64;
 
@@ -46,7 +49,7 @@ pub(super) enum UpstreamError {
 pub(super) struct Upstreams {
     connector: Connector,
     /// Idle connections, one list per route (same order as the gateway's routes).
-    idle: Vec<Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>>,
+    idle: Vec<Idle>,
 }
 
 impl Upstreams {
@@ -101,10 +104,7 @@ impl Upstreams {
     }
 
     /// The most recently used idle connection that is still open and ready, if any.
-    async fn checkout(
-        &self,
-        idle: &Mutex<Vec<SendRequest<Full<Bytes>>>>,
-    ) -> Option<SendRequest<Full<Bytes>>> {
+    async fn checkout(&self, idle: &Idle) -> Option<SendRequest<Full<Bytes>>> {
         loop {
             let mut sender = idle.lock().expect("pool lock is never poisoned").pop()?;
             if sender.is_closed() {
@@ -138,7 +138,7 @@ impl Upstreams {
 /// A connection in use; it goes back to its pool when the answer's body has ended.
 struct Lease {
     sender: SendRequest<Full<Bytes>>,
-    idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
+    idle: Idle,
 }
 
 impl Lease {
