@@ -11,6 +11,7 @@
 #   CONNECTIONS="1 10"  concurrencies
 #   CPUS_WRK=0 CPUS_NGINX=1 CPUS_CREW=1   pin each process to these CPUs (taskset lists), so
 #                       that wrk, nginx and crew share the cores the same way in every run
+#   GATEWAY_CONFIG="threads = 2"   extra lines for crew's [gateway] section (A/B of settings)
 #
 # Needs nginx and wrk (Debian: `apt-get install -y nginx-light wrk`). Everything listens on
 # 127.0.0.1 only, in a temporary directory removed at the end. On a 2-core machine wrk, nginx and
@@ -108,6 +109,7 @@ cat >>"$work/data/config.toml" <<EOF
 
 [gateway]
 bind = "127.0.0.1:$gateway_port"
+${GATEWAY_CONFIG:-}
 
 [[gateway.routes]]
 name = "llm"
@@ -119,6 +121,7 @@ EOF
 # crew's default logging (info, to stderr), as it runs in production.
 "${pin_crew[@]}" "$CREW" --config "$work/data/config.toml" serve 2>"$work/crew.log" &
 crew_pid=$!
+echo "bench-gateway: crew pid $crew_pid (for perf record -p)" >&2
 
 wait_for() {
   local url=$1
@@ -174,7 +177,7 @@ run() {
   echo "$p50 $rps"
 }
 
-echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION${CPUS_WRK:+, CPUs: wrk $CPUS_WRK nginx ${CPUS_NGINX:-any} crew ${CPUS_CREW:-any}}"
+echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION${CPUS_WRK:+, CPUs: wrk $CPUS_WRK nginx ${CPUS_NGINX:-any} crew ${CPUS_CREW:-any}}${GATEWAY_CONFIG:+, gateway: $GATEWAY_CONFIG}"
 echo
 echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|"

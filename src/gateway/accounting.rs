@@ -16,16 +16,39 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
+
 use super::{AuditRecord, MS_PER_DAY, Usage, usage_key};
 use crate::store::{Store, StoreError, Tree};
 
 /// Old audit records are pruned once per this many batches, so pruning costs nothing per request.
 const PRUNE_EVERY_BATCHES: u64 = 64;
 
+/// Most audit records stored in one sled value: a second of heavy traffic (tens of thousands of
+/// records) becomes a few values of a couple of hundred KiB rather than one large one.
+const AUDIT_RECORDS_PER_VALUE: usize = 1024;
+
+/// What one value of the audit tree holds: a batch of records, or (written before batching) one.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(super) enum StoredAudit {
+    Batch(Vec<AuditRecord>),
+    One(AuditRecord),
+}
+
+impl StoredAudit {
+    fn into_records(self) -> Vec<AuditRecord> {
+        match self {
+            StoredAudit::Batch(records) => records,
+            StoredAudit::One(record) => vec![record],
+        }
+    }
+}
+
 pub(super) struct Accounting {
     store: Store,
     usage: Tree<String, Usage>,
-    audit: Tree<u64, AuditRecord>,
+    audit: Tree<u64, StoredAudit>,
     pending: Mutex<Pending>,
     /// Each consumer's usage on the day it last used the gateway (stored plus pending), so budget
     /// checks read no database.
@@ -55,7 +78,7 @@ impl Accounting {
     pub(super) fn new(
         store: Store,
         usage: Tree<String, Usage>,
-        audit: Tree<u64, AuditRecord>,
+        audit: Tree<u64, StoredAudit>,
         retention_days: u64,
         now_ms: u64,
     ) -> Result<Self, StoreError> {
@@ -183,14 +206,19 @@ impl Accounting {
                 failed = Some(error);
             }
         }
-        let newest = audit.last().map(|record| record.at_ms);
-        for record in audit {
+        let newest = audit.iter().map(|record| record.at_ms).max();
+        // A few sled values per batch rather than one per record: each insert rewrites a leaf
+        // node, and thousands of them a second showed in the profile (docs/benchmarks.md).
+        let mut audit = audit;
+        while !audit.is_empty() {
+            let rest = audit.split_off(audit.len().min(AUDIT_RECORDS_PER_VALUE));
+            let chunk = StoredAudit::Batch(std::mem::replace(&mut audit, rest));
             let stored = self
                 .store
                 .next_id()
-                .and_then(|id| self.audit.insert(&id, &record));
+                .and_then(|id| self.audit.insert(&id, &chunk));
             if let Err(error) = stored {
-                tracing::warn!(%error, "cannot store a gateway audit record");
+                tracing::warn!(%error, "cannot store gateway audit records");
             }
         }
         if let Some(newest) = newest
@@ -213,18 +241,42 @@ impl Accounting {
         Ok(())
     }
 
-    /// Removes audit records older than the retention period. Keys are ids in arrival order, so
-    /// the oldest records come first.
+    /// Removes audit records older than the retention period. Keys are ids in the order the
+    /// batches were written, so the oldest records come first; the first batch with records to
+    /// keep is rewritten without its old ones, and nothing after it is read.
     pub(super) fn prune_audit(&self, now_ms: u64) -> Result<(), StoreError> {
         let cutoff = now_ms.saturating_sub(self.retention_days * MS_PER_DAY);
         for entry in self.audit.iter() {
-            let (id, record) = entry?;
-            if record.at_ms >= cutoff {
-                break;
+            let (id, stored) = entry?;
+            let mut records = stored.into_records();
+            let before = records.len();
+            records.retain(|record| record.at_ms >= cutoff);
+            if records.is_empty() {
+                self.audit.remove(&id)?;
+                continue;
             }
-            self.audit.remove(&id)?;
+            if records.len() < before {
+                self.audit.insert(&id, &StoredAudit::Batch(records))?;
+            }
+            break;
         }
         Ok(())
+    }
+
+    /// The most recent `limit` audit records, newest last.
+    pub(super) fn recent_audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.audit.raw().iter().rev() {
+            if records.len() >= limit {
+                break;
+            }
+            let (_, raw) = entry?;
+            let batch = self.audit.decode(&raw)?.into_records();
+            let wanted = limit - records.len();
+            records.extend(batch.into_iter().rev().take(wanted));
+        }
+        records.reverse();
+        Ok(records)
     }
 }
 

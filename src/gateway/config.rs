@@ -43,6 +43,10 @@ pub struct GatewayConfig {
     /// Milliseconds between writes of usage charges and audit records to the database (they are
     /// batched so that no request waits for a write); a crash loses at most this much accounting.
     pub accounting_flush_ms: u64,
+    /// Threads the gateway serves on, each with its own runtime and upstream connections, so
+    /// that a request and its upstream call never hand over between threads; 0 serves on crew's
+    /// shared runtime. One is enough for a team's traffic and leaves the other cores to the rest.
+    pub threads: usize,
 }
 
 impl Default for GatewayConfig {
@@ -60,6 +64,7 @@ impl Default for GatewayConfig {
             audit_retention_days: 30,
             global_daily_token_budget: 20_000_000,
             accounting_flush_ms: 1000,
+            threads: 1,
         }
     }
 }

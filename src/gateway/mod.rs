@@ -6,8 +6,10 @@
 //! key and forwards the request, streaming the answer back chunk by chunk.
 //!
 //! Layout: [`config`] (routes, defaults, where secrets come from), [`consumers`] (token derivation
-//! and hashes), [`limits`] (rate and concurrency), [`proxy`] (the forwarding handler), [`admin`]
-//! (the operator's endpoint) and [`cli`] (`crew gateway …`).
+//! and hashes), [`limits`] (rate and concurrency), [`listen`] (the HTTP server and the threads it
+//! runs on), [`proxy`] (the forwarding handler), [`upstream`] (pooled upstream connections),
+//! [`accounting`] (batched usage and audit writes),
+//! [`admin`] (the operator's endpoint) and [`cli`] (`crew gateway …`).
 //!
 //! Not for: talking to LLMs itself (that is [`crate::llm`], which calls through this gateway).
 
@@ -18,9 +20,11 @@ pub mod config;
 pub mod consumers;
 mod headers;
 mod limits;
+mod listen;
 mod path;
 mod proxy;
 mod redact;
+mod upstream;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -128,30 +132,27 @@ pub struct Gateway {
     consumers: Tree<String, ConsumerRecord>,
     token_hashes: Tree<String, TokenRef>,
     usage: Tree<String, Usage>,
-    audit: Tree<u64, AuditRecord>,
     accounting: accounting::Accounting,
     known_tokens: KnownTokens,
     /// What budgets, rate buckets and grace periods read; tests move it (see [`Gateway::with_clock`]).
     clock: Clock,
     limits: limits::Limits,
-    http: UpstreamClient,
+    /// Upstream connections for requests served on crew's shared runtime (`threads = 0`, the
+    /// sandboxes' Unix socket); each gateway thread has its own.
+    shared_upstreams: Arc<upstream::Upstreams>,
 }
-
-/// The pooled HTTP/1 client for upstreams (plain or TLS), called with ready-made `http` requests:
-/// no URL parsing or client cloning per request. It never follows redirects.
-type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<bytes::Bytes>,
->;
 
 /// A configured route with its keys loaded.
 struct Route {
     config: RouteConfig,
     /// Path prefix without a trailing slash.
     prefix: String,
-    /// The upstream's scheme and authority, parsed once for every request's URI.
-    upstream_scheme: http::uri::Scheme,
-    upstream_authority: http::uri::Authority,
+    /// Position in the gateway's routes (its connection pool has the same position).
+    index: usize,
+    /// The upstream's scheme and authority (`https://api.example.com/`), to open connections.
+    origin: http::Uri,
+    /// The `Host` header for the upstream, built once.
+    host: http::HeaderValue,
     /// The upstream's path without a trailing slash; the request's rest is appended to it.
     upstream_path: String,
     keys: Vec<UpstreamKey>,
@@ -223,32 +224,10 @@ impl KnownTokens {
     }
 }
 
-/// The upstream client: TLS through rustls with the ring provider and the webpki roots, HTTP/1,
-/// `TCP_NODELAY`, up to 64 idle connections per upstream kept for 90 s.
-fn upstream_client() -> Result<UpstreamClient, GatewayError> {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    // The TLS layer below handles `https`; this connector only opens the TCP connection.
-    connector.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .map_err(GatewayError::Client)?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(64)
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(https),
-    )
 }
 
 /// The scheme and authority of a route's upstream, as `http` types built once.
-fn upstream_origin(
-    route: &RouteConfig,
-) -> Result<(http::uri::Scheme, http::uri::Authority), GatewayError> {
+fn upstream_origin(route: &RouteConfig) -> Result<(http::Uri, http::HeaderValue), GatewayError> {
     // `GatewayConfig::check` has refused upstreams without a host or with a user name.
     let invalid =
         |why: &str| GatewayError::Config(format!("gateway route `{}`: upstream {why}", route.name));
@@ -262,9 +241,17 @@ fn upstream_origin(
         Some(port) => format!("{host}:{port}"),
         None => host.to_owned(),
     };
+    let host = http::HeaderValue::from_str(&authority)
+        .map_err(|_| invalid("has a host the gateway cannot use"))?;
     let authority = http::uri::Authority::try_from(authority)
         .map_err(|_| invalid("has a host the gateway cannot use"))?;
-    Ok((scheme, authority))
+    let origin = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query("/")
+        .build()
+        .map_err(|_| invalid("has a host the gateway cannot use"))?;
+    Ok((origin, host))
 }
 
 impl Gateway {
@@ -328,12 +315,13 @@ impl Gateway {
                         route.name
                     ))
                 })?;
-            let (upstream_scheme, upstream_authority) = upstream_origin(route)?;
+            let (origin, host) = upstream_origin(route)?;
             routes.push(Route {
                 inject_header,
                 prefix: route.prefix.trim_end_matches('/').to_owned(),
-                upstream_scheme,
-                upstream_authority,
+                index: 0,
+                origin,
+                host,
                 upstream_path: route.upstream.path().trim_end_matches('/').to_owned(),
                 endpoints: route.allowed_endpoints(),
                 headers: headers::HeaderPolicy::new(route)?,
@@ -344,15 +332,17 @@ impl Gateway {
         }
         // Longest prefix first, so `/a/b` wins over `/a`.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        for (index, route) in routes.iter_mut().enumerate() {
+            route.index = index;
+        }
         // Redirects are never followed: the consumer gets the 3xx as it is, and the injected
         // credential never travels to wherever the upstream points.
-        let http = upstream_client()?;
+        let shared_upstreams = Arc::new(upstream::Upstreams::new(routes.len())?);
         let usage = store.tree(USAGE_TREE)?;
-        let audit = store.tree(AUDIT_TREE)?;
         let accounting = accounting::Accounting::new(
             store.clone(),
             usage.clone(),
-            audit.clone(),
+            store.tree(AUDIT_TREE)?,
             config.audit_retention_days,
             clock.now_ms(),
         )?;
@@ -360,7 +350,6 @@ impl Gateway {
             consumers: store.tree(CONSUMERS_TREE)?,
             token_hashes: store.tree(TOKEN_HASHES_TREE)?,
             usage,
-            audit,
             accounting,
             known_tokens: KnownTokens::default(),
             store,
@@ -369,7 +358,7 @@ impl Gateway {
             secret,
             clock,
             limits: limits::Limits::default(),
-            http,
+            shared_upstreams,
         }))
     }
 
@@ -379,24 +368,16 @@ impl Gateway {
     }
 
     /// Serves the proxy on `listener` until `shutdown` is cancelled, then waits for open requests.
+    /// It runs on `gateway.threads` threads of its own (see [`listen`]), or on the caller's
+    /// runtime when that is 0; usage and audit batches are written from the caller's runtime.
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        use axum::serve::ListenerExt;
-        let app = self.router();
-        // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm holds each chunk
-        // until the previous one is acknowledged (up to the peer's delayed-ACK time, 40 ms).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY on a gateway connection");
-            }
-        });
         let writer = tokio::spawn(Arc::clone(&self).write_accounting(shutdown.clone()));
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let served =
+            listen::serve(Arc::clone(&self), listener, self.config.threads, shutdown).await;
         // Open requests are done: the last charges and audit records go to disk now.
         writer.abort();
         if let Err(error) = self.accounting.flush().await {
@@ -595,13 +576,7 @@ impl Gateway {
     /// The most recent audit records, newest last.
     pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, GatewayError> {
         self.accounting.write_pending()?;
-        let mut records = Vec::new();
-        for entry in self.audit.raw().iter().rev().take(limit) {
-            let (_, raw) = entry.map_err(StoreError::from)?;
-            records.push(self.audit.decode(&raw)?);
-        }
-        records.reverse();
-        Ok(records)
+        Ok(self.accounting.recent_audit(limit)?)
     }
 
     fn ensure_consumer(
@@ -699,7 +674,7 @@ impl Gateway {
     /// line per request at the default `info` cost a locked, unbuffered stderr write on every
     /// call, measured as the largest single item of the gateway's time. Refusals of requests
     /// without a valid token are only counted in memory (see [`accounting`]).
-    fn record_audit(&self, record: &AuditRecord) {
+    fn record_audit(&self, record: AuditRecord) {
         tracing::debug!(
             target: "matrix_crew::gateway::audit",
             consumer = record.consumer.as_deref().unwrap_or("-"),
@@ -714,7 +689,7 @@ impl Gateway {
         if record.consumer.is_none() {
             self.accounting.count_unauthenticated();
         } else {
-            self.accounting.audit(record.clone());
+            self.accounting.audit(record);
         }
     }
 }
@@ -767,7 +742,7 @@ mod tests {
         let gateway =
             Gateway::with_env(config, Store::temporary().unwrap(), dir.path(), &|_| None).unwrap();
         for day in 0..5 {
-            gateway.record_audit(&audit_at(day * MS_PER_DAY));
+            gateway.record_audit(audit_at(day * MS_PER_DAY));
         }
         gateway.accounting.write_pending().unwrap();
         gateway.accounting.prune_audit(5 * MS_PER_DAY).unwrap();
@@ -778,6 +753,37 @@ mod tests {
             .map(|r| r.at_ms / MS_PER_DAY)
             .collect();
         assert_eq!(kept, vec![3, 4]);
+    }
+
+    #[test]
+    fn audit_records_stored_one_per_value_and_in_batches_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::temporary().unwrap();
+        // Written one record per value, as before batching.
+        let legacy: Tree<u64, AuditRecord> = store.tree(AUDIT_TREE).unwrap();
+        for day in 3..5 {
+            legacy
+                .insert(&store.next_id().unwrap(), &audit_at(day * MS_PER_DAY))
+                .unwrap();
+        }
+        let config = GatewayConfig {
+            audit_retention_days: 10,
+            ..GatewayConfig::default()
+        };
+        let gateway = Gateway::with_env(config, store, dir.path(), &|_| None).unwrap();
+        for day in 5..8 {
+            gateway.record_audit(audit_at(day * MS_PER_DAY));
+        }
+        let days = |records: Vec<AuditRecord>| -> Vec<u64> {
+            records.iter().map(|r| r.at_ms / MS_PER_DAY).collect()
+        };
+        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![3, 4, 5, 6, 7]);
+        assert_eq!(days(gateway.audit_log(4).unwrap()), vec![4, 5, 6, 7]);
+        // A whole old value goes; a value that straddles the cutoff keeps its newer records.
+        gateway.accounting.prune_audit(14 * MS_PER_DAY).unwrap();
+        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![4, 5, 6, 7]);
+        gateway.accounting.prune_audit(16 * MS_PER_DAY).unwrap();
+        assert_eq!(days(gateway.audit_log(10).unwrap()), vec![6, 7]);
     }
 
     #[test]

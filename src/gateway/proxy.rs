@@ -20,12 +20,14 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use http_body_util::{BodyDataStream, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyDataStream, BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::limits::Refusal as LimitRefusal;
+use super::listen::Serving;
+use super::upstream::{Leased, Upstreams};
 use super::{
     AuditRecord, Authenticated, Gateway, MS_PER_DAY, Route, RouteKind, UpstreamKey, Usage, path,
 };
@@ -37,8 +39,20 @@ const MAX_METERED_LINE_BYTES: usize = 1024 * 1024;
 /// A JSON body longer than this is not inspected for usage.
 const MAX_METERED_JSON_BYTES: usize = 8 * 1024 * 1024;
 
+/// The proxy as an axum router (for the sandboxes' Unix socket), with the gateway's shared
+/// upstream client.
 pub(super) fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new().fallback(handle).with_state(gateway)
+    let serving = Arc::new(Serving {
+        upstreams: Arc::clone(&gateway.shared_upstreams),
+        gateway,
+    });
+    Router::new()
+        .fallback(
+            |State(serving): State<Arc<Serving>>, request: Request| async move {
+                handle(&serving, request).await
+            },
+        )
+        .with_state(serving)
 }
 
 /// A refusal answered to the consumer: `{"error": {"code": …, "message": …}}`, never a secret.
@@ -104,7 +118,13 @@ impl IntoResponse for Refusal {
     }
 }
 
-async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+/// Answers one consumer request: forwarded upstream, or refused with a machine code.
+pub(super) async fn handle<B>(serving: &Serving, request: http::Request<B>) -> Response
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let gateway = &serving.gateway;
     let started = tokio::time::Instant::now();
     let mut audit = AuditRecord {
         at_ms: gateway.clock.now_ms(),
@@ -118,24 +138,29 @@ async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Respon
         total_tokens: 0,
         latency_ms: 0,
     };
-    match forward(&gateway, request, started, &mut audit).await {
+    match forward(gateway, &serving.upstreams, request, started, &mut audit).await {
         Ok(response) => response,
         Err(refusal) => {
             audit.status = refusal.status.as_u16();
             audit.code = Some(refusal.code.to_owned());
             audit.latency_ms = started.elapsed().as_millis() as u64;
-            gateway.record_audit(&audit);
+            gateway.record_audit(audit);
             refusal.into_response()
         }
     }
 }
 
-async fn forward(
+async fn forward<B>(
     gateway: &Arc<Gateway>,
-    request: Request,
+    upstreams: &Upstreams,
+    request: http::Request<B>,
     started: tokio::time::Instant,
     audit: &mut AuditRecord,
-) -> Result<Response, Refusal> {
+) -> Result<Response, Refusal>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let (parts, body) = request.into_parts();
 
     // Before anything looks at the path: a path a normaliser could change is never routed.
@@ -227,8 +252,10 @@ async fn forward(
         .admit(&record.id, policy, now_ms)
         .map_err(|refusal| limit_refusal(refusal, policy))?;
 
-    let mut body = axum::body::to_bytes(body, gateway.config.max_request_bytes)
+    let mut body = Limited::new(body, gateway.config.max_request_bytes)
+        .collect()
         .await
+        .map(http_body_util::Collected::to_bytes)
         .map_err(|_| {
             Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -276,7 +303,8 @@ async fn forward(
         request_bytes,
         llm: is_llm,
     };
-    let sent = send_with_failover(gateway, route, parts.method, uri, headers, body).await;
+    let sent =
+        send_with_failover(gateway, upstreams, route, parts.method, uri, headers, body).await;
     unanswered.answered();
     let response = sent?;
 
@@ -297,7 +325,7 @@ async fn forward(
                 ..Usage::default()
             },
         );
-        gateway.record_audit(audit);
+        gateway.record_audit(std::mem::take(audit));
         response_headers.remove(header::CONTENT_LENGTH);
         let mut out = Response::new(Body::from(redacted));
         *out.status_mut() = status;
@@ -334,7 +362,7 @@ async fn forward(
         response_headers.remove(header::CONTENT_LENGTH);
     }
     let metered = Metered {
-        inner: Box::pin(BodyDataStream::new(response.into_body())),
+        inner: Some(response.into_body()),
         meter,
         strip_usage,
         ended: false,
@@ -458,7 +486,7 @@ impl Drop for Unanswered<'_> {
         if let Some(consumer) = &audit.consumer {
             self.gateway.charge(consumer, &usage);
         }
-        self.gateway.record_audit(&audit);
+        self.gateway.record_audit(audit);
     }
 }
 
@@ -644,8 +672,9 @@ fn check_model(
     }
 }
 
-/// The upstream URI for `rest` (the request path after the route prefix, already checked by
-/// [`path::check`]), from the route's scheme and authority parsed once.
+/// The upstream request target for `rest` (the request path after the route prefix, already
+/// checked by [`path::check`]): the route's upstream path, `rest` and the query, in origin form
+/// (the connection is already to the route's upstream).
 fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<http::Uri, Refusal> {
     let mut path_and_query = String::with_capacity(
         route.upstream_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
@@ -666,12 +695,7 @@ fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<http::
             "the request path cannot be forwarded upstream",
         )
     })?;
-    http::Uri::builder()
-        .scheme(route.upstream_scheme.clone())
-        .authority(route.upstream_authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(Refusal::internal)
+    Ok(http::Uri::from(path_and_query))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and ones the gateway sets itself.
@@ -707,12 +731,13 @@ fn forwarded_response_headers(incoming: &HeaderMap, route: &Route) -> HeaderMap 
 
 async fn send_with_failover(
     gateway: &Gateway,
+    upstreams: &Upstreams,
     route: &Route,
     method: http::Method,
     uri: http::Uri,
     mut headers: HeaderMap,
     body: Bytes,
-) -> Result<http::Response<Incoming>, Refusal> {
+) -> Result<http::Response<Leased>, Refusal> {
     let now_ms = gateway.clock.now_ms();
     let mut order: Vec<usize> = (0..route.keys.len())
         .filter(|&i| route.keys[i].rested_until_ms.load(Ordering::Relaxed) <= now_ms)
@@ -733,12 +758,15 @@ async fn send_with_failover(
         } else {
             headers.clone()
         };
+        request_headers.insert(header::HOST, route.host.clone());
         request_headers.insert(header_name.clone(), key.header_value.clone());
         let mut request = http::Request::new(Full::new(body.clone()));
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
         *request.headers_mut() = request_headers;
-        match tokio::time::timeout(timeout, gateway.http.request(request)).await {
+        match tokio::time::timeout(timeout, upstreams.send(route.index, &route.origin, request))
+            .await
+        {
             Err(_) => {
                 key.failed(gateway, now_ms);
                 return Err(Refusal::new(
@@ -821,7 +849,7 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-async fn read_capped(response: http::Response<Incoming>, cap: usize) -> Vec<u8> {
+async fn read_capped(response: http::Response<Leased>, cap: usize) -> Vec<u8> {
     use futures::StreamExt;
     let mut out = Vec::new();
     let mut stream = BodyDataStream::new(response.into_body());
@@ -1074,7 +1102,8 @@ struct Finish {
 /// LLM answer, the rest of the upstream's answer is read (and thrown away) in the background so
 /// that its usage figures are charged; if they never come, an estimate from the bytes seen is.
 struct Metered {
-    inner: Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>,
+    /// The upstream's body; `None` once handed to the copy that drains it.
+    inner: Option<Leased>,
     meter: Meter,
     /// Set when the usage-only chunk must not reach the consumer (it did not ask for it).
     strip_usage: Option<UsageChunkFilter>,
@@ -1110,7 +1139,7 @@ impl Metered {
         if let Some(consumer) = &finish.audit.consumer {
             finish.gateway.charge(consumer, &usage);
         }
-        finish.gateway.record_audit(&finish.audit);
+        finish.gateway.record_audit(finish.audit);
     }
 
     /// Reads the rest of the upstream answer for its usage, within the upstream timeout.
@@ -1139,10 +1168,23 @@ impl Stream for Metered {
             if this.ended {
                 return Poll::Ready(None);
             }
-            return match this.inner.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
+            let Some(inner) = &mut this.inner else {
+                return Poll::Ready(None);
+            };
+            return match Pin::new(&mut *inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        // Trailers: not forwarded (the answer's headers were filtered already).
+                        continue;
+                    };
                     this.seen_bytes += chunk.len() as u64;
                     this.meter.observe(&chunk, &mut this.usage);
+                    let at_end = inner.is_end_stream();
+                    if at_end {
+                        // The last bytes of a fixed-length answer: charge before the consumer
+                        // has them, so that whoever holds the whole answer sees it charged.
+                        this.complete();
+                    }
                     let Some(filter) = &mut this.strip_usage else {
                         return Poll::Ready(Some(Ok(chunk)));
                     };
@@ -1192,7 +1234,7 @@ impl Drop for Metered {
         {
             let timeout = Duration::from_secs(finish.gateway.config.upstream_timeout_secs);
             let rest = Metered {
-                inner: std::mem::replace(&mut self.inner, Box::pin(futures::stream::empty())),
+                inner: self.inner.take(),
                 meter: std::mem::replace(&mut self.meter, Meter::Off),
                 strip_usage: None,
                 ended: false,
