@@ -44,7 +44,7 @@ use crate::matrix::{MatrixClient, MatrixError};
 use crate::secret::Secret;
 use crate::store::{Store, StoreError, Tree};
 
-pub use device::AgentDevice;
+pub use device::{AgentDevice, CrossSigning};
 use transport::Transport;
 
 /// The `[encryption]` config section.
@@ -234,6 +234,9 @@ impl Crypto {
             let device = AgentDevice::load(&agent_dir).await?;
             device.verify(&crypto.transport).await?;
             tracing::info!(agent = %device.user_id(), device = %device.device_id(), "encryption device loaded");
+            // Devices made before agents were cross-signed get their identity now; for the
+            // others this is one key query that finds everything published.
+            cross_sign(&device, &crypto.transport).await;
             devices.insert(device.user_id().to_owned(), Arc::new(device));
         }
         drop(devices);
@@ -255,6 +258,7 @@ impl Crypto {
         devices.insert(agent.to_owned(), device.clone());
         drop(devices);
         device.send_outgoing(&self.transport).await?;
+        cross_sign(&device, &self.transport).await;
         if self.config.key_delivery == KeyDelivery::Sync {
             self.spawn_sync(device.clone());
         }
@@ -689,6 +693,20 @@ impl Crypto {
     }
 }
 
+/// Cross-signs `device` (see [`AgentDevice::cross_sign`]). A failure is logged, not returned:
+/// without cross-signing the agent still reads and answers, its messages only carry the
+/// clients' "not verified by its owner" mark, and the next start tries again.
+async fn cross_sign(device: &AgentDevice, transport: &Transport) {
+    match device.cross_sign(transport).await {
+        Ok(done) => {
+            tracing::debug!(agent = %device.user_id(), ?done, "cross-signing checked");
+        }
+        Err(error) => {
+            tracing::warn!(%error, agent = %device.user_id(), "cannot cross-sign the agent's device; its messages show as from a device not verified by its owner");
+        }
+    }
+}
+
 /// How often waiting events are checked for having waited too long.
 const EXPIRY_CHECK: Duration = Duration::from_secs(2);
 
@@ -712,6 +730,10 @@ pub trait RoomEncryptor: Send + Sync {
         event_type: &str,
         content: &Value,
     ) -> Result<Option<Value>, MatrixError>;
+
+    /// Whether `room` is encrypted, as `sender` sees it: files shared there are uploaded
+    /// encrypted.
+    async fn is_encrypted(&self, sender: &UserId, room: &RoomId) -> Result<bool, MatrixError>;
 }
 
 /// The encryptor as the client holds it: a weak link, so the client (which the crypto layer
@@ -733,15 +755,30 @@ impl RoomEncryptor for WeakEncryptor {
         crypto
             .encrypt(sender, room, event_type, content)
             .await
-            .map_err(|error| match error {
-                CryptoError::Matrix(error) => error,
-                // Store and Olm trouble may pass (a busy sqlite, a key claim that raced): retried
-                // by the outbox like a network error.
-                other => MatrixError::Unreachable {
-                    url: "encryption".to_owned(),
-                    message: other.to_string(),
-                },
-            })
+            .map_err(into_matrix_error)
+    }
+
+    async fn is_encrypted(&self, sender: &UserId, room: &RoomId) -> Result<bool, MatrixError> {
+        let Some(crypto) = self.0.upgrade() else {
+            return Ok(false);
+        };
+        Ok(crypto
+            .room_encryption(sender, room)
+            .await
+            .map_err(into_matrix_error)?
+            .is_some())
+    }
+}
+
+fn into_matrix_error(error: CryptoError) -> MatrixError {
+    match error {
+        CryptoError::Matrix(error) => error,
+        // Store and Olm trouble may pass (a busy sqlite, a key claim that raced): retried
+        // by the outbox like a network error.
+        other => MatrixError::Unreachable {
+            url: "encryption".to_owned(),
+            message: other.to_string(),
+        },
     }
 }
 

@@ -56,6 +56,25 @@ pub struct MatrixClient {
     encryptor: Arc<std::sync::OnceLock<Arc<dyn crate::crypto::RoomEncryptor>>>,
 }
 
+/// A file uploaded for a room, as its event refers to it.
+#[derive(Debug, Clone)]
+pub enum UploadedMedia {
+    /// The `mxc://` URI of the file as it is (the event's `url`).
+    Clear(String),
+    /// The spec's `EncryptedFile` (`url`, `key`, `iv`, `hashes`, `v`): the event's `file`.
+    Encrypted(Value),
+}
+
+impl UploadedMedia {
+    /// Puts the reference into a message's content (`url` or `file`).
+    pub fn insert_into(self, content: &mut serde_json::Map<String, Value>) {
+        match self {
+            UploadedMedia::Clear(url) => content.insert("url".to_owned(), Value::from(url)),
+            UploadedMedia::Encrypted(file) => content.insert("file".to_owned(), file),
+        };
+    }
+}
+
 /// A joined member of a room.
 pub type RoomMember = membership::joined_members::v3::RoomMember;
 
@@ -539,6 +558,41 @@ impl MatrixClient {
             .await?
             .content_uri
             .to_string())
+    }
+
+    /// Uploads a file to be posted in `room`: in an encrypted room as ciphertext (the key goes
+    /// in the event's `file` field, inside the encrypted event, and the media repository never
+    /// sees the bytes or the file name), elsewhere as it is.
+    pub async fn upload_for_room(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        bytes: Vec<u8>,
+        content_type: &str,
+        filename: &str,
+    ) -> Result<UploadedMedia, MatrixError> {
+        let encrypted = match self.encryptor.get() {
+            Some(encryptor) => encryptor.is_encrypted(user, room).await?,
+            None => false,
+        };
+        if !encrypted {
+            return Ok(UploadedMedia::Clear(
+                self.upload(user, bytes, content_type, filename).await?,
+            ));
+        }
+        let (ciphertext, mut file) = crate::crypto::attachments::encrypt(bytes)
+            .await
+            .map_err(|error| MatrixError::Request {
+                what: "encrypt an attachment".to_owned(),
+                message: error.to_string(),
+            })?;
+        let mut request = media::create_content::v3::Request::new(ciphertext);
+        request.content_type = Some("application/octet-stream".to_owned());
+        let url = self.call(request, Auth::As(user)).await?.content_uri;
+        if let Some(fields) = file.as_object_mut() {
+            fields.insert("url".to_owned(), Value::from(url.to_string()));
+        }
+        Ok(UploadedMedia::Encrypted(file))
     }
 
     /// `GET /_matrix/client/v1/media/download/{server}/{id}` as `user`: the media as a stream
