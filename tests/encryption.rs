@@ -440,7 +440,9 @@ fn assert_signed_by(signed: &Value, user: &str, key_id: &str, public: &str) {
 
 /// The one ed25519 key of a published cross-signing key: (key id, public key).
 fn only_key(key: &Value) -> (String, String) {
-    let keys = key["keys"].as_object().expect("a cross-signing key has keys");
+    let keys = key["keys"]
+        .as_object()
+        .expect("a cross-signing key has keys");
     assert_eq!(keys.len(), 1, "{key}");
     let (id, public) = keys.iter().next().unwrap();
     (id.clone(), public.as_str().unwrap().to_owned())
@@ -566,7 +568,10 @@ async fn agents_are_cross_signed_and_share_encrypted_files() {
     let again = person.send(&team, "alice, still you?", &[ALICE]).await;
     assert_eq!(woken(&env, &again).await, [ALICE.to_owned()]);
     person.wait_message(&team, ALICE, "here is my answer").await;
-    assert_eq!(cross_signed_master_key(&env, &manager).await, manager_master);
+    assert_eq!(
+        cross_signed_master_key(&env, &manager).await,
+        manager_master
+    );
     assert_eq!(cross_signed_master_key(&env, ALICE).await, alice_master);
     let logs = env.all_logs();
     assert_eq!(

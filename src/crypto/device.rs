@@ -319,8 +319,13 @@ impl AgentDevice {
         };
         let (master, self_signing) = (to_value(master)?, to_value(self_signing)?);
         let published = self.published_keys(transport).await?;
-        match published_state(&published, self.user_id(), self.device_id(), &master, &self_signing)
-        {
+        match published_state(
+            &published,
+            self.user_id(),
+            self.device_id(),
+            &master,
+            &self_signing,
+        ) {
             Published::Signed => return Ok(CrossSigning::AlreadyPublished),
             Published::Missing => {}
             Published::Other => tracing::warn!(
@@ -383,7 +388,10 @@ impl AgentDevice {
         let raw = |map: &std::collections::BTreeMap<OwnedUserId, Raw<_>>| -> Value {
             map.iter()
                 .filter_map(|(user, key)| {
-                    Some((user.to_string(), serde_json::from_str(key.json().get()).ok()?))
+                    Some((
+                        user.to_string(),
+                        serde_json::from_str(key.json().get()).ok()?,
+                    ))
                 })
                 .collect::<serde_json::Map<_, _>>()
                 .into()
@@ -395,7 +403,10 @@ impl AgentDevice {
                 let devices: serde_json::Map<String, Value> = devices
                     .iter()
                     .filter_map(|(id, keys)| {
-                        Some((id.to_string(), serde_json::from_str(keys.json().get()).ok()?))
+                        Some((
+                            id.to_string(),
+                            serde_json::from_str(keys.json().get()).ok()?,
+                        ))
                     })
                     .collect();
                 (user.to_string(), Value::Object(devices))
@@ -649,7 +660,10 @@ mod tests {
         let ssk = key("ed25519:S", "S");
         let state = |query: &Value| published_state(query, &user, &device, &master, &ssk);
 
-        assert_eq!(state(&query(&master, &ssk, Some("ed25519:S"))), Published::Signed);
+        assert_eq!(
+            state(&query(&master, &ssk, Some("ed25519:S"))),
+            Published::Signed
+        );
         // Nothing published yet: the first upload.
         assert_eq!(state(&json!({"device_keys": {}})), Published::Missing);
         // Ours, but the device was never signed (the signature upload failed last time).

@@ -580,12 +580,13 @@ impl MatrixClient {
                 self.upload(user, bytes, content_type, filename).await?,
             ));
         }
-        let (ciphertext, mut file) = crate::crypto::attachments::encrypt(bytes)
-            .await
-            .map_err(|error| MatrixError::Request {
-                what: "encrypt an attachment".to_owned(),
-                message: error.to_string(),
-            })?;
+        let (ciphertext, mut file) =
+            crate::crypto::attachments::encrypt(bytes)
+                .await
+                .map_err(|error| MatrixError::Request {
+                    what: "encrypt an attachment".to_owned(),
+                    message: error.to_string(),
+                })?;
         let mut request = media::create_content::v3::Request::new(ciphertext);
         request.content_type = Some("application/octet-stream".to_owned());
         let url = self.call(request, Auth::As(user)).await?.content_uri;
