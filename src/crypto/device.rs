@@ -21,8 +21,8 @@ use ruma::serde::Raw;
 use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
-use super::transport::{DeviceIdentity, Transport};
 use super::{CryptoError, DeviceChanges};
+use crate::matrix::{DeviceIdentity, MatrixClient};
 
 const SESSION_FILE: &str = "device.json";
 
@@ -121,14 +121,12 @@ impl AgentDevice {
     pub(super) async fn create(
         crypto_dir: &Path,
         agent: &UserId,
-        transport: &Transport,
+        client: &MatrixClient,
     ) -> Result<Self, CryptoError> {
         let dir = crypto_dir.join(agent.localpart());
         super::create_private_dir(&dir)?;
         let device_id = OwnedDeviceId::from(format!("CREW{}", random_suffix()));
-        transport
-            .login(agent, device_id.as_str(), "crew agent")
-            .await?;
+        client.login_device(agent, &device_id, "crew agent").await?;
         let session = DeviceIdentity {
             user_id: agent.to_owned(),
             device_id,
@@ -142,14 +140,14 @@ impl AgentDevice {
     /// Refuses a store that is not the device the homeserver knows: the device must still exist
     /// (its token accepted, for the same device id) and, once keys were uploaded, carry our
     /// identity key.
-    pub(super) async fn verify(&self, transport: &Transport) -> Result<(), CryptoError> {
+    pub(super) async fn verify(&self, client: &MatrixClient) -> Result<(), CryptoError> {
         let mismatch = |why: String| CryptoError::Mismatch {
             agent: self.session.user_id.clone(),
             path: self.dir.display().to_string(),
             device: self.session.device_id.clone(),
             why,
         };
-        if !transport.device_exists(&self.session).await? {
+        if !client.device_exists(&self.session).await? {
             return Err(mismatch(
                 "the homeserver does not know the device (it was deleted, or the homeserver's database was reset)".to_owned(),
             ));
@@ -159,7 +157,7 @@ impl AgentDevice {
             self.session.user_id.clone(),
             vec![self.session.device_id.clone()],
         );
-        let response = transport.send(request, self.identity()).await?;
+        let response = client.call_as_device(request, self.identity()).await?;
         let published = response
             .device_keys
             .get(&self.session.user_id)
@@ -206,12 +204,12 @@ impl AgentDevice {
     }
 
     /// Sends what the machine asks for (keys upload, key queries…) and gives it the answers.
-    pub(super) async fn send_outgoing(&self, transport: &Transport) -> Result<(), CryptoError> {
+    pub(super) async fn send_outgoing(&self, client: &MatrixClient) -> Result<(), CryptoError> {
         let _guard = self.requests.lock().await;
-        self.send_outgoing_locked(transport).await
+        self.send_outgoing_locked(client).await
     }
 
-    async fn send_outgoing_locked(&self, transport: &Transport) -> Result<(), CryptoError> {
+    async fn send_outgoing_locked(&self, client: &MatrixClient) -> Result<(), CryptoError> {
         for _ in 0..MAX_REQUEST_ROUNDS {
             let requests = self
                 .machine
@@ -222,7 +220,7 @@ impl AgentDevice {
                 return Ok(());
             }
             for request in requests {
-                self.send_one(transport, request.request_id(), request.request())
+                self.send_one(client, request.request_id(), request.request())
                     .await?;
             }
         }
@@ -231,7 +229,7 @@ impl AgentDevice {
 
     async fn send_one(
         &self,
-        transport: &Transport,
+        client: &MatrixClient,
         request_id: &ruma::TransactionId,
         request: &AnyOutgoingRequest,
     ) -> Result<(), CryptoError> {
@@ -239,7 +237,7 @@ impl AgentDevice {
         let olm = |error: matrix_sdk_crypto::OlmError| CryptoError::Olm(error.to_string());
         match request {
             AnyOutgoingRequest::KeysUpload(request) => {
-                let response = transport.send(request.clone(), token).await?;
+                let response = client.call_as_device(request.clone(), token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
@@ -249,14 +247,14 @@ impl AgentDevice {
                 let mut query = get_keys::v3::Request::new();
                 query.device_keys = request.device_keys.clone();
                 query.timeout = request.timeout;
-                let response = transport.send(query, token).await?;
+                let response = client.call_as_device(query, token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
                     .map_err(olm)?;
             }
             AnyOutgoingRequest::KeysClaim(request) => {
-                let response = transport.send(request.clone(), token).await?;
+                let response = client.call_as_device(request.clone(), token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
@@ -268,14 +266,14 @@ impl AgentDevice {
                     request.txn_id.clone(),
                     request.messages.clone(),
                 );
-                let response = transport.send(send, token).await?;
+                let response = client.call_as_device(send, token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
                     .map_err(olm)?;
             }
             AnyOutgoingRequest::SignatureUpload(request) => {
-                let response = transport.send(request.clone(), token).await?;
+                let response = client.call_as_device(request.clone(), token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
@@ -296,7 +294,7 @@ impl AgentDevice {
     /// and never makes a second master key. Returns what was done.
     pub(super) async fn cross_sign(
         &self,
-        transport: &Transport,
+        client: &MatrixClient,
     ) -> Result<CrossSigning, CryptoError> {
         let _guard = self.requests.lock().await;
         let olm = |error: String| CryptoError::Olm(error);
@@ -318,7 +316,7 @@ impl AgentDevice {
             serde_json::to_value(key).map_err(|error| olm(error.to_string()))
         };
         let (master, self_signing) = (to_value(master)?, to_value(self_signing)?);
-        let published = self.published_keys(transport).await?;
+        let published = self.published_keys(client).await?;
         match published_state(
             &published,
             self.user_id(),
@@ -335,15 +333,15 @@ impl AgentDevice {
             ),
         }
         if let Some(upload) = &requests.upload_keys_req {
-            self.send_one(transport, upload.request_id(), upload.request())
+            self.send_one(client, upload.request_id(), upload.request())
                 .await?;
         }
         let mut upload = upload_signing_keys::v3::Request::new();
         upload.master_key = ours.master_key.as_ref().map(|key| key.to_raw());
         upload.self_signing_key = ours.self_signing_key.as_ref().map(|key| key.to_raw());
         upload.user_signing_key = ours.user_signing_key.as_ref().map(|key| key.to_raw());
-        let response = transport
-            .send(upload, self.identity())
+        let response = client
+            .call_as_device(upload, self.identity())
             .await
             .map_err(uia_hint)?;
         self.machine
@@ -353,8 +351,8 @@ impl AgentDevice {
             )
             .await
             .map_err(|error| olm(error.to_string()))?;
-        let response = transport
-            .send(requests.upload_signatures_req.clone(), self.identity())
+        let response = client
+            .call_as_device(requests.upload_signatures_req.clone(), self.identity())
             .await?;
         if !response.failures.is_empty() {
             let failures = serde_json::to_string(&response.failures).unwrap_or_default();
@@ -378,13 +376,13 @@ impl AgentDevice {
 
     /// The agent's cross-signing keys and this device's keys as the homeserver publishes them
     /// (`/keys/query`: what any person's client sees), as JSON.
-    async fn published_keys(&self, transport: &Transport) -> Result<Value, CryptoError> {
+    async fn published_keys(&self, client: &MatrixClient) -> Result<Value, CryptoError> {
         let mut request = get_keys::v3::Request::new();
         request.device_keys.insert(
             self.session.user_id.clone(),
             vec![self.session.device_id.clone()],
         );
-        let response = transport.send(request, self.identity()).await?;
+        let response = client.call_as_device(request, self.identity()).await?;
         let raw = |map: &std::collections::BTreeMap<OwnedUserId, Raw<_>>| -> Value {
             map.iter()
                 .filter_map(|(user, key)| {
@@ -423,7 +421,7 @@ impl AgentDevice {
     /// and encrypts `content` for `room`.
     pub(super) async fn encrypt(
         &self,
-        transport: &Transport,
+        client: &MatrixClient,
         room: &RoomId,
         members: &[OwnedUserId],
         encryption: &Value,
@@ -438,13 +436,13 @@ impl AgentDevice {
             .await
             .map_err(|error| olm(error.to_string()))?;
         // Key queries for newly tracked (or changed) users go out first.
-        self.send_outgoing_locked(transport).await?;
+        self.send_outgoing_locked(client).await?;
         if let Some((request_id, request)) =
             send_future(self.machine.get_missing_sessions(users.iter().copied()))
                 .await
                 .map_err(|error| olm(error.to_string()))?
         {
-            let response = transport.send(request, self.identity()).await?;
+            let response = client.call_as_device(request, self.identity()).await?;
             self.machine
                 .mark_request_as_sent(&request_id, &response)
                 .await
@@ -470,7 +468,7 @@ impl AgentDevice {
                 share.txn_id.clone(),
                 share.messages.clone(),
             );
-            let response = transport.send(send, self.identity()).await?;
+            let response = client.call_as_device(send, self.identity()).await?;
             self.machine
                 .mark_request_as_sent(&share.txn_id, &response)
                 .await

@@ -8,7 +8,7 @@ mod error;
 pub mod message;
 
 pub use client::{
-    CreateRoom, MatrixClient, RoomMember, UploadedMedia, creators_are_privileged,
+    CreateRoom, DeviceIdentity, MatrixClient, RoomMember, UploadedMedia, creators_are_privileged,
     honour_retry_after, power_level_users,
 };
 pub use error::MatrixError;

@@ -497,8 +497,6 @@ pub async fn serve(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Se
         let opened = crate::crypto::Crypto::open(
             crew.config.encryption.clone(),
             &crew.config.data_dir,
-            crew.config.homeserver.url.clone(),
-            crew.registration.as_token.clone(),
             crew.client.clone(),
             &crew.store,
             crew.inbox.clone(),
