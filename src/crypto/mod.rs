@@ -649,14 +649,7 @@ impl Crypto {
         let device = self.device(agent).await?;
         let members = self.client.joined_and_invited(agent, room).await?;
         let encrypted = device
-            .encrypt(
-                &self.client,
-                room,
-                &members,
-                &settings,
-                event_type,
-                content,
-            )
+            .encrypt(&self.client, room, &members, &settings, event_type, content)
             .await?;
         Ok(Some(encrypted))
     }

@@ -708,7 +708,10 @@ impl MatrixClient {
         if answer.device_id != device_id {
             return Err(bad(
                 "/_matrix/client/v3/login",
-                &format!("the login made device {}, not {device_id}", answer.device_id),
+                &format!(
+                    "the login made device {}, not {device_id}",
+                    answer.device_id
+                ),
             ));
         }
         Ok(())
