@@ -138,6 +138,10 @@ class Person:
         if not self.client.rooms[room_id].encrypted:
             return
         await self.client.joined_members(room_id)
+        # The members' devices are asked for every time: an agent's device is made when the
+        # agent is invited, so a first query (made on the invite) may find none, and nio asks
+        # again only when it sees a device-list change.
+        self.client.olm.users_for_key_query.update(self.client.rooms[room_id].users)
         if self.client.should_query_keys:
             await self.client.keys_query()
         missing = self.client.get_missing_sessions(room_id)
