@@ -7,6 +7,9 @@
 //! come late once they come, say once that a never-readable message could not be read, keep
 //! secrets out of their crypto stores and room keys out of the logs; and all of it also where
 //! the homeserver does not deliver keys in transactions (Tuwunel), through the per-agent sync.
+//! Agents' devices are cross-signed (people's clients see them verified by their owner) with
+//! one identity kept across restarts, and files agents share in encrypted rooms are encrypted
+//! attachments that the person's client decrypts.
 
 #[path = "support/crew.rs"]
 mod crew;
@@ -22,9 +25,11 @@ mod tools;
 use std::path::Path;
 use std::time::Duration;
 
+use base64::Engine;
 use crew::CrewEnv;
 use e2e_person::Person;
-use scripted_llm::{Reply, ScriptedLlm};
+use matrix_sdk_crypto::vodozemac::{Ed25519PublicKey, Ed25519Signature};
+use scripted_llm::{Reply, ScriptedLlm, waking_text};
 use serde_json::{Value, json};
 
 const REAL_KEY: &str = "sk-real-provider-key-for-the-encryption-tests";
@@ -409,4 +414,182 @@ async fn without_keys_in_transactions_the_agents_sync_for_them() {
                 >= 2
         })
         .await;
+}
+
+/// `signed` (a device key or cross-signing key as published) carries a valid signature by
+/// `user`'s ed25519 key `key_id` (public key `public`): checked here, not taken on trust.
+fn assert_signed_by(signed: &Value, user: &str, key_id: &str, public: &str) {
+    let signature = signed["signatures"][user][key_id]
+        .as_str()
+        .unwrap_or_else(|| panic!("no signature by {key_id} on {signed}"));
+    let mut unsigned = signed.clone();
+    let object = unsigned.as_object_mut().unwrap();
+    object.remove("signatures");
+    object.remove("unsigned");
+    let canonical = ruma::canonical_json::to_canonical_value(&unsigned)
+        .unwrap()
+        .to_string();
+    Ed25519PublicKey::from_base64(public)
+        .unwrap()
+        .verify(
+            canonical.as_bytes(),
+            &Ed25519Signature::from_base64(signature).unwrap(),
+        )
+        .unwrap_or_else(|error| panic!("the signature by {key_id} does not verify: {error}"));
+}
+
+/// The one ed25519 key of a published cross-signing key: (key id, public key).
+fn only_key(key: &Value) -> (String, String) {
+    let keys = key["keys"]
+        .as_object()
+        .expect("a cross-signing key has keys");
+    assert_eq!(keys.len(), 1, "{key}");
+    let (id, public) = keys.iter().next().unwrap();
+    (id.clone(), public.as_str().unwrap().to_owned())
+}
+
+/// What the person's client learns about `agent` from `/keys/query` once the agent's device
+/// is cross-signed: its master key (id, public key), after checking that the self-signing key
+/// is signed by the master key and every device of the agent by the self-signing key.
+async fn cross_signed_master_key(env: &CrewEnv, agent: &str) -> (String, String) {
+    let admin = env.admin().await;
+    let query = tools::wait_for(
+        &format!("{agent}'s cross-signing keys and signed device"),
+        WAIT,
+        || async {
+            let (status, answer) = admin
+                .request(
+                    reqwest::Method::POST,
+                    "/_matrix/client/v3/keys/query",
+                    Some(json!({"device_keys": {agent: []}})),
+                )
+                .await;
+            assert_eq!(status, 200, "{answer}");
+            let ssk_id = answer["self_signing_keys"][agent]["keys"]
+                .as_object()?
+                .keys()
+                .next()?
+                .clone();
+            let devices = answer["device_keys"][agent].as_object()?;
+            (!devices.is_empty()
+                && devices
+                    .values()
+                    .all(|device| !device["signatures"][agent][&ssk_id].is_null()))
+            .then_some(answer)
+        },
+    )
+    .await;
+    let master = &query["master_keys"][agent];
+    let ssk = &query["self_signing_keys"][agent];
+    assert_eq!(master["usage"], json!(["master"]), "{master}");
+    assert_eq!(ssk["usage"], json!(["self_signing"]), "{ssk}");
+    let (master_id, master_public) = only_key(master);
+    let (ssk_id, ssk_public) = only_key(ssk);
+    assert_signed_by(ssk, agent, &master_id, &master_public);
+    let devices = query["device_keys"][agent].as_object().unwrap();
+    assert_eq!(devices.len(), 1, "one device per agent: {devices:?}");
+    for device in devices.values() {
+        assert_signed_by(device, agent, &ssk_id, &ssk_public);
+    }
+    (master_id, master_public)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_are_cross_signed_and_share_encrypted_files() {
+    let llm = ScriptedLlm::start().await;
+    llm.set_default(Reply::text("Noted, here is my answer."));
+    llm.on(
+        |body| {
+            waking_text(body).contains("share the report")
+                && !body["messages"]
+                    .as_array()
+                    .is_some_and(|messages| messages.iter().any(|m| m["role"] == "tool"))
+        },
+        Reply::tool_call(
+            "s1",
+            "share_file",
+            json!({"path": "shared/report.txt", "upload": true}),
+        ),
+    );
+    let mut env = crew_with_llm(&llm, true, "").await;
+    add_worker(&env, "alice");
+    let manager = env.manager_id();
+    let report = "quarterly report \u{2014} only the room may read this\n";
+    let report_path = env.data_dir.join("files/shared/report.txt");
+    std::fs::create_dir_all(report_path.parent().unwrap()).unwrap();
+    std::fs::write(&report_path, report).unwrap();
+    let mut person = person(&env, "admin").await;
+
+    // The Manager's device (made at start-up) and alice's (made on her invite) are
+    // cross-signed by the time they are in the room.
+    let dm = person.create_encrypted_room("dm", &[&manager], true).await;
+    person.wait_joined(&dm, &manager).await;
+    let manager_master = cross_signed_master_key(&env, &manager).await;
+    // (alice alone with the person: a member event after the first message would make the
+    // person's client start a new room key, whose sharing a restart may race.)
+    let team = person.create_encrypted_room("team", &[ALICE], false).await;
+    person.wait_joined(&team, ALICE).await;
+    let alice_master = cross_signed_master_key(&env, ALICE).await;
+    assert_ne!(manager_master, alice_master, "an identity per agent");
+    // A cross-signed device still gets the room key and answers.
+    let hello = person.send(&team, "alice, are you there?", &[ALICE]).await;
+    assert_eq!(woken(&env, &hello).await, [ALICE.to_owned()]);
+    let answer = person.wait_message(&team, ALICE, "here is my answer").await;
+    assert_eq!(answer["decrypted"], true, "{answer}");
+
+    // A file the Manager shares in the encrypted DM is an encrypted attachment: the event
+    // is ciphertext, the media holds ciphertext, and the person's client decrypts the bytes.
+    let ask = person
+        .send(&dm, "please share the report with me", &[&manager])
+        .await;
+    assert_eq!(woken(&env, &ask).await, std::slice::from_ref(&manager));
+    person
+        .wait_messages(&dm, "the Manager's encrypted file", |messages| {
+            messages
+                .iter()
+                .any(|m| m["sender"] == manager && m["msgtype"] == "m.file" && !m["file"].is_null())
+        })
+        .await;
+    let downloaded = person
+        .call(json!({"cmd": "download_file", "room_id": dm, "sender": manager}))
+        .await;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(downloaded["data_b64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes, report.as_bytes());
+    assert_eq!(downloaded["ciphertext_is_plaintext"], false);
+    let raw = raw_events_from(&env, &dm, &manager).await;
+    assert!(
+        raw.iter().all(|event| event["type"] == "m.room.encrypted"),
+        "the file went out inside an encrypted event: {raw:?}"
+    );
+
+    // Restarts (kill -9, then a clean one) keep each agent's identity: nothing new published,
+    // no second master key.
+    env.kill_crew();
+    env.start_crew().await;
+    env.terminate_crew(Duration::from_secs(30)).await;
+    env.start_crew().await;
+    let again = person.send(&team, "alice, still you?", &[ALICE]).await;
+    assert_eq!(woken(&env, &again).await, [ALICE.to_owned()]);
+    person
+        .wait_messages(&team, "alice's answer after the restarts", |messages| {
+            messages
+                .iter()
+                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
+                .count()
+                >= 2
+        })
+        .await;
+    assert_eq!(
+        cross_signed_master_key(&env, &manager).await,
+        manager_master
+    );
+    assert_eq!(cross_signed_master_key(&env, ALICE).await, alice_master);
+    let logs = env.all_logs();
+    assert_eq!(
+        logs.matches("cross-signing identity published").count(),
+        2,
+        "published once per agent, never again on restart: {logs}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Files in chat: an agent refers to a file by path, size and a signed link a person can open
 //! from any client (a phone included), or, without a public base URL (or on request, for small
-//! files), uploads it to Matrix media as `m.file`. Chat carries references, never file bodies.
+//! files), uploads it to Matrix media as `m.file` (encrypted in an encrypted room). Chat carries
+//! references, never file bodies.
 
 use std::time::SystemTime;
 
@@ -45,17 +46,20 @@ pub async fn share(
             meta,
         } => {
             let bytes = storage.get_bytes(&path, meta.size).await?;
-            let mxc = client
-                .upload(agent, bytes, &meta.content_type, &file_name)
+            // In an encrypted room the file goes up encrypted, its key inside the event.
+            let media = client
+                .upload_for_room(agent, room, bytes.into(), &meta.content_type, &file_name)
                 .await?;
-            let content = json!({
+            let mut content = json!({
                 "msgtype": "m.file",
                 "body": file_name,
                 "filename": file_name,
-                "url": mxc,
                 "info": { "size": meta.size, "mimetype": meta.content_type },
                 "m.mentions": {},
             });
+            if let Some(fields) = content.as_object_mut() {
+                media.insert_into(fields);
+            }
             let event = client
                 .send_event(agent, room, "m.room.message", &txn_key, content)
                 .await?;

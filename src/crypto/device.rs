@@ -7,13 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use matrix_sdk_crypto::types::requests::AnyOutgoingRequest;
+use matrix_sdk_crypto::types::requests::{AnyIncomingResponse, AnyOutgoingRequest};
 use matrix_sdk_crypto::{
     CollectStrategy, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
     TrustRequirement,
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
-use ruma::api::client::keys::get_keys;
+use ruma::api::client::keys::{get_keys, upload_signing_keys};
 use ruma::api::client::to_device::send_event_to_device;
 use ruma::events::room::encryption::RoomEncryptionEventContent;
 use ruma::events::room::history_visibility::HistoryVisibility;
@@ -21,8 +21,8 @@ use ruma::serde::Raw;
 use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
-use super::transport::{DeviceIdentity, Transport};
 use super::{CryptoError, DeviceChanges};
+use crate::matrix::{DeviceIdentity, MatrixClient};
 
 const SESSION_FILE: &str = "device.json";
 
@@ -121,14 +121,12 @@ impl AgentDevice {
     pub(super) async fn create(
         crypto_dir: &Path,
         agent: &UserId,
-        transport: &Transport,
+        client: &MatrixClient,
     ) -> Result<Self, CryptoError> {
         let dir = crypto_dir.join(agent.localpart());
         super::create_private_dir(&dir)?;
         let device_id = OwnedDeviceId::from(format!("CREW{}", random_suffix()));
-        transport
-            .login(agent, device_id.as_str(), "crew agent")
-            .await?;
+        client.login_device(agent, &device_id, "crew agent").await?;
         let session = DeviceIdentity {
             user_id: agent.to_owned(),
             device_id,
@@ -142,14 +140,14 @@ impl AgentDevice {
     /// Refuses a store that is not the device the homeserver knows: the device must still exist
     /// (its token accepted, for the same device id) and, once keys were uploaded, carry our
     /// identity key.
-    pub(super) async fn verify(&self, transport: &Transport) -> Result<(), CryptoError> {
+    pub(super) async fn verify(&self, client: &MatrixClient) -> Result<(), CryptoError> {
         let mismatch = |why: String| CryptoError::Mismatch {
             agent: self.session.user_id.clone(),
             path: self.dir.display().to_string(),
             device: self.session.device_id.clone(),
             why,
         };
-        if !transport.device_exists(&self.session).await? {
+        if !client.device_exists(&self.session).await? {
             return Err(mismatch(
                 "the homeserver does not know the device (it was deleted, or the homeserver's database was reset)".to_owned(),
             ));
@@ -159,7 +157,7 @@ impl AgentDevice {
             self.session.user_id.clone(),
             vec![self.session.device_id.clone()],
         );
-        let response = transport.send(request, self.identity()).await?;
+        let response = client.call_as_device(request, self.identity()).await?;
         let published = response
             .device_keys
             .get(&self.session.user_id)
@@ -206,12 +204,12 @@ impl AgentDevice {
     }
 
     /// Sends what the machine asks for (keys upload, key queries…) and gives it the answers.
-    pub(super) async fn send_outgoing(&self, transport: &Transport) -> Result<(), CryptoError> {
+    pub(super) async fn send_outgoing(&self, client: &MatrixClient) -> Result<(), CryptoError> {
         let _guard = self.requests.lock().await;
-        self.send_outgoing_locked(transport).await
+        self.send_outgoing_locked(client).await
     }
 
-    async fn send_outgoing_locked(&self, transport: &Transport) -> Result<(), CryptoError> {
+    async fn send_outgoing_locked(&self, client: &MatrixClient) -> Result<(), CryptoError> {
         for _ in 0..MAX_REQUEST_ROUNDS {
             let requests = self
                 .machine
@@ -222,7 +220,7 @@ impl AgentDevice {
                 return Ok(());
             }
             for request in requests {
-                self.send_one(transport, request.request_id(), request.request())
+                self.send_one(client, request.request_id(), request.request())
                     .await?;
             }
         }
@@ -231,7 +229,7 @@ impl AgentDevice {
 
     async fn send_one(
         &self,
-        transport: &Transport,
+        client: &MatrixClient,
         request_id: &ruma::TransactionId,
         request: &AnyOutgoingRequest,
     ) -> Result<(), CryptoError> {
@@ -239,7 +237,7 @@ impl AgentDevice {
         let olm = |error: matrix_sdk_crypto::OlmError| CryptoError::Olm(error.to_string());
         match request {
             AnyOutgoingRequest::KeysUpload(request) => {
-                let response = transport.send(request.clone(), token).await?;
+                let response = client.call_as_device(request.clone(), token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
@@ -249,14 +247,14 @@ impl AgentDevice {
                 let mut query = get_keys::v3::Request::new();
                 query.device_keys = request.device_keys.clone();
                 query.timeout = request.timeout;
-                let response = transport.send(query, token).await?;
+                let response = client.call_as_device(query, token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
                     .map_err(olm)?;
             }
             AnyOutgoingRequest::KeysClaim(request) => {
-                let response = transport.send(request.clone(), token).await?;
+                let response = client.call_as_device(request.clone(), token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
@@ -268,14 +266,14 @@ impl AgentDevice {
                     request.txn_id.clone(),
                     request.messages.clone(),
                 );
-                let response = transport.send(send, token).await?;
+                let response = client.call_as_device(send, token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
                     .map_err(olm)?;
             }
             AnyOutgoingRequest::SignatureUpload(request) => {
-                let response = transport.send(request.clone(), token).await?;
+                let response = client.call_as_device(request.clone(), token).await?;
                 self.machine
                     .mark_request_as_sent(request_id, &response)
                     .await
@@ -289,11 +287,141 @@ impl AgentDevice {
         Ok(())
     }
 
+    /// Gives the agent a cross-signing identity and signs this device with it, so people's
+    /// clients see a device verified by its owner (Element shows no "not verified by its owner"
+    /// warning on the agent's messages). The private keys are made once and kept in this
+    /// device's crypto store; what is published is checked first, so a restart uploads nothing
+    /// and never makes a second master key. Returns what was done.
+    pub(super) async fn cross_sign(
+        &self,
+        client: &MatrixClient,
+    ) -> Result<CrossSigning, CryptoError> {
+        let _guard = self.requests.lock().await;
+        let olm = |error: String| CryptoError::Olm(error);
+        let had_identity = self.machine.cross_signing_status().await.has_master;
+        // With keys in the store, this only builds the requests that would publish them (the
+        // same keys); without, it makes and stores new ones.
+        let requests = self
+            .machine
+            .bootstrap_cross_signing(false)
+            .await
+            .map_err(|error| olm(error.to_string()))?;
+        let ours = &requests.upload_signing_keys_req;
+        let (Some(master), Some(self_signing)) = (&ours.master_key, &ours.self_signing_key) else {
+            return Err(olm(
+                "the cross-signing identity has no master or self-signing key".to_owned(),
+            ));
+        };
+        let to_value = |key: &matrix_sdk_crypto::types::CrossSigningKey| {
+            serde_json::to_value(key).map_err(|error| olm(error.to_string()))
+        };
+        let (master, self_signing) = (to_value(master)?, to_value(self_signing)?);
+        let published = self.published_keys(client).await?;
+        match published_state(
+            &published,
+            self.user_id(),
+            self.device_id(),
+            &master,
+            &self_signing,
+        ) {
+            Published::Signed => return Ok(CrossSigning::AlreadyPublished),
+            Published::Missing => {}
+            Published::Other => tracing::warn!(
+                agent = %self.user_id(),
+                "the homeserver publishes a cross-signing identity this device's store does not hold \
+                 (the store was reset): replacing it; people who verified the agent see its identity change"
+            ),
+        }
+        if let Some(upload) = &requests.upload_keys_req {
+            self.send_one(client, upload.request_id(), upload.request())
+                .await?;
+        }
+        let mut upload = upload_signing_keys::v3::Request::new();
+        upload.master_key = ours.master_key.as_ref().map(|key| key.to_raw());
+        upload.self_signing_key = ours.self_signing_key.as_ref().map(|key| key.to_raw());
+        upload.user_signing_key = ours.user_signing_key.as_ref().map(|key| key.to_raw());
+        let response = client
+            .call_as_device(upload, self.identity())
+            .await
+            .map_err(uia_hint)?;
+        self.machine
+            .mark_request_as_sent(
+                &ruma::TransactionId::new(),
+                AnyIncomingResponse::SigningKeysUpload(&response),
+            )
+            .await
+            .map_err(|error| olm(error.to_string()))?;
+        let response = client
+            .call_as_device(requests.upload_signatures_req.clone(), self.identity())
+            .await?;
+        if !response.failures.is_empty() {
+            let failures = serde_json::to_string(&response.failures).unwrap_or_default();
+            return Err(olm(format!(
+                "the homeserver refused the device's cross-signing signature: {failures}"
+            )));
+        }
+        self.machine
+            .mark_request_as_sent(&ruma::TransactionId::new(), &response)
+            .await
+            .map_err(|error| olm(error.to_string()))?;
+        let master_key = master_key_of(&master).unwrap_or_default();
+        tracing::info!(agent = %self.user_id(), device = %self.device_id(), %master_key,
+            "cross-signing identity published and the device signed with it");
+        Ok(if had_identity {
+            CrossSigning::Republished
+        } else {
+            CrossSigning::Created
+        })
+    }
+
+    /// The agent's cross-signing keys and this device's keys as the homeserver publishes them
+    /// (`/keys/query`: what any person's client sees), as JSON.
+    async fn published_keys(&self, client: &MatrixClient) -> Result<Value, CryptoError> {
+        let mut request = get_keys::v3::Request::new();
+        request.device_keys.insert(
+            self.session.user_id.clone(),
+            vec![self.session.device_id.clone()],
+        );
+        let response = client.call_as_device(request, self.identity()).await?;
+        let raw = |map: &std::collections::BTreeMap<OwnedUserId, Raw<_>>| -> Value {
+            map.iter()
+                .filter_map(|(user, key)| {
+                    Some((
+                        user.to_string(),
+                        serde_json::from_str(key.json().get()).ok()?,
+                    ))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let devices: serde_json::Map<String, Value> = response
+            .device_keys
+            .iter()
+            .map(|(user, devices)| {
+                let devices: serde_json::Map<String, Value> = devices
+                    .iter()
+                    .filter_map(|(id, keys)| {
+                        Some((
+                            id.to_string(),
+                            serde_json::from_str(keys.json().get()).ok()?,
+                        ))
+                    })
+                    .collect();
+                (user.to_string(), Value::Object(devices))
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "master_keys": raw(&response.master_keys),
+            "self_signing_keys": raw(&response.self_signing_keys),
+            "device_keys": devices,
+        }))
+    }
+
     /// Shares the room key with every device of `members` (sessions claimed where missing)
     /// and encrypts `content` for `room`.
     pub(super) async fn encrypt(
         &self,
-        transport: &Transport,
+        client: &MatrixClient,
         room: &RoomId,
         members: &[OwnedUserId],
         encryption: &Value,
@@ -308,13 +436,13 @@ impl AgentDevice {
             .await
             .map_err(|error| olm(error.to_string()))?;
         // Key queries for newly tracked (or changed) users go out first.
-        self.send_outgoing_locked(transport).await?;
+        self.send_outgoing_locked(client).await?;
         if let Some((request_id, request)) =
             send_future(self.machine.get_missing_sessions(users.iter().copied()))
                 .await
                 .map_err(|error| olm(error.to_string()))?
         {
-            let response = transport.send(request, self.identity()).await?;
+            let response = client.call_as_device(request, self.identity()).await?;
             self.machine
                 .mark_request_as_sent(&request_id, &response)
                 .await
@@ -340,7 +468,7 @@ impl AgentDevice {
                 share.txn_id.clone(),
                 share.messages.clone(),
             );
-            let response = transport.send(send, self.identity()).await?;
+            let response = client.call_as_device(send, self.identity()).await?;
             self.machine
                 .mark_request_as_sent(&share.txn_id, &response)
                 .await
@@ -356,6 +484,115 @@ impl AgentDevice {
             .content
             .deserialize_as::<Value>()
             .map_err(|error| olm(error.to_string()))
+    }
+}
+
+/// What [`AgentDevice::cross_sign`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrossSigning {
+    /// A new identity was made, published and the device signed.
+    Created,
+    /// The kept identity was published again (the homeserver did not have it).
+    Republished,
+    /// The homeserver already had the identity and the device's signature.
+    AlreadyPublished,
+}
+
+/// How the homeserver's `/keys/query` answer stands to the identity this device holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Published {
+    /// Our master and self-signing keys are published and the device carries the
+    /// self-signing key's signature.
+    Signed,
+    /// No cross-signing identity published, or ours without the device's signature.
+    Missing,
+    /// Someone else's master key (a store made afresh while the old identity stays published).
+    Other,
+}
+
+fn published_state(
+    query: &Value,
+    user: &UserId,
+    device: &DeviceId,
+    master: &Value,
+    self_signing: &Value,
+) -> Published {
+    let user = user.as_str();
+    let Some(published_master) = query.pointer(&format!("/master_keys/{}", pointer_escape(user)))
+    else {
+        return Published::Missing;
+    };
+    if published_master.get("keys") != master.get("keys") {
+        return Published::Other;
+    }
+    let published_ssk = query
+        .pointer(&format!("/self_signing_keys/{}", pointer_escape(user)))
+        .and_then(|key| key.get("keys"));
+    if published_ssk != self_signing.get("keys") {
+        return Published::Missing;
+    }
+    let Some(ssk_id) = self_signing
+        .get("keys")
+        .and_then(Value::as_object)
+        .and_then(|keys| keys.keys().next())
+    else {
+        return Published::Missing;
+    };
+    let signed = query
+        .pointer(&format!(
+            "/device_keys/{}/{}/signatures/{}/{}",
+            pointer_escape(user),
+            pointer_escape(device.as_str()),
+            pointer_escape(user),
+            pointer_escape(ssk_id)
+        ))
+        .is_some();
+    if signed {
+        Published::Signed
+    } else {
+        Published::Missing
+    }
+}
+
+/// The master key's public key (unpadded base64), for the log line people compare against.
+fn master_key_of(master: &Value) -> Option<String> {
+    master
+        .get("keys")?
+        .as_object()?
+        .values()
+        .next()?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// A JSON pointer segment for a Matrix id (`~` and `/` escaped).
+fn pointer_escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// The homeserver asked for interactive authentication: say what that means here.
+fn uia_hint(error: crate::matrix::MatrixError) -> crate::matrix::MatrixError {
+    match error {
+        crate::matrix::MatrixError::Api {
+            method,
+            path,
+            status: 401,
+            errcode,
+            error,
+            retry_after,
+        } => crate::matrix::MatrixError::Api {
+            method,
+            path,
+            status: 401,
+            errcode,
+            error: format!(
+                "{error} (the homeserver asks for interactive authentication to replace the agent's \
+                 cross-signing keys: Synapse never does for appservice users; Tuwunel needs \
+                 `device_management: true` (MSC4190) in the registration to allow a replacement)"
+            ),
+            retry_after,
+        },
+        other => other,
     }
 }
 
@@ -390,4 +627,55 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CryptoError> {
     let mut file = options.open(path).map_err(io)?;
     file.write_all(bytes).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(id: &str, public: &str) -> Value {
+        json!({"user_id": "@crew_a:x", "usage": ["master"], "keys": {id: public}})
+    }
+
+    fn query(master: &Value, ssk: &Value, device_signed_by: Option<&str>) -> Value {
+        let mut signatures = json!({"@crew_a:x": {"ed25519:CREWDEV": "self"}});
+        if let Some(id) = device_signed_by {
+            signatures["@crew_a:x"][id] = json!("sig");
+        }
+        json!({
+            "master_keys": {"@crew_a:x": master},
+            "self_signing_keys": {"@crew_a:x": ssk},
+            "device_keys": {"@crew_a:x": {"CREWDEV": {"signatures": signatures}}},
+        })
+    }
+
+    #[test]
+    fn published_identity_is_judged_against_ours() {
+        let user = UserId::parse("@crew_a:x").unwrap();
+        let device = OwnedDeviceId::from("CREWDEV");
+        let master = key("ed25519:M", "M");
+        let ssk = key("ed25519:S", "S");
+        let state = |query: &Value| published_state(query, &user, &device, &master, &ssk);
+
+        assert_eq!(
+            state(&query(&master, &ssk, Some("ed25519:S"))),
+            Published::Signed
+        );
+        // Nothing published yet: the first upload.
+        assert_eq!(state(&json!({"device_keys": {}})), Published::Missing);
+        // Ours, but the device was never signed (the signature upload failed last time).
+        assert_eq!(state(&query(&master, &ssk, None)), Published::Missing);
+        // Signed by some other self-signing key.
+        assert_eq!(
+            state(&query(&master, &key("ed25519:T", "T"), Some("ed25519:T"))),
+            Published::Missing
+        );
+        // Another master key: a store made afresh.
+        assert_eq!(
+            state(&query(&key("ed25519:N", "N"), &ssk, Some("ed25519:S"))),
+            Published::Other
+        );
+        assert_eq!(master_key_of(&master).as_deref(), Some("M"));
+    }
 }

@@ -4,7 +4,8 @@
 //! The cryptography is `matrix-sdk-crypto`'s [`OlmMachine`] (the state machine of Element X and
 //! the Rust SDK), one per agent, each with its own sqlite store under
 //! `<data_dir>/crypto/<localpart>/`. This module only carries its requests to the homeserver
-//! ([`transport`]) and feeds it what the homeserver delivers:
+//! (through `crate::matrix::MatrixClient`, asserting the device) and feeds it what the
+//! homeserver delivers:
 //! - with encrypted-appservice support (Synapse: MSC2409 to-device events, MSC3202 device lists
 //!   and one-time-key counts in transactions) from [`Crypto::on_transaction`];
 //! - without it (Tuwunel 1.4.6), from one filtered `/sync` per agent device that carries only
@@ -22,7 +23,6 @@
 pub mod attachments;
 mod device;
 mod sync;
-pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,11 +41,9 @@ use tokio_util::sync::CancellationToken;
 use crate::appservice::inbox::Inbox;
 use crate::clock::now_ms;
 use crate::matrix::{MatrixClient, MatrixError};
-use crate::secret::Secret;
 use crate::store::{Store, StoreError, Tree};
 
-pub use device::AgentDevice;
-use transport::Transport;
+pub use device::{AgentDevice, CrossSigning};
 
 /// The `[encryption]` config section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,7 +174,7 @@ pub(crate) struct DeviceChanges {
 pub struct Crypto {
     config: EncryptionConfig,
     dir: PathBuf,
-    transport: Transport,
+    /// Every homeserver call, the devices' own included (`MatrixClient::call_as_device`).
     client: MatrixClient,
     inbox: Arc<Inbox>,
     manager: OwnedUserId,
@@ -204,8 +202,6 @@ impl Crypto {
     pub async fn open(
         config: EncryptionConfig,
         data_dir: &Path,
-        homeserver: url::Url,
-        as_token: Secret,
         client: MatrixClient,
         store: &Store,
         inbox: Arc<Inbox>,
@@ -217,7 +213,6 @@ impl Crypto {
         create_private_dir(&dir)?;
         let crypto = Arc::new(Self {
             config,
-            transport: Transport::new(homeserver, as_token),
             client,
             inbox,
             manager,
@@ -232,8 +227,11 @@ impl Crypto {
         let mut devices = crypto.devices.lock().await;
         for agent_dir in device::existing(&crypto.dir)? {
             let device = AgentDevice::load(&agent_dir).await?;
-            device.verify(&crypto.transport).await?;
+            device.verify(&crypto.client).await?;
             tracing::info!(agent = %device.user_id(), device = %device.device_id(), "encryption device loaded");
+            // Devices made before agents were cross-signed get their identity now; for the
+            // others this is one key query that finds everything published.
+            cross_sign(&device, &crypto.client).await;
             devices.insert(device.user_id().to_owned(), Arc::new(device));
         }
         drop(devices);
@@ -250,11 +248,12 @@ impl Crypto {
         if let Some(device) = devices.get(agent) {
             return Ok(device.clone());
         }
-        let device = Arc::new(AgentDevice::create(&self.dir, agent, &self.transport).await?);
+        let device = Arc::new(AgentDevice::create(&self.dir, agent, &self.client).await?);
         tracing::info!(%agent, device = %device.device_id(), "encryption device created");
         devices.insert(agent.to_owned(), device.clone());
         drop(devices);
-        device.send_outgoing(&self.transport).await?;
+        device.send_outgoing(&self.client).await?;
+        cross_sign(&device, &self.client).await;
         if self.config.key_delivery == KeyDelivery::Sync {
             self.spawn_sync(device.clone());
         }
@@ -370,7 +369,7 @@ impl Crypto {
         let crypto = self.clone();
         let device = device.clone();
         tokio::spawn(async move {
-            if let Err(error) = device.send_outgoing(&crypto.transport).await {
+            if let Err(error) = device.send_outgoing(&crypto.client).await {
                 tracing::warn!(%error, agent = %device.user_id(), "cannot send the device's key requests");
             }
         });
@@ -625,7 +624,7 @@ impl Crypto {
         {
             return Ok(known.clone());
         }
-        let content = self.transport.room_encryption(agent, room).await?;
+        let content = self.client.room_encryption(agent, room).await?;
         let mut rooms = self
             .rooms
             .lock()
@@ -648,16 +647,9 @@ impl Crypto {
             return Ok(None);
         };
         let device = self.device(agent).await?;
-        let members = self.transport.members(agent, room).await?;
+        let members = self.client.joined_and_invited(agent, room).await?;
         let encrypted = device
-            .encrypt(
-                &self.transport,
-                room,
-                &members,
-                &settings,
-                event_type,
-                content,
-            )
+            .encrypt(&self.client, room, &members, &settings, event_type, content)
             .await?;
         Ok(Some(encrypted))
     }
@@ -689,6 +681,20 @@ impl Crypto {
     }
 }
 
+/// Cross-signs `device` (see [`AgentDevice::cross_sign`]). A failure is logged, not returned:
+/// without cross-signing the agent still reads and answers, its messages only carry the
+/// clients' "not verified by its owner" mark, and the next start tries again.
+async fn cross_sign(device: &AgentDevice, client: &MatrixClient) {
+    match device.cross_sign(client).await {
+        Ok(done) => {
+            tracing::debug!(agent = %device.user_id(), ?done, "cross-signing checked");
+        }
+        Err(error) => {
+            tracing::warn!(%error, agent = %device.user_id(), "cannot cross-sign the agent's device; its messages show as from a device not verified by its owner");
+        }
+    }
+}
+
 /// How often waiting events are checked for having waited too long.
 const EXPIRY_CHECK: Duration = Duration::from_secs(2);
 
@@ -712,6 +718,10 @@ pub trait RoomEncryptor: Send + Sync {
         event_type: &str,
         content: &Value,
     ) -> Result<Option<Value>, MatrixError>;
+
+    /// Whether `room` is encrypted, as `sender` sees it: files shared there are uploaded
+    /// encrypted.
+    async fn is_encrypted(&self, sender: &UserId, room: &RoomId) -> Result<bool, MatrixError>;
 }
 
 /// The encryptor as the client holds it: a weak link, so the client (which the crypto layer
@@ -733,15 +743,30 @@ impl RoomEncryptor for WeakEncryptor {
         crypto
             .encrypt(sender, room, event_type, content)
             .await
-            .map_err(|error| match error {
-                CryptoError::Matrix(error) => error,
-                // Store and Olm trouble may pass (a busy sqlite, a key claim that raced): retried
-                // by the outbox like a network error.
-                other => MatrixError::Unreachable {
-                    url: "encryption".to_owned(),
-                    message: other.to_string(),
-                },
-            })
+            .map_err(into_matrix_error)
+    }
+
+    async fn is_encrypted(&self, sender: &UserId, room: &RoomId) -> Result<bool, MatrixError> {
+        let Some(crypto) = self.0.upgrade() else {
+            return Ok(false);
+        };
+        Ok(crypto
+            .room_encryption(sender, room)
+            .await
+            .map_err(into_matrix_error)?
+            .is_some())
+    }
+}
+
+fn into_matrix_error(error: CryptoError) -> MatrixError {
+    match error {
+        CryptoError::Matrix(error) => error,
+        // Store and Olm trouble may pass (a busy sqlite, a key claim that raced): retried
+        // by the outbox like a network error.
+        other => MatrixError::Unreachable {
+            url: "encryption".to_owned(),
+            message: other.to_string(),
+        },
     }
 }
 

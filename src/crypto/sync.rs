@@ -6,18 +6,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ruma::serde::Raw;
-use serde_json::Value;
+use ruma::api::client::filter::FilterDefinition;
+use ruma::api::client::sync::sync_events::v3::Response;
 
 use super::{AgentDevice, Crypto, DeviceChanges};
 
-/// Nothing but to-device events and the device fields.
-const FILTER: &str = r#"{"room":{"rooms":[]},"presence":{"types":[]},"account_data":{"types":[]}}"#;
 /// The long poll's wait.
-const TIMEOUT_MS: u64 = 30_000;
+const TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub(super) async fn run(crypto: Arc<Crypto>, device: Arc<AgentDevice>) {
+    // Nothing but to-device events and the device fields: no rooms, presence or account
+    // data (to-device events, device lists and key counts are not filtered by any of these).
+    let filter = FilterDefinition::ignore_all();
     let mut backoff = Duration::from_millis(500);
     loop {
         let since = device
@@ -29,14 +30,13 @@ pub(super) async fn run(crypto: Arc<Crypto>, device: Arc<AgentDevice>) {
             .flatten();
         // The first sync (no position yet) answers at once: it catches up without waiting.
         let answer = tokio::select! {
-            answer = crypto.transport.sync(device.identity(), FILTER, since.as_deref(), TIMEOUT_MS) => answer,
+            answer = crypto.client.sync_as_device(device.identity(), &filter, since.as_deref(), TIMEOUT) => answer,
             () = crypto.shutdown.cancelled() => return,
         };
         match answer {
             Ok(answer) => {
                 backoff = Duration::from_millis(500);
-                let changes = changes_from_sync(&answer);
-                if crypto.receive(&device, changes).await {
+                if crypto.receive(&device, changes_from_sync(answer)).await {
                     crypto.retry_waiting().await;
                 }
             }
@@ -52,33 +52,12 @@ pub(super) async fn run(crypto: Arc<Crypto>, device: Arc<AgentDevice>) {
     }
 }
 
-fn changes_from_sync(answer: &Value) -> DeviceChanges {
-    let to_device = answer
-        .pointer("/to_device/events")
-        .and_then(Value::as_array)
-        .map(|events| {
-            events
-                .iter()
-                .filter_map(|event| serde_json::from_value::<Raw<_>>(event.clone()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+fn changes_from_sync(answer: Response) -> DeviceChanges {
     DeviceChanges {
-        to_device,
-        device_lists: answer
-            .get("device_lists")
-            .and_then(|lists| serde_json::from_value(lists.clone()).ok())
-            .unwrap_or_default(),
-        otk_counts: answer
-            .get("device_one_time_keys_count")
-            .and_then(|counts| serde_json::from_value(counts.clone()).ok())
-            .unwrap_or_default(),
-        fallback: answer
-            .get("device_unused_fallback_key_types")
-            .and_then(|kinds| serde_json::from_value(kinds.clone()).ok()),
-        next_batch: answer
-            .get("next_batch")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        to_device: answer.to_device.events,
+        device_lists: answer.device_lists,
+        otk_counts: answer.device_one_time_keys_count,
+        fallback: answer.device_unused_fallback_key_types,
+        next_batch: Some(answer.next_batch),
     }
 }

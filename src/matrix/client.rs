@@ -56,6 +56,25 @@ pub struct MatrixClient {
     encryptor: Arc<std::sync::OnceLock<Arc<dyn crate::crypto::RoomEncryptor>>>,
 }
 
+/// A file uploaded for a room, as its event refers to it.
+#[derive(Debug, Clone)]
+pub enum UploadedMedia {
+    /// The `mxc://` URI of the file as it is (the event's `url`).
+    Clear(String),
+    /// The spec's `EncryptedFile` (`url`, `key`, `iv`, `hashes`, `v`): the event's `file`.
+    Encrypted(Value),
+}
+
+impl UploadedMedia {
+    /// Puts the reference into a message's content (`url` or `file`).
+    pub fn insert_into(self, content: &mut serde_json::Map<String, Value>) {
+        match self {
+            UploadedMedia::Clear(url) => content.insert("url".to_owned(), Value::from(url)),
+            UploadedMedia::Encrypted(file) => content.insert("file".to_owned(), file),
+        };
+    }
+}
+
 /// A joined member of a room.
 pub type RoomMember = membership::joined_members::v3::RoomMember;
 
@@ -74,7 +93,7 @@ pub struct CreateRoom {
 }
 
 /// The path input of the endpoints we call: versioned paths are chosen for [`SPEC_VERSION`].
-trait PathFor: PathBuilder {
+pub trait PathFor: PathBuilder {
     fn input(versions: &SupportedVersions) -> Self::Input<'_>;
 }
 
@@ -97,6 +116,18 @@ enum Auth<'a> {
     Appservice,
     /// One of our users, by masquerading.
     As(&'a UserId),
+    /// One of our users' devices, by masquerading (`user_id` and `device_id`): the requests of
+    /// an agent's encryption device, which keeps no access token of its own.
+    Device(&'a DeviceIdentity),
+}
+
+/// An agent's device, as requests assert it (`user_id` and `device_id` with the appservice
+/// token: Synapse accepts a device of an appservice user this way, even for the appservice's own
+/// sender user, whose login tokens it does not accept).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceIdentity {
+    pub user_id: OwnedUserId,
+    pub device_id: ruma::OwnedDeviceId,
 }
 
 /// How many of a room's latest events [`MatrixClient::recent_event_where`] reads at most: an
@@ -541,6 +572,42 @@ impl MatrixClient {
             .to_string())
     }
 
+    /// Uploads a file to be posted in `room`: in an encrypted room as ciphertext (the key goes
+    /// in the event's `file` field, inside the encrypted event, and the media repository never
+    /// sees the bytes or the file name), elsewhere as it is.
+    pub async fn upload_for_room(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        bytes: Vec<u8>,
+        content_type: &str,
+        filename: &str,
+    ) -> Result<UploadedMedia, MatrixError> {
+        let encrypted = match self.encryptor.get() {
+            Some(encryptor) => encryptor.is_encrypted(user, room).await?,
+            None => false,
+        };
+        if !encrypted {
+            return Ok(UploadedMedia::Clear(
+                self.upload(user, bytes, content_type, filename).await?,
+            ));
+        }
+        let (ciphertext, mut file) =
+            crate::crypto::attachments::encrypt(bytes)
+                .await
+                .map_err(|error| MatrixError::Request {
+                    what: "encrypt an attachment".to_owned(),
+                    message: error.to_string(),
+                })?;
+        let mut request = media::create_content::v3::Request::new(ciphertext);
+        request.content_type = Some("application/octet-stream".to_owned());
+        let url = self.call(request, Auth::As(user)).await?.content_uri;
+        if let Some(fields) = file.as_object_mut() {
+            fields.insert("url".to_owned(), Value::from(url.to_string()));
+        }
+        Ok(UploadedMedia::Encrypted(file))
+    }
+
     /// `GET /_matrix/client/v1/media/download/{server}/{id}` as `user`: the media as a stream
     /// of chunks (never held whole in memory) and its content type. A file announced or found to
     /// be over `max_bytes` fails (the stream ends with an error once past the limit).
@@ -601,6 +668,132 @@ impl MatrixClient {
                 })
             });
         Ok((Box::pin(body), content_type))
+    }
+
+    /// Sends one request of an agent's encryption device (its key uploads, queries and claims,
+    /// to-device messages, signatures), asserting the device with the appservice token and
+    /// retrying transient failures. The requests are `matrix-sdk-crypto`'s, in ruma's types.
+    pub async fn call_as_device<R>(
+        &self,
+        request: R,
+        device: &DeviceIdentity,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::EndpointError: ServerError,
+        R::PathBuilder: PathFor,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        self.call(request, Auth::Device(device)).await
+    }
+
+    /// Creates the device `device_id` for `user` by logging in as the appservice (the spec's
+    /// `m.login.application_service`, on Synapse and Tuwunel alike). The access token it
+    /// returns is not kept: requests assert the device with the appservice token instead.
+    pub async fn login_device(
+        &self,
+        user: &UserId,
+        device_id: &ruma::DeviceId,
+        display_name: &str,
+    ) -> Result<(), MatrixError> {
+        use ruma::api::client::session::login::v3::{ApplicationService, LoginInfo, Request};
+        use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
+        let identifier = UserIdentifier::Matrix(MatrixUserIdentifier::new(user.to_string()));
+        let mut request = Request::new(LoginInfo::ApplicationService(ApplicationService::new(
+            identifier,
+        )));
+        request.device_id = Some(device_id.to_owned());
+        request.initial_device_display_name = Some(display_name.to_owned());
+        let answer = self.call(request, Auth::Appservice).await?;
+        if answer.device_id != device_id {
+            return Err(bad(
+                "/_matrix/client/v3/login",
+                &format!(
+                    "the login made device {}, not {device_id}",
+                    answer.device_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the homeserver still knows `device`: false when it refuses the device
+    /// (`M_UNKNOWN_DEVICE`, or any 400/401/403/404 answer about it).
+    pub async fn device_exists(&self, device: &DeviceIdentity) -> Result<bool, MatrixError> {
+        let request = account::whoami::v3::Request::new();
+        match self.call(request, Auth::Device(device)).await {
+            Ok(answer) => Ok(answer.device_id.as_deref() == Some(&*device.device_id)),
+            Err(MatrixError::Api {
+                status: 400 | 401 | 403 | 404,
+                ..
+            }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The room's `m.room.encryption` content, as `user` sees it; None when there is none.
+    pub async fn room_encryption(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+    ) -> Result<Option<Value>, MatrixError> {
+        use state::get_state_event_for_key::v3::Request;
+        let request = Request::new(
+            room.to_owned(),
+            ruma::events::StateEventType::RoomEncryption,
+            String::new(),
+        );
+        match self.call(request, Auth::As(user)).await {
+            Ok(answer) => serde_json::from_str(answer.event_or_content.get())
+                .map(Some)
+                .map_err(|error| bad("m.room.encryption", &error.to_string())),
+            Err(error) if error.status() == Some(404) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The joined and invited members of `room` as `user` sees them (everyone who gets an
+    /// encrypted room's key).
+    pub async fn joined_and_invited(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+    ) -> Result<Vec<OwnedUserId>, MatrixError> {
+        let request = membership::get_member_events::v3::Request::new(room.to_owned());
+        let answer = self.call(request, Auth::As(user)).await?;
+        Ok(answer
+            .chunk
+            .iter()
+            .filter_map(|event| serde_json::from_str::<Value>(event.json().get()).ok())
+            .filter(|event| {
+                matches!(
+                    event.pointer("/content/membership").and_then(Value::as_str),
+                    Some("join" | "invite")
+                )
+            })
+            .filter_map(|event| {
+                event
+                    .get("state_key")
+                    .and_then(Value::as_str)
+                    .and_then(|id| UserId::parse(id).ok())
+            })
+            .collect())
+    }
+
+    /// One `/sync` long poll as `device` with `filter` (no retry: the caller's loop backs off).
+    pub async fn sync_as_device(
+        &self,
+        device: &DeviceIdentity,
+        filter: &ruma::api::client::filter::FilterDefinition,
+        since: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ruma::api::client::sync::sync_events::v3::Response, MatrixError> {
+        use ruma::api::client::sync::sync_events::v3::{Filter, Request};
+        let mut request = Request::new();
+        request.filter = Some(Filter::FilterDefinition(filter.clone()));
+        request.since = since.map(str::to_owned);
+        request.timeout = Some(timeout);
+        self.call_once(request, Auth::Device(device)).await
     }
 
     /// `POST /_matrix/client/v1/appservice/{id}/ping`: asks the homeserver to call us back. A
@@ -703,10 +896,17 @@ impl MatrixClient {
     {
         let token = match auth {
             Auth::Anonymous => SendAccessToken::None,
-            Auth::Appservice | Auth::As(_) => SendAccessToken::Always(self.as_token.expose()),
+            Auth::Appservice | Auth::As(_) | Auth::Device(_) => {
+                SendAccessToken::Always(self.as_token.expose())
+            }
         };
         let identity = match auth {
             Auth::As(user) => AppserviceUserIdentity::new(user),
+            Auth::Device(device) => {
+                let mut identity = AppserviceUserIdentity::new(&device.user_id);
+                identity.device_id = Some(&device.device_id);
+                identity
+            }
             Auth::Anonymous | Auth::Appservice => AppserviceUserIdentity::default(),
         };
         let path_input = <R::PathBuilder as PathFor>::input(&self.versions);
@@ -829,7 +1029,7 @@ async fn read_whole(
 }
 
 /// The error answers of the endpoints we call, as a [`MatrixError`].
-trait ServerError: EndpointError {
+pub trait ServerError: EndpointError {
     fn into_matrix_error(self, method: &str, path: &str) -> MatrixError;
 }
 

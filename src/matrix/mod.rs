@@ -8,8 +8,8 @@ mod error;
 pub mod message;
 
 pub use client::{
-    CreateRoom, MatrixClient, RoomMember, creators_are_privileged, honour_retry_after,
-    power_level_users,
+    CreateRoom, DeviceIdentity, MatrixClient, RoomMember, UploadedMedia, creators_are_privileged,
+    honour_retry_after, power_level_users,
 };
 pub use error::MatrixError;
 pub use message::OutgoingMessage;

@@ -453,8 +453,6 @@ pub async fn serve(mut loaded: Loaded, shutdown: CancellationToken) -> Result<()
         let opened = crate::crypto::Crypto::open(
             crew.config.encryption.clone(),
             &crew.config.data_dir,
-            crew.config.homeserver.url.clone(),
-            crew.registration.as_token.clone(),
             crew.client.clone(),
             &crew.store,
             crew.inbox.clone(),

@@ -12,14 +12,18 @@ Commands (field "cmd"):
   send_held    room_id, body, mentions                 -> event_id  (encrypted; its room key is held back)
   release_keys room_id                                 -> sent      (sends the held room keys)
   send_file    room_id, name, data (text)              -> event_id  (an encrypted attachment)
+  download_file room_id, sender                        -> data_b64, ciphertext_is_plaintext
+                                                          (the newest encrypted file from sender,
+                                                          downloaded and decrypted)
   session_key  room_id                                 -> session_keys (the room keys shared so far)
   roundtrip    room_id, body, mentions, sender         -> ms        (send, then wait for sender's answer)
-  messages     room_id, timeout                        -> messages: [{event_id, sender, body, msgtype, encrypted, decrypted}]
+  messages     room_id, timeout                        -> messages: [{event_id, sender, body, msgtype, encrypted, decrypted, url?, file?}]
   wait_message room_id, sender, contains, timeout      -> message
   quit
 """
 
 import asyncio
+import base64
 import json
 import sys
 import time
@@ -67,6 +71,9 @@ class Person:
             entry["body"] = event.body
             entry["msgtype"] = "m.file"
             entry["url"] = event.url
+            entry["file"] = {
+                "url": event.url, "key": event.key, "iv": event.iv, "hashes": event.hashes,
+            }
         else:
             entry["body"] = None
             entry["msgtype"] = None
@@ -131,6 +138,10 @@ class Person:
         if not self.client.rooms[room_id].encrypted:
             return
         await self.client.joined_members(room_id)
+        # The members' devices are asked for every time: an agent's device is made when the
+        # agent is invited, so a first query (made on the invite) may find none, and nio asks
+        # again only when it sees a device-list change.
+        self.client.olm.users_for_key_query.update(self.client.rooms[room_id].users)
         if self.client.should_query_keys:
             await self.client.keys_query()
         missing = self.client.get_missing_sessions(room_id)
@@ -233,6 +244,36 @@ class Person:
             raise RuntimeError(f"send failed: {answer}")
         return {"event_id": event_id}
 
+    async def download_file(self, cmd):
+        # What a person's client does with an encrypted attachment: download the ciphertext
+        # (authenticated media) and decrypt it with the key from the event's `file` field.
+        import aiohttp
+        from nio.crypto import decrypt_attachment
+
+        files = [
+            m for m in self.messages.get(cmd["room_id"], [])
+            if m["sender"] == cmd["sender"] and m.get("file")
+        ]
+        if not files:
+            raise RuntimeError(f"no encrypted file from {cmd['sender']} in {cmd['room_id']}")
+        file = files[-1]["file"]
+        server, media_id = file["url"][len("mxc://"):].split("/", 1)
+        url = f"{self.client.homeserver}/_matrix/client/v1/media/download/{server}/{media_id}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                url, headers={"Authorization": f"Bearer {self.client.access_token}"}
+            ) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"download failed: {response.status} {await response.text()}")
+                ciphertext = await response.read()
+        plaintext = decrypt_attachment(
+            ciphertext, file["key"]["k"], file["hashes"]["sha256"], file["iv"]
+        )
+        return {
+            "data_b64": base64.b64encode(plaintext).decode(),
+            "ciphertext_is_plaintext": ciphertext == plaintext,
+        }
+
     async def session_key(self, cmd):
         # The room keys the person's client shared in the room, for leak scans.
         keys = self.shared_keys.get(cmd["room_id"], [])
@@ -292,6 +333,7 @@ async def main():
         "send_held": person.send_held,
         "release_keys": person.release_keys,
         "send_file": person.send_file,
+        "download_file": person.download_file,
         "messages": person.messages_cmd,
         "session_key": person.session_key,
         "roundtrip": person.roundtrip,
