@@ -224,8 +224,6 @@ impl KnownTokens {
     }
 }
 
-}
-
 /// The scheme and authority of a route's upstream, as `http` types built once.
 fn upstream_origin(route: &RouteConfig) -> Result<(http::Uri, http::HeaderValue), GatewayError> {
     // `GatewayConfig::check` has refused upstreams without a host or with a user name.
