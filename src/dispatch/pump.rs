@@ -160,7 +160,7 @@ mod tests {
                         |seq, entry| {
                             let n: usize = entry.event_id()[2..].parse().unwrap();
                             // Every other event wakes the agent.
-                            let wakes = if n % 2 == 0 {
+                            let wakes = if n.is_multiple_of(2) {
                                 vec![PendingWake {
                                     agent: ruma::UserId::parse(AGENT).unwrap(),
                                     room: ruma::RoomId::parse("!r:crew.test").unwrap(),
