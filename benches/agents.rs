@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use matrix_crew::agent::llm_turn::{TurnContext, conversation};
 use matrix_crew::agent::registry::Registry;
 use matrix_crew::dispatch::{
-    Agent, DispatchConfig, Dispatcher, Membership, NoHistory, Role, Roster,
+    Agent, DispatchConfig, Dispatcher, Membership, NoHistory, Role, RoomEvent, Roster,
 };
 use matrix_crew::store::Store;
 use process::{ms, percentile};
@@ -140,11 +140,19 @@ fn prompt_size_by_history() {
             let event = json!({"type": "m.room.message", "event_id": format!("$h{n}"), "room_id": room,
                 "sender": human, "origin_server_ts": n,
                 "content": {"msgtype": "m.text", "body": format!("message {n} about the project, nobody mentioned"), "m.mentions": {}}});
-            dispatcher.dispatch(&event, &NoHistory, n as u64);
+            dispatcher.dispatch(
+                &RoomEvent::from_json(&event).expect("a valid event"),
+                &NoHistory,
+                n as u64,
+            );
         }
         let waking = json!({"type": "m.room.message", "event_id": "$wake", "room_id": room, "sender": human,
             "content": {"msgtype": "m.text", "body": "@crew_alice:example.org please summarise", "m.mentions": {"user_ids": [alice]}}});
-        let decision = dispatcher.dispatch(&waking, &NoHistory, history as u64 + 1);
+        let decision = dispatcher.dispatch(
+            &RoomEvent::from_json(&waking).expect("a valid event"),
+            &NoHistory,
+            history as u64 + 1,
+        );
         assert_eq!(decision.wakes.len(), 1, "alice wakes");
         let missed = dispatcher.context.take(&alice, &room);
         let recent = dispatcher
