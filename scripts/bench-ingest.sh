@@ -24,37 +24,9 @@ set -euo pipefail
 DURATION=${DURATION:-60}
 CONNECTIONS=${CONNECTIONS:-1}
 ROOMS=${ROOMS:-10}
-here=$(cd "$(dirname "$0")/.." && pwd)
-
-for tool in nginx wrk; do
-  if ! command -v "$tool" >/dev/null && ! [ -x "/usr/sbin/$tool" ]; then
-    echo "bench-ingest: $tool is missing; install it with: apt-get install -y nginx-light wrk" >&2
-    exit 1
-  fi
-done
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-pin() { [ -n "$1" ] && printf '%s\n' taskset -c "$1"; true; }
-mapfile -t pin_wrk < <(pin "${CPUS_WRK:-}")
-mapfile -t pin_crew < <(pin "${CPUS_CREW:-}")
-
-if [ -z "${CREW:-}" ]; then
-  (cd "$here" && cargo build --release --bin crew >&2)
-  CREW="${CARGO_TARGET_DIR:-$here/target}/release/crew"
-fi
-
-work=$(mktemp -d)
-nginx_pid=""
-crew_pid=""
-cleanup() {
-  [ -n "$crew_pid" ] && kill "$crew_pid" 2>/dev/null && wait "$crew_pid" 2>/dev/null || true
-  [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+bench_name=bench-ingest
+# shellcheck source=scripts/bench-common.sh
+source "$(dirname "$0")/bench-common.sh"
 homeserver_port=$(free_port)
 appservice_port=$(free_port)
 admin_port=$(free_port)
