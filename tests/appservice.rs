@@ -765,9 +765,9 @@ async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
         .find_map(|line| line.strip_prefix("token: "))
         .unwrap()
         .to_owned();
-    let gateway = format!("http://127.0.0.1:{}/no/such/route", env.gateway_port);
-    let code = |token: String| {
-        let gateway = gateway.clone();
+    // The gateway binds any free port, so its address is read again after each start.
+    let code = |port: u16, token: String| {
+        let gateway = format!("http://127.0.0.1:{port}/no/such/route");
         async move {
             let response = reqwest::Client::new()
                 .get(&gateway)
@@ -781,21 +781,27 @@ async fn the_gateway_runs_in_crew_serve_and_tokens_survive_a_restart() {
         }
     };
     // The token is accepted (the path is what is wrong); a made-up one is not.
-    assert_eq!(code(token.clone()).await, (404, "unknown_route".to_owned()));
     assert_eq!(
-        code("made-up".into()).await,
+        code(env.gateway_port, token.clone()).await,
+        (404, "unknown_route".to_owned())
+    );
+    assert_eq!(
+        code(env.gateway_port, "made-up".into()).await,
         (401, "invalid_token".to_owned())
     );
     env.kill_crew();
     env.start_crew().await;
     assert_eq!(
-        code(token.clone()).await,
+        code(env.gateway_port, token.clone()).await,
         (404, "unknown_route".to_owned()),
         "still valid after a restart"
     );
     let (ok, out) = env.cli(&["gateway", "consumers", "revoke", "alice"]);
     assert!(ok, "{out}");
-    assert_eq!(code(token.clone()).await, (401, "token_revoked".to_owned()));
+    assert_eq!(
+        code(env.gateway_port, token.clone()).await,
+        (401, "token_revoked".to_owned())
+    );
     assert!(
         !env.all_logs().contains(&token),
         "the consumer token is never logged"
