@@ -97,6 +97,15 @@ async fn raw_events_from(env: &CrewEnv, room: &str, sender: &str) -> Vec<Value> 
         .collect()
 }
 
+/// How many of `messages` (as the person's client reports them) `sender` wrote and the client
+/// decrypted.
+fn decrypted_from(messages: &[Value], sender: &str) -> usize {
+    messages
+        .iter()
+        .filter(|m| m["sender"] == sender && m["decrypted"] == true)
+        .count()
+}
+
 /// Every file under `dir` whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut found = Vec::new();
@@ -187,11 +196,7 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
     .await;
     person
         .wait_messages(&team, "alice's answer to the file", |messages| {
-            messages
-                .iter()
-                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
-                .count()
-                >= 2
+            decrypted_from(messages, ALICE) >= 2
         })
         .await;
 
@@ -239,13 +244,7 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
         .wait_messages(
             &team,
             "alice's decrypted answer after the restart",
-            |messages| {
-                messages
-                    .iter()
-                    .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
-                    .count()
-                    >= 3
-            },
+            |messages| decrypted_from(messages, ALICE) >= 3,
         )
         .await;
     env.terminate_crew(Duration::from_secs(30)).await;
@@ -258,13 +257,7 @@ async fn agents_read_and_answer_encrypted_rooms_across_restarts() {
         .wait_messages(
             &dm,
             "the Manager's answer after a clean restart",
-            |messages| {
-                messages
-                    .iter()
-                    .filter(|m| m["sender"] == manager && m["decrypted"] == true)
-                    .count()
-                    >= 2
-            },
+            |messages| decrypted_from(messages, &manager) >= 2,
         )
         .await;
     // By now any repeat of an earlier answer would have been sent: exactly one answer each.
@@ -407,11 +400,7 @@ async fn without_keys_in_transactions_the_agents_sync_for_them() {
     person.send(&dm, "and after a restart?", &[ALICE]).await;
     person
         .wait_messages(&dm, "the second answer", |messages| {
-            messages
-                .iter()
-                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
-                .count()
-                >= 2
+            decrypted_from(messages, ALICE) >= 2
         })
         .await;
 }
@@ -574,11 +563,7 @@ async fn agents_are_cross_signed_and_share_encrypted_files() {
     assert_eq!(woken(&env, &again).await, [ALICE.to_owned()]);
     person
         .wait_messages(&team, "alice's answer after the restarts", |messages| {
-            messages
-                .iter()
-                .filter(|m| m["sender"] == ALICE && m["decrypted"] == true)
-                .count()
-                >= 2
+            decrypted_from(messages, ALICE) >= 2
         })
         .await;
     assert_eq!(
