@@ -149,18 +149,7 @@ fn decide(
 ) -> Handled {
     let decision = dispatcher.dispatch(&entry.event, history, matrix_crew::clock::now_ms());
     let wakes = match decision.room_id.clone() {
-        Some(room) => decision
-            .wakes
-            .iter()
-            .map(|wake| PendingWake {
-                agent: wake.agent.clone(),
-                room: room.clone(),
-                event: entry.event.clone(),
-                depth: wake.depth,
-                reasons: wake.reasons.clone(),
-                queued_ms: 1,
-            })
-            .collect(),
+        Some(room) => PendingWake::for_decision(&decision, &room, &entry.event, 1),
         None => Vec::new(),
     };
     Handled {

@@ -143,18 +143,7 @@ fn through_the_store(events: &[Value], stage_every: usize) -> (f64, usize) {
         for (seq, entry) in pending {
             let decision = dispatcher.dispatch(&entry.event, &history, 1);
             let room: OwnedRoomId = decision.room_id.clone().expect("a room event");
-            let wakes: Vec<PendingWake> = decision
-                .wakes
-                .iter()
-                .map(|wake| PendingWake {
-                    agent: wake.agent.clone(),
-                    room: room.clone(),
-                    event: entry.event.clone(),
-                    depth: wake.depth,
-                    reasons: wake.reasons.clone(),
-                    queued_ms: 1,
-                })
-                .collect();
+            let wakes = PendingWake::for_decision(&decision, &room, &entry.event, 1);
             let effects: Vec<Staged> = if stage_every > 0 && handled % stage_every == 0 {
                 vec![Staged {
                     room: room.clone(),

@@ -41,6 +41,30 @@ pub struct Handled {
     pub effects: Vec<crate::outbox::Staged>,
 }
 
+impl PendingWake {
+    /// The wakes `decision` asks for, each carrying `event` into `room`'s queue: the one place a
+    /// decision becomes queue entries (the pump and the benches that stand in for it).
+    pub fn for_decision(
+        decision: &super::Decision,
+        room: &OwnedRoomId,
+        event: &super::event::RoomEvent,
+        queued_ms: u64,
+    ) -> Vec<PendingWake> {
+        decision
+            .wakes
+            .iter()
+            .map(|wake| PendingWake {
+                agent: wake.agent.clone(),
+                room: room.clone(),
+                event: event.clone(),
+                depth: wake.depth,
+                reasons: wake.reasons.clone(),
+                queued_ms,
+            })
+            .collect()
+    }
+}
+
 /// A wake and its key in the queue (to finish it).
 #[derive(Debug, Clone)]
 pub struct QueuedWake {

@@ -107,19 +107,7 @@ fn handle(crew: &Arc<Service>, event: &RoomEvent) -> (Vec<PendingWake>, Vec<Stag
         }
         return (Vec::new(), effects);
     }
-    let queued_ms = now_ms();
-    let wakes = decision
-        .wakes
-        .iter()
-        .map(|wake| PendingWake {
-            agent: wake.agent.clone(),
-            room: room.clone(),
-            event: event.clone(),
-            depth: wake.depth,
-            reasons: wake.reasons.clone(),
-            queued_ms,
-        })
-        .collect();
+    let wakes = PendingWake::for_decision(&decision, room, event, now_ms());
     (wakes, effects)
 }
 
