@@ -68,6 +68,8 @@ nginx_pid=$!
 # Encryption off: the stand-in homeserver cannot take the agents' device keys (crew answers 503
 # until its devices are set up), and these messages are plaintext anyway.
 printf '\n[encryption]\nenabled = false\n' >>"$work/data/config.toml"
+# The gateway on a port of its own (its default, 9003, may be another run's).
+printf '\n[gateway]\nbind = "127.0.0.1:0"\n' >>"$work/data/config.toml"
 if [ -n "${CACHE_MB:-}" ]; then
   printf '\n[database]\ncache_mb = %s\n' "$CACHE_MB" >>"$work/data/config.toml"
 fi

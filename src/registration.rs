@@ -182,16 +182,36 @@ impl Registration {
         })
     }
 
-    /// Whether `user_id` is one of ours (in the namespace, or the Manager itself).
-    pub fn is_ours(&self, user_id: &str, server_name: &str) -> bool {
-        if user_id == format!("@{}:{}", self.sender_localpart, server_name) {
-            return true;
+    /// Which user ids are ours on `server_name`: the Manager and the users namespaces,
+    /// compiled once. Build it at start-up and keep it: the pump asks for every member of a
+    /// room on every event, and compiling a namespace regex costs more than deciding the event.
+    pub fn our_users(&self, server_name: &str) -> OurUsers {
+        OurUsers {
+            manager: format!("@{}:{}", self.sender_localpart, server_name),
+            // `validate` refused invalid patterns at load; one that still fails matches nobody.
+            namespaces: regex::RegexSet::new(
+                self.namespaces
+                    .users
+                    .iter()
+                    .map(|namespace| namespace.regex.as_str()),
+            )
+            .unwrap_or_else(|_| regex::RegexSet::empty()),
         }
-        self.namespaces.users.iter().any(|namespace| {
-            regex::Regex::new(&namespace.regex)
-                .map(|re| re.is_match(user_id))
-                .unwrap_or(false)
-        })
+    }
+}
+
+/// The users crew puppets: the Manager and everyone in the registration's users namespaces
+/// ([`Registration::our_users`]).
+#[derive(Debug, Clone)]
+pub struct OurUsers {
+    manager: String,
+    namespaces: regex::RegexSet,
+}
+
+impl OurUsers {
+    /// Whether `user_id` is the Manager or in one of the users namespaces.
+    pub fn contains(&self, user_id: &str) -> bool {
+        user_id == self.manager || self.namespaces.is_match(user_id)
     }
 }
 
@@ -247,9 +267,17 @@ mod tests {
         assert!(!parsed.rate_limited);
         assert!(parsed.namespaces.users[0].exclusive);
         parsed.check().unwrap();
-        assert!(parsed.is_ours("@crew_bob:example.org", "example.org"));
-        assert!(parsed.is_ours("@crew:example.org", "example.org"));
-        assert!(!parsed.is_ours("@bob:example.org", "example.org"));
+        assert!(
+            parsed
+                .our_users("example.org")
+                .contains("@crew_bob:example.org")
+        );
+        assert!(
+            parsed
+                .our_users("example.org")
+                .contains("@crew:example.org")
+        );
+        assert!(!parsed.our_users("example.org").contains("@bob:example.org"));
     }
 
     #[test]
@@ -282,7 +310,7 @@ mod tests {
             advice.contains("regex: '^@crew:example\\.org$'"),
             "{advice}"
         );
-        assert!(!old.is_ours("@crewx:example.org", "example.org"));
+        assert!(!old.our_users("example.org").contains("@crewx:example.org"));
     }
 }
 

@@ -67,6 +67,15 @@ struct StoredEntry<'a> {
     received_ms: u64,
 }
 
+/// A transaction parsed and encoded, before the lock: see [`Inbox::prepare`].
+struct Prepared {
+    digest: String,
+    received_ms: u64,
+    /// Each valid event's id and its encoded entry, in the transaction's order.
+    entries: Vec<(String, Vec<u8>)>,
+    malformed: usize,
+}
+
 /// What [`Inbox::prune`] removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
@@ -116,46 +125,34 @@ impl Inbox {
         txn_id: &str,
         events: &[Box<RawValue>],
     ) -> Result<IngestOutcome, StoreError> {
-        // Parsed once, here: the pump, the wake queue and the turns read the typed event.
+        let prepared = self.prepare(txn_id, events)?;
+        self.commit(txn_id, prepared)
+    }
+
+    /// The work that needs no lock: every event parsed (once, here: the pump, the wake queue
+    /// and the turns read the typed event), the transaction's digest, each entry encoded.
+    fn prepare(&self, txn_id: &str, events: &[Box<RawValue>]) -> Result<Prepared, StoreError> {
         let parsed: Vec<Result<RoomEvent, EventError>> = events
             .iter()
             .map(|raw| RoomEvent::parse(raw.get()))
             .collect();
         let digest = transaction_digest(events, &parsed);
         let now = now_ms();
-        let _guard = self
-            .ingest_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut outcome = IngestOutcome::default();
-        if let Some(record) = self.transactions.get(&txn_id.to_owned())? {
-            if record.digest == digest {
-                outcome.duplicate_transaction = true;
-                return Ok(outcome);
-            }
-            tracing::info!(
-                txn_id,
-                "transaction id reused with different events (homeserver reset?); processing it"
-            );
-        }
-        let seen_value = self.seen.encode(&SeenEvent { received_ms: now })?;
-        let mut fresh: Vec<(&str, Vec<u8>)> = Vec::new();
-        let mut seen_here = std::collections::HashSet::new();
+        let mut prepared = Prepared {
+            digest,
+            received_ms: now,
+            entries: Vec::with_capacity(parsed.len()),
+            malformed: 0,
+        };
         for (index, event) in parsed.iter().enumerate() {
             let event = match event {
                 Ok(event) => event,
                 Err(error) => {
                     tracing::warn!(txn_id, index, %error, "rejecting an event crew cannot handle");
-                    outcome.malformed += 1;
+                    prepared.malformed += 1;
                     continue;
                 }
             };
-            let event_id = event.event_id.as_str();
-            // The ingest lock makes check-then-insert safe: nobody else writes these trees.
-            if !seen_here.insert(event_id) || self.seen.raw().contains_key(event_id.as_bytes())? {
-                outcome.duplicate_events += 1;
-                continue;
-            }
             let entry = StoredEntry {
                 event,
                 received_ms: now,
@@ -164,16 +161,54 @@ impl Inbox {
                 tree: self.entries.name().to_owned(),
                 source,
             })?;
-            fresh.push((event_id, encoded));
+            prepared
+                .entries
+                .push((event.event_id.as_str().to_owned(), encoded));
+        }
+        Ok(prepared)
+    }
+
+    /// Deduplicates a prepared transaction and writes what is new in one sled transaction.
+    fn commit(&self, txn_id: &str, prepared: Prepared) -> Result<IngestOutcome, StoreError> {
+        let _guard = self
+            .ingest_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut outcome = IngestOutcome {
+            malformed: prepared.malformed,
+            ..IngestOutcome::default()
+        };
+        if let Some(record) = self.transactions.get(&txn_id.to_owned())? {
+            if record.digest == prepared.digest {
+                return Ok(IngestOutcome {
+                    duplicate_transaction: true,
+                    ..IngestOutcome::default()
+                });
+            }
+            tracing::info!(
+                txn_id,
+                "transaction id reused with different events (homeserver reset?); processing it"
+            );
+        }
+        let seen_value = self.seen.encode(&SeenEvent {
+            received_ms: prepared.received_ms,
+        })?;
+        let mut sequenced = Vec::with_capacity(prepared.entries.len());
+        let mut seen_here = std::collections::HashSet::new();
+        for (event_id, encoded) in &prepared.entries {
+            // The ingest lock makes check-then-insert safe: nobody else writes these trees.
+            if !seen_here.insert(event_id.as_str())
+                || self.seen.raw().contains_key(event_id.as_bytes())?
+            {
+                outcome.duplicate_events += 1;
+                continue;
+            }
+            sequenced.push((event_id, self.store.next_id()?, encoded));
             outcome.queued += 1;
         }
-        let mut sequenced = Vec::with_capacity(fresh.len());
-        for (event_id, encoded) in fresh {
-            sequenced.push((event_id, self.store.next_id()?, encoded));
-        }
         let record = self.transactions.encode(&TransactionRecord {
-            digest,
-            received_ms: now,
+            digest: prepared.digest,
+            received_ms: prepared.received_ms,
         })?;
         // One sled transaction: a flush can never persist the `seen` marks without the entries
         // (which would make the homeserver's retry look like a duplicate and lose the events).
@@ -229,7 +264,12 @@ impl Inbox {
         txn_id: &str,
         events: &[Box<RawValue>],
     ) -> Result<IngestOutcome, StoreError> {
-        let outcome = self.ingest(txn_id, events)?;
+        let prepared = self.prepare(txn_id, events)?;
+        let outcome = {
+            // The commit waits for a running flush here, not on sled's lock (`Store::write_gate`).
+            let _gate = self.store.write_gate().await;
+            self.commit(txn_id, prepared)?
+        };
         // A duplicate also waits: the first copy's events may still be on their way to disk.
         self.store.flush().await?;
         if outcome.queued > 0 {
@@ -272,6 +312,12 @@ impl Inbox {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The database the inbox lives in, for consumers that commit beside it (the pump takes its
+    /// [`Store::write_gate`]).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The entries tree, for consumers that remove an entry in the same sled transaction as

@@ -178,7 +178,8 @@ pub struct Crypto {
     client: MatrixClient,
     inbox: Arc<Inbox>,
     manager: OwnedUserId,
-    registration: crate::registration::Registration,
+    /// The agents' user ids (the registration's users), compiled once.
+    our_users: crate::registration::OurUsers,
     /// Devices by agent; the async mutex makes creation happen once.
     devices: tokio::sync::Mutex<HashMap<OwnedUserId, Arc<AgentDevice>>>,
     /// Rooms' `m.room.encryption` content (None: known not encrypted). A std mutex: never held
@@ -215,8 +216,8 @@ impl Crypto {
             config,
             client,
             inbox,
+            our_users: registration.our_users(manager.server_name().as_str()),
             manager,
-            registration,
             devices: tokio::sync::Mutex::new(HashMap::new()),
             rooms: std::sync::Mutex::new(HashMap::new()),
             waiting: store.tree("crypto_waiting")?,
@@ -460,8 +461,7 @@ impl Crypto {
     }
 
     fn is_agent(&self, user: &UserId) -> bool {
-        self.registration
-            .is_ours(user.as_str(), self.manager.server_name().as_str())
+        self.our_users.contains(user.as_str())
     }
 
     /// Tries every agent device; the first that has the room key decrypts.

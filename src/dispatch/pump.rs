@@ -10,6 +10,9 @@
 //!   ([`WakeQueue::commit_batch`]), not one transaction each. Every sled transaction takes a
 //!   process-wide lock whose read side every flush holds during its fsync, so a commit per event
 //!   is a hand-off with the transaction handler per event;
+//! - a chunk commits through the store's write gate (`Store::write_gate`), so it waits for a
+//!   running flush asynchronously instead of parking a worker thread, and every other sled
+//!   call behind it, on sled's lock;
 //! - between chunks the pump yields to the runtime: a chunk is the longest the pump keeps a
 //!   worker thread from the transaction handler.
 
@@ -83,7 +86,11 @@ impl<'a> Pump<'a> {
                     .iter()
                     .map(|(seq, entry)| decide(*seq, entry))
                     .collect();
-                match self.queue.commit_batch(self.inbox, self.outbox, &handled) {
+                let result = {
+                    let _gate = self.inbox.store().write_gate().await;
+                    self.queue.commit_batch(self.inbox, self.outbox, &handled)
+                };
+                match result {
                     Ok(()) => committed(handled),
                     Err(error) => {
                         tracing::error!(

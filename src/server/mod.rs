@@ -76,6 +76,8 @@ pub enum ServeError {
 pub struct Service {
     pub config: Config,
     pub registration: Registration,
+    /// The registration's users, compiled once (`Service::is_ours` is asked per event).
+    our_users: crate::registration::OurUsers,
     pub client: MatrixClient,
     pub store: Store,
     pub inbox: Arc<Inbox>,
@@ -113,8 +115,7 @@ pub struct Service {
 impl Service {
     /// Whether `user` is one of our puppets (the Manager or a Worker).
     pub fn is_ours(&self, user: &UserId) -> bool {
-        self.registration
-            .is_ours(user.as_str(), self.config.homeserver.server_name.as_str())
+        self.our_users.contains(user.as_str())
     }
 
     pub fn is_admin(&self, user: &UserId) -> bool {
@@ -234,10 +235,10 @@ pub(crate) async fn open(
     let roster_generation = team.registry.generation();
     let mut dispatch_config = config.dispatch.clone();
     dispatch_config.read_encrypted = config.encryption.enabled;
+    let our_users = registration.our_users(config.homeserver.server_name.as_str());
     let is_ours = {
-        let registration = registration.clone();
-        let server_name = config.homeserver.server_name.to_string();
-        Box::new(move |user: &UserId| registration.is_ours(user.as_str(), &server_name))
+        let our_users = our_users.clone();
+        Box::new(move |user: &UserId| our_users.contains(user.as_str()))
     };
     let dispatch =
         DispatchService::open(&store, dispatch_config, roster, roster_generation, is_ours)
@@ -299,6 +300,7 @@ pub(crate) async fn open(
     let crew = Arc::new(Service {
         config,
         registration,
+        our_users,
         client,
         store,
         inbox,

@@ -13,7 +13,7 @@ mod typed_tree;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use durability::Durability;
+pub use durability::{Durability, WriteGate};
 pub use typed_tree::{Tree, TreeKey};
 
 /// `[database]` in the config.
@@ -145,6 +145,13 @@ impl Store {
     /// fsync (group commit), so the cost is paid once per burst, not once per caller.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.durability.flush().await
+    }
+
+    /// Waits until no flush is running and keeps flushes out until the gate is dropped. Take it
+    /// around a sled transaction or batch on a hot path (ingest, the pump's commit): see
+    /// [`durability`](self::Durability) for why a transaction must not meet an fsync.
+    pub async fn write_gate(&self) -> WriteGate<'_> {
+        self.durability.write_gate().await
     }
 
     /// The schema version recorded in the database.
