@@ -77,6 +77,8 @@ impl<K: TreeKey, V> Tree<K, V> {
         Ok(self.tree.remove(key.to_key())?.is_some())
     }
 
+    /// The number of entries. O(n): sled walks the whole tree to count it, so keep it off hot
+    /// paths.
     pub fn len(&self) -> usize {
         self.tree.len()
     }
