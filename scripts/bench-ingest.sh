@@ -5,7 +5,8 @@
 # crew's pump handles them beside ingest (the rooms have the Manager and two people in them, so
 # every message is decided and its room's conversation log saved). Prints wrk's latency
 # percentiles, the events/s, crew's resident size (VmRSS) every 10 s, its peak (VmHWM) at the
-# end, and how long the pump took to drain the inbox after the load stopped.
+# end, how long the pump took to drain the inbox after the load stopped, and the database's size
+# on disk per event ingested.
 #
 # Usage: scripts/bench-ingest.sh            (builds `crew` in release first)
 #   CREW=path/to/crew   use this binary instead of building
@@ -146,6 +147,8 @@ if grep -q "Non-2xx" "$work/wrk.out"; then
   exit 1
 fi
 awk '$1=="Requests/sec:" {printf "events/s: %.0f\n", $2 * 100}' "$work/wrk.out"
+events_in=$(awk '$2=="requests" && $3=="in" {print $1 * 100}' "$work/wrk.out")
+echo "events in: $events_in"
 echo "when the load stopped: $(sizes)"
 # The pump drains what is left: wait until crew's CPU time stops growing (deadline 120 s).
 drained=""
@@ -160,4 +163,5 @@ for second in $(seq 1 120); do
   before=$now
 done
 if [ -n "$drained" ]; then idle="after ~$drained s"; else idle="not within 120 s"; fi
-echo "pump idle $idle: $(sizes), database $(du -sm "$work/data" | cut -f1) MiB on disk"
+database_kib=$(du -sk "$work/data" | cut -f1)
+echo "pump idle $idle: $(sizes), database $((database_kib / 1024)) MiB on disk ($(awk -v kib="$database_kib" -v events="$events_in" 'BEGIN {printf "%.2f", kib / events}') KiB per event)"

@@ -24,14 +24,58 @@ pub struct Said {
     pub written_with: Option<serde_json::Value>,
 }
 
-/// One room's kept messages and the agents' cursors; persisted per room by the server so the
-/// context survives a restart.
+/// One room's kept messages and the agents' cursors. The dispatch service persists it in parts
+/// (each message once, the cursors when they move: `super::context_store`) so that the context
+/// survives a restart; its serde form is the older whole-log record, still read to migrate it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoomLog {
     next_seq: u64,
     said: VecDeque<Said>,
     /// Per agent: the first seq it has not seen.
     cursors: HashMap<OwnedUserId, u64>,
+}
+
+impl RoomLog {
+    /// Rebuilds a log from its persisted parts: `said` in seq order. The next seq is never at or
+    /// below a kept message's, whatever the stored record says (it may lag the messages).
+    pub fn from_parts(
+        next_seq: u64,
+        said: impl IntoIterator<Item = Said>,
+        cursors: HashMap<OwnedUserId, u64>,
+    ) -> Self {
+        let said: VecDeque<Said> = said.into_iter().collect();
+        let after_last = said.back().map_or(0, |last| last.seq + 1);
+        Self {
+            next_seq: next_seq.max(after_last),
+            said,
+            cursors,
+        }
+    }
+
+    /// The seq the next message will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The kept messages, oldest first.
+    pub fn said(&self) -> impl ExactSizeIterator<Item = &Said> {
+        self.said.iter()
+    }
+
+    /// The newest kept message: the one a push just added.
+    pub fn newest(&self) -> Option<&Said> {
+        self.said.back()
+    }
+
+    /// The oldest kept message: everything before it fell out of the bound.
+    pub fn oldest(&self) -> Option<&Said> {
+        self.said.front()
+    }
+
+    /// Per agent, the first seq it has not seen.
+    pub fn cursors(&self) -> &HashMap<OwnedUserId, u64> {
+        &self.cursors
+    }
 }
 
 /// The per-room bounded buffers and per-agent cursors.
@@ -137,6 +181,16 @@ impl SaidSince {
     /// One room's log, to persist it.
     pub fn room_log(&self, room: &RoomId) -> Option<&RoomLog> {
         self.rooms.get(room)
+    }
+
+    /// The seq `room`'s next message will get: it moves exactly when a message is kept.
+    pub fn next_seq(&self, room: &RoomId) -> u64 {
+        self.rooms.get(room).map_or(0, RoomLog::next_seq)
+    }
+
+    /// How many messages each room keeps.
+    pub fn per_room(&self) -> usize {
+        self.per_room
     }
 
     /// Puts back a persisted room log (at start-up), trimmed to this buffer's size.

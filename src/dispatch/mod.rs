@@ -11,6 +11,7 @@
 //! [`Signal`]s, persist the state).
 
 mod context;
+mod context_store;
 mod decide;
 pub mod event;
 mod guards;

@@ -13,10 +13,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use ruma::{EventId, OwnedUserId, RoomId, UserId};
 
+use super::context_store::SledContext;
 use super::event::RoomEvent;
 use super::{
-    Decision, DispatchConfig, DispatchError, Dispatcher, Kept, Membership, Missed, RoomLog,
-    RoomState, Roster, Said, SledHistory,
+    Decision, DispatchConfig, DispatchError, Dispatcher, Kept, Membership, Missed, RoomState,
+    Roster, Said, SledHistory,
 };
 use crate::store::{Store, StoreError, Tree};
 
@@ -36,8 +37,9 @@ pub struct DispatchService {
     history: SledHistory,
     /// Room state as the dispatcher sees it, persisted per room.
     room_states: Tree<String, RoomState>,
-    /// The dispatcher's "said since" log per room (the turns' recent conversation).
-    room_context: Tree<String, RoomLog>,
+    /// The dispatcher's "said since" log per room (the turns' recent conversation), saved a
+    /// message at a time.
+    room_context: SledContext,
     is_ours: IsOurs,
 }
 
@@ -59,12 +61,9 @@ impl DispatchService {
                 *dispatcher.rooms.entry(&room) = state;
             }
         }
-        let room_context: Tree<String, RoomLog> = store.tree("room_context")?;
-        for entry in room_context.iter() {
-            let (room, log) = entry?;
-            if let Ok(room) = RoomId::parse(&room) {
-                dispatcher.context.restore_room(&room, log);
-            }
+        let room_context = SledContext::open(store)?;
+        for (room, log) in room_context.load(dispatcher.context.per_room())? {
+            dispatcher.context.restore_room(&room, log);
         }
         Ok(Self {
             state: Mutex::new(State {
@@ -108,6 +107,8 @@ impl DispatchService {
                 }
             }
         }
+        let room = &event.room_id;
+        let next_seq_before = state.dispatcher.context.next_seq(room);
         let decision = state.dispatcher.dispatch(event, &self.history, now_ms);
         if let Some(Err(error)) = decision
             .remember
@@ -116,15 +117,14 @@ impl DispatchService {
         {
             tracing::error!(%error, "cannot remember the event's sender");
         }
-        let room = &event.room_id;
         if let Some(room_state) = state.dispatcher.rooms.get(room) {
             if room_state.joined_or_invited(|user| (self.is_ours)(user)) {
                 // The member map is saved when it changes, not re-serialised for every message.
                 if decision.room_changed {
                     self.persist_room(room, room_state);
                 }
-                if decision.message {
-                    self.persist_context(room, &state.dispatcher);
+                if state.dispatcher.context.next_seq(room) != next_seq_before {
+                    self.persist_kept_message(room, &state.dispatcher);
                 }
             } else if event.kind == ruma::events::TimelineEventType::RoomMember {
                 // None of our agents is in the room any more: its model and conversation go.
@@ -221,7 +221,11 @@ impl DispatchService {
         let mut state = self.lock();
         let missed = state.dispatcher.context.take(agent, room);
         let recent = state.dispatcher.context.recent(room, window(&missed));
-        self.persist_context(room, &state.dispatcher);
+        if let Some(log) = state.dispatcher.context.room_log(room)
+            && let Err(error) = self.room_context.save_cursors(room, log)
+        {
+            tracing::error!(%error, %room, "cannot store the room's conversation cursors");
+        }
         (missed, recent)
     }
 
@@ -241,9 +245,11 @@ impl DispatchService {
         }
     }
 
-    fn persist_context(&self, room: &RoomId, dispatcher: &Dispatcher) {
+    /// Saves the message the dispatcher just kept in `room` (and drops the one it pushed out),
+    /// not the whole log.
+    fn persist_kept_message(&self, room: &RoomId, dispatcher: &Dispatcher) {
         if let Some(log) = dispatcher.context.room_log(room)
-            && let Err(error) = self.room_context.insert(&room.to_string(), log)
+            && let Err(error) = self.room_context.append(room, log)
         {
             tracing::error!(%error, %room, "cannot store the room's conversation log");
         }
@@ -258,7 +264,7 @@ impl DispatchService {
         if let Err(error) = self
             .room_states
             .remove(&key)
-            .and_then(|_| self.room_context.remove(&key))
+            .and_then(|_| self.room_context.forget(room))
         {
             tracing::error!(%error, %room, "cannot forget a room crew left");
         }
@@ -272,4 +278,211 @@ pub enum DispatchServiceError {
     Config(#[from] DispatchError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use ruma::{OwnedEventId, OwnedRoomId, user_id};
+
+    use super::*;
+    use crate::dispatch::{Agent, Role, SaidSince};
+
+    const MANAGER: &str = "@crew:example.org";
+    const ROOM: &str = "!busy:example.org";
+
+    fn open(store: &Store, context_messages: usize) -> DispatchService {
+        let config = DispatchConfig {
+            context_messages,
+            ..DispatchConfig::default()
+        };
+        let manager = Agent {
+            user_id: OwnedUserId::try_from(MANAGER).unwrap(),
+            role: Role::Manager,
+            display_name: "Crew".to_owned(),
+            keywords: Vec::new(),
+        };
+        let roster = Roster::new(vec![manager], [], [], &config).unwrap();
+        DispatchService::open(
+            store,
+            config,
+            roster,
+            0,
+            Box::new(|user| user.as_str() == MANAGER),
+        )
+        .unwrap()
+    }
+
+    fn event(json: serde_json::Value) -> RoomEvent {
+        RoomEvent::from_json(&json).unwrap()
+    }
+
+    fn join(user: &str) -> RoomEvent {
+        event(serde_json::json!({
+            "type": "m.room.member", "state_key": user, "sender": user, "room_id": ROOM,
+            "event_id": format!("$join-{user}"), "origin_server_ts": 1,
+            "content": {"membership": "join"},
+        }))
+    }
+
+    fn leave(user: &str) -> RoomEvent {
+        event(serde_json::json!({
+            "type": "m.room.member", "state_key": user, "sender": user, "room_id": ROOM,
+            "event_id": format!("$leave-{user}"), "origin_server_ts": 1,
+            "content": {"membership": "leave"},
+        }))
+    }
+
+    fn message(n: usize) -> RoomEvent {
+        event(serde_json::json!({
+            "type": "m.room.message", "sender": format!("@human{}:example.org", n % 2),
+            "room_id": ROOM, "event_id": format!("$message-{n}"), "origin_server_ts": 1,
+            "content": {"msgtype": "m.text", "body": format!("message {n}"), "m.mentions": {}},
+        }))
+    }
+
+    /// The Manager and two people join; then `count` messages that mention nobody.
+    fn busy_room(service: &DispatchService, messages: std::ops::Range<usize>) {
+        for user in [MANAGER, "@human0:example.org", "@human1:example.org"] {
+            service.dispatch(&join(user), 1, 0, || unreachable!("same generation"));
+        }
+        for n in messages {
+            service.dispatch(&message(n), 1, 0, || unreachable!("same generation"));
+        }
+    }
+
+    fn bodies(service: &DispatchService) -> Vec<String> {
+        service
+            .kept_log(&room())
+            .into_iter()
+            .map(|said| said.body)
+            .collect()
+    }
+
+    fn room() -> OwnedRoomId {
+        OwnedRoomId::try_from(ROOM).unwrap()
+    }
+
+    fn messages_on_disk(store: &Store) -> usize {
+        store.db().open_tree("room_said").unwrap().len()
+    }
+
+    fn reopen(dir: &Path) -> Store {
+        Store::open(dir).unwrap()
+    }
+
+    #[test]
+    fn conversation_and_cursors_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = user_id!("@crew:example.org");
+        {
+            let store = reopen(dir.path());
+            let service = open(&store, 50);
+            busy_room(&service, 0..5);
+            let (missed, _) = service.take_said_since(manager, &room(), |_| 0);
+            assert_eq!(missed.messages.len(), 5);
+            service.dispatch(&message(5), 1, 0, || unreachable!());
+        }
+        let store = reopen(dir.path());
+        let service = open(&store, 50);
+        assert_eq!(
+            bodies(&service),
+            (0..6).map(|n| format!("message {n}")).collect::<Vec<_>>()
+        );
+        // The cursor moved before message 5, and only that one is new to the Manager.
+        let (missed, _) = service.take_said_since(manager, &room(), |_| 0);
+        let missed: Vec<_> = missed.messages.into_iter().map(|said| said.body).collect();
+        assert_eq!(missed, ["message 5"]);
+        // Seqs go on from where they were: the next message is the seventh.
+        service.dispatch(&message(6), 1, 0, || unreachable!());
+        assert_eq!(service.kept_log(&room()).last().unwrap().seq, 6);
+    }
+
+    #[test]
+    fn the_bound_holds_on_disk_and_a_smaller_bound_trims_at_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = reopen(dir.path());
+            let service = open(&store, 5);
+            busy_room(&service, 0..40);
+            assert_eq!(messages_on_disk(&store), 5);
+            assert_eq!(
+                bodies(&service),
+                (35..40).map(|n| format!("message {n}")).collect::<Vec<_>>()
+            );
+        }
+        let store = reopen(dir.path());
+        let service = open(&store, 2);
+        assert_eq!(bodies(&service), ["message 38", "message 39"]);
+        assert_eq!(messages_on_disk(&store), 2);
+    }
+
+    #[test]
+    fn whole_logs_of_older_crews_are_migrated_then_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = user_id!("@crew:example.org");
+        {
+            let store = reopen(dir.path());
+            // What crew wrote before: the room's whole log under its id.
+            let mut context = SaidSince::new(50);
+            for n in 0..4 {
+                context.push(
+                    &room(),
+                    OwnedEventId::try_from(format!("$old-{n}")).unwrap(),
+                    OwnedUserId::try_from("@human0:example.org").unwrap(),
+                    format!("old {n}"),
+                    None,
+                );
+            }
+            context.take(manager, &room());
+            context.push(
+                &room(),
+                OwnedEventId::try_from("$old-4").unwrap(),
+                OwnedUserId::try_from("@human1:example.org").unwrap(),
+                "old 4".to_owned(),
+                None,
+            );
+            let legacy: Tree<String, crate::dispatch::RoomLog> =
+                store.tree("room_context").unwrap();
+            legacy
+                .insert(&ROOM.to_owned(), context.room_log(&room()).unwrap())
+                .unwrap();
+        }
+        let store = reopen(dir.path());
+        let service = open(&store, 50);
+        assert_eq!(
+            bodies(&service),
+            (0..5).map(|n| format!("old {n}")).collect::<Vec<_>>()
+        );
+        assert_eq!(messages_on_disk(&store), 5);
+        assert!(
+            !store
+                .db()
+                .tree_names()
+                .iter()
+                .any(|name| name.as_ref() == b"room_context"),
+            "the old tree is dropped once migrated"
+        );
+        let (missed, _) = service.take_said_since(manager, &room(), |_| 0);
+        let missed: Vec<_> = missed.messages.into_iter().map(|said| said.body).collect();
+        assert_eq!(missed, ["old 4"], "the cursor came along");
+        drop(service);
+        drop(store);
+        // And it stays migrated: the next opening reads the new form only.
+        let store = reopen(dir.path());
+        let service = open(&store, 50);
+        assert_eq!(bodies(&service).len(), 5);
+    }
+
+    #[test]
+    fn a_room_crew_left_is_removed_from_disk() {
+        let store = Store::temporary().unwrap();
+        let service = open(&store, 50);
+        busy_room(&service, 0..3);
+        assert_eq!(messages_on_disk(&store), 3);
+        service.dispatch(&leave(MANAGER), 1, 0, || unreachable!());
+        assert_eq!(messages_on_disk(&store), 0);
+        assert!(service.kept_log(&room()).is_empty());
+    }
 }
