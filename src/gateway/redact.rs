@@ -120,9 +120,8 @@ impl Redactor {
                 || text
                     .windows(prefix.len())
                     .any(|window| window[0] == prefix[0] && window == prefix)
-                || (0..text.len()).any(|start| {
-                    text[start..].starts_with(suffix) && follows_mask(&text[..start])
-                })
+                || (0..text.len())
+                    .any(|start| text[start..].starts_with(suffix) && follows_mask(&text[..start]))
         })
     }
 
