@@ -13,6 +13,10 @@
 #                       that wrk, nginx and crew share the cores the same way in every run
 #   GATEWAY_CONFIG="threads = 2"   extra lines for crew's [gateway] section (A/B of settings)
 #
+# Each row also gives the CPU time (user + system, from /proc and /usr/bin/time) that wrk,
+# nginx's worker and crew spent per request in that run: on shared cores the requests/s move
+# with the machine's load, the µs per request much less.
+#
 # Needs nginx and wrk (Debian: `apt-get install -y nginx-light wrk`). Everything listens on
 # 127.0.0.1 only, in a temporary directory removed at the end. On a 2-core machine wrk, nginx and
 # crew share the cores: read the figures as relative (gateway vs direct), not absolute.
@@ -132,31 +136,51 @@ lua "$token" >"$work/gateway.lua"
 wrk -t1 -c10 -d2s -s "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" >/dev/null
 wrk -t1 -c10 -d2s -s "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" >/dev/null
 
-# wrk's "50%" latency in ms, and its requests/s.
+# CPU time (user + system, in clock ticks) of a process and its threads, and of nginx's workers.
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+nginx_ticks() {
+  local total=0 pid
+  for pid in $(pgrep -P "$nginx_pid"); do total=$((total + $(ticks "$pid"))); done
+  echo "$total"
+}
+hz=$(getconf CLK_TCK)
+
+# wrk's "50%" latency in ms, its requests/s, and the CPU each process spent per request (µs):
+# wrk, nginx's worker, crew (all its threads). The gateway costs what crew spends; for the
+# gateway to serve half the direct path's requests/s on the same cores, crew's µs per request
+# must stay under what wrk and nginx together spend per request on the direct path.
 run() {
   local script=$1 url=$2 connections=$3 out
-  out=$("${pin_wrk[@]}" wrk -t1 -c"$connections" -d"$DURATION" --latency -s "$script" "$url")
+  local nginx_before crew_before
+  nginx_before=$(nginx_ticks)
+  crew_before=$(ticks "$crew_pid")
+  out=$(/usr/bin/time -f "wrk-cpu %U %S" "${pin_wrk[@]}" wrk -t1 -c"$connections" -d"$DURATION" --latency -s "$script" "$url" 2>&1)
+  local nginx_spent=$(($(nginx_ticks) - nginx_before)) crew_spent=$(($(ticks "$crew_pid") - crew_before))
   if printf '%s\n' "$out" | grep -q "Non-2xx"; then
     echo "bench-gateway: non-2xx answers:" >&2
     printf '%s\n' "$out" >&2
     exit 1
   fi
-  local p50 rps
+  local p50 rps requests wrk_secs
   p50=$(printf '%s\n' "$out" | awk '$1=="50%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000}; printf "%.3f", v}')
   rps=$(printf '%s\n' "$out" | awk '$1=="Requests/sec:" {printf "%.0f", $2}')
-  echo "$p50 $rps"
+  requests=$(printf '%s\n' "$out" | awk '$2=="requests" && $3=="in" {print $1}')
+  wrk_secs=$(printf '%s\n' "$out" | awk '$1=="wrk-cpu" {print $2+$3}')
+  awk -v p50="$p50" -v rps="$rps" -v n="$requests" -v w="$wrk_secs" -v g="$nginx_spent" -v c="$crew_spent" -v hz="$hz" \
+    'BEGIN { printf "%s %s %.1f %.1f %.1f\n", p50, rps, 1e6*w/n, 1e6*g/hz/n, 1e6*c/hz/n }'
 }
 
 echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION${CPUS_WRK:+, CPUs: wrk $CPUS_WRK nginx ${CPUS_NGINX:-any} crew ${CPUS_CREW:-any}}${GATEWAY_CONFIG:+, gateway: $GATEWAY_CONFIG}"
 echo
-echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct |"
-echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct | CPU µs/request direct: wrk + nginx | gateway: wrk + nginx + crew |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for connections in $CONNECTIONS; do
   for round in $(seq 1 "$ROUNDS"); do
-    read -r d50 drps < <(run "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" "$connections")
-    read -r g50 grps < <(run "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" "$connections")
+    read -r d50 drps dwrk dnginx _ < <(run "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" "$connections")
+    read -r g50 grps gwrk gnginx gcrew < <(run "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" "$connections")
     awk -v c="$connections" -v r="$round" -v d50="$d50" -v g50="$g50" -v drps="$drps" -v grps="$grps" \
-      'BEGIN { printf "| %d | %d | %.3f ms | %.3f ms | **%.3f ms** | %d | %d | **%.0f %%** |\n", c, r, d50, g50, g50-d50, drps, grps, 100*grps/drps }'
+      -v dwrk="$dwrk" -v dnginx="$dnginx" -v gwrk="$gwrk" -v gnginx="$gnginx" -v gcrew="$gcrew" \
+      'BEGIN { printf "| %d | %d | %.3f ms | %.3f ms | **%.3f ms** | %d | %d | **%.0f %%** | %.1f + %.1f | %.1f + %.1f + **%.1f** |\n", c, r, d50, g50, g50-d50, drps, grps, 100*grps/drps, dwrk, dnginx, gwrk, gnginx, gcrew }'
   done
 done
 

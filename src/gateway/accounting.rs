@@ -25,8 +25,10 @@ use crate::store::{Store, StoreError, Tree};
 const PRUNE_EVERY_BATCHES: u64 = 64;
 
 /// Most audit records stored in one sled value: a second of heavy traffic (tens of thousands of
-/// records) becomes a few values of a couple of hundred KiB rather than one large one.
-const AUDIT_RECORDS_PER_VALUE: usize = 1024;
+/// records) becomes a hundred-odd values of ~40 KiB rather than one large one. Pending records
+/// are kept in chunks of this size too, each a medium-sized allocation the allocator reuses
+/// (one vector grown to megabytes every second cost page faults on the gateway thread).
+const AUDIT_RECORDS_PER_VALUE: usize = 256;
 
 /// What one value of the audit tree holds: a batch of records, or (written before batching) one.
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,7 +68,10 @@ pub(super) struct Accounting {
 #[derive(Default)]
 struct Pending {
     usage: HashMap<String, Usage>,
-    audit: Vec<AuditRecord>,
+    /// Audit records in chunks of at most [`AUDIT_RECORDS_PER_VALUE`], each stored as one value:
+    /// one vector reallocated to megabytes every second showed as page faults (fresh pages
+    /// zeroed by the kernel) in the gateway thread's profile (docs/benchmarks.md).
+    audit: Vec<Vec<AuditRecord>>,
 }
 
 struct GlobalToday {
@@ -173,7 +178,15 @@ impl Accounting {
     }
 
     pub(super) fn audit(&self, record: AuditRecord) {
-        self.pending().audit.push(record);
+        let mut pending = self.pending();
+        match pending.audit.last_mut() {
+            Some(chunk) if chunk.len() < AUDIT_RECORDS_PER_VALUE => chunk.push(record),
+            _ => {
+                let mut chunk = Vec::with_capacity(AUDIT_RECORDS_PER_VALUE);
+                chunk.push(record);
+                pending.audit.push(chunk);
+            }
+        }
     }
 
     /// Counts a refusal of a request that had no valid token.
@@ -206,13 +219,11 @@ impl Accounting {
                 failed = Some(error);
             }
         }
-        let newest = audit.iter().map(|record| record.at_ms).max();
+        let newest = audit.iter().flatten().map(|record| record.at_ms).max();
         // A few sled values per batch rather than one per record: each insert rewrites a leaf
         // node, and thousands of them a second showed in the profile (docs/benchmarks.md).
-        let mut audit = audit;
-        while !audit.is_empty() {
-            let rest = audit.split_off(audit.len().min(AUDIT_RECORDS_PER_VALUE));
-            let chunk = StoredAudit::Batch(std::mem::replace(&mut audit, rest));
+        for chunk in audit {
+            let chunk = StoredAudit::Batch(chunk);
             let stored = self
                 .store
                 .next_id()
