@@ -25,6 +25,11 @@ use matrix_crew::store::Store;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// The allocator `crew serve` runs with (`src/main.rs`), so the figures are the binary's: with
+/// glibc's malloc a quarter of this bench's time went to `malloc`/`free`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EVENTS_PER_TXN: usize = 100;
 const SEQUENTIAL_TXNS: usize = 500;
 const CONCURRENCY: usize = 10;
