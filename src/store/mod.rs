@@ -32,6 +32,9 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// How long [`Store::open_with`] waits for a database lock that is being released.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The schema version this build writes. Bump it together with a migration in [`Store::open`].
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -84,22 +87,21 @@ impl Store {
     }
 
     /// Opens the database with `config`'s settings (the page cache size).
+    ///
+    /// A lock held by a database being closed is waited for, up to [`LOCK_WAIT`]: sled releases
+    /// its file lock from background threads after the last handle is dropped, so a database
+    /// reopened in the same process (or by a restart while the old process is still exiting)
+    /// can find it held for a moment. Held longer than that, the error says another crew has it.
     pub fn open_with(dir: &Path, config: &DatabaseConfig) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(config.cache_mb.saturating_mul(1024 * 1024))
-            .open()
-            .map_err(|error| match error {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked {
-                        path: dir.display().to_string(),
-                    }
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match Self::open_sled(dir, config) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
-                    path: dir.display().to_string(),
-                },
-                other => StoreError::Sled(other),
-            })?;
+                other => break other?,
+            }
+        };
         let meta = db.open_tree(META_TREE)?;
         match meta.get(SCHEMA_KEY)? {
             Some(raw) => {
@@ -115,6 +117,24 @@ impl Store {
         }
         let durability = Arc::new(Durability::new(db.clone()));
         Ok(Self { db, durability })
+    }
+
+    fn open_sled(dir: &Path, config: &DatabaseConfig) -> Result<sled::Db, StoreError> {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.cache_mb.saturating_mul(1024 * 1024))
+            .open()
+            .map_err(|error| match error {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: dir.display().to_string(),
+                    }
+                }
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
+                    path: dir.display().to_string(),
+                },
+                other => StoreError::Sled(other),
+            })
     }
 
     /// Opens a temporary database that disappears when dropped; for tests and benchmarks.
