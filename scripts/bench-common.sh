@@ -29,6 +29,7 @@ crew_pid=""
 cleanup() {
   [ -n "$crew_pid" ] && kill "$crew_pid" 2>/dev/null && wait "$crew_pid" 2>/dev/null || true
   [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
+  [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT

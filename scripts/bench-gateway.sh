@@ -12,6 +12,11 @@
 #   CPUS_WRK=0 CPUS_NGINX=1 CPUS_CREW=1   pin each process to these CPUs (taskset lists), so
 #                       that wrk, nginx and crew share the cores the same way in every run
 #   GATEWAY_CONFIG="threads = 2"   extra lines for crew's [gateway] section (A/B of settings)
+#   NGINX_PROXY=0       leave out the yardstick: by default each round also runs wrk through a
+#                       second nginx (one worker, keep-alive upstream connections) proxying to
+#                       the same upstream: the same two hops crew makes, by the most efficient
+#                       proxy in common use. What it reaches is what two hops cost on these
+#                       cores; the gap between it and crew is crew's own.
 #
 # Each row also gives the CPU time (user + system, from /proc and /usr/bin/time) that wrk,
 # nginx's worker and crew spent per request in that run: on shared cores the requests/s move
@@ -29,6 +34,7 @@ bench_name=bench-gateway
 # shellcheck source=scripts/bench-common.sh
 source "$(dirname "$0")/bench-common.sh"
 upstream_port=$(free_port)
+proxy_port=$(free_port)
 homeserver_port=$(free_port)
 appservice_port=$(free_port)
 admin_port=$(free_port)
@@ -75,6 +81,43 @@ EOF
 "${pin_nginx[@]}" "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 nginx_pid=$!
 
+# The yardstick: nginx as the proxy, in a process of its own (as crew is), one worker, HTTP/1.1
+# keep-alive connections to the upstream, the request path rewritten as crew's route does.
+NGINX_PROXY=${NGINX_PROXY:-1}
+proxy_pid=""
+if [ "$NGINX_PROXY" = 1 ]; then
+  mkdir -p "$work/proxy"
+  cat >"$work/proxy/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $work/proxy/nginx.pid;
+error_log $work/proxy/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/proxy/body;
+  proxy_temp_path $work/proxy/proxy;
+  fastcgi_temp_path $work/proxy/fastcgi;
+  uwsgi_temp_path $work/proxy/uwsgi;
+  scgi_temp_path $work/proxy/scgi;
+  keepalive_requests 1000000;
+  upstream llm { server 127.0.0.1:$upstream_port; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$proxy_port;
+    location /llm/ {
+      proxy_pass http://llm/v1/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sk-bench-upstream-key";
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+  "${pin_crew[@]}" "$NGINX" -c "$work/proxy/nginx.conf" -p "$work/proxy" &
+  proxy_pid=$!
+fi
+
 "$CREW" init --homeserver "http://127.0.0.1:$homeserver_port" --server-name bench.test \
   --admin @admin:bench.test --data-dir "$work/data" \
   --bind "127.0.0.1:$appservice_port" --admin-bind "127.0.0.1:$admin_port" >/dev/null
@@ -108,6 +151,7 @@ wait_for() {
   exit 1
 }
 wait_for "http://127.0.0.1:$upstream_port/"
+[ "$NGINX_PROXY" = 1 ] && wait_for "http://127.0.0.1:$proxy_port/"
 wait_for "http://127.0.0.1:$gateway_port/"
 token=""
 for _ in $(seq 1 100); do
@@ -135,12 +179,15 @@ lua "$token" >"$work/gateway.lua"
 # A first short run of each path: connections, caches and the CPU frequency settle.
 wrk -t1 -c10 -d2s -s "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" >/dev/null
 wrk -t1 -c10 -d2s -s "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" >/dev/null
+if [ "$NGINX_PROXY" = 1 ]; then
+  wrk -t1 -c10 -d2s -s "$work/direct.lua" "http://127.0.0.1:$proxy_port/llm/chat/completions" >/dev/null
+fi
 
 # CPU time (user + system, in clock ticks) of a process and its threads, and of nginx's workers.
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 nginx_ticks() {
   local total=0 pid
-  for pid in $(pgrep -P "$nginx_pid"); do total=$((total + $(ticks "$pid"))); done
+  for pid in $(pgrep -P "$1"); do total=$((total + $(ticks "$pid"))); done
   echo "$total"
 }
 hz=$(getconf CLK_TCK)
@@ -150,12 +197,13 @@ hz=$(getconf CLK_TCK)
 # gateway to serve half the direct path's requests/s on the same cores, crew's µs per request
 # must stay under what wrk and nginx together spend per request on the direct path.
 run() {
-  local script=$1 url=$2 connections=$3 out
+  local script=$1 url=$2 connections=$3 proxy=${4:-crew} out
   local nginx_before crew_before
-  nginx_before=$(nginx_ticks)
-  crew_before=$(ticks "$crew_pid")
+  proxy_ticks() { if [ "$proxy" = nginx ]; then nginx_ticks "$proxy_pid"; else ticks "$crew_pid"; fi; }
+  nginx_before=$(nginx_ticks "$nginx_pid")
+  crew_before=$(proxy_ticks)
   out=$(/usr/bin/time -f "wrk-cpu %U %S" "${pin_wrk[@]}" wrk -t1 -c"$connections" -d"$DURATION" --latency -s "$script" "$url" 2>&1)
-  local nginx_spent=$(($(nginx_ticks) - nginx_before)) crew_spent=$(($(ticks "$crew_pid") - crew_before))
+  local nginx_spent=$(($(nginx_ticks "$nginx_pid") - nginx_before)) crew_spent=$(($(proxy_ticks) - crew_before))
   if printf '%s\n' "$out" | grep -q "Non-2xx"; then
     echo "bench-gateway: non-2xx answers:" >&2
     printf '%s\n' "$out" >&2
@@ -172,15 +220,22 @@ run() {
 
 echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -d$DURATION${CPUS_WRK:+, CPUs: wrk $CPUS_WRK nginx ${CPUS_NGINX:-any} crew ${CPUS_CREW:-any}}${GATEWAY_CONFIG:+, gateway: $GATEWAY_CONFIG}"
 echo
-echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct | CPU µs/request direct: wrk + nginx | gateway: wrk + nginx + crew |"
-echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| connections | round | direct p50 | gateway p50 | added p50 | direct req/s | gateway req/s | gateway / direct | CPU µs/request direct: wrk + nginx | gateway: wrk + nginx + crew | nginx proxy: added p50 | req/s | / direct | CPU µs/request: wrk + nginx + proxy |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for connections in $CONNECTIONS; do
   for round in $(seq 1 "$ROUNDS"); do
     read -r d50 drps dwrk dnginx _ < <(run "$work/direct.lua" "http://127.0.0.1:$upstream_port/v1/chat/completions" "$connections")
     read -r g50 grps gwrk gnginx gcrew < <(run "$work/gateway.lua" "http://127.0.0.1:$gateway_port/llm/chat/completions" "$connections")
+    p50="" prps=0 pwrk=0 pnginx=0 pproxy=0
+    if [ "$NGINX_PROXY" = 1 ]; then
+      read -r p50 prps pwrk pnginx pproxy < <(run "$work/direct.lua" "http://127.0.0.1:$proxy_port/llm/chat/completions" "$connections" nginx)
+    fi
     awk -v c="$connections" -v r="$round" -v d50="$d50" -v g50="$g50" -v drps="$drps" -v grps="$grps" \
       -v dwrk="$dwrk" -v dnginx="$dnginx" -v gwrk="$gwrk" -v gnginx="$gnginx" -v gcrew="$gcrew" \
-      'BEGIN { printf "| %d | %d | %.3f ms | %.3f ms | **%.3f ms** | %d | %d | **%.0f %%** | %.1f + %.1f | %.1f + %.1f + **%.1f** |\n", c, r, d50, g50, g50-d50, drps, grps, 100*grps/drps, dwrk, dnginx, gwrk, gnginx, gcrew }'
+      -v p50="$p50" -v prps="$prps" -v pwrk="$pwrk" -v pnginx="$pnginx" -v pproxy="$pproxy" \
+      'BEGIN { printf "| %d | %d | %.3f ms | %.3f ms | **%.3f ms** | %d | %d | **%.0f %%** | %.1f + %.1f | %.1f + %.1f + **%.1f** |", c, r, d50, g50, g50-d50, drps, grps, 100*grps/drps, dwrk, dnginx, gwrk, gnginx, gcrew
+               if (p50 == "") { print " – | – | – | – |" }
+               else { printf " %.3f ms | %d | %.0f %% | %.1f + %.1f + %.1f |\n", p50-d50, prps, 100*prps/drps, pwrk, pnginx, pproxy } }'
   done
 done
 

@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 /// mimalloc instead of glibc malloc: the server (the gateway above all) makes many small,
 /// short-lived allocations per request, and glibc's `malloc`/`free` (with `malloc_consolidate`
 /// spikes) was about 13 % of the gateway's profile under load (docs/benchmarks.md).
+/// `--features system-allocator` leaves it out, for heap profilers that see only `malloc`
+/// (heaptrack, massif): mimalloc's allocations are invisible to them.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
