@@ -296,6 +296,8 @@ async fn main() {
 
     // With the pump beside it, as in production: what the earlier phases left in the inbox
     // keeps it busy from the start.
+    // Counted before the pump starts: `Inbox::len` reads every batch.
+    let backlog = inbox.len();
     let queue = Arc::new(WakeQueue::open(&store).expect("queue"));
     let outbox = Arc::new(Outbox::open(&store).expect("outbox"));
     let stop = CancellationToken::new();
@@ -307,7 +309,6 @@ async fn main() {
         stop.clone(),
         handled.clone(),
     ));
-    let backlog = inbox.len();
     let busy = drive(&crew_url, &token, 1, SEQUENTIAL_TXNS, 4_000_000).await;
     print("crew, one at a time, pump beside", &busy);
     println!(

@@ -7,6 +7,15 @@
 //! removes each with [`Inbox::complete`] once it has been fully handled; what is not completed is
 //! handled again after a restart.
 //!
+//! A transaction's new events are stored as **one** sled value (a batch), not one value each:
+//! sled splits a leaf every 16 keys and copies the node it changes, so a hundred inserts per
+//! transaction (and a hundred removals by the pump) were most of ingest's time and a page of
+//! sled's memory per 16 events (docs/benchmarks.md, "One value per transaction"). An entry is
+//! then addressed by an [`EntryId`]: its batch, its place in it and whether it is the batch's
+//! last; handling part of a batch records how far the pump got (tree `inbox_progress`), handling
+//! its last event removes the batch. Entries an older crew wrote one per event read as batches
+//! of one.
+//!
 //! Transaction ids are scoped by the digest of the transaction's events: a homeserver that
 //! resets and counts its txnIds from 1 again sends different events under an old id, and those are
 //! processed, not mistaken for a retry.
@@ -26,9 +35,38 @@ use crate::store::{Store, StoreError, Tree};
 /// The most entries [`Inbox::pending`] allocates room for up front.
 const BATCH_CAPACITY_MAX: usize = 1024;
 
-/// One event waiting to be handled, parsed once at ingest. Stored as `{"event": <the event in
-/// the Matrix shape>, "received_ms"}`, which is also what an older crew wrote (with the
-/// homeserver's JSON as it came): both read the same.
+/// The sled tree of the waiting batches.
+const ENTRIES_TREE: &str = "inbox";
+
+/// Bits of an [`EntryId`] below the batch's sequence number: the event's place in its batch
+/// and the "last of its batch" flag. A homeserver sends at most 100 events per transaction
+/// (Synapse) and crew refuses bodies over its limit long before 65,536.
+const PLACE_BITS: u32 = 17;
+
+/// The most events one batch holds (what 16 bits of place can address).
+const BATCH_EVENTS_MAX: usize = 1 << (PLACE_BITS - 1);
+
+/// Where one inbox entry is: `batch << 17 | place << 1 | last`. Ordered as the entries arrived
+/// (batches are numbered by the store's counter, far below 2^47). The pump hands it back to
+/// [`complete_in`] with what the entry caused.
+pub type EntryId = u64;
+
+fn entry_id(batch: u64, place: usize, last: bool) -> EntryId {
+    (batch << PLACE_BITS) | ((place as u64) << 1) | u64::from(last)
+}
+
+/// An entry id's batch, place in it and whether it is the batch's last.
+fn split_id(id: EntryId) -> (u64, usize, bool) {
+    (
+        id >> PLACE_BITS,
+        ((id >> 1) & ((1 << (PLACE_BITS - 1)) - 1)) as usize,
+        id & 1 == 1,
+    )
+}
+
+/// One event waiting to be handled, parsed once at ingest. Stored in its transaction's batch,
+/// in the Matrix shape (see [`StoredValue`]); what an older crew wrote, the homeserver's JSON as
+/// it came, reads the same.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InboxEntry {
     pub event: RoomEvent,
@@ -63,10 +101,17 @@ struct EventHead<'a> {
     event_id: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// How an entry is written: the typed event, in the Matrix shape.
-#[derive(Serialize)]
-struct StoredEntry<'a> {
-    event: &'a RoomEvent,
+/// One value of the inbox tree, as read: a batch (`{"received_ms", "batch": [events]}`, what
+/// this crew writes, one per transaction), or one event (`{"event", "received_ms"}`, what an
+/// older crew wrote per event). Events are parsed one by one, so one that the typed event
+/// refuses does not take its batch with it.
+#[derive(Deserialize)]
+struct StoredValue<'a> {
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(default)]
     received_ms: u64,
 }
 
@@ -74,7 +119,7 @@ struct StoredEntry<'a> {
 struct Prepared {
     digest: String,
     received_ms: u64,
-    /// Each valid event's id and its encoded entry, in the transaction's order.
+    /// Each valid event's id and the event encoded, in the transaction's order.
     entries: Vec<(String, Vec<u8>)>,
     malformed: usize,
 }
@@ -100,7 +145,11 @@ struct SeenEvent {
 /// The durable inbox. Cheap to share behind an `Arc`.
 pub struct Inbox {
     store: Store,
-    entries: Tree<u64, InboxEntry>,
+    /// Batches by sequence number, big-endian (see the module documentation); values read
+    /// as [`StoredValue`].
+    entries: sled::Tree,
+    /// How many events of a batch the pump has handled, by batch, when it stopped inside one.
+    progress: sled::Tree,
     seen: Tree<String, SeenEvent>,
     transactions: Tree<String, TransactionRecord>,
     /// Serialises ingest so that two copies of one transaction arriving at once are seen as one.
@@ -113,7 +162,8 @@ impl Inbox {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
         Ok(Self {
             store: store.clone(),
-            entries: store.tree("inbox")?,
+            entries: store.db().open_tree(ENTRIES_TREE)?,
+            progress: store.db().open_tree("inbox_progress")?,
             seen: store.tree("inbox_seen_events")?,
             transactions: store.tree("inbox_transactions")?,
             ingest_lock: Mutex::new(()),
@@ -156,12 +206,8 @@ impl Inbox {
                     continue;
                 }
             };
-            let entry = StoredEntry {
-                event,
-                received_ms: now,
-            };
-            let encoded = serde_json::to_vec(&entry).map_err(|source| StoreError::Encode {
-                tree: self.entries.name().to_owned(),
+            let encoded = serde_json::to_vec(event).map_err(|source| StoreError::Encode {
+                tree: ENTRIES_TREE.to_owned(),
                 source,
             })?;
             prepared
@@ -196,7 +242,7 @@ impl Inbox {
         let seen_value = self.seen.encode(&SeenEvent {
             received_ms: prepared.received_ms,
         })?;
-        let mut sequenced = Vec::with_capacity(prepared.entries.len());
+        let mut new = Vec::with_capacity(prepared.entries.len());
         let mut seen_here = std::collections::HashSet::new();
         for (event_id, encoded) in &prepared.entries {
             // The ingest lock makes check-then-insert safe: nobody else writes these trees.
@@ -206,8 +252,18 @@ impl Inbox {
                 outcome.duplicate_events += 1;
                 continue;
             }
-            sequenced.push((event_id, self.store.next_id()?, encoded));
+            new.push((event_id, encoded));
             outcome.queued += 1;
+        }
+        let mut batches = Vec::with_capacity(1);
+        for events in new.chunks(BATCH_EVENTS_MAX) {
+            batches.push((
+                self.store.next_id()?,
+                encode_batch(
+                    prepared.received_ms,
+                    events.iter().map(|(_, encoded)| *encoded),
+                ),
+            ));
         }
         let record = self.transactions.encode(&TransactionRecord {
             digest: prepared.digest,
@@ -215,11 +271,13 @@ impl Inbox {
         })?;
         // One sled transaction: a flush can never persist the `seen` marks without the entries
         // (which would make the homeserver's retry look like a duplicate and lose the events).
-        (self.seen.raw(), self.entries.raw(), self.transactions.raw())
+        (self.seen.raw(), &self.entries, self.transactions.raw())
             .transaction(|(seen, entries, transactions)| {
-                for (event_id, seq, encoded) in &sequenced {
+                for (event_id, _) in &new {
                     seen.insert(event_id.as_bytes(), seen_value.as_slice())?;
-                    entries.insert(&seq.to_be_bytes(), encoded.as_slice())?;
+                }
+                for (seq, batch) in &batches {
+                    entries.insert(&seq.to_be_bytes(), batch.as_slice())?;
                 }
                 transactions.insert(txn_id.as_bytes(), record.as_slice())?;
                 Ok(())
@@ -281,45 +339,119 @@ impl Inbox {
         Ok(outcome)
     }
 
-    /// Up to `limit` entries in arrival order, oldest first. An entry that cannot be read (an
-    /// event an older crew queued that the typed event refuses) is logged and removed: it
-    /// could never be handled, and must not stop the events behind it.
-    pub fn pending(&self, limit: usize) -> Result<Vec<(u64, InboxEntry)>, StoreError> {
+    /// Up to `limit` entries in arrival order, oldest first, each with its [`EntryId`]. An
+    /// event that cannot be read (one an older crew queued that the typed event refuses) is
+    /// logged and skipped, and a batch with nothing left to handle is removed: it could never
+    /// be handled, and must not stop the entries behind it.
+    pub fn pending(&self, limit: usize) -> Result<Vec<(EntryId, InboxEntry)>, StoreError> {
         // Not `limit.min(self.len())`: sled counts a tree by walking all of it, which made every
         // read of the pump cost the whole backlog (a pump 172,000 entries behind handled 500 of
         // them while ingest ran).
         let mut pending = Vec::with_capacity(limit.min(BATCH_CAPACITY_MAX));
-        for item in self.entries.raw().iter() {
+        for item in self.entries.iter() {
             if pending.len() >= limit {
                 break;
             }
             let (key, value) = item?;
             let Ok(seq) = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes) else {
                 tracing::warn!("removing an inbox entry with a malformed key");
-                self.entries.raw().remove(key)?;
+                self.entries.remove(key)?;
                 continue;
             };
-            match self.entries.decode(&value) {
-                Ok(entry) => pending.push((seq, entry)),
-                Err(error) => {
-                    tracing::warn!(seq, %error, "rejecting a queued event crew cannot handle");
-                    self.entries.raw().remove(key)?;
+            let handled = self.handled_of(seq)?;
+            let mut readable = self.read_batch(seq, &value)?;
+            readable.retain(|(place, _)| *place >= handled);
+            let Some(last) = readable.last().map(|(place, _)| *place) else {
+                tracing::warn!(seq, "removing an inbox batch with nothing left to handle");
+                self.forget_batch(seq)?;
+                continue;
+            };
+            // The last *readable* event carries the flag: handling it removes the batch.
+            for (place, entry) in readable {
+                if pending.len() >= limit {
+                    break;
                 }
+                pending.push((entry_id(seq, place, place == last), entry));
             }
         }
         Ok(pending)
     }
 
-    /// Removes a handled entry.
-    pub fn complete(&self, seq: u64) -> Result<(), StoreError> {
-        self.entries.remove(&seq)?;
+    /// The events of one stored value that the typed event accepts, with their places.
+    fn read_batch(&self, seq: u64, value: &[u8]) -> Result<Vec<(usize, InboxEntry)>, StoreError> {
+        let stored: StoredValue<'_> = match serde_json::from_slice(value) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(seq, %error, "an inbox entry crew cannot read");
+                return Ok(Vec::new());
+            }
+        };
+        let events = match (stored.batch, stored.event) {
+            (Some(batch), _) => batch,
+            (None, Some(event)) => vec![event],
+            (None, None) => Vec::new(),
+        };
+        Ok(events
+            .into_iter()
+            .enumerate()
+            .filter_map(|(place, raw)| match RoomEvent::parse(raw.get()) {
+                Ok(event) => Some((
+                    place,
+                    InboxEntry {
+                        event,
+                        received_ms: stored.received_ms,
+                    },
+                )),
+                Err(error) => {
+                    tracing::warn!(seq, place, %error, "skipping a queued event crew cannot handle");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// How many events of batch `seq` were handled already.
+    fn handled_of(&self, seq: u64) -> Result<usize, StoreError> {
+        Ok(self
+            .progress
+            .get(seq.to_be_bytes())?
+            .and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok())
+            .map_or(0, |raw| u64::from_be_bytes(raw) as usize))
+    }
+
+    fn forget_batch(&self, seq: u64) -> Result<(), StoreError> {
+        self.entries.remove(seq.to_be_bytes())?;
+        self.progress.remove(seq.to_be_bytes())?;
         Ok(())
     }
 
-    /// How many entries wait. Walks the whole inbox (sled keeps no count): for status pages and
-    /// tests, never on the pump's path.
+    /// Removes a handled entry (and the batch with its last one).
+    pub fn complete(&self, id: EntryId) -> Result<(), StoreError> {
+        (&self.entries, &self.progress)
+            .transaction(|(entries, progress)| complete_in(entries, progress, &[id]))
+            .map_err(
+                |error: sled::transaction::TransactionError<()>| match error {
+                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Sled(sled::Error::Unsupported("completion aborted".into()))
+                    }
+                },
+            )
+    }
+
+    /// How many events wait. Walks the whole inbox and reads every batch (sled keeps no
+    /// count): for status pages and tests, never on the pump's path.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, value)| {
+                let seq = u64::from_be_bytes(<[u8; 8]>::try_from(key.as_ref()).ok()?);
+                let handled = self.handled_of(seq).ok()?;
+                let batch = self.read_batch(seq, &value).ok()?;
+                Some(batch.iter().filter(|(place, _)| *place >= handled).count())
+            })
+            .sum()
     }
 
     /// The database the inbox lives in, for consumers that commit beside it (the pump takes its
@@ -328,10 +460,10 @@ impl Inbox {
         &self.store
     }
 
-    /// The entries tree, for consumers that remove an entry in the same sled transaction as
-    /// they record its outcome (the wake queue).
-    pub fn raw_entries(&self) -> &sled::Tree {
-        self.entries.raw()
+    /// The trees [`complete_in`] writes, for consumers that mark entries handled in the same
+    /// sled transaction as they record their outcome (the wake queue).
+    pub fn raw_trees(&self) -> (&sled::Tree, &sled::Tree) {
+        (&self.entries, &self.progress)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -347,6 +479,46 @@ impl Inbox {
     pub fn nudge(&self) {
         self.arrived.notify_one();
     }
+}
+
+/// Marks entries handled inside a sled transaction over [`Inbox::raw_trees`]: `ids` in the
+/// order they were handled. The last event of a batch removes the batch (and its progress);
+/// otherwise the batch's progress moves past the entry.
+pub fn complete_in(
+    entries: &sled::transaction::TransactionalTree,
+    progress: &sled::transaction::TransactionalTree,
+    ids: &[EntryId],
+) -> sled::transaction::ConflictableTransactionResult<(), ()> {
+    for &id in ids {
+        let (seq, place, last) = split_id(id);
+        let key = seq.to_be_bytes();
+        if last {
+            entries.remove(&key)?;
+            progress.remove(&key)?;
+        } else {
+            progress.insert(&key, &(place as u64 + 1).to_be_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// A batch as stored: `{"received_ms":…,"batch":[…]}` around events already encoded.
+fn encode_batch<'a>(
+    received_ms: u64,
+    events: impl ExactSizeIterator<Item = &'a Vec<u8>>,
+) -> Vec<u8> {
+    let mut batch = Vec::with_capacity(64 + events.len() * 512);
+    batch.extend_from_slice(b"{\"received_ms\":");
+    batch.extend_from_slice(received_ms.to_string().as_bytes());
+    batch.extend_from_slice(b",\"batch\":[");
+    for (place, encoded) in events.enumerate() {
+        if place > 0 {
+            batch.push(b',');
+        }
+        batch.extend_from_slice(encoded);
+    }
+    batch.extend_from_slice(b"]}");
+    batch
 }
 
 /// Identifies a transaction's content: the event ids in order, or the raw event when it carries
@@ -459,22 +631,20 @@ mod tests {
         let broken =
             json!({"event": {"type": "m.room.message", "event_id": "$b"}, "received_ms": 8});
         inbox.ingest("t", &raw(&[message("$new")])).unwrap();
-        let (old_seq, broken_seq) = (u64::MAX - 1, u64::MAX);
+        let (old_seq, broken_seq): (u64, u64) = (1 << 40, (1 << 40) + 1);
         inbox
             .entries
-            .raw()
             .insert(old_seq.to_be_bytes(), old.to_string().as_bytes())
             .unwrap();
         inbox
             .entries
-            .raw()
             .insert(broken_seq.to_be_bytes(), broken.to_string().as_bytes())
             .unwrap();
         let pending = inbox.pending(10).unwrap();
         assert_eq!(pending.len(), 2, "{pending:?}");
         assert_eq!(pending[0].1.event_id(), "$new");
-        let (seq, entry) = &pending[1];
-        assert_eq!(*seq, old_seq);
+        let (id, entry) = &pending[1];
+        assert_eq!(*id, entry_id(old_seq, 0, true));
         assert_eq!(entry.received_ms, 7);
         assert_eq!(entry.event.body(), "from before");
         let mentions = &entry
@@ -487,6 +657,58 @@ mod tests {
             .user_ids;
         assert_eq!(mentions, &["@crew:x"]);
         assert_eq!(inbox.len(), 2, "the unreadable entry is gone");
+    }
+
+    /// A transaction is one sled value; the pump handles it an event at a time, and where it
+    /// stopped inside it survives a restart.
+    #[test]
+    fn a_transaction_is_one_batch_handled_an_event_at_a_time() {
+        let store = Store::temporary().unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        let outcome = inbox
+            .ingest("t1", &raw(&[message("$a"), message("$b"), message("$c")]))
+            .unwrap();
+        assert_eq!(outcome.queued, 3);
+        assert_eq!(inbox.entries.len(), 1, "one value for the transaction");
+        assert_eq!(inbox.len(), 3);
+        let first = inbox.pending(2).unwrap();
+        let ids: Vec<_> = first.iter().map(|(_, entry)| entry.event_id()).collect();
+        assert_eq!(ids, ["$a", "$b"]);
+        assert!(
+            first.iter().all(|(id, _)| !split_id(*id).2),
+            "neither is the last"
+        );
+        inbox.complete(first[0].0).unwrap();
+        drop(inbox);
+
+        let inbox = Inbox::open(&store).unwrap();
+        assert_eq!(inbox.len(), 2);
+        let rest = inbox.pending(10).unwrap();
+        let ids: Vec<_> = rest.iter().map(|(_, entry)| entry.event_id()).collect();
+        assert_eq!(
+            ids,
+            ["$b", "$c"],
+            "handled once, in order, after the restart"
+        );
+        assert!(split_id(rest[1].0).2, "$c is the batch's last");
+        inbox.complete(rest[0].0).unwrap();
+        assert!(!inbox.is_empty());
+        inbox.complete(rest[1].0).unwrap();
+        assert!(inbox.is_empty());
+        assert!(inbox.progress.is_empty(), "no progress left behind");
+        // Entry ids keep arrival order across batches.
+        inbox.ingest("t2", &raw(&[message("$d")])).unwrap();
+        inbox.ingest("t3", &raw(&[message("$e")])).unwrap();
+        let later = inbox.pending(10).unwrap();
+        assert!(later[0].0 < later[1].0);
+    }
+
+    #[test]
+    fn entry_ids_carry_batch_place_and_last() {
+        for (batch, place, last) in [(0, 0, true), (7, 99, false), ((1 << 46) + 3, 65_535, true)] {
+            assert_eq!(split_id(entry_id(batch, place, last)), (batch, place, last));
+        }
+        assert!(entry_id(5, 65_535, true) < entry_id(6, 0, false));
     }
 
     #[test]

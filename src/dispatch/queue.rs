@@ -35,7 +35,7 @@ pub struct PendingWake {
 /// [`WakeQueue::commit_batch`].
 #[derive(Debug, Clone, Default)]
 pub struct Handled {
-    /// The inbox entry's sequence number.
+    /// The inbox entry's id ([`crate::appservice::inbox::EntryId`]).
     pub seq: u64,
     pub wakes: Vec<PendingWake>,
     pub effects: Vec<crate::outbox::Staged>,
@@ -140,11 +140,16 @@ impl WakeQueue {
                 encoded.push((key, self.wakes.encode(wake)?));
             }
         }
-        (inbox.raw_entries(), self.wakes.raw(), outbox.raw())
-            .transaction(|(entries, queue, pending)| {
-                for (seq, _, _) in handled {
-                    entries.remove(&seq.to_be_bytes())?;
-                }
+        let (inbox_entries, inbox_progress) = inbox.raw_trees();
+        let ids: Vec<_> = handled.iter().map(|(id, _, _)| *id).collect();
+        (
+            inbox_entries,
+            inbox_progress,
+            self.wakes.raw(),
+            outbox.raw(),
+        )
+            .transaction(|(entries, progress, queue, pending)| {
+                crate::appservice::inbox::complete_in(entries, progress, &ids)?;
                 for (key, value) in &encoded {
                     queue.insert(key.as_slice(), value.as_slice())?;
                 }
