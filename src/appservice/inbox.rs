@@ -242,45 +242,42 @@ impl Inbox {
         let seen_value = self.seen.encode(&SeenEvent {
             received_ms: prepared.received_ms,
         })?;
-        let mut new = Vec::with_capacity(prepared.entries.len());
-        let mut seen_here = std::collections::HashSet::new();
-        for (event_id, encoded) in &prepared.entries {
-            // The ingest lock makes check-then-insert safe: nobody else writes these trees.
-            if !seen_here.insert(event_id.as_str())
-                || self.seen.raw().contains_key(event_id.as_bytes())?
-            {
-                outcome.duplicate_events += 1;
-                continue;
-            }
-            new.push((event_id, encoded));
-            outcome.queued += 1;
-        }
-        let mut batches = Vec::with_capacity(1);
-        for events in new.chunks(BATCH_EVENTS_MAX) {
-            batches.push((
-                self.store.next_id()?,
-                encode_batch(
-                    prepared.received_ms,
-                    events.iter().map(|(_, encoded)| *encoded),
-                ),
-            ));
-        }
+        // Numbered before the sled transaction (the store's counter cannot be read inside one);
+        // a number left unused when every event was a duplicate is only a gap.
+        let batch_seqs = (0..prepared.entries.len().div_ceil(BATCH_EVENTS_MAX))
+            .map(|_| self.store.next_id())
+            .collect::<Result<Vec<_>, _>>()?;
         let record = self.transactions.encode(&TransactionRecord {
             digest: prepared.digest,
             received_ms: prepared.received_ms,
         })?;
         // One sled transaction: a flush can never persist the `seen` marks without the entries
         // (which would make the homeserver's retry look like a duplicate and lose the events).
-        (self.seen.raw(), &self.entries, self.transactions.raw())
+        // Each mark is looked up through the transaction, so that its insert (which reads the
+        // key again) finds it in the transaction's read cache: two walks of the tree, not three.
+        let (queued, duplicate_events) = (self.seen.raw(), &self.entries, self.transactions.raw())
             .transaction(|(seen, entries, transactions)| {
-                for (event_id, _) in &new {
+                let mut new = Vec::with_capacity(prepared.entries.len());
+                let mut seen_here = std::collections::HashSet::new();
+                let mut duplicates = 0;
+                for (event_id, encoded) in &prepared.entries {
+                    // The ingest lock makes check-then-insert safe: nobody else writes these
+                    // trees.
+                    if !seen_here.insert(event_id.as_str())
+                        || seen.get(event_id.as_bytes())?.is_some()
+                    {
+                        duplicates += 1;
+                        continue;
+                    }
                     seen.insert(event_id.as_bytes(), seen_value.as_slice())?;
+                    new.push(encoded);
                 }
-                for (seq, batch) in &batches {
-                    entries.insert(&seq.to_be_bytes(), batch.as_slice())?;
+                for (events, seq) in new.chunks(BATCH_EVENTS_MAX).zip(&batch_seqs) {
+                    let batch = encode_batch(prepared.received_ms, events.iter().copied());
+                    entries.insert(&seq.to_be_bytes(), batch)?;
                 }
                 transactions.insert(txn_id.as_bytes(), record.as_slice())?;
-                Ok(())
+                Ok((new.len(), duplicates))
             })
             .map_err(
                 |error: sled::transaction::TransactionError<()>| match error {
@@ -290,6 +287,8 @@ impl Inbox {
                     }
                 },
             )?;
+        outcome.queued = queued;
+        outcome.duplicate_events = duplicate_events;
         Ok(outcome)
     }
 
