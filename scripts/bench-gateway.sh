@@ -45,20 +45,7 @@ completion='{"id":"chatcmpl-bench","object":"chat.completion","created":17000000
 
 # nginx: the LLM upstream, and a stand-in homeserver that answers crew's start-up checks
 # (versions, whoami, display name, ping) so that `crew serve` runs without a Synapse.
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
+nginx_conf "$work/nginx" <<EOF
   keepalive_requests 1000000;
   server {
     listen 127.0.0.1:$upstream_port;
@@ -76,7 +63,6 @@ http {
     location ~ /ping\$ { return 200 '{"duration_ms":1}'; }
     location / { return 200 '{}'; }
   }
-}
 EOF
 "${pin_nginx[@]}" "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 nginx_pid=$!
@@ -86,20 +72,7 @@ nginx_pid=$!
 NGINX_PROXY=${NGINX_PROXY:-1}
 proxy_pid=""
 if [ "$NGINX_PROXY" = 1 ]; then
-  mkdir -p "$work/proxy"
-  cat >"$work/proxy/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $work/proxy/nginx.pid;
-error_log $work/proxy/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/proxy/body;
-  proxy_temp_path $work/proxy/proxy;
-  fastcgi_temp_path $work/proxy/fastcgi;
-  uwsgi_temp_path $work/proxy/uwsgi;
-  scgi_temp_path $work/proxy/scgi;
+  nginx_conf "$work/proxy" <<EOF
   keepalive_requests 1000000;
   upstream llm { server 127.0.0.1:$upstream_port; keepalive 64; keepalive_requests 1000000; }
   server {
@@ -112,7 +85,6 @@ http {
       proxy_buffering off;
     }
   }
-}
 EOF
   "${pin_crew[@]}" "$NGINX" -c "$work/proxy/nginx.conf" -p "$work/proxy" &
   proxy_pid=$!

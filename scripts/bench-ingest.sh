@@ -35,20 +35,7 @@ admin_port=$(free_port)
 # nginx: a stand-in homeserver that answers crew's start-up checks (versions, whoami, display
 # name, ping) and `{}` to anything else (the outbox's calls), so that `crew serve` runs without a
 # Synapse.
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
+nginx_conf "$work/nginx" <<EOF
   server {
     listen 127.0.0.1:$homeserver_port;
     default_type application/json;
@@ -58,7 +45,6 @@ http {
     location ~ /ping\$ { return 200 '{"duration_ms":1}'; }
     location / { return 200 '{}'; }
   }
-}
 EOF
 "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 nginx_pid=$!
