@@ -279,14 +279,7 @@ impl Inbox {
                 transactions.insert(txn_id.as_bytes(), record.as_slice())?;
                 Ok((new.len(), duplicates))
             })
-            .map_err(
-                |error: sled::transaction::TransactionError<()>| match error {
-                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("ingest aborted".into()))
-                    }
-                },
-            )?;
+            .map_err(|error| StoreError::from_transaction("ingest", error))?;
         outcome.queued = queued;
         outcome.duplicate_events = duplicate_events;
         Ok(outcome)
@@ -358,7 +351,7 @@ impl Inbox {
                 continue;
             };
             let handled = self.handled_of(seq)?;
-            let mut readable = self.read_batch(seq, &value)?;
+            let mut readable = self.read_batch(seq, &value);
             readable.retain(|(place, _)| *place >= handled);
             let Some(last) = readable.last().map(|(place, _)| *place) else {
                 tracing::warn!(seq, "removing an inbox batch with nothing left to handle");
@@ -377,12 +370,12 @@ impl Inbox {
     }
 
     /// The events of one stored value that the typed event accepts, with their places.
-    fn read_batch(&self, seq: u64, value: &[u8]) -> Result<Vec<(usize, InboxEntry)>, StoreError> {
+    fn read_batch(&self, seq: u64, value: &[u8]) -> Vec<(usize, InboxEntry)> {
         let stored: StoredValue<'_> = match serde_json::from_slice(value) {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(seq, %error, "an inbox entry crew cannot read");
-                return Ok(Vec::new());
+                return Vec::new();
             }
         };
         let events = match (stored.batch, stored.event) {
@@ -390,7 +383,7 @@ impl Inbox {
             (None, Some(event)) => vec![event],
             (None, None) => Vec::new(),
         };
-        Ok(events
+        events
             .into_iter()
             .enumerate()
             .filter_map(|(place, raw)| match RoomEvent::parse(raw.get()) {
@@ -406,7 +399,7 @@ impl Inbox {
                     None
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// How many events of batch `seq` were handled already.
@@ -428,14 +421,7 @@ impl Inbox {
     pub fn complete(&self, id: EntryId) -> Result<(), StoreError> {
         (&self.entries, &self.progress)
             .transaction(|(entries, progress)| complete_in(entries, progress, &[id]))
-            .map_err(
-                |error: sled::transaction::TransactionError<()>| match error {
-                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("completion aborted".into()))
-                    }
-                },
-            )
+            .map_err(|error| StoreError::from_transaction("completion", error))
     }
 
     /// How many events wait. Walks the whole inbox and reads every batch (sled keeps no
@@ -447,7 +433,7 @@ impl Inbox {
             .filter_map(|(key, value)| {
                 let seq = u64::from_be_bytes(<[u8; 8]>::try_from(key.as_ref()).ok()?);
                 let handled = self.handled_of(seq).ok()?;
-                let batch = self.read_batch(seq, &value).ok()?;
+                let batch = self.read_batch(seq, &value);
                 Some(batch.iter().filter(|(place, _)| *place >= handled).count())
             })
             .sum()

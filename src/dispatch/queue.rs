@@ -14,7 +14,7 @@ use sled::Transactional;
 
 use super::WakeReason;
 use super::event::RoomEvent;
-use crate::appservice::inbox::Inbox;
+use crate::appservice::inbox::{EntryId, Inbox, complete_in};
 use crate::store::{Store, StoreError, Tree};
 
 /// One pending wake.
@@ -35,8 +35,8 @@ pub struct PendingWake {
 /// [`WakeQueue::commit_batch`].
 #[derive(Debug, Clone, Default)]
 pub struct Handled {
-    /// The inbox entry's id ([`crate::appservice::inbox::EntryId`]).
-    pub seq: u64,
+    /// The inbox entry's id.
+    pub seq: EntryId,
     pub wakes: Vec<PendingWake>,
     pub effects: Vec<crate::outbox::Staged>,
 }
@@ -85,12 +85,12 @@ impl WakeQueue {
         })
     }
 
-    /// Queues `wakes`, stages `effects` in the outbox and removes inbox entry `seq`, in one sled
+    /// Queues `wakes`, stages `effects` in the outbox and marks inbox entry `seq` handled, in one sled
     /// transaction: a crash leaves either the event in the inbox or everything it caused.
     pub fn commit_with_effects(
         &self,
         inbox: &Inbox,
-        seq: u64,
+        seq: EntryId,
         wakes: &[PendingWake],
         outbox: &crate::outbox::Outbox,
         effects: &[crate::outbox::Staged],
@@ -127,7 +127,7 @@ impl WakeQueue {
         &self,
         inbox: &Inbox,
         outbox: &crate::outbox::Outbox,
-        handled: &[(u64, &[PendingWake], &[crate::outbox::Staged])],
+        handled: &[(EntryId, &[PendingWake], &[crate::outbox::Staged])],
     ) -> Result<(), StoreError> {
         let mut encoded = Vec::new();
         let mut staged = Vec::new();
@@ -149,7 +149,7 @@ impl WakeQueue {
             outbox.raw(),
         )
             .transaction(|(entries, progress, queue, pending)| {
-                crate::appservice::inbox::complete_in(entries, progress, &ids)?;
+                complete_in(entries, progress, &ids)?;
                 for (key, value) in &encoded {
                     queue.insert(key.as_slice(), value.as_slice())?;
                 }
@@ -158,14 +158,7 @@ impl WakeQueue {
                 }
                 Ok(())
             })
-            .map_err(
-                |error: sled::transaction::TransactionError<()>| match error {
-                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("event commit aborted".into()))
-                    }
-                },
-            )
+            .map_err(|error| StoreError::from_transaction("event commit", error))
     }
 
     /// Queues wakes crew decided itself (internal wakes: a project task done, blocked,

@@ -59,7 +59,7 @@ pub(super) async fn run(crew: Arc<Service>, shutdown: CancellationToken) {
 #[cfg(test)]
 pub(crate) fn decide_and_commit(
     crew: &Arc<Service>,
-    seq: u64,
+    seq: crate::appservice::inbox::EntryId,
     event: &RoomEvent,
 ) -> Result<Vec<ruma::OwnedUserId>, crate::store::StoreError> {
     let (wakes, effects) = handle(crew, event);

@@ -73,6 +73,19 @@ pub enum StoreError {
     Locked { path: String },
 }
 
+impl StoreError {
+    /// What a sled transaction failed with. Crew's transactions never abort themselves; should
+    /// one, `what` names it in the error.
+    pub fn from_transaction(what: &str, error: sled::transaction::TransactionError<()>) -> Self {
+        match error {
+            sled::transaction::TransactionError::Storage(error) => Self::Sled(error),
+            sled::transaction::TransactionError::Abort(()) => {
+                Self::Sled(sled::Error::Unsupported(format!("{what} aborted")))
+            }
+        }
+    }
+}
+
 /// The opened database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
