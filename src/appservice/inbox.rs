@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use sled::Transactional;
 use tokio::sync::Notify;
 
+use super::seen::{self, SeenEvents};
 use crate::clock::now_ms;
 use crate::dispatch::event::{EventError, RoomEvent};
 use crate::store::{Store, StoreError, Tree};
@@ -137,11 +138,6 @@ struct TransactionRecord {
     received_ms: u64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct SeenEvent {
-    received_ms: u64,
-}
-
 /// The durable inbox. Cheap to share behind an `Arc`.
 pub struct Inbox {
     store: Store,
@@ -150,11 +146,11 @@ pub struct Inbox {
     entries: sled::Tree,
     /// How many events of a batch the pump has handled, by batch, when it stopped inside one.
     progress: sled::Tree,
-    seen: Tree<String, SeenEvent>,
     transactions: Tree<String, TransactionRecord>,
-    /// Serialises ingest so that two copies of one transaction arriving at once are seen as one.
-    /// No `.await` happens under it: sled writes go to memory, the flush happens after.
-    ingest_lock: Mutex<()>,
+    /// The event ids queued (see [`super::seen`]). Its lock serialises ingest, so that two copies
+    /// of one transaction arriving at once are seen as one. No `.await` happens under it: sled
+    /// writes go to memory, the flush happens after.
+    seen: Mutex<SeenEvents>,
     arrived: Notify,
 }
 
@@ -164,9 +160,8 @@ impl Inbox {
             store: store.clone(),
             entries: store.db().open_tree(ENTRIES_TREE)?,
             progress: store.db().open_tree("inbox_progress")?,
-            seen: store.tree("inbox_seen_events")?,
             transactions: store.tree("inbox_transactions")?,
-            ingest_lock: Mutex::new(()),
+            seen: Mutex::new(SeenEvents::open(store)?),
             arrived: Notify::new(),
         })
     }
@@ -219,10 +214,7 @@ impl Inbox {
 
     /// Deduplicates a prepared transaction and writes what is new in one sled transaction.
     fn commit(&self, txn_id: &str, prepared: Prepared) -> Result<IngestOutcome, StoreError> {
-        let _guard = self
-            .ingest_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut seen = self.seen_events();
         let mut outcome = IngestOutcome {
             malformed: prepared.malformed,
             ..IngestOutcome::default()
@@ -239,68 +231,62 @@ impl Inbox {
                 "transaction id reused with different events (homeserver reset?); processing it"
             );
         }
-        let seen_value = self.seen.encode(&SeenEvent {
-            received_ms: prepared.received_ms,
-        })?;
-        // Numbered before the sled transaction (the store's counter cannot be read inside one);
-        // a number left unused when every event was a duplicate is only a gap.
-        let batch_seqs = (0..prepared.entries.len().div_ceil(BATCH_EVENTS_MAX))
+        // Deduplicated here, under the lock, against the fingerprints in memory; the record of
+        // the new ones is written with their events below.
+        let mut new = Vec::with_capacity(prepared.entries.len());
+        let mut new_fingerprints = Vec::with_capacity(prepared.entries.len());
+        let mut here = std::collections::HashSet::with_capacity(prepared.entries.len());
+        for (event_id, encoded) in &prepared.entries {
+            let fingerprint = seen.fingerprint(event_id);
+            if seen.contains(fingerprint) || !here.insert(fingerprint) {
+                outcome.duplicate_events += 1;
+                continue;
+            }
+            new_fingerprints.push(fingerprint);
+            new.push(encoded);
+        }
+        // Numbered before the sled transaction (the store's counter cannot be read inside one).
+        let batch_seqs = (0..new.len().div_ceil(BATCH_EVENTS_MAX))
             .map(|_| self.store.next_id())
             .collect::<Result<Vec<_>, _>>()?;
         let record = self.transactions.encode(&TransactionRecord {
             digest: prepared.digest,
             received_ms: prepared.received_ms,
         })?;
-        // One sled transaction: a flush can never persist the `seen` marks without the entries
+        let seen_record = batch_seqs.first().map(|&batch| {
+            (
+                seen::record_key(prepared.received_ms, batch),
+                seen::record_value(&new_fingerprints),
+            )
+        });
+        // One sled transaction: a flush can never persist the seen record without the entries
         // (which would make the homeserver's retry look like a duplicate and lose the events).
-        // Each mark is looked up through the transaction, so that its insert (which reads the
-        // key again) finds it in the transaction's read cache: two walks of the tree, not three.
-        let (queued, duplicate_events) = (self.seen.raw(), &self.entries, self.transactions.raw())
-            .transaction(|(seen, entries, transactions)| {
-                let mut new = Vec::with_capacity(prepared.entries.len());
-                let mut seen_here = std::collections::HashSet::new();
-                let mut duplicates = 0;
-                for (event_id, encoded) in &prepared.entries {
-                    // The ingest lock makes check-then-insert safe: nobody else writes these
-                    // trees.
-                    if !seen_here.insert(event_id.as_str())
-                        || seen.get(event_id.as_bytes())?.is_some()
-                    {
-                        duplicates += 1;
-                        continue;
-                    }
-                    seen.insert(event_id.as_bytes(), seen_value.as_slice())?;
-                    new.push(encoded);
-                }
+        (seen.tree(), &self.entries, self.transactions.raw())
+            .transaction(|(seen_records, entries, transactions)| {
                 for (events, seq) in new.chunks(BATCH_EVENTS_MAX).zip(&batch_seqs) {
                     let batch = encode_batch(prepared.received_ms, events.iter().copied());
                     entries.insert(&seq.to_be_bytes(), batch)?;
                 }
+                if let Some((key, value)) = &seen_record {
+                    seen_records.insert(key, value.as_slice())?;
+                }
                 transactions.insert(txn_id.as_bytes(), record.as_slice())?;
-                Ok((new.len(), duplicates))
+                Ok(())
             })
             .map_err(|error| StoreError::from_transaction("ingest", error))?;
-        outcome.queued = queued;
-        outcome.duplicate_events = duplicate_events;
+        seen.extend(new_fingerprints);
+        outcome.queued = new.len();
         Ok(outcome)
     }
-
     /// Forgets event ids and transaction ids received before `before_ms`. The homeserver
     /// retries a transaction for minutes to hours, not weeks: past the retention the marks only
     /// grow the database.
     pub fn prune(&self, before_ms: u64) -> Result<Pruned, StoreError> {
-        let _guard = self
-            .ingest_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut pruned = Pruned::default();
-        for entry in self.seen.iter() {
-            let (event_id, seen) = entry?;
-            if seen.received_ms < before_ms {
-                self.seen.remove(&event_id)?;
-                pruned.events += 1;
-            }
-        }
+        let mut seen = self.seen_events();
+        let mut pruned = Pruned {
+            events: seen.prune(before_ms)?,
+            ..Pruned::default()
+        };
         for entry in self.transactions.iter() {
             let (txn_id, record) = entry?;
             if record.received_ms < before_ms {
@@ -309,6 +295,19 @@ impl Inbox {
             }
         }
         Ok(pruned)
+    }
+
+    /// The seen set, under the lock that serialises ingest. A panic while it was held left it as
+    /// the last committed transaction left it (it is extended only after a commit).
+    fn seen_events(&self) -> std::sync::MutexGuard<'_, SeenEvents> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How many event ids are remembered (for status pages and tests).
+    pub fn seen_len(&self) -> usize {
+        self.seen_events().len()
     }
 
     /// Queues the events and returns once they are on disk; then wakes the pump.
@@ -704,8 +703,16 @@ mod tests {
             .ingest("t1", &raw(&[message("$a"), message("$b")]))
             .unwrap();
         // Every mark has its entry and the transaction is recorded: the three trees agree.
-        let seen: Vec<_> = inbox.seen.raw().iter().keys().map(|k| k.unwrap()).collect();
-        assert_eq!(seen.len(), 2);
+        let records: Vec<_> = inbox
+            .seen_events()
+            .tree()
+            .iter()
+            .map(|record| record.unwrap())
+            .filter(|(key, _)| key.len() == 16)
+            .collect();
+        assert_eq!(records.len(), 1, "one record for the transaction");
+        assert_eq!(records[0].1.len(), 16, "two fingerprints");
+        assert_eq!(inbox.seen_len(), 2);
         assert_eq!(inbox.len(), 2);
         assert!(inbox.transactions.get(&"t1".to_owned()).unwrap().is_some());
     }

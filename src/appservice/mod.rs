@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod inbox;
+mod seen;
 
 use std::sync::Arc;
 
