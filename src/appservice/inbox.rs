@@ -717,6 +717,34 @@ mod tests {
         assert!(inbox.transactions.get(&"t1".to_owned()).unwrap().is_some());
     }
 
+    /// The marks outlive the process: an event delivered again after a restart, in a
+    /// transaction of another id, is still recognised.
+    #[test]
+    fn an_event_seen_before_a_restart_is_dropped_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let inbox = Inbox::open(&store).unwrap();
+            inbox
+                .ingest("t1", &raw(&[message("$a"), message("$b")]))
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        assert_eq!(inbox.seen_len(), 2);
+        let again = inbox
+            .ingest("t2", &raw(&[message("$b"), message("$c")]))
+            .unwrap();
+        assert_eq!((again.queued, again.duplicate_events), (1, 1));
+        let ids: Vec<_> = inbox
+            .pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, entry)| entry.event_id().to_owned())
+            .collect();
+        assert_eq!(ids, ["$a", "$b", "$c"]);
+    }
+
     #[test]
     fn prune_forgets_old_marks_only() {
         let store = Store::temporary().unwrap();

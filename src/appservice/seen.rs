@@ -50,7 +50,10 @@ pub(super) fn record_key(received_ms: u64, batch: u64) -> [u8; 16] {
 
 /// A record's value: the fingerprints, 8 bytes each.
 pub(super) fn record_value(fingerprints: &[u64]) -> Vec<u8> {
-    fingerprints.iter().flat_map(|fp| fp.to_le_bytes()).collect()
+    fingerprints
+        .iter()
+        .flat_map(|fp| fp.to_le_bytes())
+        .collect()
 }
 
 fn fingerprints_of(value: &[u8]) -> impl Iterator<Item = u64> + '_ {
@@ -192,7 +195,10 @@ impl SeenEvents {
         }
         store.db().drop_tree(LEGACY_TREE)?;
         if folded > 0 {
-            tracing::info!(folded, "folded per-event seen marks into fingerprint records");
+            tracing::info!(
+                folded,
+                "folded per-event seen marks into fingerprint records"
+            );
         }
         Ok(())
     }
