@@ -14,6 +14,9 @@
 #   CONNECTIONS=1       wrk connections (1 = single stream)
 #   ROOMS=10            rooms the messages go round
 #   CACHE_MB=           `[database] cache_mb` for crew (default: crew's own default)
+#   RATE=               events/s to aim at (wrk waits between transactions; default: as fast as
+#                       crew answers). A rate the pump keeps up with is a steady state; faster, the
+#                       inbox's backlog grows for as long as the load lasts
 #   CPUS_WRK=0 CPUS_CREW=1   pin wrk and crew to these CPUs (taskset lists)
 #
 # Needs nginx (a stand-in homeserver answering crew's start-up checks, as in
@@ -86,6 +89,8 @@ done
 curl -sS --fail-with-body -o "$work/joins.out" -X PUT -H "Authorization: Bearer $hs_token" -H "Content-Type: application/json" \
   --data "{\"events\":[$members]}" "$base/_matrix/app/v1/transactions/joins" || { cat "$work/joins.out" "$work/crew.log" >&2; exit 1; }
 
+pause_ms=${RATE:+$((100000 / RATE))}
+pause_ms=${pause_ms:-nil}
 cat >"$work/ingest.lua" <<EOF
 -- One transaction of 100 messages per request, every id unique.
 wrk.method = "PUT"
@@ -97,6 +102,12 @@ local rooms = $ROOMS
 -- Event ids as Synapse makes them for current room versions: a hash, so spread over the key
 -- space (not one ascending run), followed by a counter that keeps them unique.
 local template = '{"type":"m.room.message","event_id":"\$%08x%08x-%s-%d-%d","room_id":"!room%d:bench.test","sender":"@human%d:bench.test","origin_server_ts":%d,"content":{"msgtype":"m.text","body":"a message of ordinary length in a busy room, nobody mentioned","m.mentions":{}}}'
+-- RATE: the pause before each transaction, so that 100 events per pause make the rate (less
+-- the answer's own time, which the rate therefore slightly undershoots).
+local pause_ms = $pause_ms
+if pause_ms then
+  delay = function() return pause_ms end
+end
 request = function()
   counter = counter + 1
   local parts = {}
@@ -113,7 +124,7 @@ rss() { awk -v key="$1:" '$1==key {printf "%.1f", $2/1024}' "/proc/$crew_pid/sta
 sizes() { echo "VmRSS $(rss VmRSS) MiB (anon $(rss RssAnon), file $(rss RssFile)), peak VmHWM $(rss VmHWM) MiB"; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$crew_pid/stat"; }
 
-echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROOMS rooms${CACHE_MB:+, cache_mb $CACHE_MB}${CPUS_WRK:+, CPUs: wrk $CPUS_WRK crew ${CPUS_CREW:-any}}"
+echo "crew $("$CREW" --version | awk '{print $2}'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROOMS rooms${RATE:+, aiming at $RATE events/s}${CACHE_MB:+, cache_mb $CACHE_MB}${CPUS_WRK:+, CPUs: wrk $CPUS_WRK crew ${CPUS_CREW:-any}}"
 echo "resident at start: $(sizes)"
 "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/ingest.lua" "$base" >"$work/wrk.out" &
 wrk_pid=$!

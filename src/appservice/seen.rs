@@ -230,7 +230,7 @@ mod tests {
     #[test]
     fn records_load_at_open_and_prune_by_age() {
         let store = Store::temporary().unwrap();
-        let mut seen = SeenEvents::open(&store).unwrap();
+        let seen = SeenEvents::open(&store).unwrap();
         let (old, new) = (seen.fingerprint("$old"), seen.fingerprint("$new"));
         seen.tree()
             .insert(record_key(10, 1), record_value(&[old]))
