@@ -542,6 +542,16 @@ mod tests {
             .collect()
     }
 
+    /// The event ids waiting, in order.
+    fn pending_ids(inbox: &Inbox) -> Vec<String> {
+        inbox
+            .pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, entry)| entry.event_id().to_owned())
+            .collect()
+    }
+
     fn message(id: &str) -> serde_json::Value {
         json!({"type": "m.room.message", "event_id": id, "room_id": "!r:x", "sender": "@a:x",
                "content": {"msgtype": "m.text", "body": "hi"}})
@@ -566,13 +576,7 @@ mod tests {
         assert!(!reset.duplicate_transaction);
         assert_eq!(reset.queued, 1);
         assert_eq!(reset.duplicate_events, 1);
-        let ids: Vec<_> = inbox
-            .pending(10)
-            .unwrap()
-            .into_iter()
-            .map(|(_, entry)| entry.event_id().to_owned())
-            .collect();
-        assert_eq!(ids, ["$a", "$b", "$c"]);
+        assert_eq!(pending_ids(&inbox), ["$a", "$b", "$c"]);
     }
 
     #[test]
@@ -736,13 +740,7 @@ mod tests {
             .ingest("t2", &raw(&[message("$b"), message("$c")]))
             .unwrap();
         assert_eq!((again.queued, again.duplicate_events), (1, 1));
-        let ids: Vec<_> = inbox
-            .pending(10)
-            .unwrap()
-            .into_iter()
-            .map(|(_, entry)| entry.event_id().to_owned())
-            .collect();
-        assert_eq!(ids, ["$a", "$b", "$c"]);
+        assert_eq!(pending_ids(&inbox), ["$a", "$b", "$c"]);
     }
 
     #[test]
