@@ -278,6 +278,7 @@ impl Inbox {
         outcome.queued = new.len();
         Ok(outcome)
     }
+
     /// Forgets event ids and transaction ids received before `before_ms`. The homeserver
     /// retries a transaction for minutes to hours, not weeks: past the retention the marks only
     /// grow the database.
