@@ -113,7 +113,7 @@ impl DispatchService {
         if let Some(Err(error)) = decision
             .remember
             .as_ref()
-            .map(|fact| self.history.remember(fact))
+            .map(|fact| self.history.remember(fact, decision.sender_is_agent))
         {
             tracing::error!(%error, "cannot remember the event's sender");
         }
