@@ -178,12 +178,12 @@ mod tests {
             history
                 .remember(&fact("$chatter", &person, &[&agent]), false)
                 .unwrap();
-            assert_eq!(history.mentioned_by(&ids[2]), [agent.clone()]);
+            assert_eq!(history.mentioned_by(&ids[2]), std::slice::from_ref(&agent));
         }
         let store = Store::open(dir.path()).unwrap();
         let history = SledHistory::open(&store).unwrap();
         assert_eq!(history.sender_of(&ids[0]).as_ref(), Some(&agent));
-        assert_eq!(history.mentioned_by(&ids[1]), [agent.clone()]);
+        assert_eq!(history.mentioned_by(&ids[1]), std::slice::from_ref(&agent));
         assert_eq!(history.sender_of(&ids[2]).as_ref(), Some(&person));
         history
             .remember(&fact("$later_chatter", &person, &[]), false)
