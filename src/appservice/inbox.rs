@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use super::seen::{self, SeenEvents};
 use crate::clock::now_ms;
 use crate::dispatch::event::{EventError, RoomEvent};
-use crate::store::{Store, StoreError, Tree};
+use crate::store::{Store, StoreError, Tree, TreeKey};
 
 /// The most entries [`Inbox::pending`] allocates room for up front.
 const BATCH_CAPACITY_MAX: usize = 1024;
@@ -345,14 +345,12 @@ impl Inbox {
                 break;
             }
             let (key, value) = item?;
-            let Ok(seq) = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes) else {
+            let Some(seq) = u64::from_key(&key) else {
                 tracing::warn!("removing an inbox entry with a malformed key");
                 self.entries.remove(key)?;
                 continue;
             };
-            let handled = self.handled_of(seq)?;
-            let mut readable = self.read_batch(seq, &value);
-            readable.retain(|(place, _)| *place >= handled);
+            let readable = self.waiting_in(seq, &value)?;
             let Some(last) = readable.last().map(|(place, _)| *place) else {
                 tracing::warn!(seq, "removing an inbox batch with nothing left to handle");
                 self.forget_batch(seq)?;
@@ -367,6 +365,15 @@ impl Inbox {
             }
         }
         Ok(pending)
+    }
+
+    /// The events of batch `seq` (stored as `value`) that wait: readable and not yet handled,
+    /// with their places.
+    fn waiting_in(&self, seq: u64, value: &[u8]) -> Result<Vec<(usize, InboxEntry)>, StoreError> {
+        let handled = self.handled_of(seq)?;
+        let mut readable = self.read_batch(seq, value);
+        readable.retain(|(place, _)| *place >= handled);
+        Ok(readable)
     }
 
     /// The events of one stored value that the typed event accepts, with their places.
@@ -407,8 +414,8 @@ impl Inbox {
         Ok(self
             .progress
             .get(seq.to_be_bytes())?
-            .and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok())
-            .map_or(0, |raw| u64::from_be_bytes(raw) as usize))
+            .and_then(|raw| u64::from_key(&raw))
+            .map_or(0, |handled| handled as usize))
     }
 
     fn forget_batch(&self, seq: u64) -> Result<(), StoreError> {
@@ -431,10 +438,8 @@ impl Inbox {
             .iter()
             .filter_map(Result::ok)
             .filter_map(|(key, value)| {
-                let seq = u64::from_be_bytes(<[u8; 8]>::try_from(key.as_ref()).ok()?);
-                let handled = self.handled_of(seq).ok()?;
-                let batch = self.read_batch(seq, &value);
-                Some(batch.iter().filter(|(place, _)| *place >= handled).count())
+                let seq = u64::from_key(&key)?;
+                Some(self.waiting_in(seq, &value).ok()?.len())
             })
             .sum()
     }
