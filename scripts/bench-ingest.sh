@@ -162,3 +162,7 @@ done
 if [ -n "$drained" ]; then idle="after ~$drained s"; else idle="not within 120 s"; fi
 database_kib=$(du -sk "$work/data" | cut -f1)
 echo "pump idle $idle: $(sizes), database $((database_kib / 1024)) MiB on disk ($(awk -v kib="$database_kib" -v events="$events_in" 'BEGIN {printf "%.2f", kib / events}') KiB per event)"
+# What crew warned about (a backlog over its limit that the pump did not take under in time, say).
+warnings=$(grep -c "WARN" "$work/crew.log" || true)
+echo "crew log: $warnings warnings"
+grep "WARN" "$work/crew.log" | sed 's/^[^ ]* *//' | cut -c1-160 | sort | uniq -c | sort -rn | head -5 || true

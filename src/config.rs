@@ -109,6 +109,10 @@ pub struct AppserviceConfig {
     /// Largest transaction body accepted, in bytes (the spec sets no limit; Synapse sends 100
     /// events, each up to 64 KiB).
     pub max_transaction_bytes: usize,
+    /// Events crew takes before the pump has handled them; past this a transaction's answer
+    /// waits (up to 5 s) for the pump, so that a flood waits in the homeserver's database,
+    /// not in crew's memory (`appservice::inbox::BacklogLimit`).
+    pub backlog_events: usize,
 }
 
 impl Default for AppserviceConfig {
@@ -120,6 +124,7 @@ impl Default for AppserviceConfig {
             manager_display_name: "Crew Manager".into(),
             ping_interval_secs: 60,
             max_transaction_bytes: 64 * 1024 * 1024,
+            backlog_events: crate::appservice::inbox::BacklogLimit::default().events,
         }
     }
 }

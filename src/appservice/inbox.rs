@@ -16,11 +16,19 @@
 //! its last event removes the batch. Entries an older crew wrote one per event read as batches
 //! of one.
 //!
+//! A backlog is bounded ([`BacklogLimit`]): once more events wait than the limit, a
+//! transaction's answer waits (a few seconds at most) for the pump to take the backlog under it.
+//! The homeserver sends one transaction at a time, so it then holds the rest of a burst in its
+//! own database, where it is kept anyway, instead of crew holding it in memory (sled's cache,
+//! the fingerprints); nothing is refused and nothing is lost.
+//!
 //! Transaction ids are scoped by the digest of the transaction's events: a homeserver that
 //! resets and counts its txnIds from 1 again sends different events under an old id, and those are
 //! processed, not mistaken for a retry.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -63,6 +71,30 @@ fn split_id(id: EntryId) -> (u64, usize, bool) {
         ((id >> 1) & ((1 << (PLACE_BITS - 1)) - 1)) as usize,
         id & 1 == 1,
     )
+}
+
+/// How big a backlog the inbox takes before it slows the homeserver down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BacklogLimit {
+    /// Events waiting for the pump past which a transaction's answer waits for it.
+    pub events: usize,
+    /// The longest one answer waits. Well under the homeserver's own timeout (Tuwunel's
+    /// `appservice_timeout` is 35 s, and Tuwunel does not retry a transaction that timed out
+    /// until its next event): past it the transaction is taken anyway, so a stalled pump
+    /// slows the homeserver down but never makes it give up.
+    pub wait: Duration,
+}
+
+impl Default for BacklogLimit {
+    /// 10,000 events (a hundred full transactions, a few MiB) is far more than a busy
+    /// homeserver's normal traffic leaves waiting, and small enough to keep crew's memory flat
+    /// under a flood (docs/benchmarks.md, "A bounded backlog").
+    fn default() -> Self {
+        Self {
+            events: 10_000,
+            wait: Duration::from_secs(5),
+        }
+    }
 }
 
 /// One event waiting to be handled, parsed once at ingest. Stored in its transaction's batch,
@@ -152,18 +184,40 @@ pub struct Inbox {
     /// writes go to memory, the flush happens after.
     seen: Mutex<SeenEvents>,
     arrived: Notify,
+    /// Events queued and not yet handled, as ingest adds them and the pump marks them handled
+    /// (counted at open). It may read low, never lastingly high: it is set to zero whenever the
+    /// pump finds the inbox empty.
+    waiting: AtomicUsize,
+    limit: BacklogLimit,
+    /// Signalled when the pump takes the backlog under [`BacklogLimit::events`].
+    drained: Notify,
+    /// Transactions whose answer waited for the pump (for status pages and tests).
+    held_back: AtomicUsize,
 }
 
 impl Inbox {
+    /// The inbox in `store`, with the default [`BacklogLimit`].
     pub fn open(store: &Store) -> Result<Self, StoreError> {
-        Ok(Self {
+        let inbox = Self {
             store: store.clone(),
             entries: store.db().open_tree(ENTRIES_TREE)?,
             progress: store.db().open_tree("inbox_progress")?,
             transactions: store.tree("inbox_transactions")?,
             seen: Mutex::new(SeenEvents::open(store)?),
             arrived: Notify::new(),
-        })
+            waiting: AtomicUsize::new(0),
+            limit: BacklogLimit::default(),
+            drained: Notify::new(),
+            held_back: AtomicUsize::new(0),
+        };
+        inbox.waiting.store(inbox.len(), Ordering::Relaxed);
+        Ok(inbox)
+    }
+
+    /// The same inbox with another backlog limit.
+    pub fn with_backlog_limit(mut self, limit: BacklogLimit) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// Queues the events of one transaction, deduplicated. Not yet durable: call
@@ -276,6 +330,7 @@ impl Inbox {
             .map_err(|error| StoreError::from_transaction("ingest", error))?;
         seen.extend(new_fingerprints);
         outcome.queued = new.len();
+        self.waiting.fetch_add(outcome.queued, Ordering::Relaxed);
         Ok(outcome)
     }
 
@@ -317,6 +372,7 @@ impl Inbox {
         txn_id: &str,
         events: &[Box<RawValue>],
     ) -> Result<IngestOutcome, StoreError> {
+        self.wait_for_room().await;
         let prepared = self.prepare(txn_id, events)?;
         let outcome = {
             // The commit waits for a running flush here, not on sled's lock (`Store::write_gate`).
@@ -329,6 +385,63 @@ impl Inbox {
             self.arrived.notify_one();
         }
         Ok(outcome)
+    }
+
+    /// Returns at once while the backlog is under its limit; otherwise when the pump has taken
+    /// it under, or after [`BacklogLimit::wait`] (then the transaction is taken anyway).
+    async fn wait_for_room(&self) {
+        if self.waiting() < self.limit.events {
+            return;
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.limit.wait;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check, so a drain between the two is not missed.
+            drained.as_mut().enable();
+            if self.waiting() < self.limit.events {
+                tracing::debug!(
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "a transaction waited for the pump to take the backlog under its limit"
+                );
+                return;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                tracing::warn!(
+                    waiting = self.waiting(),
+                    limit = self.limit.events,
+                    "the inbox backlog stays over its limit; taking the transaction anyway"
+                );
+                return;
+            }
+        }
+    }
+
+    /// Events waiting for the pump, as ingest and the pump count them: it may read low (until
+    /// the pump next finds the inbox empty), never lastingly high.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// How many transactions' answers waited for the pump since start-up.
+    pub fn held_back(&self) -> usize {
+        self.held_back.load(Ordering::Relaxed)
+    }
+
+    /// Counts `count` entries handled, after the sled transaction that marked them
+    /// ([`complete_in`]) committed; releases waiting transactions once under the limit.
+    pub fn mark_handled(&self, count: usize) {
+        let before = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |waiting| {
+                Some(waiting.saturating_sub(count))
+            })
+            .unwrap_or_else(|waiting| waiting);
+        if before.saturating_sub(count) < self.limit.events {
+            self.drained.notify_waiters();
+        }
     }
 
     /// Up to `limit` entries in arrival order, oldest first, each with its [`EntryId`]. An
@@ -363,6 +476,12 @@ impl Inbox {
                 }
                 pending.push((entry_id(seq, place, place == last), entry));
             }
+        }
+        if pending.is_empty() {
+            // Nothing waits: whatever the count says. An ingest that commits meanwhile may have
+            // its events counted out here, which only lets a little more in.
+            self.waiting.store(0, Ordering::Relaxed);
+            self.drained.notify_waiters();
         }
         Ok(pending)
     }
@@ -428,7 +547,9 @@ impl Inbox {
     pub fn complete(&self, id: EntryId) -> Result<(), StoreError> {
         (&self.entries, &self.progress)
             .transaction(|(entries, progress)| complete_in(entries, progress, &[id]))
-            .map_err(|error| StoreError::from_transaction("completion", error))
+            .map_err(|error| StoreError::from_transaction("completion", error))?;
+        self.mark_handled(1);
+        Ok(())
     }
 
     /// How many events wait. Walks the whole inbox and reads every batch (sled keeps no
@@ -472,7 +593,7 @@ impl Inbox {
 }
 
 /// Marks entries handled inside a sled transaction over [`Inbox::raw_trees`]: `ids` in the
-/// order they were handled. The last event of a batch removes the batch (and its progress);
+/// order they were handled. Call [`Inbox::mark_handled`] once the transaction committed. The last event of a batch removes the batch (and its progress);
 /// otherwise the batch's progress moves past the entry.
 pub fn complete_in(
     entries: &sled::transaction::TransactionalTree,
@@ -747,6 +868,105 @@ mod tests {
             .unwrap();
         assert_eq!((again.queued, again.duplicate_events), (1, 1));
         assert_eq!(pending_ids(&inbox), ["$a", "$b", "$c"]);
+    }
+
+    /// `count` messages with ids `$<prefix>-<n>`.
+    fn messages(prefix: &str, count: usize) -> Vec<Box<RawValue>> {
+        raw(&(0..count)
+            .map(|n| message(&format!("${prefix}-{n}")))
+            .collect::<Vec<_>>())
+    }
+
+    /// Waits (deadline 10 s) until `condition` holds.
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Over the limit, a transaction's answer waits for the pump, and the pump's progress
+    /// releases it (long before its deadline); what it brought is then queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_over_the_backlog_waits_for_the_pump_to_catch_up() {
+        let store = Store::temporary().unwrap();
+        let inbox = std::sync::Arc::new(Inbox::open(&store).unwrap().with_backlog_limit(
+            BacklogLimit {
+                events: 150,
+                wait: Duration::from_secs(600),
+            },
+        ));
+        inbox.ingest_durably("t1", &messages("a", 100)).await.unwrap();
+        inbox.ingest_durably("t2", &messages("b", 100)).await.unwrap();
+        assert_eq!(inbox.waiting(), 200);
+        assert_eq!(inbox.held_back(), 0, "under the limit nothing waited");
+        let held = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.ingest_durably("t3", &messages("c", 100)).await }
+        });
+        until("the third transaction is held back", || inbox.held_back() == 1).await;
+        // The pump handles 50: still at the limit, the transaction still waits.
+        for (id, _) in inbox.pending(50).unwrap() {
+            inbox.complete(id).unwrap();
+        }
+        assert_eq!(inbox.waiting(), 150);
+        assert!(!held.is_finished(), "at the limit the answer waits");
+        assert_eq!(inbox.len(), 150, "and the third transaction is not queued yet");
+        let (id, _) = inbox.pending(1).unwrap()[0].clone();
+        inbox.complete(id).unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("released by the pump, not by its deadline")
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.queued, 100);
+        assert_eq!((inbox.waiting(), inbox.len()), (249, 249));
+    }
+
+    /// A pump that does not catch up slows the homeserver down but never makes it give up:
+    /// after the wait the transaction is taken, and nothing is lost.
+    #[tokio::test]
+    async fn a_stalled_pump_delays_the_answer_and_loses_nothing() {
+        let store = Store::temporary().unwrap();
+        let wait = Duration::from_millis(300);
+        let inbox = Inbox::open(&store)
+            .unwrap()
+            .with_backlog_limit(BacklogLimit { events: 100, wait });
+        inbox.ingest_durably("t1", &messages("a", 100)).await.unwrap();
+        let started = std::time::Instant::now();
+        let outcome = inbox.ingest_durably("t2", &messages("b", 100)).await.unwrap();
+        assert!(started.elapsed() >= wait, "the answer waited for the pump");
+        assert_eq!((outcome.queued, inbox.held_back()), (100, 1));
+        assert_eq!(inbox.len(), 200);
+    }
+
+    /// The count of what waits survives a restart, and the pump finding the inbox empty sets
+    /// it right whatever it said.
+    #[test]
+    fn the_backlog_is_counted_at_open_and_reset_when_the_inbox_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let inbox = Inbox::open(&store).unwrap();
+            inbox.ingest("t1", &messages("a", 30)).unwrap();
+            let (id, _) = inbox.pending(1).unwrap()[0].clone();
+            inbox.complete(id).unwrap();
+            assert_eq!(inbox.waiting(), 29);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let inbox = Inbox::open(&store).unwrap();
+        assert_eq!(inbox.waiting(), 29);
+        // Handled behind the count's back (as the wake queue's commit does before it calls
+        // `mark_handled`): the next read of an empty inbox corrects it.
+        let ids: Vec<_> = inbox.pending(100).unwrap().into_iter().map(|(id, _)| id).collect();
+        let (entries, progress) = inbox.raw_trees();
+        (entries, progress)
+            .transaction(|(entries, progress)| complete_in(entries, progress, &ids))
+            .unwrap();
+        assert_eq!(inbox.waiting(), 29);
+        assert!(inbox.pending(100).unwrap().is_empty());
+        assert_eq!(inbox.waiting(), 0);
     }
 
     #[test]

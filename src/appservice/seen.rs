@@ -12,13 +12,12 @@
 //!   event among n held (about 10^-13 at a million): the cost of an error is one dropped event;
 //! - the fingerprints of one transaction are **one** sled value (tree `inbox_seen`, keyed by
 //!   arrival time and batch), written in ingest's sled transaction beside its events;
-//! - the set of them lives in memory, loaded when the inbox opens, 8 bytes an event (about
-//!   16 MiB per million events held; [`super::inbox::Inbox::prune`] forgets them by age).
+//! - the set of them lives in memory, loaded when the inbox opens, as sorted shards
+//!   ([`FingerprintSet`]): 8.5 bytes an event (about 8 MiB per million events held;
+//!   [`super::inbox::Inbox::prune`] forgets them by age).
 //!
 //! Marks an older crew kept per event id (tree `inbox_seen_events`) are folded into this form
 //! when the inbox opens.
-
-use std::collections::HashSet;
 
 use serde::Deserialize;
 use siphasher::sip::SipHasher13;
@@ -62,6 +61,96 @@ fn fingerprints_of(value: &[u8]) -> impl Iterator<Item = u64> + '_ {
         .map(|raw| u64::from_le_bytes(raw.try_into().expect("chunks of 8")))
 }
 
+/// Top bits of a fingerprint that choose its shard in a [`FingerprintSet`].
+const SHARD_BITS: u32 = 12;
+
+/// A set of fingerprints as 4,096 sorted vectors, chosen by a fingerprint's top bits.
+///
+/// Why not a `HashSet<u64>`: a hash set takes 9 bytes a bucket at a load between 7/16 and 7/8
+/// (about 14 bytes a fingerprint), and as it grows it doubles its table with the old one still
+/// live, a spike of half as much again (19 MiB plus 9.5 at 1.4 million held;
+/// docs/benchmarks.md, "A bounded backlog"). Here a fingerprint costs 8 bytes and a shard grows
+/// by an eighth at a time. Fingerprints are uniform (a keyed hash), so the shards fill evenly:
+/// an insert moves part of one shard (about 2 KiB at a million held), a lookup is a binary
+/// search in it.
+#[derive(Debug)]
+pub(super) struct FingerprintSet {
+    shards: Vec<Vec<u64>>,
+    len: usize,
+}
+
+impl Default for FingerprintSet {
+    fn default() -> Self {
+        Self {
+            shards: vec![Vec::new(); 1 << SHARD_BITS],
+            len: 0,
+        }
+    }
+}
+
+impl FingerprintSet {
+    fn shard_of(fingerprint: u64) -> usize {
+        (fingerprint >> (u64::BITS - SHARD_BITS)) as usize
+    }
+
+    /// Adds `fingerprints` without keeping the shards sorted: loading many, call
+    /// [`FingerprintSet::settle`] before anything else.
+    fn push_unsorted(&mut self, fingerprints: impl IntoIterator<Item = u64>) {
+        for fingerprint in fingerprints {
+            self.shards[Self::shard_of(fingerprint)].push(fingerprint);
+        }
+    }
+
+    /// Sorts each shard once (rather than inserting one by one), drops repeats, counts.
+    fn settle(&mut self) {
+        self.len = 0;
+        for shard in &mut self.shards {
+            shard.sort_unstable();
+            shard.dedup();
+            shard.shrink_to_fit();
+            self.len += shard.len();
+        }
+    }
+
+    fn contains(&self, fingerprint: u64) -> bool {
+        self.shards[Self::shard_of(fingerprint)]
+            .binary_search(&fingerprint)
+            .is_ok()
+    }
+
+    /// Adds `fingerprint`; false when it was there already.
+    fn insert(&mut self, fingerprint: u64) -> bool {
+        let shard = &mut self.shards[Self::shard_of(fingerprint)];
+        let Err(at) = shard.binary_search(&fingerprint) else {
+            return false;
+        };
+        if shard.len() == shard.capacity() {
+            shard.reserve_exact(shard.len() / 8 + 4);
+        }
+        shard.insert(at, fingerprint);
+        self.len += 1;
+        true
+    }
+
+    /// Removes `fingerprint`; false when it was not there.
+    fn remove(&mut self, fingerprint: u64) -> bool {
+        let shard = &mut self.shards[Self::shard_of(fingerprint)];
+        let Ok(at) = shard.binary_search(&fingerprint) else {
+            return false;
+        };
+        shard.remove(at);
+        if shard.capacity() > 2 * shard.len() + 16 {
+            shard.shrink_to(shard.len() + shard.len() / 8);
+        }
+        self.len -= 1;
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 #[derive(Deserialize)]
 struct LegacyMark {
     received_ms: u64,
@@ -72,7 +161,7 @@ struct LegacyMark {
 pub(super) struct SeenEvents {
     tree: sled::Tree,
     hasher: SipHasher13,
-    fingerprints: HashSet<u64>,
+    fingerprints: FingerprintSet,
 }
 
 impl SeenEvents {
@@ -97,15 +186,16 @@ impl SeenEvents {
         let mut seen = Self {
             tree,
             hasher: SipHasher13::new_with_key(&hash_key),
-            fingerprints: HashSet::new(),
+            fingerprints: FingerprintSet::default(),
         };
         seen.fold_legacy_marks(store)?;
         for record in seen.tree.iter() {
             let (key, value) = record?;
             if key.len() == 16 {
-                seen.fingerprints.extend(fingerprints_of(&value));
+                seen.fingerprints.push_unsorted(fingerprints_of(&value));
             }
         }
+        seen.fingerprints.settle();
         Ok(seen)
     }
 
@@ -115,12 +205,14 @@ impl SeenEvents {
     }
 
     pub(super) fn contains(&self, fingerprint: u64) -> bool {
-        self.fingerprints.contains(&fingerprint)
+        self.fingerprints.contains(fingerprint)
     }
 
     /// Takes in fingerprints whose record the caller's sled transaction has committed.
     pub(super) fn extend(&mut self, fingerprints: impl IntoIterator<Item = u64>) {
-        self.fingerprints.extend(fingerprints);
+        for fingerprint in fingerprints {
+            self.fingerprints.insert(fingerprint);
+        }
     }
 
     /// The records' tree, for the ingest transaction that writes a record with its events.
@@ -143,7 +235,7 @@ impl SeenEvents {
                 continue;
             }
             for fingerprint in fingerprints_of(&value) {
-                forgotten += usize::from(self.fingerprints.remove(&fingerprint));
+                forgotten += usize::from(self.fingerprints.remove(fingerprint));
             }
             self.tree.remove(key)?;
         }
@@ -207,6 +299,39 @@ impl SeenEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shards behave as one set: present after insert, absent after remove, counted once,
+    /// in order within each shard, whether built at once or one at a time.
+    #[test]
+    fn a_fingerprint_set_is_a_set() {
+        let values: Vec<u64> = (0..20_000u64)
+            .map(|n| n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let mut one_by_one = FingerprintSet::default();
+        for &value in &values {
+            assert!(one_by_one.insert(value));
+        }
+        assert!(!one_by_one.insert(values[7]), "a second insert adds nothing");
+        let mut doubled = values.clone();
+        doubled.extend_from_slice(&values[..100]);
+        let mut at_once = FingerprintSet::default();
+        at_once.push_unsorted(doubled);
+        at_once.settle();
+        for set in [&one_by_one, &at_once] {
+            assert_eq!(set.len(), values.len());
+            assert!(values.iter().all(|&value| set.contains(value)));
+            assert!(!set.contains(1), "never inserted");
+            assert!(set.shards.iter().all(|shard| shard.is_sorted()));
+        }
+        let mut set = at_once;
+        for &value in &values[..15_000] {
+            assert!(set.remove(value));
+        }
+        assert!(!set.remove(values[0]), "already gone");
+        assert_eq!(set.len(), 5_000);
+        assert!(values[15_000..].iter().all(|&value| set.contains(value)));
+        assert!(!values[..15_000].iter().any(|&value| set.contains(value)));
+    }
 
     #[test]
     fn fingerprints_are_stable_per_database_and_differ_between_databases() {

@@ -158,7 +158,9 @@ impl WakeQueue {
                 }
                 Ok(())
             })
-            .map_err(|error| StoreError::from_transaction("event commit", error))
+            .map_err(|error| StoreError::from_transaction("event commit", error))?;
+        inbox.mark_handled(ids.len());
+        Ok(())
     }
 
     /// Queues wakes crew decided itself (internal wakes: a project task done, blocked,

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::registry::Registry;
 use crate::agent::team::Team;
-use crate::appservice::inbox::Inbox;
+use crate::appservice::inbox::{BacklogLimit, Inbox};
 use crate::appservice::{self, AppserviceState};
 use crate::config::{Config, Loaded};
 use crate::dispatch::DispatchService;
@@ -193,7 +193,10 @@ pub(crate) async fn open(
         source,
     })?;
     let store = Store::open_with(&config.database_dir(), &config.database)?;
-    let inbox = Arc::new(Inbox::open(&store)?);
+    let inbox = Arc::new(Inbox::open(&store)?.with_backlog_limit(BacklogLimit {
+        events: config.appservice.backlog_events,
+        ..BacklogLimit::default()
+    }));
     let manager = UserId::parse(format!(
         "@{}:{}",
         registration.sender_localpart, config.homeserver.server_name
