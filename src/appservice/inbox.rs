@@ -881,7 +881,10 @@ mod tests {
     async fn until(what: &str, condition: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !condition() {
-            assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting: {what}"
+            );
             tokio::task::yield_now().await;
         }
     }
@@ -897,22 +900,35 @@ mod tests {
                 wait: Duration::from_secs(600),
             },
         ));
-        inbox.ingest_durably("t1", &messages("a", 100)).await.unwrap();
-        inbox.ingest_durably("t2", &messages("b", 100)).await.unwrap();
+        inbox
+            .ingest_durably("t1", &messages("a", 100))
+            .await
+            .unwrap();
+        inbox
+            .ingest_durably("t2", &messages("b", 100))
+            .await
+            .unwrap();
         assert_eq!(inbox.waiting(), 200);
         assert_eq!(inbox.held_back(), 0, "under the limit nothing waited");
         let held = tokio::spawn({
             let inbox = inbox.clone();
             async move { inbox.ingest_durably("t3", &messages("c", 100)).await }
         });
-        until("the third transaction is held back", || inbox.held_back() == 1).await;
+        until("the third transaction is held back", || {
+            inbox.held_back() == 1
+        })
+        .await;
         // The pump handles 50: still at the limit, the transaction still waits.
         for (id, _) in inbox.pending(50).unwrap() {
             inbox.complete(id).unwrap();
         }
         assert_eq!(inbox.waiting(), 150);
         assert!(!held.is_finished(), "at the limit the answer waits");
-        assert_eq!(inbox.len(), 150, "and the third transaction is not queued yet");
+        assert_eq!(
+            inbox.len(),
+            150,
+            "and the third transaction is not queued yet"
+        );
         let (id, _) = inbox.pending(1).unwrap()[0].clone();
         inbox.complete(id).unwrap();
         let outcome = tokio::time::timeout(Duration::from_secs(10), held)
@@ -933,9 +949,15 @@ mod tests {
         let inbox = Inbox::open(&store)
             .unwrap()
             .with_backlog_limit(BacklogLimit { events: 100, wait });
-        inbox.ingest_durably("t1", &messages("a", 100)).await.unwrap();
+        inbox
+            .ingest_durably("t1", &messages("a", 100))
+            .await
+            .unwrap();
         let started = std::time::Instant::now();
-        let outcome = inbox.ingest_durably("t2", &messages("b", 100)).await.unwrap();
+        let outcome = inbox
+            .ingest_durably("t2", &messages("b", 100))
+            .await
+            .unwrap();
         assert!(started.elapsed() >= wait, "the answer waited for the pump");
         assert_eq!((outcome.queued, inbox.held_back()), (100, 1));
         assert_eq!(inbox.len(), 200);
@@ -959,7 +981,12 @@ mod tests {
         assert_eq!(inbox.waiting(), 29);
         // Handled behind the count's back (as the wake queue's commit does before it calls
         // `mark_handled`): the next read of an empty inbox corrects it.
-        let ids: Vec<_> = inbox.pending(100).unwrap().into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<_> = inbox
+            .pending(100)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let (entries, progress) = inbox.raw_trees();
         (entries, progress)
             .transaction(|(entries, progress)| complete_in(entries, progress, &ids))

@@ -311,7 +311,10 @@ mod tests {
         for &value in &values {
             assert!(one_by_one.insert(value));
         }
-        assert!(!one_by_one.insert(values[7]), "a second insert adds nothing");
+        assert!(
+            !one_by_one.insert(values[7]),
+            "a second insert adds nothing"
+        );
         let mut doubled = values.clone();
         doubled.extend_from_slice(&values[..100]);
         let mut at_once = FingerprintSet::default();
