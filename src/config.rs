@@ -111,7 +111,7 @@ pub struct AppserviceConfig {
     pub max_transaction_bytes: usize,
     /// Events crew takes before the pump has handled them; past this a transaction's answer
     /// waits (up to 5 s) for the pump, so that a flood waits in the homeserver's database,
-    /// not in crew's memory (`appservice::inbox::BacklogLimit`).
+    /// not in crew's memory (`appservice::inbox::BacklogLimit`). At least 1.
     pub backlog_events: usize,
 }
 

@@ -194,7 +194,9 @@ pub(crate) async fn open(
     })?;
     let store = Store::open_with(&config.database_dir(), &config.database)?;
     let inbox = Arc::new(Inbox::open(&store)?.with_backlog_limit(BacklogLimit {
-        events: config.appservice.backlog_events,
+        // 0 would hold every answer for the whole wait: one event is the least that means
+        // "no backlog".
+        events: config.appservice.backlog_events.max(1),
         ..BacklogLimit::default()
     }));
     let manager = UserId::parse(format!(
