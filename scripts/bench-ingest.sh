@@ -165,4 +165,4 @@ echo "pump idle $idle: $(sizes), database $((database_kib / 1024)) MiB on disk (
 # What crew warned about (a backlog over its limit that the pump did not take under in time, say).
 warnings=$(grep -c "WARN" "$work/crew.log" || true)
 echo "crew log: $warnings warnings"
-grep "WARN" "$work/crew.log" | sed 's/^[^ ]* *//' | cut -c1-160 | sort | uniq -c | sort -rn | head -5 || true
+grep "WARN" "$work/crew.log" | sed 's/\x1b\[[0-9;]*m//g; s/^[^ ]* *//' | cut -c1-160 | sort | uniq -c | sort -rn | head -5 || true

@@ -23,7 +23,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// mimalloc 3 keeps freed pages for a second (`purge_delay`, 1000 ms) before it gives them back
 /// to the system. Under a steady stream of transactions that second of churn stays resident:
-/// 16 MiB of a 108 MiB `crew serve` after a minute at 20,000 events/s (docs/benchmarks.md, "A
+/// 16–19 MiB of a 108 MiB `crew serve` after a minute at 20,000 events/s (docs/benchmarks.md, "A
 /// bounded backlog"). 10 ms is mimalloc 2's default. Set only while the option still has
 /// mimalloc 3's default (so never over `MIMALLOC_PURGE_DELAY`, and never if the option moved).
 #[cfg(not(feature = "system-allocator"))]

@@ -191,7 +191,8 @@ pub struct Inbox {
     limit: BacklogLimit,
     /// Signalled when the pump takes the backlog under [`BacklogLimit::events`].
     drained: Notify,
-    /// Transactions whose answer waited for the pump (for status pages and tests).
+    /// Transactions whose answer waited for the pump (for tests and a debugger; no status page
+    /// shows it yet).
     held_back: AtomicUsize,
 }
 
@@ -593,8 +594,9 @@ impl Inbox {
 }
 
 /// Marks entries handled inside a sled transaction over [`Inbox::raw_trees`]: `ids` in the
-/// order they were handled. Call [`Inbox::mark_handled`] once the transaction committed. The last event of a batch removes the batch (and its progress);
-/// otherwise the batch's progress moves past the entry.
+/// order they were handled. The last event of a batch removes the batch (and its progress);
+/// otherwise the batch's progress moves past the entry. Call [`Inbox::mark_handled`] once the
+/// transaction committed.
 pub fn complete_in(
     entries: &sled::transaction::TransactionalTree,
     progress: &sled::transaction::TransactionalTree,

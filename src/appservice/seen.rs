@@ -68,11 +68,11 @@ const SHARD_BITS: u32 = 12;
 ///
 /// Why not a `HashSet<u64>`: a hash set takes 9 bytes a bucket at a load between 7/16 and 7/8
 /// (about 14 bytes a fingerprint), and as it grows it doubles its table with the old one still
-/// live, a spike of half as much again (19 MiB plus 9.5 at 1.4 million held;
-/// docs/benchmarks.md, "A bounded backlog"). Here a fingerprint costs 8 bytes and a shard grows
-/// by an eighth at a time. Fingerprints are uniform (a keyed hash), so the shards fill evenly:
-/// an insert moves part of one shard (about 2 KiB at a million held), a lookup is a binary
-/// search in it.
+/// live, a spike of half as much again (heaptrack saw 4.7 MiB plus 2.4 at a resize after
+/// 261,000 events; docs/benchmarks.md, "A bounded backlog"). Here a fingerprint costs 8
+/// bytes and a shard grows by an eighth at a time. Fingerprints are uniform (a keyed hash), so
+/// the shards fill evenly: an insert moves part of one shard (about 2 KiB at a million held), a
+/// lookup is a binary search in it.
 #[derive(Debug)]
 pub(super) struct FingerprintSet {
     shards: Vec<Vec<u64>>,
